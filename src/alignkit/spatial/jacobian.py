@@ -1,0 +1,48 @@
+"""Jacobians of maps (``(B, ndim, *S)`` world points on a grid), in world units."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alignkit.spatial.grid import Grid
+
+
+def spatial_gradient(field: Tensor, spacing: Tensor | None = None) -> Tensor:
+    """Central differences (one-sided at the border) of ``field (B, C, *S)`` along each array axis.
+
+    Returns ``(B, C, ndim, *S)``; divided by ``spacing`` (per array axis) when given.
+    """
+    ndim = field.dim() - 2
+    grads = torch.gradient(field, dim=tuple(range(2, 2 + ndim)))
+    out = torch.stack(grads, dim=2)
+    if spacing is not None:
+        out = out / spacing.to(field).view(1, 1, ndim, *([1] * ndim))
+    return out
+
+
+def jacobian_matrix(world_map: Tensor, grid: Grid) -> Tensor:
+    """d(map)/d(world) for a map on ``grid``: ``(B, ndim, ndim, *S)`` (row = map component)."""
+    ndim = grid.ndim
+    d_map_d_voxel = spatial_gradient(world_map)  # (B, ndim, ndim_axes, *S)
+    voxel_from_world_linear = torch.linalg.inv(grid.world_from_voxel[:ndim, :ndim]).to(world_map)
+    # chain rule: d map / d world = (d map / d voxel) @ (d voxel / d world)
+    return torch.einsum("bia...,aj->bij...", d_map_d_voxel, voxel_from_world_linear)
+
+
+def jacobian_determinant(world_map: Tensor, grid: Grid) -> Tensor:
+    """Determinant of :func:`jacobian_matrix`: ``(B, 1, *S)``; 1 for the identity, <= 0 where it folds."""
+    jac = jacobian_matrix(world_map, grid)
+    jac = jac.movedim(1, -1).movedim(1, -1)  # (B, *S, ndim, ndim) with [..., row, col]
+    return torch.linalg.det(jac.double()).to(world_map.dtype).unsqueeze(1)
+
+
+def nonpositive_jacobian_percent(world_map: Tensor, grid: Grid, mask: Tensor | None = None) -> float:
+    det = jacobian_determinant(world_map, grid)
+    if mask is not None:
+        values = det[mask.expand_as(det) > 0]
+    else:
+        values = det.flatten()
+    if values.numel() == 0:
+        return 0.0
+    return float((values <= 0).float().mean() * 100.0)
