@@ -58,10 +58,18 @@ def sample_voxels(
     mode: InterpMode = "linear",
     padding: PaddingMode = "zeros",
 ) -> Tensor:
-    """Sample ``tensor (B, C, *S_in)`` at voxel coordinates ``voxel (B, ndim, *S_out)`` of its grid."""
+    """Sample ``tensor (B, C, *S_in)`` at voxel coordinates ``voxel (B, ndim, *S_out)`` of its grid.
+
+    ``S_out`` may have any number of dimensions (e.g. a point list ``(B, ndim, N)``); the result is
+    ``(B, C, *S_out)``."""
     ndim = voxel.shape[1]
     if tensor.dim() != ndim + 2:
         raise ShapeError(f"sample_voxels: tensor {tuple(tensor.shape)} is not (B, C, *spatial) with {ndim} spatial dims")
+    if voxel.dim() != ndim + 2:
+        # grid_sample wants as many output dims as input dims: sample a flat (N, 1[, 1]) block.
+        flat = voxel.reshape(voxel.shape[0], ndim, -1, *([1] * (ndim - 1)))
+        out = sample_voxels(tensor, flat, mode=mode, padding=padding)
+        return out.reshape(out.shape[0], out.shape[1], *voxel.shape[2:])
     if voxel.shape[0] != tensor.shape[0]:
         if voxel.shape[0] == 1:
             voxel = voxel.expand(tensor.shape[0], *voxel.shape[1:])

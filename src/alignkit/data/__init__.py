@@ -1,0 +1,1 @@
+"""Data: demo pairs built from images shipped by installed packages (and, later, dataset loaders)."""

@@ -1,0 +1,56 @@
+"""Objectives: image similarities, transformation regularisers and label/landmark prompt terms.
+
+Every loss is an ``nn.Module`` with keyword-only options returning a scalar to **minimise**,
+averaged over the batch. Similarities take ``(warped, fixed, mask=None)``; field regularisers
+``(field, spacing=None)`` in world units; see each module for the exact conventions.
+"""
+
+from alignkit.losses.prompts import DiceLoss, LandmarkDistance, one_hot
+from alignkit.losses.regularizers import (
+    AffineInverseConsistency,
+    AffinePrior,
+    BendingEnergy,
+    Diffusion,
+    InverseConsistency,
+    JacobianFoldPenalty,
+    Laplacian,
+    RegularizerName,
+    TotalVariation,
+    build_regularizer,
+)
+from alignkit.losses.similarity import (
+    L1,
+    LNCC,
+    MSE,
+    NCC,
+    Charbonnier,
+    MattesMI,
+    MultiKernelLNCC,
+    SimilarityName,
+    build_similarity,
+)
+
+__all__ = [
+    "L1",
+    "LNCC",
+    "MSE",
+    "NCC",
+    "AffineInverseConsistency",
+    "AffinePrior",
+    "BendingEnergy",
+    "Charbonnier",
+    "DiceLoss",
+    "Diffusion",
+    "InverseConsistency",
+    "JacobianFoldPenalty",
+    "LandmarkDistance",
+    "Laplacian",
+    "MattesMI",
+    "MultiKernelLNCC",
+    "RegularizerName",
+    "SimilarityName",
+    "TotalVariation",
+    "build_regularizer",
+    "build_similarity",
+    "one_hot",
+]

@@ -1,0 +1,396 @@
+"""Image similarity losses: every one is an ``nn.Module`` returning a scalar to **minimise**.
+
+Convention
+----------
+``forward(warped, fixed, mask=None)`` with ``warped`` and ``fixed`` of shape ``(B, C, *S)``
+(``S`` = ``(H, W)`` or ``(D, H, W)``), ``warped = moving ∘ map`` already resampled on the fixed
+grid. ``mask`` is an optional ``(B, 1, *S)`` (or ``(1, 1, *S)``) tensor of non-negative voxel
+weights -- typically the overlap of the warped moving image's domain with the fixed grid; it
+weights the voxels (for window statistics: the window *centres*). Each batch item gets its own
+weighted average; the loss is the mean over the batch.
+
+Half precision (``float16``/``bfloat16``) inputs are promoted to ``float32`` for the statistics
+(sums of squares overflow or lose every digit in half precision); the returned scalar has the
+dtype of ``warped``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.errors import ConfigError, ShapeError
+from alignkit.spatial.filters import box_sum, separable_filter
+
+SimilarityName = Literal["mse", "ncc", "lncc", "mk-lncc", "mi", "charbonnier", "l1"]
+ParzenKernel = Literal["bspline", "gaussian"]
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half types (statistics overflow or underflow there), else the input dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _check_pair(warped: Tensor, fixed: Tensor, mask: Tensor | None) -> Tensor | None:
+    """Validate shapes; return the mask broadcast to ``(B, 1, *S)`` (or None)."""
+    if warped.dim() < 3:
+        raise ShapeError(f"images must be (B, C, *spatial), got warped {tuple(warped.shape)}")
+    if warped.shape != fixed.shape:
+        raise ShapeError(f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
+    if mask is None:
+        return None
+    batch, spatial = warped.shape[0], tuple(warped.shape[2:])
+    if mask.dim() != warped.dim() or mask.shape[1] != 1 or tuple(mask.shape[2:]) != spatial or mask.shape[0] not in (1, batch):
+        raise ShapeError(f"mask must be ({batch} or 1, 1, *{spatial}), got {tuple(mask.shape)}")
+    return mask.expand(batch, 1, *spatial)
+
+
+def _weighted_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Per-batch-item mean of ``values (B, C, *S)`` over channels and voxels (mask-weighted), then
+    mean over the batch."""
+    flat = values.flatten(1)
+    if mask is None:
+        return flat.mean(dim=1).mean()
+    weights = mask.to(values.dtype).expand_as(values).flatten(1)
+    # clamp: an all-zero mask (no overlap) gives a zero loss instead of 0/0.
+    return ((flat * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(torch.finfo(values.dtype).tiny)).mean()
+
+
+def _window_sum(x: Tensor, window: int, dilation: int) -> Tensor:
+    """Sum over a centred window of ``window`` taps spaced ``dilation`` voxels (zero padding)."""
+    if dilation == 1:
+        return box_sum(x, window)
+    kernel = torch.zeros((window - 1) * dilation + 1, dtype=x.dtype, device=x.device)
+    kernel[::dilation] = 1.0
+    return separable_filter(x, [kernel] * (x.dim() - 2), padding_mode="zeros")
+
+
+def _local_ncc(x: Tensor, y: Tensor, window: int, dilation: int, eps: float, squared: bool) -> Tensor:
+    """Local NCC map ``(B, C, *S)`` of float tensors ``x``, ``y`` (paper 002 eq. 2 per window).
+
+    The number of voxels in each window is counted (``box_sum`` of ones), so windows cut by the
+    border use the voxels they really contain instead of a fixed count.
+    """
+    ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    count = _window_sum(ones, window, dilation)
+    sx, sy = _window_sum(x, window, dilation), _window_sum(y, window, dilation)
+    sxx, syy, sxy = _window_sum(x * x, window, dilation), _window_sum(y * y, window, dilation), _window_sum(x * y, window, dilation)
+    cross = sxy - sx * sy / count
+    # Sums of squared deviations; clamped because rounding makes them slightly negative on
+    # constant patches, and because eps keeps flat windows from dividing by zero (fp16 NaNs).
+    var_x = (sxx - sx * sx / count).clamp_min(eps)
+    var_y = (syy - sy * sy / count).clamp_min(eps)
+    if squared:
+        return cross * cross / (var_x * var_y)
+    return cross / torch.sqrt(var_x * var_y)
+
+
+# -- intensity differences ------------------------------------------------------------------
+class MSE(nn.Module):
+    """Mean squared difference over channels and voxels: 0 for identical images."""
+
+    def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = _check_pair(warped, fixed, mask)
+        dtype = _compute_dtype(warped)
+        diff = warped.to(dtype) - fixed.to(dtype)
+        return _weighted_mean(diff * diff, mask).to(warped.dtype)
+
+
+class L1(nn.Module):
+    """Mean absolute difference (robust to outliers; channels, e.g. RGB, averaged)."""
+
+    def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = _check_pair(warped, fixed, mask)
+        dtype = _compute_dtype(warped)
+        return _weighted_mean((warped.to(dtype) - fixed.to(dtype)).abs(), mask).to(warped.dtype)
+
+
+class Charbonnier(nn.Module):
+    """Generalised Charbonnier penalty ``((w - f)^2 + eps^2)^alpha`` averaged over channels and
+    voxels (the robust photometric loss of optical flow; ``alpha = 0.45`` as in Sun et al.).
+
+    Its minimum, for identical images, is ``eps^(2 alpha)``, not 0.
+    """
+
+    def __init__(self, *, eps: float = 1e-3, alpha: float = 0.45) -> None:
+        super().__init__()
+        if eps <= 0 or alpha <= 0:
+            raise ConfigError(f"Charbonnier needs eps > 0 and alpha > 0, got eps={eps}, alpha={alpha}")
+        self.eps = float(eps)
+        self.alpha = float(alpha)
+
+    def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = _check_pair(warped, fixed, mask)
+        dtype = _compute_dtype(warped)
+        diff = warped.to(dtype) - fixed.to(dtype)
+        return _weighted_mean((diff * diff + self.eps**2) ** self.alpha, mask).to(warped.dtype)
+
+
+# -- correlation ------------------------------------------------------------------------------
+class NCC(nn.Module):
+    """Global normalised cross-correlation; returns ``1 - NCC`` (0 when perfectly correlated,
+    1 when uncorrelated, 2 for an image against its negation).
+
+    NCC is computed per batch item and channel over the (mask-weighted) voxels, then averaged.
+    ``eps`` clamps the product of the variances (constant images give NCC = 0, not NaN).
+    """
+
+    def __init__(self, *, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = _check_pair(warped, fixed, mask)
+        dtype = _compute_dtype(warped)
+        x, y = warped.to(dtype).flatten(2), fixed.to(dtype).flatten(2)
+        if mask is None:
+            w = torch.ones_like(x[:, :1])
+        else:
+            w = mask.to(dtype).flatten(2)
+        w = w / w.sum(dim=2, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        mx, my = (w * x).sum(2, keepdim=True), (w * y).sum(2, keepdim=True)
+        dx, dy = x - mx, y - my
+        cov = (w * dx * dy).sum(2)
+        var = ((w * dx * dx).sum(2) * (w * dy * dy).sum(2)).clamp_min(self.eps)
+        ncc = cov / torch.sqrt(var)
+        return (1.0 - ncc.mean()).to(warped.dtype)
+
+
+class LNCC(nn.Module):
+    """Local (windowed) NCC; returns ``1 - mean local score``.
+
+    With ``squared=True`` (default, VoxelMorph/ANTs "CC") the local score is ``NCC^2`` in [0, 1],
+    so anti-correlated windows also score; with ``squared=False`` it is the signed NCC of
+    paper 002 eq. 2 (loss in [0, 2]). Window sums use :func:`alignkit.spatial.box_sum` (separable,
+    zero padding; border windows use their true voxel count). ``window`` is an odd number of voxels
+    per axis; ``dilation`` spaces the taps (paper 002 uses 2 for mk-LNCC). ``eps`` clamps each
+    window's sum of squared deviations (intensity units squared): flat patches score 0, never NaN.
+    Statistics are computed in float32 for half-precision inputs.
+    """
+
+    def __init__(self, *, window: int = 9, dilation: int = 1, squared: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        if window < 1 or window % 2 == 0:
+            raise ConfigError(f"LNCC window must be a positive odd integer, got {window}")
+        if dilation < 1:
+            raise ConfigError(f"LNCC dilation must be >= 1, got {dilation}")
+        self.window = int(window)
+        self.dilation = int(dilation)
+        self.squared = bool(squared)
+        self.eps = float(eps)
+
+    def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = _check_pair(warped, fixed, mask)
+        dtype = _compute_dtype(warped)
+        score = _local_ncc(warped.to(dtype), fixed.to(dtype), self.window, self.dilation, self.eps, self.squared)
+        return (1.0 - _weighted_mean(score, mask)).to(warped.dtype)
+
+
+class MultiKernelLNCC(nn.Module):
+    """Multi-kernel LNCC (paper 002, eqs. 2-3): ``1 - sum_i w_i * LNCC_{s_i}`` with ``sum w_i = 1``.
+
+    ``windows`` entries are odd voxel counts (``int``) or fractions of the smallest spatial size
+    ``S`` (``float`` in (0, 1]), rounded to the nearest odd count >= 3. The defaults are the
+    paper's ``(w, s) = {(0.3, S/4), (0.7, S/2)}`` with kernel dilation 2 and the signed NCC of
+    eq. 2 (``squared=False``). The paper evaluates windows at a stride of ``S/4``; here every voxel
+    is a window centre (a denser estimate of the same mean; the separable sums make it cheap).
+    """
+
+    def __init__(
+        self,
+        *,
+        windows: Sequence[int | float] = (0.25, 0.5),
+        weights: Sequence[float] = (0.3, 0.7),
+        dilation: int = 2,
+        squared: bool = False,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if len(windows) == 0 or len(windows) != len(weights):
+            raise ConfigError(f"mk-LNCC needs as many weights as windows, got {len(windows)} windows, {len(weights)} weights")
+        if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+            raise ConfigError(f"mk-LNCC weights must be >= 0 and sum to 1 (paper 002 eq. 3), got {tuple(weights)}")
+        for s in windows:
+            if isinstance(s, float) and not 0.0 < s <= 1.0:
+                raise ConfigError(f"fractional mk-LNCC windows must be in (0, 1], got {s}")
+            if isinstance(s, int) and (s < 1 or s % 2 == 0):
+                raise ConfigError(f"mk-LNCC windows in voxels must be positive odd integers, got {s}")
+        if dilation < 1:
+            raise ConfigError(f"mk-LNCC dilation must be >= 1, got {dilation}")
+        self.windows = tuple(windows)
+        self.weights = tuple(float(w) for w in weights)
+        self.dilation = int(dilation)
+        self.squared = bool(squared)
+        self.eps = float(eps)
+
+    def window_sizes(self, spatial: Sequence[int]) -> list[int]:
+        """The odd voxel counts used for an image of spatial size ``spatial``."""
+        smallest = min(spatial)
+        sizes = []
+        for s in self.windows:
+            if isinstance(s, float):
+                n = max(3, int(round(s * smallest)))
+                sizes.append(n if n % 2 == 1 else n + 1)
+            else:
+                sizes.append(int(s))
+        return sizes
+
+    def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = _check_pair(warped, fixed, mask)
+        dtype = _compute_dtype(warped)
+        x, y = warped.to(dtype), fixed.to(dtype)
+        total = x.new_zeros(())
+        for weight, size in zip(self.weights, self.window_sizes(x.shape[2:])):
+            score = _local_ncc(x, y, size, self.dilation, self.eps, self.squared)
+            total = total + weight * _weighted_mean(score, mask)
+        return (1.0 - total).to(warped.dtype)
+
+
+# -- mutual information -----------------------------------------------------------------------
+def _cubic_bspline(u: Tensor) -> Tensor:
+    """Cubic B-spline kernel (support ``|u| < 2``, integrates to 1, partition of unity)."""
+    a = u.abs()
+    inner = 2.0 / 3.0 - a * a + 0.5 * a * a * a
+    outer = (2.0 - a).clamp_min(0.0) ** 3 / 6.0
+    return torch.where(a < 1.0, inner, outer)
+
+
+class MattesMI(nn.Module):
+    """Mattes mutual information; returns ``-MI`` (nats), to minimise.
+
+    * Each image (per batch item, per channel) is mapped to ``[0, 1]`` by a robust min/max (the
+      ``percentile`` and ``100 - percentile`` quantiles of the sampled voxels, clipped), unless a
+      fixed ``fixed_range`` / ``moving_range`` is given. Like ITK, the range is a constant of the
+      metric: no gradient flows through it.
+    * Parzen windowing: a cubic B-spline kernel on the moving (``warped``) side, a cubic B-spline
+      or a unit-width Gaussian (``fixed_kernel``) on the fixed side, over ``bins`` bins of which
+      the two outer ones on each side are padding for the kernel support (as in ITK).
+    * The joint histogram is ``W_f^T diag(mask) W_m`` with soft-assignment matrices
+      ``(N, bins)``: memory is linear in voxels x bins. ``samples`` draws that many voxels
+      (without replacement, the same voxels for the whole batch) with ``generator`` if given to
+      :meth:`forward`, else a fresh generator seeded with ``seed`` (same voxels on every call),
+      else the global RNG (``seed=None``). ``samples=None`` uses every voxel.
+    * Half inputs are processed in float32; logs use ``+ tiny`` so empty bins give 0, not NaN.
+    Channels are treated independently and their MI averaged.
+    """
+
+    def __init__(
+        self,
+        *,
+        bins: int = 32,
+        samples: int | None = None,
+        seed: int | None = 0,
+        percentile: float = 0.5,
+        fixed_kernel: ParzenKernel = "bspline",
+        fixed_range: tuple[float, float] | None = None,
+        moving_range: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if bins < 8:
+            raise ConfigError(f"MattesMI needs bins >= 8 (4 are kernel padding), got {bins}")
+        if samples is not None and samples < 1:
+            raise ConfigError(f"MattesMI samples must be None or >= 1, got {samples}")
+        if not 0.0 <= percentile < 50.0:
+            raise ConfigError(f"MattesMI percentile must be in [0, 50), got {percentile}")
+        if fixed_kernel not in get_args(ParzenKernel):
+            raise ConfigError(f"fixed_kernel must be one of {get_args(ParzenKernel)}, got {fixed_kernel!r}")
+        for name, rng in (("fixed_range", fixed_range), ("moving_range", moving_range)):
+            if rng is not None and not rng[1] > rng[0]:
+                raise ConfigError(f"{name} must be (low, high) with high > low, got {rng}")
+        self.bins = int(bins)
+        self.samples = samples
+        self.seed = seed
+        self.percentile = float(percentile)
+        self.fixed_kernel: ParzenKernel = fixed_kernel
+        self.fixed_range = fixed_range
+        self.moving_range = moving_range
+
+    def _normalise(self, x: Tensor, value_range: tuple[float, float] | None) -> Tensor:
+        """``x (B, C, N)`` -> ``[0, 1]`` per batch item and channel; the range is detached."""
+        if value_range is not None:
+            lo = torch.full_like(x[..., :1], value_range[0])
+            hi = torch.full_like(x[..., :1], value_range[1])
+        else:
+            detached = x.detach()
+            n = detached.shape[-1]
+            # kthvalue instead of torch.quantile: quantile refuses inputs above 2^24 elements.
+            k_lo = min(n, max(1, int(round(self.percentile / 100.0 * (n - 1))) + 1))
+            k_hi = min(n, max(1, int(round((1.0 - self.percentile / 100.0) * (n - 1))) + 1))
+            lo = detached.kthvalue(k_lo, dim=-1, keepdim=True).values
+            hi = detached.kthvalue(k_hi, dim=-1, keepdim=True).values
+        scale = (hi - lo).clamp_min(torch.finfo(x.dtype).eps)
+        return ((x - lo) / scale).clamp(0.0, 1.0)
+
+    def _parzen(self, t: Tensor, kernel: ParzenKernel) -> Tensor:
+        """Soft assignment ``(..., N, bins)`` of bin coordinates ``t (..., N)``."""
+        centres = torch.arange(self.bins, dtype=t.dtype, device=t.device)
+        u = t.unsqueeze(-1) - centres
+        if kernel == "bspline":
+            return _cubic_bspline(u)
+        weights = torch.exp(-0.5 * u * u)
+        return weights / weights.sum(dim=-1, keepdim=True)
+
+    def forward(
+        self,
+        warped: Tensor,
+        fixed: Tensor,
+        mask: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        mask = _check_pair(warped, fixed, mask)
+        dtype = _compute_dtype(warped)
+        x = warped.to(dtype).flatten(2)  # (B, C, N)
+        y = fixed.to(dtype).flatten(2)
+        w = torch.ones_like(x[:, :1]) if mask is None else mask.to(dtype).flatten(2)
+        n = x.shape[-1]
+        if self.samples is not None and self.samples < n:
+            if generator is None and self.seed is not None:
+                generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            index = torch.randperm(n, generator=generator, device=x.device)[: self.samples]
+            x, y, w = x[..., index], y[..., index], w[..., index]
+        # Intensities -> continuous bin coordinates in [2, bins - 3]: two padding bins on each
+        # side hold the support of the cubic kernel, so every sample's weights sum to 1.
+        span = self.bins - 5
+        tx = 2.0 + span * self._normalise(x, self.moving_range)
+        ty = 2.0 + span * self._normalise(y, self.fixed_range)
+        wm = self._parzen(tx, "bspline")  # (B, C, N, bins)
+        wf = self._parzen(ty, self.fixed_kernel) * w.unsqueeze(-1)
+        joint = wf.transpose(-1, -2) @ wm  # (B, C, bins_f, bins_m)
+        joint = joint / joint.sum(dim=(-1, -2), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        p_f, p_m = joint.sum(dim=-1), joint.sum(dim=-2)
+        tiny = torch.finfo(dtype).tiny
+        # MI = H(f) + H(m) - H(f, m); p log p with +tiny is 0 for empty bins and NaN-free.
+
+        def plogp(p: Tensor) -> Tensor:
+            return (p * torch.log(p + tiny)).flatten(2).sum(-1)
+
+        mi = plogp(joint) - plogp(p_f) - plogp(p_m)
+        return (-mi.mean()).to(warped.dtype)
+
+
+# -- registry ---------------------------------------------------------------------------------
+_SIMILARITIES: dict[str, type[nn.Module]] = {
+    "mse": MSE,
+    "ncc": NCC,
+    "lncc": LNCC,
+    "mk-lncc": MultiKernelLNCC,
+    "mi": MattesMI,
+    "charbonnier": Charbonnier,
+    "l1": L1,
+}
+
+
+def build_similarity(name: SimilarityName | str, **options: object) -> nn.Module:
+    """Build a similarity loss by name (see :data:`SimilarityName`) with keyword options."""
+    key = str(name).lower()
+    if key not in _SIMILARITIES:
+        raise ConfigError(f"unknown similarity {name!r}; valid names: {', '.join(get_args(SimilarityName))}")
+    try:
+        return _SIMILARITIES[key](**options)
+    except TypeError as exc:
+        raise ConfigError(f"bad options for similarity {key!r}: {exc}") from exc

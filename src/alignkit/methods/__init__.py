@@ -1,0 +1,1 @@
+"""Registration methods users pick by name; all share ``register(fixed, moving, ...)``."""

@@ -1,0 +1,201 @@
+"""Named configurations, like ANTs' ``antsRegistrationSyNQuick.sh``: stages, objective, levels, iterations.
+
+Presets are starting points tuned on several pairs of several data sets, never on one pair; every
+field can be overridden (``--transform``, ``--similarity``, ``--config``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from alignkit.errors import ConfigError
+from alignkit.solve.config import FIELD_MODELS, LINEAR_MODELS, RegistrationConfig, StageConfig
+
+
+def _brain() -> RegistrationConfig:
+    """Mono-modal 3D MRI, native space: centre-of-mass start, affine (NCC) then diffeomorphic SVF (LNCC)."""
+    return RegistrationConfig(
+        name="brain",
+        init="com",
+        stages=[
+            StageConfig(
+                transform="affine",
+                similarity="ncc",
+                levels=(8, 4, 2),
+                iterations=(200, 100, 50),
+                learning_rate=1e-2,
+                tolerance=1e-5,
+                patience=20,
+            ),
+            StageConfig(
+                transform="svf",
+                similarity="lncc",
+                similarity_options={"window": 7},
+                regularizer="diffusion",
+                regularizer_weight=0.5,
+                levels=(4, 2),
+                iterations=(150, 80),
+                learning_rate=0.5,
+                field_smoothing=1.0,
+                tolerance=1e-5,
+                patience=20,
+            ),
+        ],
+    )
+
+
+def _multimodal() -> RegistrationConfig:
+    """Different contrasts (T1↔PD, CT↔MR): Mattes mutual information for every stage."""
+    return RegistrationConfig(
+        name="multimodal",
+        init="center",
+        stages=[
+            StageConfig(
+                transform="rigid",
+                similarity="mi",
+                levels=(8, 4, 2),
+                iterations=(150, 100, 50),
+                learning_rate=1e-2,
+                patience=20,
+            ),
+            StageConfig(
+                transform="affine",
+                similarity="mi",
+                levels=(4, 2),
+                iterations=(100, 50),
+                learning_rate=5e-3,
+                patience=20,
+            ),
+            StageConfig(
+                transform="svf",
+                similarity="mi",
+                regularizer="diffusion",
+                regularizer_weight=1.0,
+                levels=(4, 2),
+                iterations=(100, 60),
+                learning_rate=0.3,
+                field_smoothing=1.5,
+                patience=20,
+            ),
+        ],
+    )
+
+
+def _photo() -> RegistrationConfig:
+    """2D photographs: a homography found coarse to fine with NCC on grey levels."""
+    return RegistrationConfig(
+        name="photo",
+        init="center",
+        stages=[
+            StageConfig(
+                transform="affine",
+                similarity="ncc",
+                levels=(16, 8, 4),
+                iterations=(200, 150, 100),
+                learning_rate=1e-2,
+                grey=True,
+                patience=25,
+            ),
+            StageConfig(
+                transform="homography",
+                similarity="ncc",
+                levels=(8, 4, 2, 1),
+                iterations=(150, 100, 60, 30),
+                learning_rate=5e-3,
+                grey=True,
+                patience=25,
+            ),
+        ],
+    )
+
+
+def _flow() -> RegistrationConfig:
+    """Classical variational optical flow (000 §1.2): robust Charbonnier data term on colour plus
+    total-variation smoothness, coarse to fine over a deep pyramid (TV-L1 style)."""
+    return RegistrationConfig(
+        name="flow",
+        init="none",
+        stages=[
+            StageConfig(
+                transform="displacement",
+                similarity="charbonnier",
+                regularizer="tv",
+                regularizer_weight=0.05,
+                levels=(16, 8, 4, 2, 1),
+                iterations=(120, 120, 120, 100, 80),
+                smoothing=(8.0, 4.0, 2.0, 1.0, 0.5),
+                learning_rate=0.1,
+                tolerance=1e-6,
+                patience=30,
+            )
+        ],
+    )
+
+
+def _default2d() -> RegistrationConfig:
+    """2D mono-modal (slices): affine then SVF with LNCC."""
+    config = _brain()
+    config.name = "default2d"
+    config.stages[0].levels, config.stages[0].iterations = (8, 4, 2, 1), (200, 150, 100, 50)
+    config.stages[1].levels, config.stages[1].iterations = (4, 2, 1), (150, 100, 60)
+    config.stages[1].similarity_options = {"window": 9}
+    return config
+
+
+PRESETS = {
+    "brain": _brain,
+    "multimodal": _multimodal,
+    "photo": _photo,
+    "flow": _flow,
+    "default2d": _default2d,
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> RegistrationConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    return PRESETS[name]()
+
+
+def default_preset(ndim: int) -> str:
+    return "brain" if ndim == 3 else "default2d"
+
+
+def override(
+    config: RegistrationConfig, *, transforms: Sequence[str] | None = None, similarity: str | None = None
+) -> RegistrationConfig:
+    """Replace a preset's chain of models and/or its similarity.
+
+    Each requested model takes the settings of the preset's stage of the same kind (linear or
+    field), so ``--transform rigid,affine,svf`` on ``brain`` gives two linear stages tuned like the
+    preset's affine stage and an SVF stage tuned like its SVF stage.
+    """
+    config = copy.deepcopy(config)
+    if transforms:
+        linear_template = next((s for s in config.stages if s.is_linear), None)
+        field_template = next((s for s in config.stages if not s.is_linear), None)
+        stages = []
+        for name in transforms:
+            name = name.strip().lower()
+            if name in LINEAR_MODELS:
+                template = linear_template or get_preset("brain").stages[0]
+            elif name in FIELD_MODELS:
+                template = field_template or get_preset("brain").stages[1]
+            else:
+                raise ConfigError(f"unknown transform {name!r}; choose from {', '.join(LINEAR_MODELS + FIELD_MODELS)}")
+            stage = copy.deepcopy(template)
+            stage.transform = name
+            stage.transform_options = {}
+            stages.append(stage)
+        config.stages = stages
+    if similarity:
+        for stage in config.stages:
+            stage.similarity = similarity
+            stage.similarity_options = {}
+    RegistrationConfig.__post_init__(config)
+    return config

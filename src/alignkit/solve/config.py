@@ -1,0 +1,120 @@
+"""Configuration of the iterative engine: one :class:`StageConfig` per transform model in the chain."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from alignkit.errors import ConfigError
+
+OptimizerName = Literal["adam", "sgd", "lbfgs"]
+InitName = Literal["none", "center", "com"]
+
+LINEAR_MODELS = ("translation", "rigid", "similarity", "affine", "homography")
+FIELD_MODELS = ("displacement", "svf", "vsvf", "bspline")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a registration: a transform model fitted by multi-scale optimisation.
+
+    ``levels`` are shrink factors of the fixed grid (coarse first); ``iterations`` and ``smoothing``
+    (Gaussian sigma in voxels of the full-resolution grid; None → ``0.5 * factor``) have one entry
+    per level. ``field_shrink`` places a field model's parameters on a grid ``field_shrink`` times
+    coarser than the level's (2 = half resolution, as 002 does to save memory).
+    """
+
+    transform: str = "affine"
+    similarity: str = "lncc"
+    similarity_options: dict[str, Any] = field(default_factory=dict)
+    regularizer: str | None = None
+    regularizer_weight: float = 0.0
+    regularizer_options: dict[str, Any] = field(default_factory=dict)
+    fold_weight: float = 0.0
+    levels: tuple[float, ...] = (4, 2, 1)
+    iterations: tuple[int, ...] = (100, 50, 25)
+    smoothing: tuple[float | None, ...] | None = None
+    optimizer: OptimizerName = "adam"
+    learning_rate: float = 1e-2
+    tolerance: float = 1e-5
+    patience: int = 15
+    field_shrink: float = 1.0
+    field_smoothing: float = 0.0
+    transform_options: dict[str, Any] = field(default_factory=dict)
+    grey: bool = False
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(float(f) for f in self.levels)
+        self.iterations = tuple(int(i) for i in self.iterations)
+        if len(self.iterations) != len(self.levels):
+            raise ConfigError(f"stage {self.transform}: {len(self.levels)} levels but {len(self.iterations)} iteration counts")
+        if self.smoothing is not None and len(self.smoothing) != len(self.levels):
+            raise ConfigError(f"stage {self.transform}: smoothing needs one sigma per level")
+        if self.optimizer not in get_args(OptimizerName):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(get_args(OptimizerName))}")
+        if self.transform not in LINEAR_MODELS + FIELD_MODELS:
+            raise ConfigError(
+                f"unknown transform {self.transform!r}; choose one of {', '.join(LINEAR_MODELS + FIELD_MODELS)}"
+            )
+
+    @property
+    def is_linear(self) -> bool:
+        return self.transform in LINEAR_MODELS
+
+
+@dataclass
+class RegistrationConfig:
+    """A whole registration: stages chained by composition, plus test-time prompt weights."""
+
+    stages: list[StageConfig]
+    init: InitName = "com"
+    dice_weight: float = 0.0
+    landmark_weight: float = 0.0
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("a registration needs at least one stage")
+        if self.init not in get_args(InitName):
+            raise ConfigError(f"unknown init {self.init!r}; choose one of {', '.join(get_args(InitName))}")
+        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RegistrationConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        stage_fields = {f.name for f in dataclasses.fields(StageConfig)}
+        stages = []
+        for i, stage in enumerate(data.get("stages", [])):
+            bad = set(stage) - stage_fields
+            if bad:
+                raise ConfigError(f"stage {i}: unknown keys {', '.join(sorted(bad))}")
+            stages.append(StageConfig(**stage))
+        return cls(**{**dict(data), "stages": stages})
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML configuration file into a dict (validated by the caller)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            return tomllib.loads(text)
+        return json.loads(text)
+    except Exception as exc:  # the parsers' own messages are precise; keep them on one line
+        raise ConfigError(f"{path}: cannot parse configuration ({str(exc).splitlines()[0]})") from None

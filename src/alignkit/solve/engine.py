@@ -1,0 +1,359 @@
+"""The iterative engine: any transform model × any objective, multi-scale, stages chained by composition.
+
+For each stage the engine builds a Gaussian pyramid of both images, and at each level minimises
+
+    similarity(moving ∘ prior ∘ T_stage, fixed) + λ · regulariser(T_stage) + prompt terms
+
+over the stage's parameters, where ``prior`` is the composition of the stages already fitted. The
+moving image is always sampled once from the original data through the whole chain, so nothing is
+resampled twice however many stages ran (002 §1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alignkit.errors import ConfigError
+from alignkit.image import Image
+from alignkit.solve.config import RegistrationConfig, StageConfig
+from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
+from alignkit.transforms import ComposedTransform, FieldTransform, MatrixTransform, Transform, build_transform
+
+ProgressFactory = Callable[..., Any]
+
+
+@dataclass
+class StageLog:
+    transform: str
+    losses: list[list[float]] = field(default_factory=list)  # per level
+    seconds: float = 0.0
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+def normalize_intensity(tensor: Tensor, low: float = 0.5, high: float = 99.5) -> Tensor:
+    """Map robust percentiles to [0, 1] per channel so one learning rate and one set of loss
+    weights serve images of any intensity scale (CT in HU, MR in arbitrary units, 8-bit photos)."""
+    flat = tensor.flatten(2)
+    count = flat.shape[-1]
+    if count > 2_000_000:  # percentiles of a strided subsample are plenty and much cheaper
+        flat = flat[..., :: count // 1_000_000]
+    lo = torch.quantile(flat.float(), low / 100, dim=-1, keepdim=True)
+    hi = torch.quantile(flat.float(), high / 100, dim=-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-6)
+    shape = (*tensor.shape[:2],) + (1,) * (tensor.dim() - 2)
+    return ((tensor - lo.view(shape)) / scale.view(shape)).clamp(-0.5, 1.5)
+
+
+def center_of_mass(tensor: Tensor, grid: Grid) -> Tensor:
+    """Intensity-weighted centre (world, float64) of ``tensor (1, C, *S)`` (values shifted to be >= 0)."""
+    weights = tensor.double().sum(1, keepdim=True)
+    weights = weights - weights.amin()
+    total = weights.sum()
+    if float(total) <= 0:
+        return grid.center_world()
+    voxel = grid.voxel_points(dtype=torch.float64, device=tensor.device)
+    centre_voxel = (voxel * weights).flatten(2).sum(-1)[0] / total
+    return (grid.world_from_voxel @ torch.cat([centre_voxel.cpu(), torch.ones(1, dtype=torch.float64)]))[: grid.ndim]
+
+
+def initial_translation(fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_grid: Grid, mode: str) -> Tensor | None:
+    """Moving-from-fixed matrix that aligns centres (of the grids or of intensity mass), like ANTs'
+    ``--initial-moving-transform`` with geometric centre (1) or centre of mass (0)."""
+    if mode == "none":
+        return None
+    if mode == "center":
+        shift = moving_grid.center_world() - fixed_grid.center_world()
+    else:
+        shift = center_of_mass(moving, moving_grid) - center_of_mass(fixed, fixed_grid)
+    matrix = torch.eye(fixed_grid.ndim + 1, dtype=torch.float64)
+    matrix[: fixed_grid.ndim, fixed_grid.ndim] = shift
+    return matrix
+
+
+class _Stopper:
+    """Stop when the loss has not improved by a relative ``tolerance`` for ``patience`` iterations."""
+
+    def __init__(self, tolerance: float, patience: int) -> None:
+        self.tolerance, self.patience = tolerance, patience
+        self.best = math.inf
+        self.stale = 0
+
+    def update(self, loss: float) -> bool:
+        if not math.isfinite(self.best) or loss < self.best - self.tolerance * max(abs(self.best), 1e-12):
+            self.best = loss
+            self.stale = 0
+        else:
+            self.stale += 1
+        return self.tolerance > 0 and self.stale >= self.patience
+
+
+@dataclass
+class _Level:
+    fixed: Tensor
+    grid: Grid
+    moving: Tensor
+    moving_grid: Grid
+    world: Tensor
+    fixed_onehot: Tensor | None = None
+    moving_onehot: Tensor | None = None
+
+
+class Engine:
+    """Fits a :class:`RegistrationConfig` to one pair of images.
+
+    Images are normalised to [0, 1] by robust percentiles before fitting. ``progress`` is a
+    tqdm-like factory (or None for silence).
+    """
+
+    def __init__(
+        self,
+        config: RegistrationConfig,
+        *,
+        device: str | torch.device | None = None,
+        seed: int | None = 0,
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.seed = seed
+        self.progress = progress
+        self.logs: list[StageLog] = []
+
+    # ------------------------------------------------------------------------------------------
+    def run(
+        self,
+        fixed: Image,
+        moving: Image,
+        *,
+        fixed_labels: Image | None = None,
+        moving_labels: Image | None = None,
+        fixed_points: Tensor | None = None,
+        moving_points: Tensor | None = None,
+        initial: Transform | None = None,
+    ) -> ComposedTransform:
+        if fixed.ndim != moving.ndim:
+            raise ConfigError(f"fixed is {fixed.ndim}D but moving is {moving.ndim}D")
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        fixed_t = normalize_intensity(fixed.batch(device=self.device))
+        moving_t = normalize_intensity(moving.batch(device=self.device))
+        if fixed_t.shape[1] != moving_t.shape[1]:
+            # RGB against grey: compare luminance.
+            fixed_t, moving_t = fixed_t.mean(1, keepdim=True), moving_t.mean(1, keepdim=True)
+
+        stages: list[Transform] = []
+        if initial is not None:
+            stages.append(initial.to(self.device))
+        elif self.config.stages[0].is_linear:
+            matrix = initial_translation(fixed_t, fixed.grid, moving_t, moving.grid, self.config.init)
+            if matrix is not None:
+                stages.append(MatrixTransform(matrix.float()).to(self.device))
+
+        prompts = self._prompts(fixed_labels, moving_labels, fixed_points, moving_points)
+        for stage_config in self.config.stages:
+            prior = ComposedTransform(stages) if stages else None
+            started = time.perf_counter()
+            log = StageLog(stage_config.transform)
+            transform = self._fit_stage(stage_config, fixed_t, fixed.grid, moving_t, moving.grid, prior, prompts, log)
+            log.seconds = time.perf_counter() - started
+            self.logs.append(log)
+            for p in transform.parameters():
+                p.requires_grad_(False)
+            stages.append(transform)
+        return ComposedTransform(stages)
+
+    # ------------------------------------------------------------------------------------------
+    def _prompts(self, fixed_labels, moving_labels, fixed_points, moving_points) -> dict[str, Any]:
+        prompts: dict[str, Any] = {}
+        if self.config.dice_weight > 0 and fixed_labels is not None and moving_labels is not None:
+            from alignkit.losses import DiceLoss, one_hot
+
+            values = sorted(set(torch.unique(fixed_labels.data).tolist()) - {0})
+            prompts["dice"] = (
+                DiceLoss(),
+                one_hot(fixed_labels.batch(dtype=None, device=self.device).long(), values).float(),
+                one_hot(moving_labels.batch(dtype=None, device=self.device).long(), values).float(),
+                fixed_labels.grid,
+                moving_labels.grid,
+            )
+        if self.config.landmark_weight > 0 and fixed_points is not None and moving_points is not None:
+            from alignkit.losses import LandmarkDistance
+
+            prompts["landmarks"] = (LandmarkDistance(), fixed_points.to(self.device), moving_points.to(self.device))
+        return prompts
+
+    def _level(self, cfg: StageConfig, index: int, fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_grid: Grid) -> _Level:
+        factor = cfg.levels[index]
+        sigma = None if cfg.smoothing is None else cfg.smoothing[index]
+        fixed_l, grid_l = downsample(fixed, fixed_grid, factor, sigma)
+        # Shrink the moving image to about the level's spacing, never upsampling it.
+        ratio = float(grid_l.spacing.mean() / moving_grid.spacing.mean())
+        moving_factor = max(1.0, ratio)
+        moving_sigma = None if sigma is None else sigma * moving_factor / max(factor, 1.0)
+        moving_l, moving_grid_l = downsample(moving, moving_grid, moving_factor, moving_sigma)
+        if cfg.grey and fixed_l.shape[1] > 1:
+            fixed_l, moving_l = fixed_l.mean(1, keepdim=True), moving_l.mean(1, keepdim=True)
+        world = grid_l.world_points(device=self.device)
+        return _Level(fixed_l, grid_l, moving_l, moving_grid_l, world)
+
+    def _fit_stage(
+        self,
+        cfg: StageConfig,
+        fixed: Tensor,
+        fixed_grid: Grid,
+        moving: Tensor,
+        moving_grid: Grid,
+        prior: Transform | None,
+        prompts: dict[str, Any],
+        log: StageLog,
+    ) -> Transform:
+        from alignkit.losses import JacobianFoldPenalty, build_regularizer, build_similarity
+
+        similarity = build_similarity(cfg.similarity, **cfg.similarity_options).to(self.device)
+        regularizer = (
+            build_regularizer(cfg.regularizer, **cfg.regularizer_options).to(self.device)
+            if cfg.regularizer and cfg.regularizer_weight > 0
+            else None
+        )
+        fold = JacobianFoldPenalty().to(self.device) if cfg.fold_weight > 0 else None
+        centre = fixed_grid.center_world()
+        length_scale = float(fixed_grid.extent().mean() / 2)
+
+        transform: Transform | None = None
+        bar = self.progress(total=sum(cfg.iterations), desc=f"{cfg.transform:>11}", unit="it") if self.progress else None
+        try:
+            for index in range(len(cfg.levels)):
+                level = self._level(cfg, index, fixed, fixed_grid, moving, moving_grid)
+                if cfg.is_linear:
+                    if transform is None:
+                        transform = build_transform(
+                            cfg.transform, fixed_grid, center=centre, length_scale=length_scale, **cfg.transform_options
+                        ).to(self.device)
+                else:
+                    field_grid = level.grid.downsampled(cfg.field_shrink) if cfg.field_shrink > 1 else level.grid
+                    if transform is None:
+                        transform = build_transform(cfg.transform, field_grid, **cfg.transform_options).to(self.device)
+                    else:
+                        transform = transform.resampled(field_grid).to(self.device)  # type: ignore[attr-defined]
+                losses = self._optimise_level(cfg, index, level, transform, prior, similarity, regularizer, fold, prompts, bar)
+                log.losses.append(losses)
+        finally:
+            if bar is not None:
+                bar.close()
+        if transform is None:
+            raise ConfigError("stage has no levels")
+        return transform
+
+    def _optimise_level(self, cfg, index: int, level: _Level, transform, prior, similarity, regularizer, fold, prompts, bar) -> list[float]:
+        params = [p for p in transform.parameters() if p.requires_grad]
+        lr = cfg.learning_rate
+        if isinstance(transform, FieldTransform):
+            # Field parameters are in world units: express the step in voxels of the level so one
+            # learning rate serves every resolution and spacing.
+            lr = lr * float(level.grid.spacing.mean())
+        if cfg.optimizer == "adam":
+            optimiser = torch.optim.Adam(params, lr=lr)
+        elif cfg.optimizer == "sgd":
+            optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        else:
+            optimiser = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+
+        size = torch.tensor(level.moving.shape[2:], dtype=torch.float32, device=self.device)
+        size = size.view(1, -1, *([1] * (level.moving.dim() - 2)))
+        voxel_from_world = level.moving_grid.voxel_from_world
+
+        def objective() -> Tensor:
+            points = transform.transform_points(level.world)
+            if prior is not None:
+                points = prior.transform_points(points)
+            voxel = apply_matrix(voxel_from_world, points)
+            inside = ((voxel >= 0) & (voxel <= size - 1)).all(dim=1, keepdim=True).to(level.fixed.dtype)
+            warped = sample_voxels(level.moving, voxel, padding="border")
+            loss = similarity(warped, level.fixed, inside)
+            if regularizer is not None or fold is not None or hasattr(transform, "energy"):
+                field_and_grid = transform.regularizer_field()
+                if field_and_grid is not None:
+                    field_tensor, field_grid = field_and_grid
+                    if regularizer is not None:
+                        loss = loss + cfg.regularizer_weight * regularizer(field_tensor, field_grid.spacing)
+                    if fold is not None and isinstance(transform, FieldTransform):
+                        loss = loss + cfg.fold_weight * fold(transform.displacement(), transform.grid)
+            if "landmarks" in prompts:
+                term, fixed_pts, moving_pts = prompts["landmarks"]
+                chain = ComposedTransform([prior, transform]) if prior is not None else transform
+                loss = loss + self.config.landmark_weight * term(chain, fixed_pts, moving_pts) / float(
+                    level.grid.extent().mean()
+                )
+            if "dice" in prompts:
+                term, fixed_onehot, moving_onehot, fixed_label_grid, moving_label_grid = prompts["dice"]
+                loss = loss + self.config.dice_weight * self._dice_term(
+                    term, transform, prior, level, fixed_onehot, moving_onehot, fixed_label_grid, moving_label_grid
+                )
+            return loss
+
+        losses: list[float] = []
+        stopper = _Stopper(cfg.tolerance, cfg.patience)
+        for _ in range(cfg.iterations[index]):
+            if cfg.optimizer == "lbfgs":
+
+                def closure() -> Tensor:
+                    optimiser.zero_grad()
+                    value = objective()
+                    value.backward()
+                    return value
+
+                value = optimiser.step(closure)
+            else:
+                optimiser.zero_grad()
+                value = objective()
+                value.backward()
+                optimiser.step()
+            self._post_step(cfg, transform)
+            loss_value = float(value)
+            if not math.isfinite(loss_value):
+                raise ConfigError(
+                    f"stage {cfg.transform}: the objective became {loss_value}; lower the learning rate or check the inputs"
+                )
+            losses.append(loss_value)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(level=f"1/{cfg.levels[index]:g}", loss=f"{loss_value:.4g}", refresh=False)
+            if stopper.update(loss_value):
+                if bar is not None:
+                    bar.update(cfg.iterations[index] - len(losses))
+                break
+        return losses
+
+    @torch.no_grad()
+    def _post_step(self, cfg: StageConfig, transform: Transform) -> None:
+        """Greedy-style regularisation: smooth the field parameters after each step (the
+        "diffusion-like" update smoothing of demons / ANTs SyN's total-field sigma)."""
+        if cfg.field_smoothing > 0 and isinstance(transform, FieldTransform):
+            for p in transform.parameters():
+                if p.dim() == transform.ndim + 2:
+                    p.copy_(gaussian_blur(p, cfg.field_smoothing))
+
+    def _dice_term(self, term, transform, prior, level, fixed_onehot, moving_onehot, fixed_label_grid, moving_label_grid):
+        from alignkit.spatial import resize_image, sample_world
+
+        target = resize_image(fixed_onehot, level.grid.shape) if not fixed_label_grid.same_as(level.grid) else fixed_onehot
+        points = transform.transform_points(level.world)
+        if prior is not None:
+            points = prior.transform_points(points)
+        warped = sample_world(moving_onehot, moving_label_grid, points)
+        return term(warped, target)

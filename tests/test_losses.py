@@ -1,0 +1,471 @@
+"""Tests of alignkit.losses: gradchecks, analytic golden values, half precision, references."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pytest
+from alignkit.errors import ConfigError, ShapeError
+from alignkit.losses import (
+    L1,
+    LNCC,
+    MSE,
+    NCC,
+    AffineInverseConsistency,
+    AffinePrior,
+    BendingEnergy,
+    Charbonnier,
+    DiceLoss,
+    Diffusion,
+    InverseConsistency,
+    JacobianFoldPenalty,
+    LandmarkDistance,
+    Laplacian,
+    MattesMI,
+    MultiKernelLNCC,
+    TotalVariation,
+    build_regularizer,
+    build_similarity,
+    one_hot,
+)
+from alignkit.spatial import Grid, gaussian_blur, sample_world
+from alignkit.transforms.base import Transform
+
+
+class _Translation(Transform):
+    """Minimal test transform ``y = x + t`` (world units), independent of other modules."""
+
+    def __init__(self, shift: Tensor) -> None:
+        super().__init__(shift.numel())
+        self.shift = nn.Parameter(shift.clone())
+
+    def transform_points(self, world: Tensor) -> Tensor:
+        return world + self.shift.view(1, -1, *([1] * (world.dim() - 2)))
+
+
+def _smooth_image(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((1, 1, *shape), generator=g, dtype=torch.float64)
+    return gaussian_blur(x, 1.5).to(dtype)
+
+
+def _coords(shape: tuple[int, ...], spacing: tuple[float, ...], dtype=torch.float64) -> list[Tensor]:
+    """World coordinate of each array axis (axis-aligned grid)."""
+    axes = [torch.arange(n, dtype=dtype) * h for n, h in zip(shape, spacing)]
+    return list(torch.meshgrid(*axes, indexing="ij"))
+
+
+# -- gradchecks -------------------------------------------------------------------------------
+SIMILARITIES = [
+    MSE(),
+    L1(),
+    Charbonnier(),
+    NCC(),
+    LNCC(window=3),
+    LNCC(window=3, squared=False, dilation=2),
+    MultiKernelLNCC(windows=(3, 5), weights=(0.4, 0.6), dilation=1),
+    MattesMI(bins=10, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0)),
+    MattesMI(bins=10, fixed_kernel="gaussian", samples=20, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("loss", SIMILARITIES, ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("shape", [(5, 6), (4, 3, 5)], ids=["2d", "3d"])
+def test_similarity_gradcheck(loss: nn.Module, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    warped = (0.1 + 0.8 * torch.rand((2, 1, *shape), generator=g, dtype=torch.float64)).requires_grad_()
+    fixed = 0.1 + 0.8 * torch.rand((2, 1, *shape), generator=g, dtype=torch.float64)
+    mask = torch.rand((2, 1, *shape), generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda w: loss(w, fixed, mask), (warped,))
+    assert torch.autograd.gradcheck(lambda w: loss(w, fixed), (warped,))
+
+
+FIELD_REGULARIZERS = [Diffusion(), BendingEnergy(), Laplacian(), TotalVariation(eps=1e-3)]
+
+
+@pytest.mark.parametrize("reg", FIELD_REGULARIZERS, ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("shape", [(5, 6), (4, 3, 5)], ids=["2d", "3d"])
+def test_field_regularizer_gradcheck(reg: nn.Module, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(1)
+    field = torch.randn((2, len(shape), *shape), generator=g, dtype=torch.float64, requires_grad=True)
+    spacing = [0.5, 1.5, 2.0][: len(shape)]
+    assert torch.autograd.gradcheck(lambda u: reg(u, spacing), (field,))
+
+
+def test_other_regularizers_gradcheck() -> None:
+    g = torch.Generator().manual_seed(2)
+    grid = Grid.from_spacing((4, 5, 3), (1.0, 0.7, 1.3), origin=(2.0, -1.0, 0.5))
+    u = (0.3 * torch.randn((1, 3, *grid.shape), generator=g, dtype=torch.float64)).requires_grad_()
+    v = (0.3 * torch.randn((1, 3, *grid.shape), generator=g, dtype=torch.float64)).requires_grad_()
+    # eps = 2 makes most voxels active so the check exercises the determinant's gradient.
+    assert torch.autograd.gradcheck(lambda d: JacobianFoldPenalty(eps=2.0)(d, grid), (u,))
+    assert torch.autograd.gradcheck(lambda a, b: InverseConsistency()(a, b, grid), (u, v))
+    m = (torch.eye(4, dtype=torch.float64) + 0.1 * torch.randn((4, 4), generator=g, dtype=torch.float64)).requires_grad_()
+    m_ts = torch.eye(4, dtype=torch.float64) + 0.1 * torch.randn((4, 4), generator=g, dtype=torch.float64)
+    centre = grid.center_world()
+    assert torch.autograd.gradcheck(lambda a: AffinePrior(translation_scale=3.0)(a, centre), (m,))
+    assert torch.autograd.gradcheck(lambda a: AffineInverseConsistency()(a, m_ts), (m,))
+
+
+def test_prompt_gradcheck() -> None:
+    g = torch.Generator().manual_seed(3)
+    warped = torch.rand((2, 3, 4, 5), generator=g, dtype=torch.float64, requires_grad=True)
+    fixed = one_hot(torch.randint(0, 3, (2, 1, 4, 5), generator=g), [0, 1, 2], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda w: DiceLoss()(w, fixed), (warped,))
+    t = _Translation(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+    p = torch.randn((6, 3), generator=g, dtype=torch.float64)
+    q = torch.randn((6, 3), generator=g, dtype=torch.float64)
+
+    def f(shift: Tensor) -> Tensor:
+        t.shift.data.copy_(shift)  # gradcheck perturbs the input; route it into the parameter
+        return LandmarkDistance()(t, p, q)
+
+    loss = LandmarkDistance()(t, p, q)
+    (grad,) = torch.autograd.grad(loss, t.shift)
+    shift0 = t.shift.detach().clone()
+    eps = 1e-6
+    numeric = torch.stack([(f(shift0 + eps * e) - f(shift0 - eps * e)) / (2 * eps) for e in torch.eye(3, dtype=torch.float64)])
+    torch.testing.assert_close(grad, numeric.detach(), atol=1e-6, rtol=1e-6)
+
+
+# -- similarity golden values -----------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(12, 10), (6, 7, 5)], ids=["2d", "3d"])
+def test_identical_images_score_perfectly(shape: tuple[int, ...]) -> None:
+    x = _smooth_image(shape, 0)
+    assert MSE()(x, x).item() == 0.0
+    assert L1()(x, x).item() == 0.0
+    assert NCC()(x, x).item() == pytest.approx(0.0, abs=1e-12)
+    assert LNCC(window=5)(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert LNCC(window=5, squared=False)(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert MultiKernelLNCC()(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert Charbonnier(eps=1e-3, alpha=0.45)(x, x).item() == pytest.approx(1e-6**0.45, rel=1e-9)
+    # sanity: a different image scores worse on every loss
+    y = _smooth_image(shape, 1)
+    for loss in (MSE(), L1(), NCC(), LNCC(window=5), MultiKernelLNCC()):
+        assert loss(y, x).item() > 1e-3
+
+
+def test_ncc_of_negation_and_affine_invariance() -> None:
+    x = _smooth_image((9, 11), 4)
+    assert NCC()(-x, x).item() == pytest.approx(2.0, abs=1e-9)
+    assert NCC()(3.0 * x + 7.0, x).item() == pytest.approx(0.0, abs=1e-9)
+    # signed local NCC also sees the anti-correlation; squared local NCC does not
+    assert LNCC(window=5, squared=False)(-x, x).item() == pytest.approx(2.0, abs=1e-6)
+    assert LNCC(window=5)(-x, x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mse_and_mask_weighting() -> None:
+    x = torch.zeros((2, 1, 4, 4), dtype=torch.float64)
+    y = torch.ones_like(x)
+    y[:, :, :, 2:] = 3.0  # squared error 1 on the left half, 9 on the right half
+    assert MSE()(y, x).item() == pytest.approx(5.0)
+    mask = torch.zeros((1, 1, 4, 4), dtype=torch.float64)
+    mask[..., :2] = 1.0
+    assert MSE()(y, x, mask).item() == pytest.approx(1.0)
+    assert L1()(y, x, mask).item() == pytest.approx(1.0)
+
+
+def test_lncc_matches_dense_convolution_reference() -> None:
+    """3D LNCC with separable box sums vs a naive dense 3D convolution with a ones kernel."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand((2, 1, 7, 6, 8), generator=g, dtype=torch.float64)
+    y = 0.5 * x + 0.5 * torch.rand((2, 1, 7, 6, 8), generator=g, dtype=torch.float64)
+    w, eps = 5, 1e-5
+    kernel = torch.ones((1, 1, w, w, w), dtype=torch.float64)
+
+    def dense(t: Tensor) -> Tensor:
+        return F.conv3d(t, kernel, padding=w // 2)
+
+    n = dense(torch.ones_like(x[:1]))
+    sx, sy, sxx, syy, sxy = dense(x), dense(y), dense(x * x), dense(y * y), dense(x * y)
+    cross = sxy - sx * sy / n
+    vx = (sxx - sx * sx / n).clamp_min(eps)
+    vy = (syy - sy * sy / n).clamp_min(eps)
+    expected = 1.0 - (cross * cross / (vx * vy)).mean()
+    torch.testing.assert_close(LNCC(window=w, eps=eps)(x, y), expected)
+
+
+def test_mk_lncc_paper_defaults_and_weights() -> None:
+    loss = MultiKernelLNCC()
+    assert loss.weights == (0.3, 0.7)
+    assert loss.window_sizes((40, 64, 48)) == [11, 21]  # S/4 = 10 -> 11, S/2 = 20 -> 21 (odd)
+    x, y = _smooth_image((16, 16), 6), _smooth_image((16, 16), 7)
+    mk = MultiKernelLNCC(windows=(3, 7), weights=(0.25, 0.75), dilation=1, squared=True)
+    expected = 0.25 * LNCC(window=3)(x, y) + 0.75 * LNCC(window=7)(x, y)
+    torch.testing.assert_close(mk(x, y), expected)
+    with pytest.raises(ConfigError):
+        MultiKernelLNCC(weights=(0.5, 0.7))
+    with pytest.raises(ConfigError):
+        LNCC(window=4)
+
+
+def test_mi_identical_beats_shuffled_and_is_deterministic() -> None:
+    x = _smooth_image((24, 20), 8, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    shuffled = x.flatten()[torch.randperm(x.numel(), generator=g)].view_as(x)
+    mi = MattesMI(bins=32)
+    same, other = mi(x, x).item(), mi(shuffled, x).item()
+    assert same < other - 0.5  # -MI: lower is better
+    assert other < 0.3  # shuffled images share almost no information (small-sample bias only)
+    # MI is invariant to a monotone intensity change of one image (robust min/max rescaling)
+    assert mi(2.0 * x + 5.0, x).item() == pytest.approx(same, abs=1e-4)
+    sampled = MattesMI(bins=32, samples=200, seed=3)
+    assert sampled(x, x).item() == sampled(x, x).item()
+    a = sampled(shuffled, x, generator=torch.Generator().manual_seed(1)).item()
+    b = sampled(shuffled, x, generator=torch.Generator().manual_seed(2)).item()
+    assert a != b  # the generator really drives the sampling
+    assert sampled(x, x).item() < sampled(shuffled, x).item()
+
+
+def test_mi_multimodal_inverted_contrast() -> None:
+    """MI rewards aligned images with a non-linear contrast change; MSE/NCC would not."""
+    x = _smooth_image((24, 24), 9, torch.float32)
+    y = torch.cos(6.0 * x)  # non-monotone intensity mapping of the same anatomy
+    shifted = torch.roll(y, shifts=5, dims=3)
+    mi = MattesMI()
+    assert mi(y, x).item() < mi(shifted, x).item() - 0.3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", [LNCC(), MultiKernelLNCC(), MattesMI(), NCC(), Charbonnier()], ids=lambda m: type(m).__name__)
+def test_half_precision_constant_and_zero_images_are_finite(dtype: torch.dtype, loss: nn.Module) -> None:
+    for value in (0.0, 1.0):
+        warped = torch.full((1, 1, 12, 10, 8), value, dtype=dtype, requires_grad=True)
+        fixed = torch.zeros((1, 1, 12, 10, 8), dtype=dtype)
+        out = loss(warped, fixed)
+        (grad,) = torch.autograd.grad(out, warped)
+        assert out.dtype == dtype
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    # and on a real-valued image the half result agrees with float32
+    x = _smooth_image((12, 10, 8), 10, torch.float32)
+    y = _smooth_image((12, 10, 8), 11, torch.float32)
+    torch.testing.assert_close(loss(x.to(dtype), y.to(dtype)).float(), loss(x, y), atol=0.03, rtol=0.03)
+
+
+def test_similarity_registry_and_shape_errors() -> None:
+    assert isinstance(build_similarity("lncc", window=5), LNCC)
+    assert isinstance(build_similarity("mk-lncc"), MultiKernelLNCC)
+    assert isinstance(build_similarity("mi", bins=16), MattesMI)
+    with pytest.raises(ConfigError, match="mse"):
+        build_similarity("nmi")
+    with pytest.raises(ConfigError):
+        build_similarity("lncc", windw=5)
+    with pytest.raises(ShapeError):
+        MSE()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+    with pytest.raises(ShapeError):
+        LNCC()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.ones(1, 2, 4, 4))
+
+
+def test_charbonnier_and_l1_rgb() -> None:
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand((2, 3, 8, 9), generator=g, dtype=torch.float64)
+    y = x + 0.1
+    assert L1()(y, x).item() == pytest.approx(0.1)
+    assert Charbonnier(eps=1e-3, alpha=0.5)(y, x).item() == pytest.approx((0.01 + 1e-6) ** 0.5)
+
+
+# -- regulariser golden values ----------------------------------------------------------------
+SPACINGS = {2: (0.5, 2.0), 3: (0.5, 2.0, 1.25)}
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_diffusion_of_linear_field(ndim: int) -> None:
+    shape, spacing = (6, 5, 4)[:ndim], SPACINGS[ndim]
+    coords = _coords(shape, spacing)
+    a, b = 0.7, -1.3
+    field = torch.zeros((1, ndim, *shape), dtype=torch.float64)
+    field[:, 0] = a * coords[0]
+    assert Diffusion()(field, spacing).item() == pytest.approx(a * a)
+    field[:, ndim - 1] = b * coords[1]  # another component varying along another axis
+    assert Diffusion()(field, torch.tensor(spacing)).item() == pytest.approx(a * a + b * b)
+    # the field's world derivative is what counts: the wrong spacing gives the wrong value
+    assert Diffusion()(field).item() != pytest.approx(a * a + b * b)
+    # TV of the same kind of linear field: |grad u|_F
+    assert TotalVariation()(field, spacing).item() == pytest.approx((a * a + b * b) ** 0.5, abs=1e-5)
+    field.zero_()
+    assert TotalVariation()(field, spacing).item() == 0.0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_bending_energy_and_laplacian_of_quadratic(ndim: int) -> None:
+    """u_0 = al x0^2 + be x0 x1 + ga x1^2 (+ de x2^2 in 3D): Hessian [[2al, be], [be, 2ga]] (+2de).
+    Stencils are evaluated only where they fit (no padding), so the discrete value is exact."""
+    shape, spacing = (7, 6, 5)[:ndim], SPACINGS[ndim]
+    c = _coords(shape, spacing)
+    al, be, ga, de = 0.3, -0.5, 0.2, 0.4
+    field = torch.zeros((2, ndim, *shape), dtype=torch.float64)
+    field[:, 0] = al * c[0] ** 2 + be * c[0] * c[1] + ga * c[1] ** 2
+    bending = (2 * al) ** 2 + (2 * ga) ** 2 + 2 * be**2
+    laplacian = 2 * al + 2 * ga
+    if ndim == 3:
+        field[:, 0] += de * c[2] ** 2
+        bending += (2 * de) ** 2
+        laplacian += 2 * de
+    field[:, 1] = 5.0 * c[0] - 2.0 * c[1] + 1.0  # linear component: no bending, no Laplacian
+    assert BendingEnergy()(field, spacing).item() == pytest.approx(bending)
+    assert Laplacian()(field, spacing).item() == pytest.approx(laplacian**2)
+    # affine fields are in the null space of both
+    field[:, 0] = 3.0 * c[0] + 1.0
+    assert BendingEnergy()(field, spacing).item() == pytest.approx(0.0, abs=1e-20)
+    assert Laplacian()(field, spacing).item() == pytest.approx(0.0, abs=1e-20)
+
+
+def test_laplacian_matches_paper_neighbour_average_form() -> None:
+    """Paper 001: in 2D, unit spacing, Laplacian = 4 * (average of 4 neighbours - u)."""
+    g = torch.Generator().manual_seed(13)
+    u = torch.randn((1, 2, 6, 7), generator=g, dtype=torch.float64)
+    avg = (u[..., :-2, 1:-1] + u[..., 2:, 1:-1] + u[..., 1:-1, :-2] + u[..., 1:-1, 2:]) / 4.0
+    expected = ((4.0 * (avg - u[..., 1:-1, 1:-1])) ** 2).sum(1).mean()
+    torch.testing.assert_close(Laplacian()(u), expected)
+
+
+def test_diffusion_penalises_checkerboard() -> None:
+    checker = ((torch.arange(6).view(6, 1) + torch.arange(6).view(1, 6)) % 2).double()
+    field = torch.stack([checker, checker]).unsqueeze(0)
+    assert Diffusion()(field).item() > 1.0
+
+
+def test_jacobian_fold_penalty() -> None:
+    grid = Grid.from_spacing((8, 9), (1.5, 0.5), origin=(10.0, -3.0))
+    zero = torch.zeros((1, 2, *grid.shape), dtype=torch.float64)
+    assert JacobianFoldPenalty()(zero, grid).item() == 0.0
+    # u_x = -2 x: map x -> -x along world x (a reflection, det = -1 everywhere)
+    world = grid.world_points(dtype=torch.float64)
+    fold = torch.zeros_like(zero)
+    fold[:, 0] = -2.0 * world[:, 0]
+    assert JacobianFoldPenalty()(fold, grid).item() == pytest.approx(1.0)
+    # a smooth expansion does not fold but is below a margin eps = 2.5 by 1
+    expand = torch.zeros_like(zero)
+    expand[:, 0] = 0.5 * world[:, 0]  # det = 1.5
+    assert JacobianFoldPenalty()(expand, grid).item() == 0.0
+    assert JacobianFoldPenalty(eps=2.5)(expand, grid).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_inverse_consistency(ndim: int) -> None:
+    grid = Grid.from_spacing((6, 5, 4)[:ndim], (1.0, 2.0, 0.5)[:ndim], origin=(3.0, -2.0, 1.0)[:ndim])
+    t = torch.tensor([0.7, -1.1, 0.4][:ndim], dtype=torch.float64).view(1, ndim, *([1] * ndim))
+    forward = t.expand(1, ndim, *grid.shape).clone()
+    backward = -forward
+    ic = InverseConsistency()
+    assert ic(forward, backward, grid).item() == pytest.approx(0.0, abs=1e-20)
+    # a non-inverse pair: residual is the constant 2t on every voxel, in both terms
+    expected = 2 * (2 * t).pow(2).sum().item()
+    assert ic(forward, forward, grid).item() == pytest.approx(expected)
+    assert InverseConsistency(symmetric=False)(forward, forward, grid).item() == pytest.approx(expected / 2)
+    # Transforms compose point-wise; mixing a Transform and a field works too
+    fwd_t, bwd_t = _Translation(t.flatten()), _Translation(-t.flatten())
+    assert ic(fwd_t, bwd_t, grid).item() == pytest.approx(0.0, abs=1e-20)
+    assert ic(fwd_t, backward, grid).item() == pytest.approx(0.0, abs=1e-20)
+    assert ic(fwd_t, fwd_t, grid).item() == pytest.approx(expected)
+
+
+def test_inverse_consistency_of_nonlinear_pair() -> None:
+    """A smooth field and its numerical inverse (fixed-point iteration) are nearly consistent;
+    perturbing the inverse increases the penalty."""
+    grid = Grid.from_spacing((20, 18), 1.0)
+    g = torch.Generator().manual_seed(14)
+    u = gaussian_blur(torch.randn((1, 2, *grid.shape), generator=g, dtype=torch.float64), 3.0)
+    u = u / u.abs().max()  # |u| <= 1 voxel, smooth: invertible
+    x = grid.world_points(dtype=torch.float64)
+    v = -u.clone()
+    for _ in range(30):  # v(x) = -u(x + v(x))
+        v = -sample_world(u, grid, x + v, padding="border")
+    ic = InverseConsistency()
+    exact = ic(u, v, grid).item()
+    assert exact < 1e-3
+    assert ic(u, -u * 0.5, grid).item() > 10 * exact
+
+
+def test_affine_prior_and_affine_inverse_consistency() -> None:
+    eye = torch.eye(4, dtype=torch.float64)
+    assert AffinePrior()(eye).item() == 0.0
+    m = eye.clone()
+    m[:3, :3] = torch.tensor([[1.1, 0.2, 0.0], [0.0, 0.9, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    m[:3, 3] = torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64)
+    assert AffinePrior()(m).item() == pytest.approx(0.01 + 0.04 + 0.01 + 5.0)
+    assert AffinePrior(translation_scale=2.0)(m).item() == pytest.approx(0.06 + 5.0 / 4)
+    # a rotation about a centre costs no translation when measured at that centre
+    rot = torch.eye(3, dtype=torch.float64)
+    cos, sin = 0.8, 0.6
+    rot[:2, :2] = torch.tensor([[cos, -sin], [sin, cos]], dtype=torch.float64)
+    centre = torch.tensor([5.0, -2.0], dtype=torch.float64)
+    rot[:2, 2] = centre - rot[:2, :2] @ centre
+    linear_only = ((rot[:2, :2] - torch.eye(2, dtype=torch.float64)) ** 2).sum().item()
+    assert AffinePrior()(rot, centre).item() == pytest.approx(linear_only)
+    assert AffinePrior()(rot).item() > linear_only + 1.0
+    # eq. 5: exact inverse gives 0; a batch is averaged
+    aic = AffineInverseConsistency()
+    assert aic(m, torch.linalg.inv(m)).item() == pytest.approx(0.0, abs=1e-20)
+    assert aic(m, m).item() > 0.1
+    assert aic(torch.stack([m, m]), torch.stack([torch.linalg.inv(m), m])).item() == pytest.approx(aic(m, m).item() / 2)
+
+
+def test_regularizer_registry_and_errors() -> None:
+    assert isinstance(build_regularizer("bending"), BendingEnergy)
+    assert isinstance(build_regularizer("tv", eps=1e-3), TotalVariation)
+    assert isinstance(build_regularizer("inverse-consistency", symmetric=False), InverseConsistency)
+    with pytest.raises(ConfigError, match="diffusion"):
+        build_regularizer("elastic")
+    with pytest.raises(ShapeError):
+        Diffusion()(torch.zeros(1, 3, 4, 4))  # 3 components on a 2D grid
+    with pytest.raises(ShapeError):
+        BendingEnergy()(torch.zeros(1, 2, 2, 4))  # too small for a second difference
+    with pytest.raises(ShapeError):
+        Diffusion()(torch.zeros(1, 2, 4, 4), [1.0, 2.0, 3.0])
+
+
+def test_regularizers_keep_dtype() -> None:
+    field = torch.randn((1, 3, 5, 5, 5), dtype=torch.float32)
+    for reg in FIELD_REGULARIZERS:
+        assert reg(field, (1.0, 1.0, 2.0)).dtype == torch.float32
+
+
+# -- prompts ----------------------------------------------------------------------------------
+def test_one_hot_and_dice() -> None:
+    labels = torch.tensor([[[[0, 1, 1], [2, 5, 0]]]])
+    oh = one_hot(labels, [1, 2, 5])
+    assert oh.shape == (1, 3, 2, 3)
+    expected = torch.tensor([[[0, 1, 1], [0, 0, 0]], [[0, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 1, 0]]], dtype=torch.float32)
+    torch.testing.assert_close(oh[0], expected)
+    assert DiceLoss()(oh, oh).item() == pytest.approx(0.0, abs=1e-7)
+    # disjoint labels: Dice 0 per present label (up to smooth) -> loss ~1
+    other = one_hot(torch.tensor([[[[1, 0, 0], [0, 0, 2]]]]), [1, 2, 5])
+    loss = DiceLoss()(other, oh).item()
+    # labels 1 and 2 disjoint (Dice ~0); label 5 present only in oh (Dice ~0)
+    assert loss == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ShapeError):
+        one_hot(torch.zeros(1, 2, 3, 3, dtype=torch.long), [0])
+
+
+def test_dice_of_linearly_warped_one_hot() -> None:
+    """Warp one-hot moving labels by a known shift with linear interpolation: exact shift -> 0."""
+    grid = Grid.from_spacing((16, 16), 1.0)
+    labels = torch.zeros((1, 1, 16, 16), dtype=torch.long)
+    labels[..., 4:10, 5:11] = 1
+    labels[..., 11:14, 2:6] = 2
+    moving = torch.roll(labels, shifts=(2,), dims=(2,))  # moving content is 2 voxels further
+    fixed_oh, moving_oh = one_hot(labels, [1, 2]), one_hot(moving, [1, 2])
+    world = grid.world_points()
+    dice = DiceLoss()
+    aligned = sample_world(moving_oh, grid, world + torch.tensor([2.0, 0.0]).view(1, 2, 1, 1))
+    half = sample_world(moving_oh, grid, world + torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+    assert dice(aligned, fixed_oh).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice(half, fixed_oh).item() > 0.05
+
+
+def test_landmark_distance_of_translation() -> None:
+    g = torch.Generator().manual_seed(15)
+    fixed = torch.randn((7, 3), generator=g, dtype=torch.float64)
+    shift = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64)
+    moving = fixed + shift
+    assert LandmarkDistance()(_Translation(torch.zeros(3, dtype=torch.float64)), fixed, moving).item() == pytest.approx(5.0, abs=1e-6)
+    assert LandmarkDistance()(_Translation(shift), fixed, moving).item() == pytest.approx(0.0, abs=1e-6)
+    # the gradient at the match is finite (eps-smoothed norm)
+    t = _Translation(shift)
+    (grad,) = torch.autograd.grad(LandmarkDistance()(t, fixed, moving), t.shift)
+    assert torch.isfinite(grad).all()
+    with pytest.raises(ShapeError):
+        LandmarkDistance()(t, fixed[:, :2], moving[:, :2])
