@@ -50,7 +50,8 @@ def test_dice_matches_per_label_loop_and_accepts_torch_and_float_labels() -> Non
     fixed = rng.integers(0, 6, size=(7, 9, 5))
     warped = np.where(rng.random(fixed.shape) < 0.7, fixed, rng.integers(0, 6, size=fixed.shape))
     expected = {
-        k: 2 * np.sum((fixed == k) & (warped == k)) / (np.sum(fixed == k) + np.sum(warped == k)) for k in range(1, 6)
+        k: 2 * np.sum((fixed == k) & (warped == k)) / (np.sum(fixed == k) + np.sum(warped == k))
+        for k in range(1, 6)
     }
     got = dice_per_label(torch.from_numpy(warped), fixed.astype(np.float32))
     assert got == pytest.approx(expected)
@@ -68,7 +69,9 @@ def test_dice_identical_is_one_and_errors() -> None:
 
 
 # -- surface distances ------------------------------------------------------------------------------
-def _brute_surface_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _brute_surface_distances(
+    a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     structure = scipy_ndimage.generate_binary_structure(a.ndim, 1)
     sa = a & ~scipy_ndimage.binary_erosion(a, structure=structure, border_value=0)
     sb = b & ~scipy_ndimage.binary_erosion(b, structure=structure, border_value=0)

@@ -22,7 +22,14 @@ def test_colorwheel_follows_the_published_segments() -> None:
     wheel = make_colorwheel()
     assert wheel.shape == (55, 3)
     # segment starts: R, Y, G, C, B, M (RY 15, YG 6, GC 4, CB 11, BM 13, MR 6)
-    starts = {0: (255, 0, 0), 15: (255, 255, 0), 21: (0, 255, 0), 25: (0, 255, 255), 36: (0, 0, 255), 49: (255, 0, 255)}
+    starts = {
+        0: (255, 0, 0),
+        15: (255, 255, 0),
+        21: (0, 255, 0),
+        25: (0, 255, 255),
+        36: (0, 0, 255),
+        49: (255, 0, 255),
+    }
     for index, rgb in starts.items():
         assert tuple(wheel[index]) == rgb
     assert tuple(wheel[1]) == (255, np.floor(255 / 15), 0)
@@ -115,7 +122,10 @@ def test_qc_figure_2d(tmp_path: Path, with_extras: bool) -> None:
     if with_extras:
         disp = np.zeros((2, *shape), np.float32)
         disp[0] = 2.0 * np.sin(np.arange(shape[0]) / 6.0)[:, None]
-        kwargs = {"displacement": disp, "jacobian_det": 1.0 + 0.2 * np.cos(np.arange(shape[1]) / 5.0)[None, :].repeat(48, 0)}
+        kwargs = {
+            "displacement": disp,
+            "jacobian_det": 1.0 + 0.2 * np.cos(np.arange(shape[1]) / 5.0)[None, :].repeat(48, 0),
+        }
     out = save_qc_figure(tmp_path / "sub" / "qc.png", fixed, before, after, title="2D", **kwargs)  # type: ignore[arg-type]
     pixels = _read_png(out)
     height, width = pixels.shape[:2]

@@ -24,7 +24,9 @@ from alignkit.spatial.points import points_to_tensor, tensor_to_points
 from alignkit.transforms.base import Transform
 
 
-def one_hot(labels: Tensor, label_values: Sequence[int] | Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def one_hot(
+    labels: Tensor, label_values: Sequence[int] | Tensor, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Integer labels ``(B, 1, *S)`` -> ``(B, L, *S)`` indicator maps of ``label_values`` (in that
     order). Voxels whose label is not listed (e.g. background, when 0 is left out) are 0 in every
     channel."""
@@ -56,7 +58,9 @@ class DiceLoss(nn.Module):
 
     def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
         if warped.shape != fixed.shape or warped.dim() < 3:
-            raise ShapeError(f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must both be (B, L, *spatial)")
+            raise ShapeError(
+                f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must both be (B, L, *spatial)"
+            )
         dtype = torch.float32 if warped.dtype in (torch.float16, torch.bfloat16) else warped.dtype
         w, f = warped.to(dtype), fixed.to(dtype)
         if mask is not None:
@@ -91,7 +95,9 @@ class LandmarkDistance(nn.Module):
                 f"landmarks must be two (N, ndim) tensors of equal shape, got {tuple(fixed_points.shape)} and {tuple(moving_points.shape)}"
             )
         if fixed_points.shape[1] != transform.ndim:
-            raise ShapeError(f"landmarks have {fixed_points.shape[1]} coordinates, the transform is {transform.ndim}D")
+            raise ShapeError(
+                f"landmarks have {fixed_points.shape[1]} coordinates, the transform is {transform.ndim}D"
+            )
         if fixed_points.shape[0] == 0:
             raise ShapeError("at least one landmark pair is needed")
         param = next(iter(transform.parameters()), None)

@@ -52,9 +52,13 @@ def _check_field(field: Tensor, min_size: int) -> int:
     """Validate ``field (B, ndim, *S)``; return ndim."""
     ndim = field.dim() - 2
     if ndim not in (2, 3) or field.shape[1] != ndim:
-        raise ShapeError(f"a field must be (B, ndim, *spatial) with ndim = 2 or 3 components, got {tuple(field.shape)}")
+        raise ShapeError(
+            f"a field must be (B, ndim, *spatial) with ndim = 2 or 3 components, got {tuple(field.shape)}"
+        )
     if min(field.shape[2:]) < min_size:
-        raise ShapeError(f"this regulariser needs at least {min_size} voxels per axis, got spatial {tuple(field.shape[2:])}")
+        raise ShapeError(
+            f"this regulariser needs at least {min_size} voxels per axis, got spatial {tuple(field.shape[2:])}"
+        )
     return ndim
 
 
@@ -249,7 +253,9 @@ def _affine_deviation(matrix: Tensor, center: Tensor | None, translation_scale: 
     """``||A - I||_F^2 + ||b / scale||^2`` for homogeneous ``(…, n+1, n+1)`` matrices, with ``b``
     re-expressed about ``center`` when given (``b_c = A c + b - c``: the shift of the centre)."""
     if matrix.dim() not in (2, 3) or matrix.shape[-1] != matrix.shape[-2] or matrix.shape[-1] not in (3, 4):
-        raise ShapeError(f"expected a (ndim+1, ndim+1) or (B, ndim+1, ndim+1) matrix, got {tuple(matrix.shape)}")
+        raise ShapeError(
+            f"expected a (ndim+1, ndim+1) or (B, ndim+1, ndim+1) matrix, got {tuple(matrix.shape)}"
+        )
     matrix = matrix if matrix.dim() == 3 else matrix.unsqueeze(0)
     ndim = matrix.shape[-1] - 1
     linear, shift = matrix[:, :ndim, :ndim], matrix[:, :ndim, ndim]
@@ -315,7 +321,9 @@ def build_regularizer(name: RegularizerName | str, **options: object) -> nn.Modu
     """Build a regulariser by name (see :data:`RegularizerName`) with keyword options."""
     key = str(name).lower()
     if key not in _REGULARIZERS:
-        raise ConfigError(f"unknown regularizer {name!r}; valid names: {', '.join(get_args(RegularizerName))}")
+        raise ConfigError(
+            f"unknown regularizer {name!r}; valid names: {', '.join(get_args(RegularizerName))}"
+        )
     try:
         return _REGULARIZERS[key](**options)
     except TypeError as exc:

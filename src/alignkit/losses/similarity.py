@@ -40,11 +40,18 @@ def _check_pair(warped: Tensor, fixed: Tensor, mask: Tensor | None) -> Tensor | 
     if warped.dim() < 3:
         raise ShapeError(f"images must be (B, C, *spatial), got warped {tuple(warped.shape)}")
     if warped.shape != fixed.shape:
-        raise ShapeError(f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
+        raise ShapeError(
+            f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must have the same shape"
+        )
     if mask is None:
         return None
     batch, spatial = warped.shape[0], tuple(warped.shape[2:])
-    if mask.dim() != warped.dim() or mask.shape[1] != 1 or tuple(mask.shape[2:]) != spatial or mask.shape[0] not in (1, batch):
+    if (
+        mask.dim() != warped.dim()
+        or mask.shape[1] != 1
+        or tuple(mask.shape[2:]) != spatial
+        or mask.shape[0] not in (1, batch)
+    ):
         raise ShapeError(f"mask must be ({batch} or 1, 1, *{spatial}), got {tuple(mask.shape)}")
     return mask.expand(batch, 1, *spatial)
 
@@ -62,8 +69,10 @@ def _weighted_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 
 def _window_sum(x: Tensor, window: int, dilation: int) -> Tensor:
     """Sum over a centred window of ``window`` taps spaced ``dilation`` voxels (zero padding)."""
-    if dilation == 1:
+    if dilation == 1 and all(window <= n for n in x.shape[2:]):
         return box_sum(x, window)
+    # Dilated taps, or a window longer than an axis (coarse pyramid levels; box_sum's pooling
+    # refuses those): the same zero-padded sum as a separable convolution.
     kernel = torch.zeros((window - 1) * dilation + 1, dtype=x.dtype, device=x.device)
     kernel[::dilation] = 1.0
     return separable_filter(x, [kernel] * (x.dim() - 2), padding_mode="zeros")
@@ -78,7 +87,11 @@ def _local_ncc(x: Tensor, y: Tensor, window: int, dilation: int, eps: float, squ
     ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
     count = _window_sum(ones, window, dilation)
     sx, sy = _window_sum(x, window, dilation), _window_sum(y, window, dilation)
-    sxx, syy, sxy = _window_sum(x * x, window, dilation), _window_sum(y * y, window, dilation), _window_sum(x * y, window, dilation)
+    sxx, syy, sxy = (
+        _window_sum(x * x, window, dilation),
+        _window_sum(y * y, window, dilation),
+        _window_sum(x * y, window, dilation),
+    )
     cross = sxy - sx * sy / count
     # Sums of squared deviations; clamped because rounding makes them slightly negative on
     # constant patches, and because eps keeps flat windows from dividing by zero (fp16 NaNs).
@@ -172,7 +185,9 @@ class LNCC(nn.Module):
     Statistics are computed in float32 for half-precision inputs.
     """
 
-    def __init__(self, *, window: int = 9, dilation: int = 1, squared: bool = True, eps: float = 1e-5) -> None:
+    def __init__(
+        self, *, window: int = 9, dilation: int = 1, squared: bool = True, eps: float = 1e-5
+    ) -> None:
         super().__init__()
         if window < 1 or window % 2 == 0:
             raise ConfigError(f"LNCC window must be a positive odd integer, got {window}")
@@ -186,7 +201,9 @@ class LNCC(nn.Module):
     def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = _check_pair(warped, fixed, mask)
         dtype = _compute_dtype(warped)
-        score = _local_ncc(warped.to(dtype), fixed.to(dtype), self.window, self.dilation, self.eps, self.squared)
+        score = _local_ncc(
+            warped.to(dtype), fixed.to(dtype), self.window, self.dilation, self.eps, self.squared
+        )
         return (1.0 - _weighted_mean(score, mask)).to(warped.dtype)
 
 
@@ -211,9 +228,13 @@ class MultiKernelLNCC(nn.Module):
     ) -> None:
         super().__init__()
         if len(windows) == 0 or len(windows) != len(weights):
-            raise ConfigError(f"mk-LNCC needs as many weights as windows, got {len(windows)} windows, {len(weights)} weights")
+            raise ConfigError(
+                f"mk-LNCC needs as many weights as windows, got {len(windows)} windows, {len(weights)} weights"
+            )
         if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
-            raise ConfigError(f"mk-LNCC weights must be >= 0 and sum to 1 (paper 002 eq. 3), got {tuple(weights)}")
+            raise ConfigError(
+                f"mk-LNCC weights must be >= 0 and sum to 1 (paper 002 eq. 3), got {tuple(weights)}"
+            )
         for s in windows:
             if isinstance(s, float) and not 0.0 < s <= 1.0:
                 raise ConfigError(f"fractional mk-LNCC windows must be in (0, 1], got {s}")
@@ -233,7 +254,7 @@ class MultiKernelLNCC(nn.Module):
         sizes = []
         for s in self.windows:
             if isinstance(s, float):
-                n = max(3, int(round(s * smallest)))
+                n = max(3, round(s * smallest))
                 sizes.append(n if n % 2 == 1 else n + 1)
             else:
                 sizes.append(int(s))
@@ -263,7 +284,8 @@ class MattesMI(nn.Module):
     """Mattes mutual information; returns ``-MI`` (nats), to minimise.
 
     * Each image (per batch item, per channel) is mapped to ``[0, 1]`` by a robust min/max (the
-      ``percentile`` and ``100 - percentile`` quantiles of the sampled voxels, clipped), unless a
+      ``percentile`` and ``100 - percentile`` quantiles of the sampled voxels, mask ignored,
+      clipped), unless a
       fixed ``fixed_range`` / ``moving_range`` is given. Like ITK, the range is a constant of the
       metric: no gradient flows through it.
     * Parzen windowing: a cubic B-spline kernel on the moving (``warped``) side, a cubic B-spline
@@ -318,8 +340,8 @@ class MattesMI(nn.Module):
             detached = x.detach()
             n = detached.shape[-1]
             # kthvalue instead of torch.quantile: quantile refuses inputs above 2^24 elements.
-            k_lo = min(n, max(1, int(round(self.percentile / 100.0 * (n - 1))) + 1))
-            k_hi = min(n, max(1, int(round((1.0 - self.percentile / 100.0) * (n - 1))) + 1))
+            k_lo = min(n, round(self.percentile / 100.0 * (n - 1)) + 1)
+            k_hi = min(n, round((1.0 - self.percentile / 100.0) * (n - 1)) + 1)
             lo = detached.kthvalue(k_lo, dim=-1, keepdim=True).values
             hi = detached.kthvalue(k_hi, dim=-1, keepdim=True).values
         scale = (hi - lo).clamp_min(torch.finfo(x.dtype).eps)

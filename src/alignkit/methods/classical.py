@@ -252,6 +252,7 @@ class Registration:
             to_np(self.warped.batch()),
             displacement=displacement,
             jacobian_det=det,
+            grid=self.fixed.grid,
             title=f"alignkit {self.config.name}: {self.moving.name} → {self.fixed.name}",
         )
 

@@ -136,7 +136,9 @@ def hd95_per_label(
     warped = label_array(warped_labels, "warped_labels")
     fixed = label_array(fixed_labels, "fixed_labels")
     if warped.shape != fixed.shape:
-        raise ShapeError(f"warped_labels {warped.shape} and fixed_labels {fixed.shape} must have the same shape")
+        raise ShapeError(
+            f"warped_labels {warped.shape} and fixed_labels {fixed.shape} must have the same shape"
+        )
     present = set(np.unique(warped).tolist()) | set(np.unique(fixed).tolist())
     out: dict[int, float] = {}
     for label in default_labels(fixed, labels):
@@ -155,7 +157,9 @@ def tre(mapped_points: Any, target_points: Any) -> dict[str, float | int]:
     mapped = to_numpy(mapped_points, "mapped_points").astype(np.float64)
     target = to_numpy(target_points, "target_points").astype(np.float64)
     if mapped.ndim != 2 or mapped.shape != target.shape:
-        raise ShapeError(f"points must both be (N, ndim) of the same shape, got {mapped.shape} and {target.shape}")
+        raise ShapeError(
+            f"points must both be (N, ndim) of the same shape, got {mapped.shape} and {target.shape}"
+        )
     if mapped.shape[0] == 0:
         raise InputError("tre needs at least one pair of points")
     if not (np.all(np.isfinite(mapped)) and np.all(np.isfinite(target))):

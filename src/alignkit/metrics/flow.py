@@ -39,7 +39,9 @@ def _flow_errors(flow: Any, gt: Any, valid: Any | None) -> tuple[np.ndarray, np.
     if valid is not None:
         mask = to_numpy(valid, "valid")
         if mask.shape != est.shape[:-1]:
-            raise ShapeError(f"valid must be {est.shape[:-1]} (the flow without its last axis), got {mask.shape}")
+            raise ShapeError(
+                f"valid must be {est.shape[:-1]} (the flow without its last axis), got {mask.shape}"
+            )
         ok &= mask != 0
     if not np.all(np.isfinite(est[ok])):
         raise InputError("flow contains NaN or Inf at valid ground-truth pixels")
@@ -71,7 +73,14 @@ def flow_error_stats(flow: Any, gt: Any, valid: Any | None = None) -> dict[str, 
     """
     epe, mag = _flow_errors(flow, gt, valid)
     if epe.size == 0:
-        return {"epe": math.nan, "1px": math.nan, "3px": math.nan, "5px": math.nan, "fl_all": math.nan, "n_valid": 0}
+        return {
+            "epe": math.nan,
+            "1px": math.nan,
+            "3px": math.nan,
+            "5px": math.nan,
+            "fl_all": math.nan,
+            "n_valid": 0,
+        }
     return {
         "epe": float(epe.mean()),
         "1px": float((epe < 1.0).mean() * 100.0),

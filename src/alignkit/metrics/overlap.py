@@ -53,7 +53,9 @@ def default_labels(fixed: np.ndarray, labels: Iterable[int] | None) -> list[int]
     return sorted({int(v) for v in labels})
 
 
-def dice_per_label(warped_labels: Any, fixed_labels: Any, labels: Iterable[int] | None = None) -> dict[int, float]:
+def dice_per_label(
+    warped_labels: Any, fixed_labels: Any, labels: Iterable[int] | None = None
+) -> dict[int, float]:
     """Dice ``2 |W ∩ F| / (|W| + |F|)`` for each label.
 
     ``labels`` defaults to the non-zero labels present in ``fixed_labels``. A label absent from both

@@ -42,6 +42,8 @@ class StageConfig:
     learning_rate: float = 1e-2
     tolerance: float = 1e-5
     patience: int = 15
+    #: on a plateau the step is halved up to this many times before the level stops
+    lr_reductions: int = 3
     field_shrink: float = 1.0
     field_smoothing: float = 0.0
     transform_options: dict[str, Any] = field(default_factory=dict)

@@ -308,6 +308,7 @@ class Engine:
 
         losses: list[float] = []
         stopper = _Stopper(cfg.tolerance, cfg.patience)
+        reductions = 0
         for _ in range(cfg.iterations[index]):
             if cfg.optimizer == "lbfgs":
 
@@ -324,7 +325,7 @@ class Engine:
                 value.backward()
                 optimiser.step()
             self._post_step(cfg, transform)
-            loss_value = float(value)
+            loss_value = float(value.detach())
             if not math.isfinite(loss_value):
                 raise ConfigError(
                     f"stage {cfg.transform}: the objective became {loss_value}; lower the learning rate or check the inputs"
@@ -334,6 +335,14 @@ class Engine:
                 bar.update(1)
                 bar.set_postfix(level=f"1/{cfg.levels[index]:g}", loss=f"{loss_value:.4g}", refresh=False)
             if stopper.update(loss_value):
+                if cfg.optimizer != "lbfgs" and reductions < cfg.lr_reductions:
+                    # A plateau at this step size: shrink the step so Adam settles on the optimum
+                    # instead of jittering around it, then go on.
+                    reductions += 1
+                    for group in optimiser.param_groups:
+                        group["lr"] *= 0.5
+                    stopper.stale = 0
+                    continue
                 if bar is not None:
                     bar.update(cfg.iterations[index] - len(losses))
                 break

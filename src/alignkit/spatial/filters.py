@@ -87,5 +87,10 @@ def box_sum(x: Tensor, window: int | Sequence[int]) -> Tensor:
         padding[axis] = w // 2
         # avg_pool with count_include_pad is a zero-padded window mean: measured 2-4x faster than
         # the equivalent 1D convolution on CPU.
-        out = pool(out, kernel, stride=1, padding=padding, count_include_pad=True) * w
+        if w <= out.shape[2 + axis]:
+            out = pool(out, kernel, stride=1, padding=padding, count_include_pad=True) * w
+        else:  # pooling refuses windows longer than the unpadded axis: pad explicitly
+            pad = [0, 0] * ndim
+            pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = w // 2
+            out = pool(F.pad(out, pad), kernel, stride=1) * w
     return out

@@ -133,7 +133,9 @@ def _draw_grid(ax: Axes, background: np.ndarray, disp_rc: np.ndarray, aspect: fl
     ax.set_yticks([])
 
 
-def _draw_jacobian(fig: Figure, ax: Axes, det: np.ndarray, aspect: float, span: float, fold_pct: float) -> None:
+def _draw_jacobian(
+    fig: Figure, ax: Axes, det: np.ndarray, aspect: float, span: float, fold_pct: float
+) -> None:
     handle = ax.imshow(
         det,
         cmap="RdBu_r",
@@ -186,7 +188,14 @@ def save_qc_figure(
     temporary name in the same folder and moved into place (``os.replace``). Returns the path.
     """
     out_path = Path(path)
-    images = [_as_array(a, n) for a, n in ((fixed, "fixed"), (moving_resampled_before, "moving_resampled_before"), (warped_after, "warped_after"))]
+    images = [
+        _as_array(a, n)
+        for a, n in (
+            (fixed, "fixed"),
+            (moving_resampled_before, "moving_resampled_before"),
+            (warped_after, "warped_after"),
+        )
+    ]
     shape = images[0].shape
     for image, name in zip(images[1:], ("moving_resampled_before", "warped_after")):
         if image.shape != shape:
@@ -194,7 +203,9 @@ def save_qc_figure(
     disp = None if displacement is None else _as_array(displacement, "displacement")
     det = None if jacobian_det is None else _as_array(jacobian_det, "jacobian_det")
     if rgb is None:
-        says_3d = (disp is not None and disp.ndim == 4) or (det is not None and det.ndim == 3 and det.shape == shape)
+        says_3d = (disp is not None and disp.ndim == 4) or (
+            det is not None and det.ndim == 3 and det.shape == shape
+        )
         rgb = len(shape) == 3 and shape[-1] in (3, 4) and not says_3d
     if rgb:
         if len(shape) != 3 or shape[-1] not in (3, 4):
@@ -216,7 +227,9 @@ def save_qc_figure(
     if disp is not None:
         disp = _squeeze_to(disp, ndim + 1, "displacement")
         if disp.shape != (ndim, *spatial):
-            raise ShapeError(f"displacement must be {(ndim, *spatial)} (world components first), got {disp.shape}")
+            raise ShapeError(
+                f"displacement must be {(ndim, *spatial)} (world components first), got {disp.shape}"
+            )
         disp_vox = disp
     fold_pct, span = 0.0, 1.0
     if det is not None:
@@ -266,7 +279,9 @@ def save_qc_figure(
     for v, (label, slicer, (ra, ca)) in enumerate(views):
         aspect = float(spacing[ra] / spacing[ca])
         fixed_grey, before_grey, after_grey = (_grey(x[v], rgb) for x in (f_sl, b_sl, a_sl))
-        disp_rc = None if disp_vox is None else _in_plane_voxels(disp_vox[(slice(None), *slicer)], grid, (ra, ca))
+        disp_rc = (
+            None if disp_vox is None else _in_plane_voxels(disp_vox[(slice(None), *slicer)], grid, (ra, ca))
+        )
         det_slice = None if det is None else det[slicer]
         for name, (r, c) in zip(panels, positions):
             ax = axes[r + v][c]
