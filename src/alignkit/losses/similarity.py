@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from alignkit.errors import ConfigError, ShapeError
 from alignkit.spatial.filters import box_sum, separable_filter
 
-SimilarityName = Literal["mse", "ncc", "lncc", "mk-lncc", "mi", "charbonnier", "l1"]
+SimilarityName = Literal["mse", "ncc", "lncc", "mk-lncc", "mi", "charbonnier", "l1", "flow-data"]
 ParzenKernel = Literal["bspline", "gaussian"]
 
 
@@ -410,6 +410,10 @@ _SIMILARITIES: dict[str, type[nn.Module]] = {
 def build_similarity(name: SimilarityName | str, **options: object) -> nn.Module:
     """Build a similarity loss by name (see :data:`SimilarityName`) with keyword options."""
     key = str(name).lower()
+    if key == "flow-data":  # optical-flow data terms live in flow_terms (imports this module)
+        from alignkit.losses.flow_terms import FlowData
+
+        _SIMILARITIES[key] = FlowData
     if key not in _SIMILARITIES:
         raise ConfigError(f"unknown similarity {name!r}; valid names: {', '.join(get_args(SimilarityName))}")
     try:

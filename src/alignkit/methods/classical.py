@@ -104,6 +104,8 @@ def resolve_config(
 
 
 def _ncc(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
+    if mask is not None:
+        mask = mask.expand_as(a)
     a, b = a.double().flatten(), b.double().flatten()
     if mask is not None:
         keep = mask.flatten() > 0

@@ -27,10 +27,7 @@ class StageConfig:
     per level. ``field_shrink`` places a field model's parameters on a grid ``field_shrink`` times
     coarser than the level's (2 = half resolution, as 002 does to save memory).
 
-    ``learning_rate_decay`` makes the step decay exponentially within each level, from
-    ``learning_rate`` at the first iteration to ``learning_rate * learning_rate_decay`` at the last
-    (1 = constant), so a stochastic-style optimiser such as Adam settles instead of hovering ~one step
-    around the minimum. ``field_median`` (odd window in voxels, 0 = off) median-filters a field
+    ``field_median`` (odd window in voxels, 0 = off) median-filters a field
     model's parameters at the end of every level, before they are carried to the next one -- the
     flow median filtering of Sun et al. ("Secrets of optical flow", 000 §1.2) that removes outliers
     a coarse level would otherwise propagate.
@@ -56,7 +53,6 @@ class StageConfig:
     field_smoothing: float = 0.0
     transform_options: dict[str, Any] = field(default_factory=dict)
     grey: bool = False
-    learning_rate_decay: float = 1.0
     field_median: int = 0
 
     def __post_init__(self) -> None:
@@ -68,8 +64,6 @@ class StageConfig:
             raise ConfigError(f"stage {self.transform}: smoothing needs one sigma per level")
         if self.optimizer not in get_args(OptimizerName):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(get_args(OptimizerName))}")
-        if not 0 < self.learning_rate_decay <= 1:
-            raise ConfigError(f"learning_rate_decay must be in (0, 1], got {self.learning_rate_decay}")
         if self.field_median < 0 or (self.field_median > 0 and self.field_median % 2 == 0):
             raise ConfigError(f"field_median must be 0 (off) or an odd window, got {self.field_median}")
         if self.transform not in LINEAR_MODELS + FIELD_MODELS:

@@ -348,11 +348,7 @@ class Engine:
         losses: list[float] = []
         stopper = _Stopper(cfg.tolerance, cfg.patience)
         reductions = 0
-        count = cfg.iterations[index]
-        for step in range(count):
-            if cfg.learning_rate_decay != 1 and cfg.optimizer != "lbfgs":
-                for group in optimiser.param_groups:  # scheduled decay, on top of plateau halvings
-                    group["lr"] = lr * 0.5**reductions * cfg.learning_rate_decay ** (step / max(count - 1, 1))
+        for _ in range(cfg.iterations[index]):
             if cfg.optimizer == "lbfgs":
 
                 def closure() -> Tensor:
