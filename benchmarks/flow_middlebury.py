@@ -84,16 +84,12 @@ def _valid(invalid_path: Path | None, shape: tuple[int, int]) -> np.ndarray | No
 
 
 def _alignkit_flow(first: Path, second: Path, config: str | None) -> np.ndarray:
-    """What ``alignkit.register(first, second, preset="flow").flow()`` computes, minus the
-    post-registration quality metrics (NCC/MSE/Jacobian statistics) that ``register`` adds and that
-    the flow does not need."""
-    from alignkit.methods.classical import Registration, as_image, resolve_config
-    from alignkit.solve import Engine
+    """``alignkit.register(first, second, preset="flow").flow()`` (or with ``config=FILE``)."""
+    import alignkit
 
-    fixed, moving = as_image(str(first)), as_image(str(second))
-    cfg = resolve_config(2, preset=None if config else "flow", config=config)
-    chain = Engine(cfg, seed=0).run(fixed, moving)
-    return Registration(fixed, moving, chain, cfg).flow()
+    if config:
+        return alignkit.register(str(first), str(second), config=config).flow()
+    return alignkit.register(str(first), str(second), preset="flow").flow()
 
 
 def main(argv: list[str] | None = None) -> int:
