@@ -7,7 +7,6 @@ exit code 2; nothing half-written is left in the output folder.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path

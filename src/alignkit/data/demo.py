@@ -18,6 +18,7 @@ import torch
 from alignkit.errors import ConfigError
 from alignkit.image import Image
 from alignkit.spatial import Grid, gaussian_blur, sample_world
+from alignkit.transforms import ComposedTransform
 
 
 def load_demo_image(ndim: int) -> Image:
@@ -39,14 +40,14 @@ def load_demo_image(ndim: int) -> Image:
     return image
 
 
-def random_true_transform(grid: Grid, generator: torch.Generator, *, displacement_mm: float = 4.0):
+def random_true_transform(grid: Grid, generator: torch.Generator, *, displacement_mm: float = 4.0) -> ComposedTransform:
     """A random affine (±6°, ±5 % scale, ±6 % of the extent shift) composed with a smooth SVF."""
-    from alignkit.transforms import ComposedTransform, MatrixTransform, StationaryVelocityField
+    from alignkit.transforms import MatrixTransform, StationaryVelocityField
 
     ndim = grid.ndim
     centre = grid.center_world()
     extent = float(grid.extent().mean())
-    noise = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1  # noqa: E731
+    noise = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1
     linear = torch.eye(ndim, dtype=torch.float64) + 0.05 * noise(ndim, ndim)
     angle = float(noise(1)) * np.deg2rad(6.0)
     rotation = torch.eye(ndim, dtype=torch.float64)
@@ -67,7 +68,7 @@ def random_true_transform(grid: Grid, generator: torch.Generator, *, displacemen
     return ComposedTransform([MatrixTransform(matrix.float()), svf])
 
 
-def make_demo_pair(ndim: int, seed: int) -> tuple[Image, Image, object, Image]:
+def make_demo_pair(ndim: int, seed: int) -> tuple[Image, Image, ComposedTransform, Image]:
     """(fixed = real image ∘ φ_true, moving = real image, φ_true, foreground mask on the fixed grid)."""
     real = load_demo_image(ndim)
     generator = torch.Generator().manual_seed(seed)
@@ -85,7 +86,7 @@ def make_demo_pair(ndim: int, seed: int) -> tuple[Image, Image, object, Image]:
 def run_demo(output: str | Path, *, ndim: int = 3, device: str = "auto", seed: int = 0, quiet: bool = False) -> int:
     import alignkit
 
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stdout, flush=True))  # noqa: E731
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stdout, flush=True))
     output = Path(output)
     fixed, moving, truth, mask = make_demo_pair(ndim, seed)
     say(f"alignkit demo: registering {moving.path} to a copy warped by a known random affine + smooth deformation")
@@ -108,7 +109,7 @@ def run_demo(output: str | Path, *, ndim: int = 3, device: str = "auto", seed: i
     result.save(output, moving_suffix=".nii.gz" if ndim == 3 else ".png")
     from alignkit.io import write_image
 
-    write_image(fixed, output / (f"fixed.nii.gz" if ndim == 3 else "fixed.png"))
+    write_image(fixed, output / ("fixed.nii.gz" if ndim == 3 else "fixed.png"))
     say(
         f"true displacement {float(start_error.mean()):.2f} {unit} on average; recovered map error "
         f"{float(error.mean()):.2f} {unit} mean, {float(error.quantile(0.95)):.2f} {unit} 95th percentile "

@@ -235,7 +235,7 @@ def _read_raster(path: PathLike, labels: bool) -> Image:
     else:
         raise InputError(f"unexpected raster shape {array.shape}", path)
     _check_shape(tuple(data.shape[1:]), path)
-    meta = {"format": "raster", "dtype": str(array.dtype)}
+    meta: dict[str, Any] = {"format": "raster", "dtype": str(array.dtype)}
     if data.shape[0] == 3 and np.array_equal(data[0], data[1]) and np.array_equal(data[0], data[2]):
         # Grey pictures saved as RGB: one channel carries all the information at a third of the cost.
         data = data[:1]

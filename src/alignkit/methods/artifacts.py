@@ -34,7 +34,7 @@ FORMAT = "alignkit-transform"
 
 def split_linear(transform: Transform) -> tuple[torch.Tensor, Transform | None]:
     """(moving_from_fixed matrix of the leading linear stages, the rest or None)."""
-    stages = list(transform.stages) if isinstance(transform, ComposedTransform) else [transform]
+    stages = transform.stage_list() if isinstance(transform, ComposedTransform) else [transform]
     ndim = transform.ndim
     matrix = torch.eye(ndim + 1, dtype=torch.float64)
     index = 0
@@ -67,7 +67,7 @@ def save_transform(
                 displacement = rest.displacement_on(fixed_grid, dtype=torch.float32)
             write_displacement_field(tmp / "warp.nii.gz", displacement[0].cpu(), fixed_grid)
             files["warp"] = "warp.nii.gz"
-        stages = transform.stages if isinstance(transform, ComposedTransform) else [transform]
+        stages = transform.stage_list() if isinstance(transform, ComposedTransform) else [transform]
         manifest = {
             "format": FORMAT,
             "version": 1,

@@ -85,7 +85,7 @@ def resolve_config(
     if isinstance(config, RegistrationConfig):
         base = config
     elif config is not None:
-        data = load_config_file(config) if isinstance(config, (str, os.PathLike)) else dict(config)
+        data = load_config_file(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else dict(config)
         if "stages" in data:
             base = RegistrationConfig.from_dict(data)
         else:  # a partial file: preset plus top-level options
@@ -116,10 +116,10 @@ def _ncc(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
 
 
 def _device_of(transform: Transform) -> torch.device:
-    param = next(iter(transform.parameters()), None)
-    if param is None:
-        param = next(iter(transform.buffers()), None)
-    return param.device if param is not None else torch.device("cpu")
+    tensor: Tensor | None = next(iter(transform.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(transform.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 @torch.no_grad()

@@ -283,7 +283,9 @@ class Engine:
                     if transform is None:
                         transform = build_transform(cfg.transform, field_grid, **cfg.transform_options).to(self.device)
                     else:
-                        transform = transform.resampled(field_grid).to(self.device)  # type: ignore[attr-defined]
+                        if not isinstance(transform, FieldTransform):
+                            raise ConfigError(f"stage {cfg.transform}: expected a field model")
+                        transform = transform.resampled(field_grid).to(self.device)
                 with _threads_for(level.grid.numel, self.device):
                     losses = self._optimise_level(
                         cfg, index, level, transform, prior, similarity, regularizer, fold, prompts, bar
@@ -305,6 +307,7 @@ class Engine:
             # Field parameters are in world units: express the step in voxels of the level so one
             # learning rate serves every resolution and spacing.
             lr = lr * float(level.grid.spacing.mean())
+        optimiser: torch.optim.Optimizer
         if cfg.optimizer == "adam":
             optimiser = torch.optim.Adam(params, lr=lr)
         elif cfg.optimizer == "sgd":
@@ -362,7 +365,7 @@ class Engine:
                 optimiser.zero_grad()
                 value = objective()
                 value.backward()
-                optimiser.step()
+                optimiser.step()  # type: ignore[call-arg]
             self._post_step(cfg, transform)
             loss_value = float(value.detach())
             if not math.isfinite(loss_value):

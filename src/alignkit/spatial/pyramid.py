@@ -31,5 +31,5 @@ def gaussian_pyramid(
     tensor: Tensor, grid: Grid, factors: Sequence[float], sigmas: Sequence[float] | None = None
 ) -> list[tuple[Tensor, Grid]]:
     """One ``(tensor, grid)`` level per shrink factor, in the order given (coarse first, usually)."""
-    sigmas = [None] * len(factors) if sigmas is None else list(sigmas)
-    return [downsample(tensor, grid, f, s) for f, s in zip(factors, sigmas)]
+    sigma_list: list[float | None] = [None] * len(factors) if sigmas is None else list(sigmas)
+    return [downsample(tensor, grid, f, s) for f, s in zip(factors, sigma_list)]

@@ -85,6 +85,10 @@ class FieldTransform(Transform):
         """``(1, ndim, *self.grid.shape)`` world displacement on the transform's own grid."""
         raise NotImplementedError
 
+    def resampled(self, grid: Grid) -> FieldTransform:
+        """The same model with its parameters moved onto ``grid`` (coarse-to-fine levels)."""
+        raise NotImplementedError
+
     def transform_points(self, world: Tensor) -> Tensor:
         disp = self.displacement()
         # Outside its grid the field keeps its border value (the usual ITK/ANTs behaviour is zero,
@@ -102,28 +106,32 @@ class ComposedTransform(Transform):
         super().__init__(stages[0].ndim)
         self.stages = nn.ModuleList(stages)
 
+    def stage_list(self) -> list[Transform]:
+        """The stages, typed (``nn.ModuleList`` items are plain modules to a type checker)."""
+        return [s for s in self.stages if isinstance(s, Transform)]
+
     @property
     def is_linear(self) -> bool:  # type: ignore[override]
-        return all(s.is_linear for s in self.stages)
+        return all(s.is_linear for s in self.stage_list())
 
     def transform_points(self, world: Tensor) -> Tensor:
-        for stage in reversed(self.stages):
+        for stage in reversed(self.stage_list()):
             world = stage.transform_points(world)
         return world
 
     def matrix(self) -> Tensor:
         out = torch.eye(self.ndim + 1, dtype=torch.float64)
-        for stage in self.stages:
+        for stage in self.stage_list():
             out = out @ stage.matrix().to(torch.float64)
         return out
 
     def inverse(self) -> Transform:
-        return ComposedTransform([s.inverse() for s in reversed(self.stages)])
+        return ComposedTransform([s.inverse() for s in reversed(self.stage_list())])
 
     def linear_part(self) -> list[Transform]:
         """The leading linear stages (what an ITK affine file holds)."""
-        out = []
-        for stage in self.stages:
+        out: list[Transform] = []
+        for stage in self.stage_list():
             if not stage.is_linear:
                 break
             out.append(stage)
