@@ -168,10 +168,12 @@ def _worker_dipy(method: str, fixed: Path, moving: Path, seed: int) -> dict[str,
     stage_seconds: dict[str, float] = {}
     t = time.perf_counter()
     com = transform_centers_of_mass(static, static_aff, mov, moving_aff)
-    affreg = AffineRegistration(metric=MutualInformationMetric(32, None), verbosity=0, **DIPY_AFFINE)
+    affreg = AffineRegistration(metric=MutualInformationMetric(nbins=32, sampling_proportion=None), verbosity=0, **DIPY_AFFINE)
     current = com.affine
     for name, tf in (("translation", TranslationTransform3D()), ("rigid", RigidTransform3D()), ("affine", AffineTransform3D())):
-        amap = affreg.optimize(static, mov, tf, None, static_aff, moving_aff, starting_affine=current)
+        amap = affreg.optimize(
+            static, mov, tf, None, static_grid2world=static_aff, moving_grid2world=moving_aff, starting_affine=current
+        )
         current = amap.affine
     stage_seconds["affine"] = time.perf_counter() - t
     mlab = np.asarray(nib.load(str(moving / LABELS)).dataobj)
@@ -191,7 +193,7 @@ def _worker_dipy(method: str, fixed: Path, moving: Path, seed: int) -> dict[str,
 
     t = time.perf_counter()
     sdr = SymmetricDiffeomorphicRegistration(CCMetric(3), level_iters=list(DIPY_SYN_ITERS))
-    mapping = sdr.optimize(static, mov, static_aff, moving_aff, current)
+    mapping = sdr.optimize(static, mov, static_grid2world=static_aff, moving_grid2world=moving_aff, prealign=current)
     stage_seconds["syn"] = time.perf_counter() - t
     labels = mapping.transform(mlab.astype(np.float32), interpolation="nearest")
     seconds = time.perf_counter() - started

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flow" / "middlebury"
 
 FARNEBACK_SETTINGS = {
-    "w15": dict(pyr_scale=0.5, levels=5, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0),
-    "w21": dict(pyr_scale=0.5, levels=5, winsize=21, iterations=3, poly_n=7, poly_sigma=1.5, flags=0),
+    "w15": {"pyr_scale": 0.5, "levels": 5, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2, "flags": 0},
+    "w21": {"pyr_scale": 0.5, "levels": 5, "winsize": 21, "iterations": 3, "poly_n": 7, "poly_sigma": 1.5, "flags": 0},
 }
 
 
