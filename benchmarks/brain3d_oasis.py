@@ -199,26 +199,26 @@ def _worker_dipy(method: str, fixed: Path, moving: Path, seed: int) -> dict[str,
     seconds = time.perf_counter() - started
     peak = peak_rss_mb()
 
-    # The full forward map in world (RAS) mm, as documented in DiffeomorphicMap._warp_forward:
-    # Y(X) = P X + d(Dinv P X), X the fixed voxel centres, P the prealign, d the forward field.
+    # The full forward map in world (RAS) mm: Y(X) = A (X + d(X)), X the fixed voxel centres, A the
+    # affine passed as prealign, d the forward field on the fixed grid (checked below against dipy's
+    # own warp of the moving image; ``mapping.prealign`` is not A, so it is not used).
     shape = static.shape
     idx = np.indices(shape, dtype=np.float64).reshape(3, -1)
     world = static_aff[:3, :3] @ idx + static_aff[:3, 3:4]
     del idx
-    P = np.asarray(mapping.prealign if mapping.prealign is not None else np.eye(4))
-    pre = P[:3, :3] @ world + P[:3, 3:4]
-    dinv = np.asarray(mapping.disp_world2grid if mapping.disp_world2grid is not None else np.eye(4))
-    grid_pts = dinv[:3, :3] @ pre + dinv[:3, 3:4]
+    dinv = np.asarray(mapping.disp_world2grid if mapping.disp_world2grid is not None else np.linalg.inv(static_aff))
+    grid_pts = dinv[:3, :3] @ world + dinv[:3, 3:4]
     field = np.asarray(mapping.get_forward_field(), dtype=np.float32)
-    y = np.empty_like(pre)
+    y = np.empty_like(world)
     for a in range(3):
-        y[a] = pre[a] + ndimage.map_coordinates(field[..., a], grid_pts, order=1, mode="constant", cval=0.0)
+        y[a] = world[a] + ndimage.map_coordinates(field[..., a], grid_pts, order=1, mode="constant", cval=0.0)
     del grid_pts, field
+    y = current[:3, :3] @ y + current[:3, 3:4]
     disp = (y - world).reshape(3, *shape)
     # check the reconstruction against dipy's own warp of the moving image
     mov_vox = np.linalg.inv(moving_aff)
     yv = mov_vox[:3, :3] @ y + mov_vox[:3, 3:4]
-    del y, world, pre
+    del y, world
     ours = ndimage.map_coordinates(mov, yv, order=1, mode="constant", cval=0.0).reshape(shape)
     del yv
     theirs = mapping.transform(mov)
