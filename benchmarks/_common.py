@@ -69,7 +69,7 @@ def peak_rss_mb() -> float:
 
 
 def set_threads(n: int = 2) -> None:
-    for key, value in THREAD_ENV.items():
+    for key in THREAD_ENV:
         os.environ[key] = str(n)
 
 
@@ -82,7 +82,7 @@ def run_worker(script: str, args: list[str], *, timeout: float | None = None) ->
     cmd = [sys.executable, script, "--worker", *args, "--result", result_path]
     started = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         os.unlink(result_path)
         return {"status": "error", "error": f"timed out after {timeout} s"}

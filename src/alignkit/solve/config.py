@@ -85,6 +85,9 @@ class RegistrationConfig:
     dice_weight: float = 0.0
     landmark_weight: float = 0.0
     name: str = "custom"
+    #: fit on the bounding box of the foreground (plus a margin) when the background is empty,
+    #: e.g. skull-stripped MRI: same answer, a third of the voxels
+    crop_foreground: bool = True
 
     def __post_init__(self) -> None:
         if not self.stages:

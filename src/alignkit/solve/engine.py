@@ -25,7 +25,15 @@ from alignkit.errors import ConfigError
 from alignkit.image import Image
 from alignkit.solve.config import RegistrationConfig, StageConfig
 from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
-from alignkit.transforms import ComposedTransform, FieldTransform, MatrixTransform, Transform, build_transform
+from alignkit.spatial.points import sample_affine
+from alignkit.transforms import (
+    ComposedTransform,
+    FieldTransform,
+    MatrixTransform,
+    Transform,
+    VectorMomentumSVF,
+    build_transform,
+)
 
 ProgressFactory = Callable[..., Any]
 
@@ -119,6 +127,28 @@ def _median_filter_parameters(transform: Transform, window: int) -> None:
         p.copy_(patches.flatten(2 + transform.ndim).median(-1).values)
 
 
+def crop_to_foreground(tensor: Tensor, grid: Grid, *, threshold: float = 0.01, margin: float = 0.08) -> tuple[Tensor, Grid]:
+    """Crop ``tensor (1, C, *S)`` (normalised to [0, 1]) to the box holding every voxel above
+    ``threshold``, widened by ``margin`` of each axis (at least 4 voxels); the grid is moved so
+    world positions are unchanged. Images without an empty background come back whole."""
+    mask = tensor.abs().amax(dim=(0, 1)) > threshold
+    if not bool(mask.any()):
+        return tensor, grid
+    slices = []
+    for axis, size in enumerate(grid.shape):
+        other = tuple(d for d in range(grid.ndim) if d != axis)
+        hits = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
+        pad = max(4, int(round(margin * size)))
+        start, stop = max(0, int(hits[0]) - pad), min(size, int(hits[-1]) + pad + 1)
+        slices.append(slice(start, stop))
+    if all(s.stop - s.start == n for s, n in zip(slices, grid.shape)):
+        return tensor, grid
+    shift = torch.eye(grid.ndim + 1, dtype=torch.float64)
+    shift[: grid.ndim, grid.ndim] = torch.tensor([float(s.start) for s in slices], dtype=torch.float64)
+    cropped = tensor[(slice(None), slice(None), *slices)].contiguous()
+    return cropped, Grid(tuple(s.stop - s.start for s in slices), grid.world_from_voxel @ shift)
+
+
 class _Stopper:
     """Stop when the loss has not improved by a relative ``tolerance`` for ``patience`` iterations."""
 
@@ -167,6 +197,7 @@ class Engine:
         self.seed = seed
         self.progress = progress
         self.logs: list[StageLog] = []
+        self._pyramid: dict[tuple[str, float, float | None], tuple[Tensor, Grid]] = {}
 
     # ------------------------------------------------------------------------------------------
     def run(
@@ -184,11 +215,19 @@ class Engine:
             raise ConfigError(f"fixed is {fixed.ndim}D but moving is {moving.ndim}D")
         if self.seed is not None:
             torch.manual_seed(self.seed)
+        self._pyramid = {}
         fixed_t = normalize_intensity(fixed.batch(device=self.device))
         moving_t = normalize_intensity(moving.batch(device=self.device))
         if fixed_t.shape[1] != moving_t.shape[1]:
             # RGB against grey: compare luminance.
             fixed_t, moving_t = fixed_t.mean(1, keepdim=True), moving_t.mean(1, keepdim=True)
+
+        fixed_grid, moving_grid = fixed.grid, moving.grid
+        if self.config.crop_foreground:
+            fixed_t, fixed_grid = crop_to_foreground(fixed_t, fixed_grid)
+            moving_t, moving_grid = crop_to_foreground(moving_t, moving_grid)
+        fixed = Image(fixed_t[0], fixed_grid, path=fixed.path)
+        moving = Image(moving_t[0], moving_grid, path=moving.path)
 
         stages: list[Transform] = []
         if initial is not None:
@@ -209,6 +248,7 @@ class Engine:
             for p in transform.parameters():
                 p.requires_grad_(False)
             stages.append(transform)
+        self._pyramid = {}  # free the levels
         return ComposedTransform(stages)
 
     # ------------------------------------------------------------------------------------------
@@ -231,15 +271,23 @@ class Engine:
             prompts["landmarks"] = (LandmarkDistance(), fixed_points.to(self.device), moving_points.to(self.device))
         return prompts
 
+    def _downsample(self, role: str, tensor: Tensor, grid: Grid, factor: float, sigma: float | None) -> tuple[Tensor, Grid]:
+        """Pyramid levels are shared by every stage of a run (the affine and deformable stages
+        usually visit the same shrink factors)."""
+        key = (role, round(float(factor), 6), None if sigma is None else round(float(sigma), 6))
+        if key not in self._pyramid:
+            self._pyramid[key] = downsample(tensor, grid, factor, sigma)
+        return self._pyramid[key]
+
     def _level(self, cfg: StageConfig, index: int, fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_grid: Grid) -> _Level:
         factor = cfg.levels[index]
         sigma = None if cfg.smoothing is None else cfg.smoothing[index]
-        fixed_l, grid_l = downsample(fixed, fixed_grid, factor, sigma)
+        fixed_l, grid_l = self._downsample("fixed", fixed, fixed_grid, factor, sigma)
         # Shrink the moving image to about the level's spacing, never upsampling it.
         ratio = float(grid_l.spacing.mean() / moving_grid.spacing.mean())
         moving_factor = max(1.0, ratio)
         moving_sigma = None if sigma is None else sigma * moving_factor / max(factor, 1.0)
-        moving_l, moving_grid_l = downsample(moving, moving_grid, moving_factor, moving_sigma)
+        moving_l, moving_grid_l = self._downsample("moving", moving, moving_grid, moving_factor, moving_sigma)
         if cfg.grey and fixed_l.shape[1] > 1:
             fixed_l, moving_l = fixed_l.mean(1, keepdim=True), moving_l.mean(1, keepdim=True)
         world = grid_l.world_points(device=self.device)
@@ -261,7 +309,7 @@ class Engine:
         similarity = build_similarity(cfg.similarity, **cfg.similarity_options).to(self.device)
         regularizer = (
             build_regularizer(cfg.regularizer, **cfg.regularizer_options).to(self.device)
-            if cfg.regularizer and cfg.regularizer_weight > 0
+            if cfg.regularizer and cfg.regularizer != "energy" and cfg.regularizer_weight > 0
             else None
         )
         fold = JacobianFoldPenalty().to(self.device) if cfg.fold_weight > 0 else None
@@ -318,16 +366,36 @@ class Engine:
         size = torch.tensor(level.moving.shape[2:], dtype=torch.float32, device=self.device)
         size = size.view(1, -1, *([1] * (level.moving.dim() - 2)))
         voxel_from_world = level.moving_grid.voxel_from_world
+        ndim = level.grid.ndim
+        # Linear chains (translation ... affine) collapse into one voxel-to-voxel matrix and use
+        # the fused affine_grid path; projective and field models map points explicitly.
+        linear_chain = transform.is_linear and (prior is None or prior.is_linear)
+        prior_matrix = prior.matrix().to(self.device) if (linear_chain and prior is not None) else None
+        uses_energy = isinstance(transform, VectorMomentumSVF) and cfg.regularizer == "energy" and cfg.regularizer_weight > 0
 
-        def objective() -> Tensor:
+        def warp_level() -> tuple[Tensor, Tensor]:
+            if linear_chain:
+                matrix = transform.matrix().double()
+                if prior_matrix is not None:
+                    matrix = prior_matrix @ matrix
+                if bool((matrix[ndim, :ndim] == 0).all()):
+                    voxel_matrix = (
+                        voxel_from_world.to(matrix) @ matrix @ level.grid.world_from_voxel.to(matrix)
+                    )
+                    return sample_affine(level.moving, voxel_matrix, level.grid.shape)
             points = transform.transform_points(level.world)
             if prior is not None:
                 points = prior.transform_points(points)
             voxel = apply_matrix(voxel_from_world, points)
             inside = ((voxel >= 0) & (voxel <= size - 1)).all(dim=1, keepdim=True).to(level.fixed.dtype)
-            warped = sample_voxels(level.moving, voxel, padding="border")
+            return sample_voxels(level.moving, voxel, padding="border"), inside
+
+        def objective() -> Tensor:
+            warped, inside = warp_level()
             loss = similarity(warped, level.fixed, inside)
-            if regularizer is not None or fold is not None or hasattr(transform, "energy"):
+            if uses_energy:
+                loss = loss + cfg.regularizer_weight * transform.energy()
+            if regularizer is not None or fold is not None:
                 field_and_grid = transform.regularizer_field()
                 if field_and_grid is not None:
                     field_tensor, field_grid = field_and_grid

@@ -33,8 +33,26 @@ def jacobian_matrix(world_map: Tensor, grid: Grid) -> Tensor:
 def jacobian_determinant(world_map: Tensor, grid: Grid) -> Tensor:
     """Determinant of :func:`jacobian_matrix`: ``(B, 1, *S)``; 1 for the identity, <= 0 where it folds."""
     jac = jacobian_matrix(world_map, grid)
-    jac = jac.movedim(1, -1).movedim(1, -1)  # (B, *S, ndim, ndim) with [..., row, col]
-    return torch.linalg.det(jac.double()).to(world_map.dtype).unsqueeze(1)
+    return small_determinant(jac).unsqueeze(1)
+
+
+def small_determinant(matrix: Tensor) -> Tensor:
+    """Determinant of a field of 2x2 or 3x3 matrices ``(B, n, n, *S)`` -> ``(B, *S)``.
+
+    Written out (cofactors) because batched ``torch.linalg.det`` on millions of tiny matrices is
+    ~10x slower and needs a copy into ``(..., n, n)`` layout.
+    """
+    n = matrix.shape[1]
+    m = [[matrix[:, i, j] for j in range(n)] for i in range(n)]
+    if n == 2:
+        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    if n == 3:
+        return (
+            m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+        )
+    return torch.linalg.det(matrix.movedim(1, -1).movedim(1, -1))
 
 
 def nonpositive_jacobian_percent(world_map: Tensor, grid: Grid, mask: Tensor | None = None) -> float:
