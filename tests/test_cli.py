@@ -167,3 +167,24 @@ def test_presets_lists_the_required_names(capsys):
     assert code == 0
     for name in ("brain", "multimodal", "photo", "flow"):
         assert name in stdout
+
+
+def test_labels_and_landmarks_give_dice_and_tre(pair, tmp_path, capsys):
+    fixed, moving, config = pair
+    fixed_labels = _png(tmp_path / "fixed_labels.png", (_blob() > 100).astype(np.uint8) * 3)
+    moving_labels = _png(tmp_path / "moving_labels.png", (_blob(centre=(33, 39)) > 100).astype(np.uint8) * 3)
+    # world points are (x = column, y = row); the blob centre moved by (+3 columns, +3 rows)
+    (tmp_path / "fixed.csv").write_text("x,y\n36,30\n")
+    (tmp_path / "moving.csv").write_text("x,y\n39,33\n")
+    out = tmp_path / "out"
+    code, _, _ = run(
+        ["register", fixed, moving, "-o", out, "--config", config, "--fixed-labels", fixed_labels,
+         "--moving-labels", moving_labels, "--fixed-landmarks", tmp_path / "fixed.csv",
+         "--moving-landmarks", tmp_path / "moving.csv", "--quiet"], capsys)
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dice"]["3"] > metrics["dice_mean_before"] and metrics["dice"]["3"] > 0.95
+    assert metrics["tre_before"]["mean"] == pytest.approx(np.hypot(3, 3), abs=1e-4)
+    assert metrics["tre"]["mean"] < 1.0
+    warped_labels = np.asarray(PILImage.open(out / "warped_labels.png"))
+    assert set(np.unique(warped_labels)) <= {0, 3}

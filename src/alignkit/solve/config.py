@@ -51,6 +51,10 @@ class StageConfig:
     lr_reductions: int = 3
     field_shrink: float = 1.0
     field_smoothing: float = 0.0
+    #: Gaussian sigma (voxels of the field) applied to the field's gradient before each step:
+    #: a smoothing preconditioner like ANTs' update-field sigma, which (unlike smoothing the
+    #: field itself) does not shrink the accumulated deformation
+    gradient_smoothing: float = 0.0
     transform_options: dict[str, Any] = field(default_factory=dict)
     grey: bool = False
     field_median: int = 0

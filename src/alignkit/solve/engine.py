@@ -433,6 +433,11 @@ class Engine:
                 optimiser.zero_grad()
                 value = objective()
                 value.backward()
+                if cfg.gradient_smoothing > 0 and isinstance(transform, FieldTransform):
+                    with torch.no_grad():
+                        for p in params:
+                            if p.grad is not None and p.dim() == transform.ndim + 2:
+                                p.grad.copy_(gaussian_blur(p.grad, cfg.gradient_smoothing))
                 optimiser.step()  # type: ignore[call-arg]
             self._post_step(cfg, transform)
             loss_value = float(value.detach())
