@@ -190,3 +190,19 @@ def test_recovers_known_affine_in_3d():
     mask = fixed.data[0] > 0.1 * fixed.data.max()
     error = map_error(result, truth, mask)
     assert error < 1.0, f"3D affine recovered with mean error {error:.3f} mm (voxels are 4 mm)"
+
+
+def test_landmark_prompt_pulls_the_solution(brain_slice):
+    """Test-time prompt (003): with a landmark weight, points the images do not support still move."""
+    config = RegistrationConfig(
+        stages=[StageConfig(transform="translation", similarity="ncc", levels=(4, 2), iterations=(80, 40))],
+        landmark_weight=50.0,
+        init="none",
+    )
+    fixed_points = torch.tensor([[100.0, 120.0], [150.0, 90.0]])
+    moving_points = fixed_points + torch.tensor([6.0, -4.0])
+    result = alignkit.register(
+        brain_slice, brain_slice, config=config, fixed_landmarks=fixed_points, moving_landmarks=moving_points
+    )
+    assert result.metrics["tre_before"]["mean"] == pytest.approx(float(np.hypot(6, 4)), abs=1e-4)
+    assert result.metrics["tre"]["mean"] < 0.5 * result.metrics["tre_before"]["mean"]

@@ -29,15 +29,20 @@ def _brain() -> RegistrationConfig:
                 patience=20,
             ),
             StageConfig(
+                # Tuned on OASIS-TRT-20 pairs 01→02, 03→04, 05→06 (mean Dice over 99 labels):
+                # a 5-voxel window at 1/4 and 1/2 resolution and light regularisation gave
+                # 0.640 / 0.621 / 0.601 with no folds; weaker (0.05) produced a few folds,
+                # stronger (0.5 + smoothing 1.0) lost 0.05 Dice. A full-resolution level with the
+                # field at half resolution cost 30 % more time and scored lower.
                 transform="svf",
                 similarity="lncc",
-                similarity_options={"window": 7},
+                similarity_options={"window": 5},
                 regularizer="diffusion",
-                regularizer_weight=0.5,
+                regularizer_weight=0.1,
                 levels=(4, 2),
-                iterations=(150, 80),
+                iterations=(100, 50),
                 learning_rate=0.5,
-                field_smoothing=1.0,
+                field_smoothing=0.5,
                 tolerance=1e-5,
                 patience=20,
             ),
