@@ -371,6 +371,7 @@ class Engine:
         # the fused affine_grid path; projective and field models map points explicitly.
         linear_chain = transform.is_linear and (prior is None or prior.is_linear)
         prior_matrix = prior.matrix().to(self.device) if (linear_chain and prior is not None) else None
+        field_on_level = isinstance(transform, FieldTransform) and transform.grid.same_as(level.grid)
         uses_energy = isinstance(transform, VectorMomentumSVF) and cfg.regularizer == "energy" and cfg.regularizer_weight > 0
 
         def warp_level() -> tuple[Tensor, Tensor]:
@@ -383,7 +384,11 @@ class Engine:
                         voxel_from_world.to(matrix) @ matrix @ level.grid.world_from_voxel.to(matrix)
                     )
                     return sample_affine(level.moving, voxel_matrix, level.grid.shape)
-            points = transform.transform_points(level.world)
+            if field_on_level:
+                # The field lives on the level grid itself: identity + displacement, no resampling.
+                points = level.world + transform.displacement()
+            else:
+                points = transform.transform_points(level.world)
             if prior is not None:
                 points = prior.transform_points(points)
             voxel = apply_matrix(voxel_from_world, points)
