@@ -206,3 +206,24 @@ def test_landmark_prompt_pulls_the_solution(brain_slice):
     )
     assert result.metrics["tre_before"]["mean"] == pytest.approx(float(np.hypot(6, 4)), abs=1e-4)
     assert result.metrics["tre"]["mean"] < 0.5 * result.metrics["tre_before"]["mean"]
+
+
+@pytest.mark.parametrize("optimizer, learning_rate", [("sgd", 2e-3), ("lbfgs", 1.0)])
+def test_other_optimisers_recover_a_known_affine(brain_slice, optimizer, learning_rate):
+    truth = random_true_transform(brain_slice.grid, torch.Generator().manual_seed(1), displacement_mm=0.0).stages[0]
+    fixed = warp_real(brain_slice, truth)
+    config = RegistrationConfig(
+        stages=[
+            StageConfig(
+                transform="affine",
+                similarity="ncc",
+                levels=(4, 2, 1),
+                iterations=(60, 40, 20),
+                optimizer=optimizer,
+                learning_rate=learning_rate,
+            )
+        ]
+    )
+    result = alignkit.register(fixed, brain_slice, config=config, seed=0)
+    error = map_error(result, truth, foreground(fixed))
+    assert error < 0.5, f"{optimizer}: mean map error {error:.3f} mm"

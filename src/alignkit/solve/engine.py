@@ -361,7 +361,10 @@ class Engine:
         elif cfg.optimizer == "sgd":
             optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
         else:
-            optimiser = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+            # max_eval must leave the line search room: its default (1.25 x max_iter = 1) never moves
+            optimiser = torch.optim.LBFGS(
+                params, lr=1.0, max_iter=1, max_eval=10, history_size=20, line_search_fn="strong_wolfe"
+            )
 
         size = torch.tensor(level.moving.shape[2:], dtype=torch.float32, device=self.device)
         size = size.view(1, -1, *([1] * (level.moving.dim() - 2)))
