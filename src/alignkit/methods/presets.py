@@ -37,8 +37,8 @@ def _brain() -> RegistrationConfig:
                 transform="svf",
                 similarity="lncc",
                 similarity_options={"window": 5},
-                # 2^5 squarings keep each step under half a voxel for velocities up to ~16 voxels
-                transform_options={"steps": 5},
+                # 2^6 squarings: with 5, one voxel in 10M folded (det -0.03) on pair 03→04
+                transform_options={"steps": 6},
                 regularizer="diffusion",
                 regularizer_weight=0.1,
                 levels=(4, 2),
