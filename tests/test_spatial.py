@@ -117,3 +117,14 @@ def test_resize_field_is_corner_aligned_and_keeps_linear_fields():
     field = grid.world_points() * 0.5
     big = resize_field(field, (9, 17))
     assert torch.allclose(big, grid.resized((9, 17)).world_points() * 0.5, atol=1e-5)
+
+
+def test_the_two_descriptions_of_grid_samples_frame_agree():
+    """voxel_to_normalized (used per point) and normalized_from_voxel (used by the fused affine path)."""
+    from alignkit.spatial.points import normalized_from_voxel, voxel_to_normalized
+
+    shape = (4, 7, 9)
+    voxel = torch.rand(1, 3, 5, 1, 1, dtype=torch.float64) * 6
+    as_function = voxel_to_normalized(voxel, shape)  # (1, 5, 1, 1, 3)
+    as_matrix = apply_matrix(normalized_from_voxel(shape), voxel).movedim(1, -1)
+    assert torch.allclose(as_function, as_matrix)
