@@ -79,13 +79,9 @@ def read_kitti_flow(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise InputError("file not found", path)
-    try:
-        import cv2
-    except ImportError as exc:
-        raise InputError("reading KITTI flow needs OpenCV (pip install opencv-python-headless)", path) from exc
-    raw = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise InputError("cannot decode PNG", path)
+    from alignkit.io.images import read_png_unchanged
+
+    raw = read_png_unchanged(p, "reading KITTI flow")
     if raw.dtype != np.uint16 or raw.ndim != 3 or raw.shape[2] != 3:
         raise InputError(f"not a KITTI flow PNG: expected 16-bit 3-channel, got {raw.dtype} {raw.shape}", path)
     rgb = raw[..., ::-1].astype(np.float32)  # OpenCV gives BGR

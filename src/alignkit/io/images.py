@@ -192,6 +192,19 @@ def _png_header(path: PathLike) -> tuple[int, int] | None:
     return head[24], head[25]
 
 
+def read_png_unchanged(path: PathLike, what: str) -> np.ndarray:
+    """A PNG with its full bit depth, channels in OpenCV's BGR(A) order (Pillow truncates 16-bit
+    colour to 8 bits). ``what`` names the kind of file in the error when OpenCV is missing."""
+    try:
+        import cv2
+    except ImportError as exc:
+        raise InputError(f"{what} needs OpenCV (pip install opencv-python-headless)", path) from exc
+    read = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if read is None:
+        raise InputError("cannot decode PNG", path)
+    return read
+
+
 def _read_raster(path: PathLike, labels: bool) -> Image:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
@@ -201,13 +214,7 @@ def _read_raster(path: PathLike, labels: bool) -> Image:
     try:
         png = _png_header(path) if suffix == ".png" else None
         if png is not None and png[0] == 16 and png[1] in (2, 6):  # 16-bit RGB(A): Pillow truncates
-            try:
-                import cv2
-            except ImportError as exc:
-                raise InputError("16-bit colour PNG needs OpenCV (pip install opencv-python-headless)", path) from exc
-            read = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if read is None:
-                raise InputError("cannot decode PNG", path)
+            read = read_png_unchanged(path, "16-bit colour PNG")
             array = read[..., 2::-1] if read.ndim == 3 else read  # BGR(A) -> RGB
         else:
             with PILImage.open(path) as opened:
