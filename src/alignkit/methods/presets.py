@@ -38,7 +38,7 @@ def _brain() -> RegistrationConfig:
                 similarity="lncc",
                 similarity_options={"window": 5},
                 # 2^6 squarings: with 5, one voxel in 10M folded (det -0.03) on pair 03→04
-                transform_options={"steps": 6},
+                transform_options={"steps": 7},
                 regularizer="diffusion",
                 regularizer_weight=0.1,
                 levels=(4, 2),
