@@ -2,8 +2,12 @@
 
 One function for every method, so no tool is judged by its own code: the prediction's map (or
 matrix) is the only thing read from the method. Which metrics are computed depends on the ground
-truth the case carries (labels → Dice/HD95; points → TRE; flow → EPE/Fl; matrix → corner error);
-the Jacobian statistics of the map are always reported. Keys are flat (``results.csv`` columns).
+truth the case carries (labels → Dice/HD95; points → TRE, and PCK in 2D; flow → EPE/Fl, and EPE over
+non-occluded pixels when occlusions are known; matrix → corner error, and success flags in 2D); the
+Jacobian statistics of the map (folds and their severity, seed 002 Table 1; SDlogJ) are always
+reported. Inverse consistency (002 Fig. 7) needs the backward registration too, so it is not scored
+from one prediction. Keys are flat (``results.csv`` columns); the 0/1 success flags average to a
+success rate in a summary.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from alignkit.data.case import Case
 from alignkit.errors import ShapeError
 from alignkit.evaluate.method import Prediction
 from alignkit.spatial import Grid, apply_matrix, jacobian_determinant, sample_world
+
+PCK_THRESHOLDS_PX = (1.0, 3.0, 5.0)
+"""PCK@k thresholds in pixels of the moving image (001 §4 uses absolute pixel thresholds)."""
+
+SUCCESS_THRESHOLDS_PX = (1.0, 3.0, 5.0)
+"""Corner-error thresholds of the homography success flags (the HPatches 1/3/5 px rates)."""
 
 
 def world_map_of(prediction: Prediction, grid: Grid) -> torch.Tensor:
@@ -50,7 +60,16 @@ def _points_through_map(world: torch.Tensor, grid: Grid, points: np.ndarray) -> 
 
 def score_case(case: Case, prediction: Prediction) -> dict[str, Any]:
     """Every metric the case's ground truth allows, as a flat ``{name: float}`` dict."""
-    from alignkit.metrics import dice_per_label, flow_error_stats, hd95_per_label, jacobian_stats, tre
+    from alignkit.metrics import (
+        corner_error,
+        dice_per_label,
+        flow_error_stats,
+        hd95_per_label,
+        jacobian_stats,
+        pck,
+        success_rates,
+        tre,
+    )
 
     grid = case.fixed.grid
     world = world_map_of(prediction, grid)
@@ -59,7 +78,8 @@ def score_case(case: Case, prediction: Prediction) -> dict[str, Any]:
     jac = jacobian_stats(det)
     scores.update(
         nonpositive_jacobian_percent=jac["percent_nonpositive"],
-        folds=jac["num_nonpositive"],
+        folds=jac["folds"],  # 002's |{x : J(x) < 0}|
+        fold_severity=jac["fold_severity"],  # mean |J| over those voxels (002 Table 1 brackets)
         sdlogj=jac["sdlogj"],
         jacobian_min=jac["min"],
     )
@@ -85,29 +105,40 @@ def score_case(case: Case, prediction: Prediction) -> dict[str, Any]:
         err = tre(mapped, np.asarray(case.moving_points, dtype=np.float64))
         before = tre(np.asarray(case.fixed_points), np.asarray(case.moving_points))
         scores.update(tre_mean=err["mean"], tre_median=err["median"], tre_max=err["max"], tre_before=before["mean"])
+        if grid.ndim == 2:
+            # k pixels of the moving image, where the errors live (a photograph's pixel is 1 world unit)
+            pixel = float(case.moving.grid.spacing.mean())
+            for k in PCK_THRESHOLDS_PX:
+                scores[f"pck_{k:g}px"] = pck(mapped, case.moving_points, threshold=k * pixel)
     if case.flow is not None:
         identity = grid.world_points(dtype=torch.float64)
         # flow in voxels of the fixed grid, world-axis order (x, y): world displacement / spacing
-        spacing = grid.spacing.to(torch.float64).view(1, -1, *([1] * grid.ndim))
-        flow = ((world - identity) / spacing)[0].numpy()
+        voxel_size = grid.spacing.to(torch.float64).view(1, -1, *([1] * grid.ndim))
+        flow = ((world - identity) / voxel_size)[0].numpy()
         gt = np.asarray(case.flow, dtype=np.float64)
         valid = np.ones(grid.shape, bool) if case.valid is None else np.asarray(case.valid, bool)
-        stats = flow_error_stats(np.moveaxis(flow, 0, -1), np.moveaxis(gt, 0, -1), valid)
+        occluded = None if case.occluded is None else np.asarray(case.occluded, bool)
+        stats = flow_error_stats(np.moveaxis(flow, 0, -1), np.moveaxis(gt, 0, -1), valid, occluded)
         scores.update(epe=stats["epe"], fl_all=stats["fl_all"], px1=stats["1px"], px3=stats["3px"])
-        if case.occluded is not None:
-            noc = valid & ~np.asarray(case.occluded, bool)
-            scores["epe_noc"] = flow_error_stats(np.moveaxis(flow, 0, -1), np.moveaxis(gt, 0, -1), noc)["epe"]
+        if occluded is not None:
+            scores.update(epe_noc=stats["epe_noc"], epe_occ=stats["epe_occ"])
     if case.matrix is not None:
         corners = _corner_points(grid)
-        true = map_points_through(torch.as_tensor(case.matrix, dtype=torch.float64), corners)
+        corner_list = corners[0].T.numpy()  # (2**ndim, ndim) world points: pixel-centre corners of a photo
+        true_matrix = np.asarray(case.matrix, dtype=np.float64)
         if prediction.matrix is not None:
-            pred = map_points_through(torch.as_tensor(np.asarray(prediction.matrix), dtype=torch.float64), corners)
+            predicted = np.asarray(prediction.matrix, dtype=np.float64)
+            scores["corner_error"] = corner_error(predicted, true_matrix, corners=corner_list)
         else:
-            pred = torch.as_tensor(_points_through_map(world, grid, corners[0].T.numpy()).T).unsqueeze(0)
-        errors = torch.linalg.norm(pred - true, dim=1)[0].numpy()
-        scores["corner_error"] = float(errors.mean())
-        identity_err = torch.linalg.norm(corners - true, dim=1)[0].numpy()
-        scores["corner_error_before"] = float(identity_err.mean())
+            true = map_points_through(torch.as_tensor(true_matrix), corners)
+            pred = torch.as_tensor(_points_through_map(world, grid, corner_list).T).unsqueeze(0)
+            scores["corner_error"] = float(torch.linalg.norm(pred - true, dim=1)[0].mean())
+        no_motion = np.eye(grid.ndim + 1)
+        scores["corner_error_before"] = corner_error(no_motion, true_matrix, corners=corner_list)
+        if grid.ndim == 2:
+            # one pair -> each rate is 0 or 1; their mean over cases is the success rate
+            rates = success_rates([scores["corner_error"]], SUCCESS_THRESHOLDS_PX)
+            scores.update({f"success_{key}": value for key, value in rates.items()})
     return scores
 
 

@@ -1,11 +1,18 @@
-"""Evaluation metrics: label overlap, surface distances, TRE, optical-flow errors, Jacobian statistics.
+"""Evaluation metrics: overlap, surface distances, TRE, flow errors, Jacobians, inverse consistency,
+PCK, homography corner errors and descriptor mAP.
 
 Every function accepts numpy arrays or torch tensors and returns plain Python floats / ints / dicts
 (ready for ``json.dumps``). Conventions are stated in each submodule's docstring:
 :mod:`~alignkit.metrics.overlap` (label maps), :mod:`~alignkit.metrics.distance` (masks, spacing in
-world units, surfaces), :mod:`~alignkit.metrics.flow` (``(H, W, 2)`` flows in pixels, validity).
+world units, surfaces), :mod:`~alignkit.metrics.flow` (``(H, W, 2)`` flows in pixels, validity,
+occlusion), :mod:`~alignkit.metrics.jacobian` (folds and their severity, seed 002 Table 1),
+:mod:`~alignkit.metrics.consistency` (``φ_ts ∘ φ_st`` away from the border, 002 Fig. 7),
+:mod:`~alignkit.metrics.keypoints` (PCK, 001 §4), :mod:`~alignkit.metrics.homography` (corner
+convention, success rates) and :mod:`~alignkit.metrics.descriptors` (the matching protocol of 004 §6).
 """
 
+from alignkit.metrics.consistency import inverse_consistency_error
+from alignkit.metrics.descriptors import descriptor_ap, descriptor_map
 from alignkit.metrics.distance import (
     average_surface_distance,
     hausdorff_distance,
@@ -14,11 +21,24 @@ from alignkit.metrics.distance import (
     surface_distances,
     tre,
 )
-from alignkit.metrics.flow import endpoint_error, fl_all, flow_error_stats, jacobian_stats
+from alignkit.metrics.flow import endpoint_error, fl_all, flow_error_stats
+from alignkit.metrics.homography import (
+    corner_error,
+    corner_errors,
+    homography_point_error,
+    image_corners,
+    success_rates,
+)
+from alignkit.metrics.jacobian import jacobian_determinant_from_map, jacobian_stats
+from alignkit.metrics.keypoints import pck
 from alignkit.metrics.overlap import dice_per_label, mean_dice
 
 __all__ = [
     "average_surface_distance",
+    "corner_error",
+    "corner_errors",
+    "descriptor_ap",
+    "descriptor_map",
     "dice_per_label",
     "endpoint_error",
     "fl_all",
@@ -26,8 +46,14 @@ __all__ = [
     "hausdorff_distance",
     "hd95",
     "hd95_per_label",
+    "homography_point_error",
+    "image_corners",
+    "inverse_consistency_error",
+    "jacobian_determinant_from_map",
     "jacobian_stats",
     "mean_dice",
+    "pck",
+    "success_rates",
     "surface_distances",
     "tre",
 ]
