@@ -1,4 +1,4 @@
-"""Command line: ``alignkit register | apply | demo | presets``.
+"""Command line: ``alignkit register | apply | demo | presets | evaluate``.
 
 Every error alignkit raises on purpose (bad file, bad option) is printed as one line on stderr with
 exit code 2; nothing half-written is left in the output folder.
@@ -68,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo)
 
     sub.add_parser("presets", help="list the presets and their stages")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="run methods (alignkit presets, peers) on the same cases of a data set and tabulate the scores",
+        description="Writes results.csv, results.json, summary.md and boxplot_<metric>.png into OUTDIR.",
+    )
+    ev.add_argument("--dataset", help="data set name (a folder name of the shared data) or a folder")
+    ev.add_argument("--layout", help="layout of a --dataset folder, e.g. flow/middlebury")
+    ev.add_argument("--pairs", type=int, help="number of cases, drawn reproducibly with --seed (default: all)")
+    ev.add_argument(
+        "--method", action="append", default=[], help="alignkit:<preset> or <peer>:<setting>; repeat for several"
+    )
+    ev.add_argument("-o", "--output", help="output folder")
+    ev.add_argument("--threads", type=int, default=2, help="threads per run: torch, BLAS, OpenMP, ITK (default: 2)")
+    ev.add_argument("--no-isolate", action="store_true", help="run in this process (no peak memory, no crash guard)")
+    ev.add_argument("--timeout", type=float, help="seconds per run before it is killed and reported as an error")
+    ev.add_argument("--reference", help="method the ratio columns divide by (default: the first peer)")
+    ev.add_argument("--list", action="store_true", help="list the data sets and methods, then exit")
+    _add_common(ev)
     return parser
 
 
@@ -143,6 +162,76 @@ def _presets() -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from alignkit.errors import ConfigError
+
+    if args.list:
+        return _evaluate_list()
+    missing = [flag for flag, value in (("--dataset", args.dataset), ("--method", args.method), ("-o", args.output))
+               if not value]
+    if missing:
+        raise ConfigError(f"evaluate needs {', '.join(missing)} (or --list)")
+    if args.pairs is not None and args.pairs < 1:
+        raise ConfigError(f"--pairs must be >= 1, got {args.pairs}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    from alignkit.evaluate.registry import resolve_method
+
+    # resolve the names before loading any data: a typo fails in a second, not after the loading
+    methods = [resolve_method(name) for name in args.method]
+    from alignkit.data.datasets import load_dataset
+    from alignkit.evaluate.runner import evaluate
+
+    dataset = load_dataset(args.dataset, layout=args.layout)
+    cases = dataset.cases(n=args.pairs, seed=args.seed)
+    name = Path(args.dataset).name if Path(args.dataset).is_dir() else args.dataset
+    rows = evaluate(
+        cases,
+        methods,
+        out_dir=args.output,
+        seed=args.seed,
+        device=args.device,
+        isolate=not args.no_isolate,
+        threads=args.threads,
+        timeout=args.timeout,
+        progress=not args.quiet,
+        reference=args.reference,
+        dataset=name,
+    )
+    errors = sum(r["status"] == "error" for r in rows)
+    if not args.quiet:
+        print((Path(args.output) / "summary.md").read_text(), end="")
+        print(f"wrote {args.output}/ ({len(rows)} runs, {errors} errors)")
+    return 0
+
+
+def _evaluate_list() -> int:
+    from alignkit.evaluate.method import MethodUnavailable
+    from alignkit.evaluate.registry import list_methods, resolve_method
+
+    try:
+        from alignkit.data.datasets import available_datasets
+    except ImportError:  # the loaders are optional to the listing of methods
+        datasets: list[str] = []
+    else:
+        datasets = list(available_datasets())
+    print("datasets:")
+    for name in datasets:
+        print(f"  {name}")
+    if not datasets:
+        print("  (none found)")
+    print("methods:")
+    for name in list_methods():
+        method = resolve_method(name)
+        try:
+            method.check_available()
+            note = ""
+        except MethodUnavailable as exc:
+            note = f"  (unavailable: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'unavailable'})"
+        print(f"  {name:24s} {'/'.join(method.kinds)}{note}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -160,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.output, ndim=args.dim, device=args.device, seed=args.seed, quiet=args.quiet)
         if args.command == "presets":
             return _presets()
+        if args.command == "evaluate":
+            return _evaluate(args)
     except AlignkitError as exc:
         print(f"alignkit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,129 @@
+"""alignkit's own configurations as :class:`~alignkit.evaluate.method.Method` s: ``alignkit:<preset>``.
+
+Each preset is run through :func:`alignkit.register` exactly as a user would run it, with the case's
+images only: the ground truth (labels, landmarks) is never passed, because ``register`` would use
+labels and landmarks as prompt terms when a configuration weights them, and a method must not see
+what it is scored on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from alignkit.data.case import Case
+from alignkit.errors import ConfigError
+from alignkit.evaluate.method import Method, Prediction
+
+#: case kinds each preset is meant for (others are reported "n/a" by the runner, not run)
+PRESET_KINDS: dict[str, tuple[str, ...]] = {
+    "brain": ("deformable", "affine"),
+    "multimodal": ("deformable", "affine"),
+    "photo": ("homography", "affine"),
+    "flow": ("flow", "stereo", "deformable"),
+    "default2d": ("flow", "stereo", "deformable"),
+}
+
+#: image dimensionalities of each preset (homography and the 2D pyramids are 2D-only)
+PRESET_NDIMS: dict[str, tuple[int, ...]] = {
+    "brain": (2, 3),
+    "multimodal": (2, 3),
+    "photo": (2,),
+    "flow": (2,),
+    "default2d": (2,),
+}
+
+#: what ``AlignkitMethod(..., **options)`` accepts
+OPTIONS = ("transform", "similarity", "config", "max_iterations")
+
+PREFIX = "alignkit:"
+
+
+class AlignkitMethod(Method):
+    """``alignkit:<preset>``: :func:`alignkit.register` with a preset, optionally overridden.
+
+    Options (all optional):
+
+    * ``transform``: chain of models replacing the preset's, e.g. ``"affine"`` or ``"rigid,affine,svf"``;
+    * ``similarity``: replaces every stage's similarity;
+    * ``config``: a configuration (dict, file or :class:`~alignkit.solve.config.RegistrationConfig`)
+      as :func:`alignkit.register` takes it; a partial one is applied on top of the preset;
+    * ``max_iterations``: caps every level's iteration count (quick benchmark runs and tests).
+    """
+
+    def __init__(self, preset: str, **options: Any) -> None:
+        from alignkit.methods.presets import preset_names
+
+        preset = preset.removeprefix(PREFIX)
+        if preset not in preset_names():
+            raise ConfigError(f"unknown alignkit preset {preset!r}; choose one of {', '.join(preset_names())}")
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"{PREFIX}{preset}: unknown options {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+        super().__init__(f"{PREFIX}{preset}", **options)
+        self.preset = preset
+        self.kinds = PRESET_KINDS.get(preset, Method.kinds)
+        self.ndims = PRESET_NDIMS.get(preset, Method.ndims)
+        self.description = f'alignkit.register(preset="{preset}")' + (f" with {options}" if options else "")
+
+    def config_for(self, ndim: int) -> Any:
+        """The :class:`~alignkit.solve.config.RegistrationConfig` this method runs on ``ndim``-D images."""
+        from alignkit.methods.classical import resolve_config
+
+        config = resolve_config(
+            ndim,
+            preset=self.preset,
+            transform=self.options.get("transform"),
+            similarity=self.options.get("similarity"),
+            config=self.options.get("config"),
+        )
+        cap = self.options.get("max_iterations")
+        if cap is not None:
+            if int(cap) < 1:
+                raise ConfigError(f"{self.name}: max_iterations must be >= 1, got {cap}")
+            for stage in config.stages:
+                stage.iterations = tuple(min(int(i), int(cap)) for i in stage.iterations)
+        return config
+
+    def register(self, case: Case, *, seed: int = 0, device: str = "cpu", threads: int | None = None) -> Prediction:
+        import torch
+
+        import alignkit
+
+        config = self.config_for(case.ndim)
+        previous_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(int(threads))
+        try:
+            started = time.perf_counter()
+            result = alignkit.register(case.fixed, case.moving, config=config, seed=seed, device=device, quiet=True)
+            world = result.world_map()[0]
+            # the sampled map is part of the method's output (a peer writes its field too), so it is timed
+            seconds = time.perf_counter() - started
+        finally:
+            torch.set_num_threads(previous_threads)
+        transform = result.transform
+        # a chain of linear stages (centre/COM start included) is one exact matrix: corner errors then
+        # use the model rather than the sampled map
+        matrix = transform.matrix().double().cpu().numpy() if transform.is_linear else None
+        metrics = result.metrics
+        extra = {
+            "ncc_before": metrics.get("ncc_before"),
+            "ncc_after": metrics.get("ncc_after"),
+            "stages": ">".join(metrics.get("stages", [])),
+            "register_seconds": metrics.get("seconds"),
+        }
+        return Prediction(
+            world_map=world.detach().cpu().numpy().astype(np.float32),
+            matrix=matrix,
+            seconds=seconds,
+            extra=extra,
+        )
+
+
+def alignkit_method_names() -> list[str]:
+    from alignkit.methods.presets import preset_names
+
+    return [f"{PREFIX}{name}" for name in preset_names()]
