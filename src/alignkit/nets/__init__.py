@@ -1,0 +1,105 @@
+"""Network building blocks and architectures, written once for 2D and 3D.
+
+Conventions
+-----------
+* Inputs are ``(B, C, *spatial)``; every class takes ``ndim`` (2 or 3) and picks its layers from it.
+* Constructors are keyword-only; every network has ``config`` (a plain dict of its constructor
+  arguments) and is registered in :data:`NETWORKS`, so ``build_network(network_config(net))``
+  rebuilds the architecture of a checkpoint without unpickling anything.
+* Networks that output a registration field output a **displacement in voxels of the grid they
+  output on, components in array-axis order** (``warped = moving ∘ (id + u)``), and start at
+  (almost) zero, i.e. the identity. Converting to world units is the job of the method using them
+  (:func:`alignkit.transforms.dense.voxel_to_world_vectors`).
+* Level ``l`` of a multi-scale network has spatial size ``ceil(s / 2**l)``; see :mod:`alignkit.nets.unet`.
+
+Papers: 000 §2.1 (:func:`correlation`), 001 A.1 (:class:`PyramidUNet`, :class:`ScaleChain`),
+002 §2.1 (:class:`RecurrentAffineHead`) and §2.2 (:class:`UNet`), 003 §4.2 / Fig. 9
+(:class:`LKUNet`, :class:`FeatureEncoder`), 004 §4.4 / §5.3 (:class:`SiameseDescriptor`,
+:class:`PseudoSiameseDescriptor`).
+"""
+
+from alignkit.nets.affine import (
+    RecurrentAffineHead,
+    affine_to_voxel,
+    compose_affine,
+    unit_from_voxel,
+    warp_affine,
+)
+from alignkit.nets.blocks import (
+    Activation,
+    BlockKind,
+    ConvBlock,
+    DoubleConv,
+    DownMode,
+    Downsample,
+    LargeKernelBlock,
+    LargeKernelStage,
+    Norm,
+    ResidualBlock,
+    UpMode,
+    Upsample,
+    make_activation,
+    make_block,
+    make_norm,
+)
+from alignkit.nets.correlation import Correlation, correlation, correlation_displacements
+from alignkit.nets.descriptors import PseudoSiameseDescriptor, SiameseDescriptor
+from alignkit.nets.pyramid import (
+    PyramidUNet,
+    ScaleChain,
+    apply_symmetry,
+    compose_displacements,
+    rescale_displacement,
+    symmetry_group,
+    symmetry_pull_field,
+    symmetry_push_field,
+    warp_voxels,
+)
+from alignkit.nets.registry import NETWORKS, build_network, network_config, register_network
+from alignkit.nets.unet import Decoder, Encoder, FeatureEncoder, LKUNet, UNet
+
+__all__ = [
+    "NETWORKS",
+    "Activation",
+    "BlockKind",
+    "ConvBlock",
+    "Correlation",
+    "Decoder",
+    "DoubleConv",
+    "DownMode",
+    "Downsample",
+    "Encoder",
+    "FeatureEncoder",
+    "LKUNet",
+    "LargeKernelBlock",
+    "LargeKernelStage",
+    "Norm",
+    "PseudoSiameseDescriptor",
+    "PyramidUNet",
+    "RecurrentAffineHead",
+    "ResidualBlock",
+    "ScaleChain",
+    "SiameseDescriptor",
+    "UNet",
+    "UpMode",
+    "Upsample",
+    "affine_to_voxel",
+    "apply_symmetry",
+    "build_network",
+    "compose_affine",
+    "compose_displacements",
+    "correlation",
+    "correlation_displacements",
+    "make_activation",
+    "make_block",
+    "make_norm",
+    "network_config",
+    "register_network",
+    "rescale_displacement",
+    "symmetry_group",
+    "symmetry_pull_field",
+    "symmetry_push_field",
+    "unit_from_voxel",
+    "warp_affine",
+    "warp_voxels",
+]

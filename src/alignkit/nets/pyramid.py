@@ -1,0 +1,435 @@
+"""Two-stream pyramid U-Net and the chain of scale-specific networks of 001 (§3.5-3.6, appendix A.1).
+
+Field convention (everything here)
+----------------------------------
+Networks output **displacements in voxels of their input grid, components in array-axis order**,
+``(B, ndim, *S)``: for each fixed voxel ``x``, the moving image is read at ``x + u(x)``
+(``warped = moving ∘ (id + u)``, alignkit's map direction), i.e.
+``sample_voxels(moving, identity + u)``. Pyramid levels are the corner-aligned grids of
+:meth:`alignkit.spatial.Grid.downsampled`, so moving a field from a level of size ``s`` to one of
+size ``s'`` resizes it with :func:`alignkit.spatial.resize_field` and multiplies component ``a`` by
+``(s'_a - 1) / (s_a - 1)`` (:func:`rescale_displacement`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.errors import ConfigError, ShapeError
+from alignkit.nets.blocks import (
+    Activation,
+    ConvBlock,
+    Norm,
+    check_choice,
+    check_ndim,
+    conv_nd,
+    conv_transpose_nd,
+    init_near_zero,
+    make_activation,
+    match_size,
+    max_pool_nd,
+)
+from alignkit.nets.registry import as_network, network_config, plain, register_network
+from alignkit.nets.unet import check_input
+from alignkit.spatial.grid import Grid
+from alignkit.spatial.points import PaddingMode, resize_field, sample_voxels
+from alignkit.spatial.pyramid import downsample
+
+ChainMode = Literal["standard", "fast", "accurate"]
+Combine = Literal["compose", "add"]
+SymmetryGroup = Literal["full", "flips"]
+#: one symmetry of the sampling grid: an axis permutation, then flips of the permuted axes.
+Symmetry = tuple[tuple[int, ...], tuple[bool, ...]]
+
+
+# -- fields in voxel units ----------------------------------------------------------------------
+def identity_voxels(shape: Sequence[int], *, like: Tensor) -> Tensor:
+    """Voxel coordinates ``(1, ndim, *shape)`` (array-axis order) in ``like``'s dtype and device."""
+    return Grid.from_spacing(tuple(int(s) for s in shape)).voxel_points(dtype=like.dtype, device=like.device)
+
+
+def warp_voxels(image: Tensor, displacement: Tensor, *, padding: PaddingMode = "border") -> Tensor:
+    """``image ∘ (id + displacement)``: resample ``image (B, C, *S_in)`` at voxel points
+    ``identity + displacement`` of the displacement's own grid ``(B, ndim, *S)``."""
+    return sample_voxels(
+        image, identity_voxels(displacement.shape[2:], like=displacement) + displacement, padding=padding
+    )
+
+
+def compose_displacements(outer: Tensor, inner: Tensor) -> Tensor:
+    """Displacement of ``(id + outer) ∘ (id + inner)``: ``inner(x) + outer(x + inner(x))``.
+
+    Used when a previous estimate ``outer`` warped the moving image and a network found the
+    residual ``inner`` between the fixed and that warped image: ``moving ∘ (id+outer) ∘ (id+inner)``.
+    ``outer`` is read with border padding (its edge values extend outward)."""
+    if outer.shape != inner.shape:
+        raise ShapeError(f"compose_displacements: {tuple(outer.shape)} vs {tuple(inner.shape)}")
+    return inner + warp_voxels(outer, inner, padding="border")
+
+
+def rescale_displacement(displacement: Tensor, shape: Sequence[int]) -> Tensor:
+    """Move a voxel-unit displacement ``(B, ndim, *S)`` to a corner-aligned grid of ``shape``:
+    resample it and convert its components to the new voxel size."""
+    shape = tuple(int(s) for s in shape)
+    old = displacement.shape[2:]
+    ndim = len(shape)
+    scale = torch.tensor(
+        [(new - 1) / (prev - 1) if prev > 1 else 1.0 for new, prev in zip(shape, old)],
+        dtype=displacement.dtype,
+        device=displacement.device,
+    ).view(1, ndim, *([1] * ndim))
+    return resize_field(displacement, shape) * scale
+
+
+# -- symmetries of the grid (001 "accurate") ----------------------------------------------------
+def symmetry_group(ndim: int, kind: SymmetryGroup = "full") -> list[Symmetry]:
+    """``full``: every axis permutation and flip (``2^n n!``: the 8 rotations/reflections of a square in
+    2D, 48 in 3D); ``flips``: flips only (``2^n``). The identity comes first."""
+    check_choice(kind, SymmetryGroup, "symmetry group")
+    perms = list(itertools.permutations(range(ndim))) if kind == "full" else [tuple(range(ndim))]
+    flips = list(itertools.product((False, True), repeat=ndim))
+    return [(perm, flip) for perm in perms for flip in flips]
+
+
+def apply_symmetry(x: Tensor, symmetry: Symmetry) -> Tensor:
+    """Rearrange the spatial axes of ``x (B, C, *S)``: new axis ``a`` is old axis ``perm[a]``, then new
+    axes with ``flip[a]`` are reversed. Channels are untouched (fields need
+    :func:`symmetry_push_field`, which also rotates their components)."""
+    perm, flip = symmetry
+    y = x.permute(0, 1, *(2 + p for p in perm))
+    dims = [2 + a for a, f in enumerate(flip) if f]
+    return y.flip(dims) if dims else y
+
+
+def _undo_symmetry(y: Tensor, symmetry: Symmetry) -> Tensor:
+    perm, flip = symmetry
+    dims = [2 + a for a, f in enumerate(flip) if f]
+    x = y.flip(dims) if dims else y
+    inverse = sorted(range(len(perm)), key=lambda a: perm[a])
+    return x.permute(0, 1, *(2 + inverse[k] for k in range(len(perm))))
+
+
+def _signs(symmetry: Symmetry, like: Tensor) -> Tensor:
+    ndim = len(symmetry[0])
+    return torch.tensor([-1.0 if f else 1.0 for f in symmetry[1]], dtype=like.dtype, device=like.device).view(
+        1, ndim, *([1] * ndim)
+    )
+
+
+def symmetry_push_field(u: Tensor, symmetry: Symmetry) -> Tensor:
+    """The displacement that warps the rearranged image as ``u`` warps the original:
+    ``T(moving ∘ (id + u)) = T(moving) ∘ (id + push(u))`` for ``T = apply_symmetry(·, symmetry)``.
+
+    Spatially rearranged like an image; component ``a`` is old component ``perm[a]``, negated when
+    axis ``a`` is flipped."""
+    perm, _ = symmetry
+    return apply_symmetry(u, symmetry)[:, list(perm)] * _signs(symmetry, u)
+
+
+def symmetry_pull_field(v: Tensor, symmetry: Symmetry) -> Tensor:
+    """Inverse of :func:`symmetry_push_field`: a field estimated on rearranged images, back in the
+    original frame."""
+    perm, _ = symmetry
+    inverse = sorted(range(len(perm)), key=lambda a: perm[a])
+    return _undo_symmetry((v * _signs(symmetry, v))[:, inverse], symmetry)
+
+
+# -- 001 appendix A.1 ---------------------------------------------------------------------------
+@register_network("pyramid_unet")
+class PyramidUNet(nn.Module):
+    """Two-stream pyramid U-Net of 001 (§3.5, appendix A.1): the network of one scale-specific block.
+
+    Each input (``fixed`` and ``moving``, typically two modalities: 001 aligns RGB with cadastral
+    maps) has its **own convolutional pyramid** ("to get modality-specific features, we build 2
+    separate convolutional pyramids, one for each modality ... but concatenate their activities once
+    per scale to feed the U-net"). With the defaults it is the table of A.1:
+
+    * stream level 0: conv 5x5 x16, conv 5x5 x32 (``first_kernel``, ``stream_features[0] // 2``, then
+      ``stream_features[0]``); level ``l > 0``: 2x2 max-pool, two 3x3 convs of ``stream_features[l]``
+      (32, 32 then 64, 64);
+    * merge at each level: concatenate the two streams, two 3x3 convs of ``merge_features[l]``
+      (32, 64, 64 -- A.1's conv-7..12);
+    * decoder: from the deepest level up, a 3x3 stride-2 deconvolution to ``merge_features[l]``
+      channels, concatenation with the merged level ``l``, two 3x3 convs of ``decoder_features[l]``
+      (64, 64); at level 0 one more conv of ``head_features`` (32) and the output conv (``ndim``).
+
+    Output: ``(B, out_channels, *S)``, a displacement at the input's scale in voxels (array-axis
+    order; see the module docstring). ``final_zero_init`` starts it at (almost) zero: the identity.
+    A.1 names no normalisation and no activation; ``norm="none"`` and leaky ReLU are used.
+    ``shared_streams=True`` ties the two pyramids (a siamese variant for one modality).
+    """
+
+    def __init__(
+        self,
+        *,
+        ndim: int,
+        in_channels: int | Sequence[int] = 1,
+        out_channels: int | None = None,
+        stream_features: Sequence[int] = (32, 32, 64),
+        first_kernel: int = 5,
+        merge_features: Sequence[int] = (32, 64, 64),
+        decoder_features: Sequence[int] = (64, 64),
+        head_features: int = 32,
+        shared_streams: bool = False,
+        norm: Norm = "none",
+        activation: Activation = "leaky_relu",
+        final_zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.ndim = check_ndim(ndim)
+        channels = (
+            [in_channels, in_channels] if isinstance(in_channels, int) else [int(c) for c in in_channels]
+        )
+        stream_features, merge_features = list(stream_features), list(merge_features)
+        decoder_features = list(decoder_features)
+        levels = len(stream_features)
+        if len(channels) != 2 or min(channels) < 1:
+            raise ConfigError(
+                f"PyramidUNet: in_channels is one count or one per stream (2), got {in_channels}"
+            )
+        if levels < 1 or len(merge_features) != levels or len(decoder_features) != levels - 1:
+            raise ConfigError(
+                "PyramidUNet: need len(merge_features) == len(stream_features) == len(decoder_features) + 1, "
+                f"got {stream_features}, {merge_features}, {decoder_features}"
+            )
+        if shared_streams and channels[0] != channels[1]:
+            raise ConfigError(f"PyramidUNet: shared streams need equal in_channels, got {channels}")
+        if first_kernel < 1 or first_kernel % 2 == 0:
+            raise ConfigError(f"first_kernel must be odd, got {first_kernel}")
+        self.in_channels = channels
+        self.out_channels = ndim if out_channels is None else out_channels
+        self.levels = levels
+        kw: dict[str, Any] = {"ndim": ndim, "norm": norm, "activation": activation}
+
+        def stream(cin: int) -> nn.ModuleList:
+            first = max(1, stream_features[0] // 2)
+            stages = [
+                nn.Sequential(
+                    ConvBlock(in_channels=cin, out_channels=first, kernel_size=first_kernel, **kw),
+                    ConvBlock(
+                        in_channels=first, out_channels=stream_features[0], kernel_size=first_kernel, **kw
+                    ),
+                )
+            ]
+            for prev, cur in itertools.pairwise(stream_features):
+                stages.append(
+                    nn.Sequential(
+                        max_pool_nd(ndim)(
+                            2, stride=2, ceil_mode=True
+                        ),  # ceil: odd sizes keep their last voxel
+                        ConvBlock(in_channels=prev, out_channels=cur, **kw),
+                        ConvBlock(in_channels=cur, out_channels=cur, **kw),
+                    )
+                )
+            return nn.ModuleList(stages)
+
+        self.stream_fixed = stream(channels[0])
+        # A shared stream is the same module object: parameters registered once, updated together.
+        self.stream_moving = self.stream_fixed if shared_streams else stream(channels[1])
+        self.merge = nn.ModuleList(
+            nn.Sequential(
+                ConvBlock(in_channels=2 * sf, out_channels=mf, **kw),
+                ConvBlock(in_channels=mf, out_channels=mf, **kw),
+            )
+            for sf, mf in zip(stream_features, merge_features)
+        )
+        self.deconvs = nn.ModuleList()
+        self.deconv_acts = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        deeper = merge_features[-1]
+        for level in range(levels - 2, -1, -1):
+            # 3x3 stride-2 deconvolution (A.1's deconvolution-1/2) giving exactly 2x the size.
+            self.deconvs.append(
+                conv_transpose_nd(ndim)(
+                    deeper, merge_features[level], 3, stride=2, padding=1, output_padding=1
+                )
+            )
+            self.deconv_acts.append(make_activation(activation, merge_features[level]))
+            df = decoder_features[level]
+            self.decoder.append(
+                nn.Sequential(
+                    ConvBlock(in_channels=2 * merge_features[level], out_channels=df, **kw),
+                    ConvBlock(in_channels=df, out_channels=df, **kw),
+                )
+            )
+            deeper = df
+        self.head = ConvBlock(in_channels=deeper, out_channels=head_features, **kw)
+        self.out = conv_nd(ndim)(head_features, self.out_channels, 3, padding=1)
+        if final_zero_init:
+            init_near_zero(self.out)
+        self.config: dict[str, Any] = plain(
+            {
+                "ndim": ndim,
+                "in_channels": channels,
+                "out_channels": self.out_channels,
+                "stream_features": stream_features,
+                "first_kernel": first_kernel,
+                "merge_features": merge_features,
+                "decoder_features": decoder_features,
+                "head_features": head_features,
+                "shared_streams": shared_streams,
+                "norm": norm,
+                "activation": activation,
+                "final_zero_init": final_zero_init,
+            }
+        )
+
+    @staticmethod
+    def _pyramid(stream: nn.ModuleList, x: Tensor) -> list[Tensor]:
+        out = []
+        for stage in stream:
+            x = stage(x)
+            out.append(x)
+        return out
+
+    def forward(self, fixed: Tensor, moving: Tensor) -> Tensor:
+        check_input(fixed, self.ndim, self.in_channels[0], "PyramidUNet fixed")
+        check_input(moving, self.ndim, self.in_channels[1], "PyramidUNet moving")
+        if fixed.shape[0] != moving.shape[0] or fixed.shape[2:] != moving.shape[2:]:
+            raise ShapeError(
+                f"PyramidUNet: fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} "
+                "must share batch and grid"
+            )
+        pyr_f = self._pyramid(self.stream_fixed, fixed)
+        pyr_m = self._pyramid(self.stream_moving, moving)
+        merged = [m(torch.cat([a, b], dim=1)) for m, a, b in zip(self.merge, pyr_f, pyr_m)]
+        x = merged[-1]
+        for i, level in enumerate(range(self.levels - 2, -1, -1)):
+            skip = merged[level]
+            x = self.deconv_acts[i](match_size(self.deconvs[i](x), tuple(skip.shape[2:])))
+            x = self.decoder[i](torch.cat([x, skip], dim=1))
+        return self.out(self.head(x))
+
+
+@register_network("scale_chain")
+class ScaleChain(nn.Module):
+    """Chain of scale-specific networks, coarse to fine (001 §3.6, Fig. 4).
+
+    For each shrink factor ``f`` in ``factors`` (descending, e.g. ``(4, 2, 1)``; 001 uses powers of
+    two down to 1): down-sample fixed and moving onto the level grid
+    (:func:`alignkit.spatial.downsample`, blurred, corner-aligned), resample the *level's* moving
+    image once through the current estimate (moved to the level grid by :func:`rescale_displacement`),
+    let the level's network predict the residual ``r`` between fixed and warped moving, and update
+
+    * ``combine="compose"`` (001: "refining the previously-estimated deformation, not by adding to
+      it but by diffeomorphism composition"): ``u <- r + u ∘ (id + r)`` (:func:`compose_displacements`);
+    * ``combine="add"``: ``u <- u + r`` (001 §4's stereo variant links the blocks "with additions").
+
+    ``networks`` holds one network (or config dict) per factor, or a single one shared by all scales
+    (001's scale-independent alternative). Each is called ``net(fixed_level, warped_level)`` and
+    returns a displacement in voxels of the level grid (any output size is resized to the level).
+
+    Inference modes (``mode``, overridable per call), as named in 001 §3.6:
+
+    * ``"standard"``: the scale-specific network at each scale;
+    * ``"fast"``: "replace all scale-specific blocks with the same block" -- the network at
+      ``fast_index`` (default the finest) serves every scale;
+    * ``"accurate"``: "apply the network on symmetrised and rotated versions of the input images,
+      and average the result over these 8 tests". Done per block, so later scales start from the
+      averaged estimate: each residual is the mean over ``symmetry_group(ndim, symmetries)`` of the
+      network's answers mapped back by :func:`symmetry_pull_field` (8 evaluations per scale in 2D,
+      48 in 3D with ``"full"``, 8 with ``"flips"``).
+
+    ``forward`` returns the displacement ``(B, ndim, *S)`` on the input grid, in its voxels;
+    :meth:`levels` returns the estimate after each level on that level's grid. 001 trains each block
+    on its own scale; the chain is the inference (and optional end-to-end fine-tuning) path.
+    """
+
+    def __init__(
+        self,
+        *,
+        networks: Sequence[Mapping[str, Any] | nn.Module],
+        factors: Sequence[float] = (4, 2, 1),
+        combine: Combine = "compose",
+        mode: ChainMode = "standard",
+        fast_index: int = -1,
+        symmetries: SymmetryGroup = "full",
+        padding: PaddingMode = "border",
+    ) -> None:
+        super().__init__()
+        factor_list = [float(f) for f in factors]
+        if not factor_list or min(factor_list) < 1 or any(a <= b for a, b in itertools.pairwise(factor_list)):
+            raise ConfigError(
+                f"ScaleChain: factors must be >= 1 and strictly decreasing (coarse first), got {factors}"
+            )
+        if isinstance(networks, (Mapping, nn.Module)) or len(networks) not in (1, len(factor_list)):
+            raise ConfigError(
+                f"ScaleChain: give one network per factor ({len(factor_list)}) or a single shared one"
+            )
+        check_choice(combine, Combine, "combine")
+        check_choice(mode, ChainMode, "chain mode")
+        check_choice(symmetries, SymmetryGroup, "symmetry group")
+        self.networks = nn.ModuleList(as_network(n) for n in networks)
+        if not -len(self.networks) <= fast_index < len(self.networks):
+            raise ConfigError(
+                f"ScaleChain: fast_index {fast_index} out of range for {len(self.networks)} networks"
+            )
+        self.factors = factor_list
+        self.combine = combine
+        self.mode = mode
+        self.fast_index = fast_index
+        self.symmetries = symmetries
+        self.padding = padding
+        self.config: dict[str, Any] = plain(
+            {
+                "networks": [network_config(n) for n in self.networks],
+                "factors": factor_list,
+                "combine": combine,
+                "mode": mode,
+                "fast_index": fast_index,
+                "symmetries": symmetries,
+                "padding": padding,
+            }
+        )
+
+    def network_for(self, index: int, mode: ChainMode) -> nn.Module:
+        if len(self.networks) == 1:
+            return self.networks[0]
+        return self.networks[self.fast_index] if mode == "fast" else self.networks[index]
+
+    def _residual(self, net: nn.Module, fixed: Tensor, warped: Tensor, mode: ChainMode) -> Tensor:
+        shape = tuple(fixed.shape[2:])
+        if mode != "accurate":
+            r = net(fixed, warped)
+            return r if tuple(r.shape[2:]) == shape else resize_field(r, shape)
+        answers = []
+        for g in symmetry_group(fixed.dim() - 2, self.symmetries):  # type: ignore[arg-type]
+            r = net(apply_symmetry(fixed, g), apply_symmetry(warped, g))
+            target = tuple(apply_symmetry(fixed[:1, :1], g).shape[2:])
+            r = r if tuple(r.shape[2:]) == target else resize_field(r, target)
+            answers.append(symmetry_pull_field(r, g))
+        return torch.stack(answers).mean(dim=0)
+
+    def levels(self, fixed: Tensor, moving: Tensor, *, mode: ChainMode | None = None) -> list[Tensor]:
+        """The estimate after each level, ``(B, ndim, *level_shape)`` in voxels of that level."""
+        mode = self.mode if mode is None else check_choice(mode, ChainMode, "chain mode")  # type: ignore[assignment]
+        ndim = fixed.dim() - 2
+        if ndim not in (2, 3) or fixed.shape[0] != moving.shape[0] or fixed.shape[2:] != moving.shape[2:]:
+            raise ShapeError(
+                f"ScaleChain: fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} "
+                "must be (B, C, *S) on one grid"
+            )
+        grid = Grid.from_spacing(tuple(fixed.shape[2:]))
+        u: Tensor | None = None
+        out = []
+        for index, factor in enumerate(self.factors):
+            fixed_l, level_grid = downsample(fixed, grid, factor)
+            moving_l, _ = downsample(moving, grid, factor)
+            if u is None:
+                u = fixed_l.new_zeros(fixed.shape[0], ndim, *level_grid.shape)
+            else:
+                u = rescale_displacement(u, level_grid.shape)
+            warped = warp_voxels(moving_l, u, padding=self.padding)
+            r = self._residual(self.network_for(index, mode), fixed_l, warped, mode)  # type: ignore[arg-type]
+            u = compose_displacements(u, r) if self.combine == "compose" else u + r
+            out.append(u)
+        return out
+
+    def forward(self, fixed: Tensor, moving: Tensor, *, mode: ChainMode | None = None) -> Tensor:
+        u = self.levels(fixed, moving, mode=mode)[-1]
+        return rescale_displacement(u, tuple(fixed.shape[2:]))
