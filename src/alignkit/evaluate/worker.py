@@ -104,6 +104,15 @@ def load_prediction(out_dir: Path, result: dict[str, Any]) -> Prediction:
     )
 
 
+def current_rss_mb() -> float | None:
+    """Resident set size right now, MiB (Linux ``/proc/self/statm``; ``None`` elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * resource.getpagesize() / 2**20
+
+
 def _gpu_peak_mb() -> float | None:
     """Peak CUDA memory allocated by torch in this process, when torch used the GPU."""
     torch = sys.modules.get("torch")
@@ -134,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(int(threads))
+        # every worker imports torch and holds the case before the method starts: report that floor
+        # so a table can show the method's own memory (peak - baseline) next to the process's
+        baseline = current_rss_mb()
         status, prediction, message = execute(
             job["method"], case, seed=job["seed"], device=job["device"], threads=threads
         )
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             gpu = _gpu_peak_mb()
             if gpu is not None:
                 extra.setdefault("gpu_peak_mb", gpu)
+            if baseline is not None:
+                extra.setdefault("baseline_rss_mb", baseline)
             result.update(seconds=prediction.seconds, peak_rss_mb=peak, extra=extra)
     # written then renamed: a worker killed while writing leaves no half file for the runner to parse
     partial = out / "result.json.partial"
