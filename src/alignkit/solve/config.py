@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 from alignkit.errors import ConfigError
 
 OptimizerName = Literal["adam", "sgd", "lbfgs"]
-InitName = Literal["none", "center", "com"]
+InitName = Literal["none", "center", "com", "features"]
 
 LINEAR_MODELS = ("translation", "rigid", "similarity", "affine", "homography")
 FIELD_MODELS = ("displacement", "svf", "vsvf", "bspline")

@@ -197,6 +197,7 @@ class Engine:
         self.seed = seed
         self.progress = progress
         self.logs: list[StageLog] = []
+        self.init_info: dict[str, Any] = {}
         self._pyramid: dict[tuple[str, float, float | None], tuple[Tensor, Grid]] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -233,7 +234,13 @@ class Engine:
         if initial is not None:
             stages.append(initial.to(self.device))
         elif self.config.stages[0].is_linear:
-            matrix = initial_translation(fixed_t, fixed.grid, moving_t, moving.grid, self.config.init)
+            init = self.config.init
+            matrix = None
+            if init == "features":
+                matrix = self._feature_init(fixed_t, fixed.grid, moving_t, moving.grid)
+                init = "center"
+            if matrix is None:
+                matrix = initial_translation(fixed_t, fixed.grid, moving_t, moving.grid, init)
             if matrix is not None:
                 stages.append(MatrixTransform(matrix.float()).to(self.device))
 
@@ -252,6 +259,22 @@ class Engine:
         return ComposedTransform(stages)
 
     # ------------------------------------------------------------------------------------------
+    def _feature_init(self, fixed_t: Tensor, fixed_grid: Grid, moving_t: Tensor, moving_grid: Grid) -> Tensor | None:
+        """Matrix fitted to keypoint matches, or None (then the centres are aligned) when OpenCV is
+        missing or the fit is not trustworthy; ``self.init_info`` records which and why."""
+        from alignkit.solve.features import feature_matrix
+
+        model = "homography" if any(s.transform == "homography" for s in self.config.stages) else "affine"
+        try:
+            matrix, stats = feature_matrix(
+                fixed_t, fixed_grid, moving_t, moving_grid, model=model, seed=self.seed or 0
+            )
+        except (ConfigError, ValueError) as exc:
+            self.init_info = {"init": "center", "features_failed": str(exc)}
+            return None
+        self.init_info = {"init": "features", **stats}
+        return matrix
+
     def _prompts(self, fixed_labels, moving_labels, fixed_points, moving_points) -> dict[str, Any]:
         prompts: dict[str, Any] = {}
         if self.config.dice_weight > 0 and fixed_labels is not None and moving_labels is not None:
