@@ -1,4 +1,4 @@
-"""Command line: ``alignkit register | apply | demo | presets | evaluate``.
+"""Command line: ``alignkit register | apply | demo | presets | evaluate | train``.
 
 Every error alignkit raises on purpose (bad file, bad option) is printed as one line on stderr with
 exit code 2; nothing half-written is left in the output folder.
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("-o", "--output", required=True, help="output folder")
     reg.add_argument(
         "--transform",
-        help=f"comma-separated chain of models, e.g. rigid,affine,svf ({', '.join(LINEAR_MODELS + FIELD_MODELS)})",
+        help=f"comma-separated chain of models, e.g. rigid,affine,svf ({', '.join(LINEAR_MODELS + FIELD_MODELS)}); "
+        "with a learned --method: the linear pre-alignment before the network (e.g. affine, or none)",
     )
     reg.add_argument("--similarity", choices=["lncc", "mk-lncc", "mi", "mse", "ncc", "charbonnier", "l1"])
     reg.add_argument("--preset", choices=preset_names(), help="tuned configuration (default: brain in 3D, default2d in 2D)")
@@ -52,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--fixed-landmarks", help="CSV of world points x,y[,z] in the fixed image")
     reg.add_argument("--moving-landmarks", help="CSV of the corresponding world points in the moving image")
     reg.add_argument("--no-qc", action="store_true", help="skip qc.png")
+    reg.add_argument(
+        "--method", default="classical",
+        help="classical (default) or a learned method such as voxelmorph (needs --checkpoint)",
+    )
+    reg.add_argument("--checkpoint", help="trained model of a learned --method: a checkpoint file or its RUNDIR")
+    reg.add_argument(
+        "--refine", type=int, default=0, metavar="K",
+        help="refine the learned prediction with K iterations of the classical solver (instance optimisation)",
+    )
     _add_common(reg)
 
     app = sub.add_parser("apply", help="apply a saved transform to an image of the moving space, or to points")
@@ -68,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo)
 
     sub.add_parser("presets", help="list the presets and their stages")
+    _add_train_parser(sub)
 
     ev = sub.add_parser(
         "evaluate",
@@ -88,6 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--list", action="store_true", help="list the data sets and methods, then exit")
     _add_common(ev)
     return parser
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    # Every option defaults to None so that only the flags given on the command line override the
+    # --config file (and, with --resume, the run's stored configuration).
+    tr = sub.add_parser(
+        "train",
+        help="train a learned method (voxelmorph) on a data set; writes the model and log.csv into RUNDIR",
+        description="Under `torchrun --nproc-per-node N -m alignkit train ...` runs DistributedDataParallel.",
+    )
+    tr.add_argument("--method", help="learned method (default: voxelmorph)")
+    tr.add_argument("--dataset", help="data set name (a folder name of the shared data) or a folder of images")
+    tr.add_argument("--layout", help="layout of a --dataset folder; 'folder' reads it as a plain folder of images")
+    tr.add_argument("-o", "--output", required=True, help="run folder (RUNDIR)")
+    tr.add_argument("--epochs", type=int, help="number of epochs (default: 10)")
+    tr.add_argument("--batch-size", type=int, help="pairs per step and process (default: 1)")
+    tr.add_argument("--size", help="network input size, one value or one per axis: 64 or 64,80 (default: 64)")
+    tr.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3, cosine decay)")
+    tr.add_argument(
+        "--pairs", choices=["auto", "inter", "atlas", "synthetic", "warped-copy", "cases"], help="kind of training pairs"
+    )
+    tr.add_argument("--prealign", choices=["affine", "rigid"], help="align every image to the first one first (cached)")
+    tr.add_argument("--workers", type=int, help="data-loader worker processes (default: 0)")
+    tr.add_argument("--config", help="JSON or TOML training configuration (keys of alignkit.train.TrainConfig)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from its last checkpoint")
+    tr.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
+    tr.add_argument("--seed", type=int, help="random seed; CPU runs are repeatable (default: 0)")
+    tr.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _version() -> str:
@@ -117,6 +156,9 @@ def _register(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         quiet=args.quiet,
+        method=args.method,
+        checkpoint=args.checkpoint,
+        refine=args.refine,
     )
     result.save(out, qc=not args.no_qc)
     if not args.quiet:
@@ -149,6 +191,37 @@ def _apply(args: argparse.Namespace) -> int:
     if image.ndim != fixed_grid.ndim:
         raise InputError(f"is {image.ndim}D but the transform is {fixed_grid.ndim}D", image.name)
     write_image(resample_image(transform, fixed_grid, image, labels=args.labels, device=args.device), args.output)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from alignkit.solve import load_config_file
+    from alignkit.train import TrainConfig, train
+
+    out = Path(args.output)
+    values: dict = {}
+    if args.config:
+        values.update(load_config_file(args.config))
+    stored = out / "config.json"
+    if args.resume and stored.is_file():
+        values.update(json.loads(stored.read_text()))
+    flags = {
+        "method": args.method, "dataset": args.dataset, "layout": args.layout, "epochs": args.epochs,
+        "batch_size": args.batch_size, "size": args.size, "lr": args.lr, "pairs": args.pairs,
+        "prealign": args.prealign, "num_workers": args.workers, "device": args.device, "seed": args.seed,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.quiet:
+        values["quiet"] = True
+    result = train(TrainConfig.from_dict(values), out, resume=args.resume)
+    if result.checkpoint is not None and not values.get("quiet"):
+        last = result.history[-1] if result.history else {}
+        line = f"wrote {result.checkpoint} and {out / 'log.csv'} ({result.epoch} epochs"
+        if last.get("val_dice") is not None:
+            line += f", val Dice {result.history[0].get('val_dice', float('nan')):.3f} -> {last['val_dice']:.3f}"
+        print(line + ")")
     return 0
 
 
@@ -249,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.output, ndim=args.dim, device=args.device, seed=args.seed, quiet=args.quiet)
         if args.command == "presets":
             return _presets()
+        if args.command == "train":
+            return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
     except AlignkitError as exc:

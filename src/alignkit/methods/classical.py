@@ -342,6 +342,9 @@ def register(
     seed: int | None = 0,
     quiet: bool = True,
     initial: Transform | None = None,
+    method: str = "classical",
+    checkpoint: Any = None,
+    refine: int = 0,
 ) -> Registration:
     """Register ``moving`` to ``fixed`` in world space and return a :class:`Registration`.
 
@@ -350,7 +353,24 @@ def register(
     ``transform`` (e.g. ``"rigid,affine,svf"``) and ``similarity`` override its choices. Labels
     and landmarks are used for metrics, and as test-time prompt terms when the configuration gives
     them a weight (``dice_weight``, ``landmark_weight``).
+
+    ``method`` other than ``"classical"`` (e.g. ``"voxelmorph"``) predicts the transform with the
+    trained model in ``checkpoint`` (see :func:`alignkit.train.inference.register_learned`: there
+    ``transform`` names the linear pre-alignment) and refines it with ``refine`` iterations of the
+    classical solver; the result is the same :class:`Registration`.
     """
+    if method != "classical":
+        if preset is not None or config is not None or initial is not None:
+            raise ConfigError("preset, config and initial apply to the classical method, not to a learned one")
+        from alignkit.train.inference import register_learned
+
+        return register_learned(
+            fixed, moving, method=method, checkpoint=checkpoint, refine=refine, transform=transform,
+            similarity=similarity, fixed_labels=fixed_labels, moving_labels=moving_labels,
+            fixed_landmarks=fixed_landmarks, moving_landmarks=moving_landmarks, device=device, seed=seed, quiet=quiet,
+        )
+    if checkpoint is not None or refine:
+        raise ConfigError("checkpoint and refine need a learned method (e.g. method='voxelmorph')")
     fixed_image = as_image(fixed, role="fixed")
     moving_image = as_image(moving, role="moving")
     check_pair(fixed_image, moving_image)

@@ -1,0 +1,317 @@
+"""Training pairs: torch ``Dataset`` s of (fixed, moving[, labels][, ground-truth flow]) tensors.
+
+Pairs are made of :class:`~alignkit.train.subjects.Subject` s (images on their network grids, see
+:mod:`alignkit.train.subjects`). A pair's moving image is sampled on the *fixed* network grid
+through the world identity, as inference does.
+
+Items are dicts of CPU tensors (what the default collate stacks):
+
+* ``fixed``, ``moving``: ``(1, *size)`` float32;
+* ``fixed_labels``, ``moving_labels``: ``(1, *size)`` int64, when any subject has labels (the others
+  get empty maps);
+* ``flow`` (synthetic pairs): ``(ndim, *size)`` float32, the true displacement in voxels of the
+  network grid, **array-axis order**, fixed → moving: ``fixed(p) = moving(p + flow(p))``;
+* ``index``: the item's index.
+
+Randomness: a random item is a pure function of ``(seed, epoch, index)`` -- it draws from its own
+generator -- so what a pair holds does not depend on the sampler's order, on data-loader workers
+or on the number of processes. Resume and the DDP/single-process equality rely on this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from alignkit.errors import ConfigError, ShapeError
+from alignkit.spatial import Grid, gaussian_blur, resize_image, sample_voxels, sample_world
+from alignkit.train.subjects import Subject, SubjectSet, label_ids_of
+from alignkit.transforms import scaling_and_squaring
+
+PairKind = Literal["inter", "atlas", "synthetic", "warped-copy", "cases"]
+PAIR_KINDS: tuple[str, ...] = get_args(PairKind)
+
+
+# -- pair datasets -------------------------------------------------------------------------------
+def item_generator(seed: int, *keys: int) -> torch.Generator:
+    """A generator for one item, seeded from ``(seed, *keys)`` by numpy's SeedSequence (well mixed,
+    so neighbouring indices or epochs do not draw correlated streams)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *[int(k) & 0xFFFFFFFF for k in keys]])
+    return torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+
+
+def _moving_on(fixed: Subject, moving: Subject) -> tuple[Tensor, Tensor | None]:
+    """``moving`` (image, labels) sampled on ``fixed``'s network grid through the world identity."""
+    if moving.grid.same_as(fixed.grid):
+        return moving.image, moving.labels
+    world = fixed.grid.world_points()
+    image = sample_world(moving.image[None], moving.grid, world)[0]
+    labels = None
+    if moving.labels is not None:
+        labels = sample_world(moving.labels[None].float(), moving.grid, world, mode="nearest")[0].round().long()
+    return image, labels
+
+
+class PairDataset(Dataset):
+    """Base class: ``subjects`` and the label values (``label_ids``) a Dice term and the validation
+    Dice are computed over (default: every non-zero label of any subject).
+
+    Labels are returned when any subject has them; a subject without is given an empty (all-zero)
+    map, which adds a constant to a Dice loss (no gradient) and is skipped by the validation Dice,
+    so partly labelled data sets (e.g. landmark blobs on two of six slices) still batch.
+    ``set_epoch(epoch)`` is called by the trainer before each epoch (random pairs redraw).
+    """
+
+    def __init__(self, subjects: Sequence[Subject], *, label_ids: Sequence[int] | None = None, seed: int = 0) -> None:
+        if not subjects:
+            raise ConfigError("a pair data set needs at least one subject")
+        ndims = {s.ndim for s in subjects}
+        if len(ndims) != 1:
+            raise ShapeError("subjects mix 2D and 3D images")
+        shapes = {tuple(s.image.shape[1:]) for s in subjects}
+        if len(shapes) != 1:
+            raise ShapeError(f"subjects must share one network size, got {sorted(shapes)}")
+        self.subjects = list(subjects)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.has_labels = any(s.labels is not None for s in self.subjects)
+        if not self.has_labels:
+            self.label_ids: list[int] = []
+        else:
+            self.label_ids = sorted(int(v) for v in label_ids) if label_ids is not None else label_ids_of(self.subjects)
+
+    @property
+    def ndim(self) -> int:
+        return self.subjects[0].ndim
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return tuple(self.subjects[0].image.shape[1:])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _labels(self, labels: Tensor | None) -> Tensor:
+        return labels if labels is not None else torch.zeros((1, *self.size), dtype=torch.long)
+
+    def _pair(self, index: int, fixed: Subject, moving: Subject) -> dict[str, Any]:
+        moving_image, moving_labels = _moving_on(fixed, moving)
+        item: dict[str, Any] = {"fixed": fixed.image, "moving": moving_image, "index": index}
+        if self.has_labels:
+            item["fixed_labels"], item["moving_labels"] = self._labels(fixed.labels), self._labels(moving_labels)
+        return item
+
+
+class InterSubjectPairs(PairDataset):
+    """Ordered pairs ``(fixed=i, moving=j)`` of subjects: all ``i != j`` by default, or the given
+    ``pairs``; ``max_pairs`` keeps a seeded subset."""
+
+    def __init__(
+        self,
+        subjects: Sequence[Subject],
+        *,
+        pairs: Sequence[tuple[int, int]] | None = None,
+        max_pairs: int | None = None,
+        label_ids: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(subjects, label_ids=label_ids, seed=seed)
+        n = len(self.subjects)
+        if pairs is None:
+            if n < 2:
+                raise ConfigError("inter-subject pairs need at least two subjects (use synthetic pairs for one)")
+            pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+        pairs = [(int(i), int(j)) for i, j in pairs]
+        if not pairs or any(not (0 <= i < n and 0 <= j < n) for i, j in pairs):
+            raise ConfigError(f"pairs must index the {n} subjects, got {pairs[:4]}...")
+        if max_pairs is not None and max_pairs < len(pairs):
+            order = torch.randperm(len(pairs), generator=item_generator(seed, 0x5EED)).tolist()
+            pairs = [pairs[k] for k in sorted(order[:max_pairs])]
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i, j = self.pairs[index]
+        return self._pair(index, self.subjects[i], self.subjects[j])
+
+
+class AtlasPairs(PairDataset):
+    """Atlas-to-subject: the atlas is the fixed image of every pair (``atlas_fixed=True``, the
+    VoxelMorph atlas setting), or the moving one."""
+
+    def __init__(
+        self, atlas: Subject, subjects: Sequence[Subject], *, atlas_fixed: bool = True,
+        label_ids: Sequence[int] | None = None, seed: int = 0,
+    ) -> None:
+        super().__init__([atlas, *subjects], label_ids=label_ids, seed=seed)
+        self.atlas_fixed = bool(atlas_fixed)
+
+    def __len__(self) -> int:
+        return len(self.subjects) - 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        atlas, subject = self.subjects[0], self.subjects[index + 1]
+        return self._pair(index, atlas, subject) if self.atlas_fixed else self._pair(index, subject, atlas)
+
+
+def random_displacement(
+    size: Sequence[int], generator: torch.Generator, *, magnitude: float = 3.0, control: int = 6, steps: int = 7
+) -> Tensor:
+    """A smooth diffeomorphic displacement ``(1, ndim, *size)`` in voxels (array-axis order).
+
+    A random velocity on a ``control``-point lattice (Gaussian, smoothed), upsampled, scaled so its
+    largest vector is ``magnitude`` voxels, integrated by scaling and squaring.
+    """
+    size = tuple(int(s) for s in size)
+    ndim = len(size)
+    coarse = tuple(max(2, min(control, s)) for s in size)
+    velocity = torch.randn(1, ndim, *coarse, generator=generator)
+    velocity = gaussian_blur(velocity, 0.7)
+    velocity = resize_image(velocity, size)
+    velocity = velocity * (float(magnitude) / velocity.norm(dim=1).amax().clamp_min(1e-6))
+    grid = Grid.from_spacing(size, 1.0)  # world = voxel frame: world units are voxels
+    return scaling_and_squaring(velocity, grid, steps)
+
+
+class SyntheticPairs(PairDataset):
+    """A subject and a randomly deformed copy of it, with the true field for supervised losses.
+
+    ``fixed = moving ∘ (id + flow)``; ``flow`` is :func:`random_displacement`. With
+    ``per_epoch=True`` a new deformation is drawn every epoch (online augmentation); with
+    ``per_epoch=False`` each index keeps one deformation -- a data set and its warped copy.
+    ``length`` defaults to the number of subjects; index ``k`` uses subject ``k % n``.
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[Subject],
+        *,
+        length: int | None = None,
+        magnitude: float = 3.0,
+        control: int = 6,
+        per_epoch: bool = True,
+        label_ids: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(subjects, label_ids=label_ids, seed=seed)
+        self.length = int(length) if length is not None else len(self.subjects)
+        if self.length < 1:
+            raise ConfigError(f"synthetic pairs need length >= 1, got {self.length}")
+        if magnitude < 0:
+            raise ConfigError(f"deformation magnitude must be >= 0 voxels, got {magnitude}")
+        self.magnitude = float(magnitude)
+        self.control = int(control)
+        self.per_epoch = bool(per_epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        subject = self.subjects[index % len(self.subjects)]
+        keys = (self.epoch, index) if self.per_epoch else (index,)
+        generator = item_generator(self.seed, 0xF10, *keys)
+        flow = random_displacement(self.size, generator, magnitude=self.magnitude, control=self.control)
+        points = Grid.from_spacing(self.size, 1.0).voxel_points() + flow
+        fixed = sample_voxels(subject.image[None], points, padding="border")[0]
+        item: dict[str, Any] = {"fixed": fixed, "moving": subject.image, "flow": flow[0], "index": index}
+        if self.has_labels:
+            labels = self._labels(subject.labels)
+            warped = sample_voxels(labels[None].float(), points, mode="nearest", padding="border")
+            item["fixed_labels"], item["moving_labels"] = warped[0].round().long(), labels
+        return item
+
+
+def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
+    """A seeded split into (train, validation) subjects: at least two training subjects (a pair) and
+    one held out, when there are at least three."""
+    n = len(subjects)
+    if n < 3 or val_fraction <= 0:
+        return list(subjects), []
+    n_val = min(n - 2, max(1, round(val_fraction * n)))
+    order = torch.randperm(n, generator=item_generator(seed, 0x5B11)).tolist()
+    val = sorted(order[:n_val])
+    return [subjects[k] for k in range(n) if k not in val], [subjects[k] for k in val]
+
+
+def build_pairs(
+    kind: PairKind | str,
+    data: SubjectSet | Sequence[Subject],
+    *,
+    val_fraction: float = 0.2,
+    max_pairs: int | None = None,
+    synthetic_length: int | None = None,
+    magnitude: float = 3.0,
+    seed: int = 0,
+) -> tuple[PairDataset, PairDataset | None]:
+    """(training pairs, validation pairs or None) of ``kind`` from subjects.
+
+    * ``inter``/``atlas``: hold out validation *subjects* when there are at least four
+      (generalisation to unseen anatomy; validation pairs are those that involve one); with fewer,
+      validation is a seeded subset of the pairs, which then only measures fitting;
+    * ``synthetic`` (a new deformation every epoch) / ``warped-copy`` (one per index): validation on
+      fixed deformations from another seed stream, never drawn in training;
+    * ``cases``: the data set's own pairs (:attr:`SubjectSet.case_pairs`), a seeded part held out.
+    """
+    if kind not in PAIR_KINDS:
+        raise ConfigError(f"unknown pair kind {kind!r}; choose one of {', '.join(PAIR_KINDS)}")
+    if isinstance(data, SubjectSet):
+        subjects, label_ids, case_pairs = data.subjects, data.label_ids, data.case_pairs
+    else:
+        subjects, label_ids, case_pairs = list(data), None, None
+    if kind in ("synthetic", "warped-copy"):
+        train = SyntheticPairs(
+            subjects, length=synthetic_length, magnitude=magnitude, per_epoch=kind == "synthetic",
+            label_ids=label_ids, seed=seed,
+        )
+        n_val = max(1, round(val_fraction * len(train))) if val_fraction > 0 else 0
+        # another seed stream: validation deformations are never training ones
+        val = SyntheticPairs(
+            subjects, length=n_val, magnitude=magnitude, per_epoch=False, label_ids=label_ids, seed=seed + 7919
+        ) if n_val else None
+        return train, val
+    if kind == "cases":
+        if not case_pairs:
+            raise ConfigError("this data set has no pairs of its own; use inter, atlas or synthetic pairs")
+        order = torch.randperm(len(case_pairs), generator=item_generator(seed, 0xCA5E)).tolist()
+        n_val = min(len(case_pairs) - 1, round(val_fraction * len(case_pairs))) if val_fraction > 0 else 0
+        val_pairs = [case_pairs[k] for k in sorted(order[:n_val])]
+        train_pairs = [case_pairs[k] for k in sorted(order[n_val:])]
+        train_set: PairDataset = InterSubjectPairs(subjects, pairs=train_pairs, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
+        val_set: PairDataset | None = (
+            InterSubjectPairs(subjects, pairs=val_pairs, label_ids=label_ids, seed=seed) if val_pairs else None
+        )
+        return train_set, val_set
+    held_out = len(subjects) >= 4
+    train_subjects, val_subjects = split_subjects(subjects, val_fraction, seed) if held_out else (list(subjects), [])
+    if kind == "atlas":
+        atlas, rest = train_subjects[0], train_subjects[1:]
+        if not rest:
+            raise ConfigError("atlas pairs need an atlas and at least one subject")
+        train_set = AtlasPairs(atlas, rest, label_ids=label_ids, seed=seed)
+        val_set = None
+        if val_subjects:
+            val_set = AtlasPairs(atlas, val_subjects, label_ids=label_ids, seed=seed)
+        elif val_fraction > 0:
+            val_set = AtlasPairs(atlas, rest, label_ids=label_ids, seed=seed)
+        return train_set, val_set
+    train_set = InterSubjectPairs(train_subjects, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
+    if val_subjects:
+        # every ordered pair that involves a held-out subject (with a training one, or another held-out one)
+        everyone = train_subjects + val_subjects
+        first_val = len(train_subjects)
+        pairs = [
+            (i, j) for i in range(len(everyone)) for j in range(len(everyone))
+            if i != j and (i >= first_val or j >= first_val)
+        ]
+        return train_set, InterSubjectPairs(everyone, pairs=pairs, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
+    if val_fraction > 0:
+        n_val = max(1, round(val_fraction * len(train_set)))
+        return train_set, InterSubjectPairs(list(subjects), max_pairs=n_val, label_ids=label_ids, seed=seed + 1)
+    return train_set, None
