@@ -64,6 +64,26 @@ BENCHMARKS: dict[str, tuple[str, list[str], str, int, int | None]] = {
         ["alignkit:flow", "opencv:farneback", "opencv:dis"],
         "opencv:farneback", 2, None,
     ),
+    "mmflow-crops": (
+        "flow/mmflow-crops",
+        ["alignkit:flow", "opencv:farneback", "opencv:dis"],
+        "opencv:farneback", 3, None,
+    ),
+    "stereo": (
+        "stereo",
+        ["alignkit:flow", "opencv:farneback", "opencv:dis"],
+        "opencv:farneback", 2, None,
+    ),
+    "prostate-mr-us": (
+        "multimodal/prostate-mr-us",
+        ["alignkit:multimodal", "ants:syn", "elastix:bspline", "sitk:demons"],
+        "ants:syn", 1, 4,
+    ),
+    "oasis": (
+        "brain3d-oasis-trt20",
+        ["alignkit:brain", "ants:syn", "dipy:syn", "sitk:demons", "elastix:bspline", "fireants:greedy"],
+        "ants:syn", 1, 2,
+    ),
     "homogr": (
         "homography/homogr",
         ["alignkit:photo", "opencv:sift-ransac", "opencv:ecc", "kornia:registrator", "kornia:sift-ransac"],
@@ -72,7 +92,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], str, int, int | None]] = {
     "vis-nir": (
         "vis-nir",
         ["alignkit:photo", "alignkit:multimodal", "opencv:sift-ransac", "opencv:ecc", "kornia:registrator"],
-        "opencv:sift-ransac", 4, 20,
+        "opencv:sift-ransac", 4, 8,
     ),
 }
 

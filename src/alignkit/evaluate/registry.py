@@ -1,4 +1,5 @@
-"""Method names → :class:`~alignkit.evaluate.method.Method` objects: ``alignkit:<preset>`` and the peers.
+"""Method names → :class:`~alignkit.evaluate.method.Method` objects: ``alignkit:<preset>``, the peers and
+``<learned method>:<checkpoint>`` (:mod:`alignkit.evaluate.learned_methods`).
 
 Peers come from :data:`alignkit.evaluate.peers.PEERS` (name → factory), imported only when a name
 is resolved or listed, so that ``import alignkit`` never imports a peer adapter.
@@ -29,14 +30,17 @@ def peer_factories() -> Mapping[str, Callable[..., Method]]:
 
 
 def list_methods() -> list[str]:
-    """Every name :func:`resolve_method` accepts: alignkit's presets first, then the peers, sorted."""
+    """Every name :func:`resolve_method` accepts: alignkit's presets first, then the peers, sorted, then
+    the learned methods' patterns (``voxelmorph:<checkpoint>``)."""
     from alignkit.evaluate.alignkit_methods import alignkit_method_names
+    from alignkit.evaluate.learned_methods import learned_method_patterns
 
-    return alignkit_method_names() + sorted(peer_factories())
+    return alignkit_method_names() + sorted(peer_factories()) + learned_method_patterns()
 
 
 def resolve_method(spec: str | Method, **options: Any) -> Method:
-    """The method named ``spec`` (``"alignkit:brain"``, ``"ants:syn"``); a Method is returned as is.
+    """The method named ``spec`` (``"alignkit:brain"``, ``"ants:syn"``, ``"voxelmorph:RUNDIR+refine50"``);
+    a Method is returned as is.
 
     ``options`` go to the method's constructor (e.g. ``max_iterations`` for alignkit presets).
     Raises :class:`~alignkit.errors.ConfigError` naming the known methods when ``spec`` is unknown.
@@ -56,4 +60,9 @@ def resolve_method(spec: str | Method, **options: Any) -> Method:
         # the factory may build a generic adapter: the table must show the name the user asked for
         method.name = name
         return method
+    from alignkit.evaluate.learned_methods import learned_method_for
+
+    learned = learned_method_for(name, **options)  # "voxelmorph:<checkpoint>[+refineK]"
+    if learned is not None:
+        return learned
     raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
