@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--layout", help="layout of a --dataset folder, e.g. flow/middlebury")
     ev.add_argument("--pairs", type=int, help="number of cases, drawn reproducibly with --seed (default: all)")
     ev.add_argument(
-        "--method", action="append", default=[], help="alignkit:<preset> or <peer>:<setting>; repeat for several"
+        "--method", action="append", default=[], help="alignkit:<preset>, <peer>:<setting> or voxelmorph:<checkpoint>[+refineK]; repeat for several"
     )
     ev.add_argument("-o", "--output", help="output folder")
     ev.add_argument("--threads", type=int, default=2, help="threads per run: torch, BLAS, OpenMP, ITK (default: 2)")
