@@ -274,3 +274,37 @@ def test_feature_init_recovers_wide_baseline_homography() -> None:
     config.init = "center"
     far = alignkit.register(fixed, moving, config=config, quiet=True)
     assert score_case(case, Prediction(world_map=far.world_map()[0].numpy()))["corner_error"] > 5.0
+
+
+def test_refinement_that_leaves_the_keypoint_matches_is_dropped() -> None:
+    """A refinement that agrees with the SIFT inliers is kept; one that moves them (here: a 15 px shift
+    appended to the refined chain, standing in for NCC pulled off by inverted contrast, as between
+    visible and near-infrared photographs) is dropped in favour of the feature fit."""
+    pytest.importorskip("cv2")
+    skdata = pytest.importorskip("skimage.data")
+    from alignkit.solve.engine import Engine
+    from alignkit.methods.presets import get_preset
+
+    moving = Image.from_array(skdata.camera()[::2, ::2].astype(np.float32) / 255.0)
+    fixed_data = moving.data.clone()
+    engine = Engine(get_preset("photo"), device="cpu", seed=0, progress=None)
+    chain = engine.run(Image(fixed_data, moving.grid), moving)
+    info = engine.init_info
+    assert info["init"] == "features"
+    assert info["inlier_median_px_refined"] < 1.0  # identical images: refinement agrees
+    assert "refinement_dropped" not in info
+    assert len(chain.stage_list()) == len(get_preset("photo").stages) + 1
+
+    # a refinement that wanders off: force one by making the solver optimise a shifted target
+    from alignkit.solve import engine as engine_module
+
+    class Shifted(engine_module.Engine):
+        def _check_against_features(self, stages):  # type: ignore[no-untyped-def]
+            shift = MatrixTransform(torch.tensor([[1.0, 0.0, 12.0], [0.0, 1.0, -9.0], [0.0, 0.0, 1.0]]))
+            return super()._check_against_features([*stages, shift])
+
+    shifted = Shifted(get_preset("photo"), device="cpu", seed=0, progress=None)
+    chain = shifted.run(Image(fixed_data, moving.grid), moving)
+    assert shifted.init_info["refinement_dropped"] == 1.0
+    assert shifted.init_info["inlier_median_px_refined"] > 10.0
+    assert len(chain.stage_list()) == 1

@@ -410,4 +410,6 @@ def register(
     result = Registration(fixed_image, moving_image, chain, cfg, fixed_labels=fixed_lab, moving_labels=moving_lab)
     result.metrics = compute_metrics(result, fixed_points=fixed_pts, moving_points=moving_pts, seconds=seconds)
     result.metrics["stage_seconds"] = {log.transform: round(log.seconds, 3) for log in engine.logs}
+    if engine.init_info:
+        result.metrics["init"] = dict(engine.init_info)
     return result

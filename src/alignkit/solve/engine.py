@@ -94,6 +94,11 @@ def initial_translation(fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_
     return matrix
 
 
+#: median pixel distance between refined-mapped and matched keypoint inliers above which an intensity
+#: refinement of a feature start is judged to have left the matches (see ``_check_against_features``)
+FEATURE_TOLERANCE = 3.0
+
+
 @contextlib.contextmanager
 def _threads_for(voxels: int, device: torch.device) -> Iterator[None]:
     """Run small CPU levels on one thread.
@@ -198,6 +203,8 @@ class Engine:
         self.progress = progress
         self.logs: list[StageLog] = []
         self.init_info: dict[str, Any] = {}
+        self._feature_fit: Any = None
+        self._grids_spacing = 1.0
         self._pyramid: dict[tuple[str, float, float | None], tuple[Tensor, Grid]] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -217,6 +224,7 @@ class Engine:
         if self.seed is not None:
             torch.manual_seed(self.seed)
         self._pyramid = {}
+        self._feature_fit = None
         fixed_t = normalize_intensity(fixed.batch(device=self.device))
         moving_t = normalize_intensity(moving.batch(device=self.device))
         if fixed_t.shape[1] != moving_t.shape[1]:
@@ -237,6 +245,7 @@ class Engine:
             init = self.config.init
             matrix = None
             if init == "features":
+                self._grids_spacing = float(fixed.grid.spacing.min())
                 matrix = self._feature_init(fixed_t, fixed.grid, moving_t, moving.grid)
                 init = "center"
             if matrix is None:
@@ -256,24 +265,44 @@ class Engine:
                 p.requires_grad_(False)
             stages.append(transform)
         self._pyramid = {}  # free the levels
+        stages = self._check_against_features(stages)
         return ComposedTransform(stages)
 
     # ------------------------------------------------------------------------------------------
     def _feature_init(self, fixed_t: Tensor, fixed_grid: Grid, moving_t: Tensor, moving_grid: Grid) -> Tensor | None:
         """Matrix fitted to keypoint matches, or None (then the centres are aligned) when OpenCV is
         missing or the fit is not trustworthy; ``self.init_info`` records which and why."""
-        from alignkit.solve.features import feature_matrix
+        from alignkit.solve.features import feature_fit
 
         model = "homography" if any(s.transform == "homography" for s in self.config.stages) else "affine"
         try:
-            matrix, stats = feature_matrix(
-                fixed_t, fixed_grid, moving_t, moving_grid, model=model, seed=self.seed or 0
-            )
+            fit = feature_fit(fixed_t, fixed_grid, moving_t, moving_grid, model=model, seed=self.seed or 0)
         except (ConfigError, ValueError) as exc:
             self.init_info = {"init": "center", "features_failed": str(exc)}
             return None
-        self.init_info = {"init": "features", **stats}
-        return matrix
+        self.init_info = {"init": "features", **fit.stats}
+        self._feature_fit = fit
+        return fit.matrix
+
+    def _check_against_features(self, stages: list[Transform]) -> list[Transform]:
+        """Keep the intensity refinement only if it still agrees with the keypoint inliers.
+
+        Intensity similarity can prefer a wrong alignment that the matches rule out -- e.g. NCC between
+        visible and near-infrared photographs, where vegetation inverts its contrast. The inliers are
+        an independent witness: if the refined transform moves them by more than ``FEATURE_TOLERANCE``
+        median pixels from their matches, the refinement is dropped and the feature fit is returned.
+        """
+        fit = self._feature_fit
+        if fit is None or len(stages) < 2:
+            return stages
+        spacing = float(self._grids_spacing)
+        refined = float(fit.residuals(ComposedTransform(stages).transform_points).median()) / spacing
+        initial = float(fit.residuals(stages[0].transform_points).median()) / spacing
+        self.init_info.update(inlier_median_px_features=initial, inlier_median_px_refined=refined)
+        if refined > max(FEATURE_TOLERANCE, 2.0 * initial):
+            self.init_info["refinement_dropped"] = 1.0
+            return stages[:1]
+        return stages
 
     def _prompts(self, fixed_labels, moving_labels, fixed_points, moving_points) -> dict[str, Any]:
         prompts: dict[str, Any] = {}

@@ -10,6 +10,8 @@ pixel frame. OpenCV is the optional ``features`` extra; without it :func:`featur
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -44,7 +46,36 @@ def _world_from_pixel(grid: Grid) -> np.ndarray:
     return grid.world_from_voxel.numpy() @ swap
 
 
+@dataclass
+class FeatureFit:
+    """A robust fit to keypoint matches: the moving-world-from-fixed-world ``matrix`` (3x3 float64),
+    fit statistics, and the inlier correspondences as ``(N, 2)`` world points of each image."""
+
+    matrix: Tensor
+    stats: dict[str, float]
+    fixed_points: Tensor
+    moving_points: Tensor
+
+    def residuals(self, transform_points) -> Tensor:  # type: ignore[no-untyped-def]
+        """Distances between the moving inliers and the fixed inliers carried by ``transform_points``
+        (a callable on ``(1, 2, N)`` world points), world units."""
+        mapped = transform_points(self.fixed_points.T.unsqueeze(0).float())[0].T.double()
+        return torch.linalg.norm(mapped.cpu() - self.moving_points, dim=1)
+
+
 def feature_matrix(
+    fixed: Tensor,
+    fixed_grid: Grid,
+    moving: Tensor,
+    moving_grid: Grid,
+    **options: object,
+) -> tuple[Tensor, dict[str, float]]:
+    """:func:`feature_fit`'s matrix and statistics."""
+    fit = feature_fit(fixed, fixed_grid, moving, moving_grid, **options)  # type: ignore[arg-type]
+    return fit.matrix, fit.stats
+
+
+def feature_fit(
     fixed: Tensor,
     fixed_grid: Grid,
     moving: Tensor,
@@ -55,8 +86,8 @@ def feature_matrix(
     ratio: float = 0.8,
     threshold_px: float = 3.0,
     seed: int = 0,
-) -> tuple[Tensor, dict[str, float]]:
-    """Moving-world-from-fixed-world matrix ``(3, 3)`` float64 fitted to SIFT matches, and fit stats.
+) -> FeatureFit:
+    """Moving-world-from-fixed-world matrix ``(3, 3)`` float64 fitted to SIFT matches, with its inliers.
 
     Raises :class:`ConfigError` when OpenCV is missing and :class:`ValueError` when the fit is not
     trustworthy (too few matches or inliers): the caller then starts from the centres instead.
@@ -91,6 +122,17 @@ def feature_matrix(
     stats = {"matches": float(len(good)), "inliers": float(inliers), "inlier_fraction": inliers / len(good)}
     if inliers < MIN_INLIERS or inliers < MIN_INLIER_FRACTION * len(good):
         raise ValueError(f"{inliers} inliers of {len(good)} matches")
-    world = _world_from_pixel(moving_grid) @ pixel @ np.linalg.inv(_world_from_pixel(fixed_grid))
+    to_fixed_world, to_moving_world = _world_from_pixel(fixed_grid), _world_from_pixel(moving_grid)
+    world = to_moving_world @ pixel @ np.linalg.inv(to_fixed_world)
     world = world / world[2, 2]
-    return torch.as_tensor(world, dtype=torch.float64), stats
+    keep = mask.ravel().astype(bool)
+
+    def to_world(matrix: np.ndarray, pts: np.ndarray) -> Tensor:
+        return torch.as_tensor(pts @ matrix[:2, :2].T + matrix[:2, 2], dtype=torch.float64)
+
+    return FeatureFit(
+        torch.as_tensor(world, dtype=torch.float64),
+        stats,
+        to_world(to_fixed_world, pts_f[keep]),
+        to_world(to_moving_world, pts_m[keep]),
+    )
