@@ -91,7 +91,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], str, int, int | None]] = {
     ),
     "vis-nir": (
         "vis-nir",
-        ["alignkit:photo", "alignkit:multimodal", "opencv:sift-ransac", "opencv:ecc", "kornia:registrator"],
+        ["alignkit:photo", "opencv:sift-ransac", "opencv:ecc", "kornia:registrator", "kornia:sift-ransac"],
         "opencv:sift-ransac", 4, 8,
     ),
 }
