@@ -308,3 +308,11 @@ def test_refinement_that_leaves_the_keypoint_matches_is_dropped() -> None:
     assert shifted.init_info["refinement_dropped"] == 1.0
     assert shifted.init_info["inlier_median_px_refined"] > 10.0
     assert len(chain.stage_list()) == 1
+
+
+def test_pyramid_levels_are_capped_on_small_images() -> None:
+    from alignkit.solve.engine import MIN_LEVEL_SIZE, level_factor
+
+    assert level_factor(8, (256, 256, 160)) == 8.0
+    assert level_factor(8, (44, 59, 41)) == pytest.approx(41 / MIN_LEVEL_SIZE)
+    assert level_factor(4, (10, 12)) == 1.0

@@ -94,6 +94,19 @@ def initial_translation(fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_
     return matrix
 
 
+#: a pyramid level keeps at least this many voxels along the fixed image's shortest axis: a preset's
+#: shrink factors are chosen for typical sizes (a 1/8 level of a 256-voxel brain is 32 wide), and on a
+#: small volume -- e.g. 44x59x41 prostate crops -- the same factor leaves a 5-voxel level on which
+#: mutual information and the first stages' fits are meaningless (measured: mean Dice 0.27 with the
+#: brain-sized factors vs 0.46 with levels capped this way, multimodal preset, 4 MR-US pairs)
+MIN_LEVEL_SIZE = 16
+
+
+def level_factor(factor: float, shape: tuple[int, ...]) -> float:
+    """A preset's shrink ``factor``, capped so the level is at least :data:`MIN_LEVEL_SIZE` voxels wide."""
+    return float(min(factor, max(1.0, min(shape) / MIN_LEVEL_SIZE)))
+
+
 #: median pixel distance between refined-mapped and matched keypoint inliers above which an intensity
 #: refinement of a feature start is judged to have left the matches (see ``_check_against_features``)
 FEATURE_TOLERANCE = 3.0
@@ -332,7 +345,7 @@ class Engine:
         return self._pyramid[key]
 
     def _level(self, cfg: StageConfig, index: int, fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_grid: Grid) -> _Level:
-        factor = cfg.levels[index]
+        factor = level_factor(cfg.levels[index], fixed_grid.shape)
         sigma = None if cfg.smoothing is None else cfg.smoothing[index]
         fixed_l, grid_l = self._downsample("fixed", fixed, fixed_grid, factor, sigma)
         # Shrink the moving image to about the level's spacing, never upsampling it.
