@@ -240,9 +240,9 @@ def test_feature_init_recovers_wide_baseline_homography() -> None:
     from alignkit.evaluate.method import Prediction
     from alignkit.evaluate.scoring import score_case
     from alignkit.image import Image
-    from alignkit.spatial import Grid, sample_world
     from alignkit.solve.engine import normalize_intensity
     from alignkit.solve.features import feature_matrix
+    from alignkit.spatial import Grid, sample_world
 
     moving = Image.from_array(skdata.camera()[::2, ::2].astype(np.float32) / 255.0)
     h, w = moving.shape
@@ -282,8 +282,8 @@ def test_refinement_that_leaves_the_keypoint_matches_is_dropped() -> None:
     visible and near-infrared photographs) is dropped in favour of the feature fit."""
     pytest.importorskip("cv2")
     skdata = pytest.importorskip("skimage.data")
-    from alignkit.solve.engine import Engine
     from alignkit.methods.presets import get_preset
+    from alignkit.solve.engine import Engine
 
     moving = Image.from_array(skdata.camera()[::2, ::2].astype(np.float32) / 255.0)
     fixed_data = moving.data.clone()
