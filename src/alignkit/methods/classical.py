@@ -326,6 +326,29 @@ def compute_metrics(
     return metrics
 
 
+def prepare_inputs(
+    fixed: Any, moving: Any, fixed_labels: Any, moving_labels: Any, fixed_landmarks: Any, moving_landmarks: Any
+) -> tuple[Image, Image, Image | None, Image | None, Tensor | None, Tensor | None]:
+    """Read and check a registration's inputs (shared by the classical and learned paths): images,
+    optional label maps on their images' grids, optional landmark lists given for both or neither."""
+    fixed_image = as_image(fixed, role="fixed")
+    moving_image = as_image(moving, role="moving")
+    check_pair(fixed_image, moving_image)
+    fixed_lab = as_image(fixed_labels, labels=True) if fixed_labels is not None else None
+    moving_lab = as_image(moving_labels, labels=True) if moving_labels is not None else None
+    if fixed_lab is not None:
+        check_labels(fixed_lab, fixed_image)
+    if moving_lab is not None:
+        check_labels(moving_lab, moving_image)
+    fixed_pts = as_points(fixed_landmarks, fixed_image.ndim, "fixed landmarks")
+    moving_pts = as_points(moving_landmarks, fixed_image.ndim, "moving landmarks")
+    if (fixed_pts is None) != (moving_pts is None):
+        raise InputError("landmarks must be given for both images")
+    if fixed_pts is not None and moving_pts is not None and fixed_pts.shape != moving_pts.shape:
+        raise InputError(f"fixed and moving landmark counts differ ({len(fixed_pts)} vs {len(moving_pts)})")
+    return fixed_image, moving_image, fixed_lab, moving_lab, fixed_pts, moving_pts
+
+
 def register(
     fixed: ImageLike,
     moving: ImageLike,
@@ -371,21 +394,9 @@ def register(
         )
     if checkpoint is not None or refine:
         raise ConfigError("checkpoint and refine need a learned method (e.g. method='voxelmorph')")
-    fixed_image = as_image(fixed, role="fixed")
-    moving_image = as_image(moving, role="moving")
-    check_pair(fixed_image, moving_image)
-    fixed_lab = as_image(fixed_labels, labels=True) if fixed_labels is not None else None
-    moving_lab = as_image(moving_labels, labels=True) if moving_labels is not None else None
-    if fixed_lab is not None:
-        check_labels(fixed_lab, fixed_image)
-    if moving_lab is not None:
-        check_labels(moving_lab, moving_image)
-    fixed_pts = as_points(fixed_landmarks, fixed_image.ndim, "fixed landmarks")
-    moving_pts = as_points(moving_landmarks, fixed_image.ndim, "moving landmarks")
-    if (fixed_pts is None) != (moving_pts is None):
-        raise InputError("landmarks must be given for both images")
-    if fixed_pts is not None and moving_pts is not None and fixed_pts.shape != moving_pts.shape:
-        raise InputError(f"fixed and moving landmark counts differ ({len(fixed_pts)} vs {len(moving_pts)})")
+    fixed_image, moving_image, fixed_lab, moving_lab, fixed_pts, moving_pts = prepare_inputs(
+        fixed, moving, fixed_labels, moving_labels, fixed_landmarks, moving_landmarks
+    )
 
     cfg = resolve_config(fixed_image.ndim, preset=preset, transform=transform, similarity=similarity, config=config)
     progress = None

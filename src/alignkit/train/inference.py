@@ -29,11 +29,8 @@ from alignkit.errors import ConfigError, InputError
 from alignkit.methods.classical import (
     ImageLike,
     Registration,
-    as_image,
-    as_points,
-    check_labels,
-    check_pair,
     compute_metrics,
+    prepare_inputs,
 )
 from alignkit.solve import Engine, RegistrationConfig, StageConfig
 from alignkit.solve.config import LINEAR_MODELS
@@ -127,19 +124,9 @@ def register_learned(
         raise ConfigError(f"method {method!r} needs a checkpoint (--checkpoint CKPT)")
     if refine < 0:
         raise ConfigError(f"refine must be >= 0 iterations, got {refine}")
-    fixed_image = as_image(fixed, role="fixed")
-    moving_image = as_image(moving, role="moving")
-    check_pair(fixed_image, moving_image)
-    fixed_lab = as_image(fixed_labels, labels=True) if fixed_labels is not None else None
-    moving_lab = as_image(moving_labels, labels=True) if moving_labels is not None else None
-    if fixed_lab is not None:
-        check_labels(fixed_lab, fixed_image)
-    if moving_lab is not None:
-        check_labels(moving_lab, moving_image)
-    fixed_pts = as_points(fixed_landmarks, fixed_image.ndim, "fixed landmarks")
-    moving_pts = as_points(moving_landmarks, fixed_image.ndim, "moving landmarks")
-    if (fixed_pts is None) != (moving_pts is None):
-        raise InputError("landmarks must be given for both images")
+    fixed_image, moving_image, fixed_lab, moving_lab, fixed_pts, moving_pts = prepare_inputs(
+        fixed, moving, fixed_labels, moving_labels, fixed_landmarks, moving_landmarks
+    )
 
     dev = resolve_device(device)
     learned = load_learned(method, checkpoint, dev)
