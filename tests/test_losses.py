@@ -239,6 +239,24 @@ def test_mi_identical_beats_shuffled_and_is_deterministic() -> None:
     assert sampled(x, x).item() < sampled(shuffled, x).item()
 
 
+def test_mi_sparse_histogram_matches_dense_soft_assignment() -> None:
+    """The 4 x 4-bin sparse Parzen histogram (B-spline kernels on both sides) gives the same value
+    and gradient as the dense (N, bins) soft-assignment product it replaces; a fixed image that
+    requires grad (learned features) takes the dense path, so it serves as the reference here."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 17, 19), (1, 1, 9, 10, 11)]:
+        warped = torch.rand(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+        fixed = warped.detach() ** 2 + 0.1 * torch.rand(shape, dtype=torch.float64, generator=gen)
+        mask = (torch.rand(shape[0], 1, *shape[2:], generator=gen) > 0.3).double()
+        mi = MattesMI(bins=16)
+        sparse = mi(warped, fixed, mask)
+        (grad_sparse,) = torch.autograd.grad(sparse, warped)
+        dense = mi(warped, fixed.clone().requires_grad_(True), mask)
+        (grad_dense,) = torch.autograd.grad(dense, warped)
+        assert sparse.item() == pytest.approx(dense.item(), abs=1e-12)
+        assert torch.allclose(grad_sparse, grad_dense, atol=1e-14)
+
+
 def test_mi_multimodal_inverted_contrast() -> None:
     """MI rewards aligned images with a non-linear contrast change; MSE/NCC would not."""
     x = _smooth_image((24, 24), 9, torch.float32)

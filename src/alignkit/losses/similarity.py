@@ -280,6 +280,60 @@ def _cubic_bspline(u: Tensor) -> Tensor:
     return torch.where(a < 1.0, inner, outer)
 
 
+def _cubic_bspline_derivative(u: Tensor) -> Tensor:
+    """d/du of :func:`_cubic_bspline`."""
+    a = u.abs()
+    inner = -2.0 * a + 1.5 * a * a
+    outer = -0.5 * (2.0 - a).clamp_min(0.0) ** 2
+    return torch.where(a < 1.0, inner, outer) * torch.sign(u)
+
+
+def _bspline_taps(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The 4 bins a cubic B-spline at bin coordinate ``t (M, N)`` touches: first bin ``(M, N)``
+    (long), weights ``(M, N, 4)`` and their derivatives with respect to ``t``."""
+    first = torch.floor(t) - 1.0
+    u = t.unsqueeze(-1) - (first.unsqueeze(-1) + torch.arange(4, dtype=t.dtype, device=t.device))
+    return first.long(), _cubic_bspline(u), _cubic_bspline_derivative(u)
+
+
+class _SparseJointHistogram(torch.autograd.Function):
+    """Parzen joint histogram ``(M, bins, bins)`` with cubic B-spline kernels on both sides.
+
+    Each sample touches 4 x 4 bins, so the histogram is 16 weighted ``bincount`` s of ``N`` samples
+    instead of the dense ``(N, bins)`` soft-assignment product, whose element-wise kernel
+    evaluations over all bins made MI 5-10x slower than needed (memory bound). The backward pass
+    gathers the same 16 bins; only ``moving_coords`` (the warped image) receives a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, moving_coords: Tensor, fixed_coords: Tensor, weights: Tensor, bins: int) -> Tensor:  # type: ignore[override]
+        m_first, m_w, m_dw = _bspline_taps(moving_coords)
+        f_first, f_w, _ = _bspline_taps(fixed_coords)
+        f_w = f_w * weights.unsqueeze(-1)
+        rows = moving_coords.shape[0]
+        # flat index of each sample's first bin in the stacked (rows, bins, bins) histograms
+        first = (torch.arange(rows, device=moving_coords.device).unsqueeze(-1) * bins + f_first) * bins + m_first
+        moving_taps = torch.arange(4, device=moving_coords.device)
+        size = rows * bins * bins
+        joint = torch.zeros(size, dtype=torch.float64, device=moving_coords.device)
+        for a in range(4):  # one fixed tap at a time keeps the transient index at (M, N, 4)
+            index = (first + a * bins).unsqueeze(-1) + moving_taps
+            joint += torch.bincount(index.flatten(), (f_w[..., a : a + 1] * m_w).flatten(), minlength=size)
+        ctx.save_for_backward(first, f_w, m_dw)
+        ctx.bins = bins
+        return joint.to(moving_coords.dtype).view(rows, bins, bins)
+
+    @staticmethod
+    def backward(ctx, grad_joint: Tensor):  # type: ignore[override]
+        first, f_w, m_dw = ctx.saved_tensors
+        flat = grad_joint.reshape(-1)
+        moving_taps = torch.arange(4, device=first.device)
+        per_moving_tap = torch.zeros_like(m_dw)  # sum over fixed taps a of f_w[a] * dL/djoint
+        for a in range(4):
+            per_moving_tap += f_w[..., a : a + 1] * flat[(first + a * ctx.bins).unsqueeze(-1) + moving_taps]
+        return (per_moving_tap * m_dw).sum(-1), None, None, None
+
+
 class MattesMI(nn.Module):
     """Mattes mutual information; returns ``-MI`` (nats), to minimise.
 
@@ -292,7 +346,8 @@ class MattesMI(nn.Module):
       or a unit-width Gaussian (``fixed_kernel``) on the fixed side, over ``bins`` bins of which
       the two outer ones on each side are padding for the kernel support (as in ITK).
     * The joint histogram is ``W_f^T diag(mask) W_m`` with soft-assignment matrices
-      ``(N, bins)``: memory is linear in voxels x bins. ``samples`` draws that many voxels
+      ``(N, bins)``; with B-spline kernels on both sides each sample touches 4 x 4 bins and the
+      histogram and its gradient are built from those alone (memory linear in voxels). ``samples`` draws that many voxels
       (without replacement, the same voxels for the whole batch) with ``generator`` if given to
       :meth:`forward`, else a fresh generator seeded with ``seed`` (same voxels on every call),
       else the global RNG (``seed=None``). ``samples=None`` uses every voxel.
@@ -380,9 +435,18 @@ class MattesMI(nn.Module):
         span = self.bins - 5
         tx = 2.0 + span * self._normalise(x, self.moving_range)
         ty = 2.0 + span * self._normalise(y, self.fixed_range)
-        wm = self._parzen(tx, "bspline")  # (B, C, N, bins)
-        wf = self._parzen(ty, self.fixed_kernel) * w.unsqueeze(-1)
-        joint = wf.transpose(-1, -2) @ wm  # (B, C, bins_f, bins_m)
+        # the sparse histogram differentiates the warped side only; a learned fixed side (feature
+        # images) or a mask that depends on the transform take the dense path
+        if self.fixed_kernel == "bspline" and not (ty.requires_grad or w.requires_grad):
+            batch, channels = tx.shape[:2]
+            weights = w.expand_as(ty)
+            joint = _SparseJointHistogram.apply(
+                tx.flatten(0, 1), ty.flatten(0, 1), weights.flatten(0, 1), self.bins
+            ).view(batch, channels, self.bins, self.bins)
+        else:
+            wm = self._parzen(tx, "bspline")  # (B, C, N, bins)
+            wf = self._parzen(ty, self.fixed_kernel) * w.unsqueeze(-1)
+            joint = wf.transpose(-1, -2) @ wm  # (B, C, bins_f, bins_m)
         joint = joint / joint.sum(dim=(-1, -2), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         p_f, p_m = joint.sum(dim=-1), joint.sum(dim=-2)
         tiny = torch.finfo(dtype).tiny
