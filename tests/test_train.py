@@ -19,6 +19,7 @@ from PIL import Image as PILImage
 
 import alignkit
 from alignkit.cli import main
+from alignkit.errors import ConfigError
 from alignkit.image import Image
 from alignkit.spatial import Grid
 from alignkit.train import (
@@ -115,6 +116,57 @@ def test_inter_subject_pairs_hold_out_subjects_for_validation():
     subset = InterSubjectPairs(subjects, max_pairs=7, seed=3)
     assert len(subset) == 7 and len(set(subset.pairs)) == 7
     assert subset.pairs == InterSubjectPairs(subjects, max_pairs=7, seed=3).pairs
+
+
+def test_named_validation_subjects_are_never_trained_on():
+    subjects = [_subject(k) for k in range(5)]
+    train_set, val_set = build_pairs("inter", subjects, val_subjects=["phantom[34]"], seed=0)
+    assert [s.name for s in train_set.subjects] == ["phantom0", "phantom1", "phantom2"]
+    assert len(train_set) == 6
+    assert val_set is not None
+    for i, j in val_set.pairs:  # every validation pair involves a named subject
+        assert {"phantom3", "phantom4"} & {val_set.subjects[i].name, val_set.subjects[j].name}
+    # synthetic pairs deform the training subjects only; validation stays on the named ones
+    synthetic, synthetic_val = build_pairs("synthetic", subjects, val_subjects=["phantom4"], seed=0)
+    assert {s.name for s in synthetic.subjects} == {"phantom0", "phantom1", "phantom2", "phantom3"}
+    assert synthetic_val is not None and "phantom4" in {s.name for s in synthetic_val.subjects}
+    with pytest.raises(ConfigError, match="match none"):
+        build_pairs("inter", subjects, val_subjects=["phantom9"])
+    with pytest.raises(ConfigError, match="no training subject"):
+        build_pairs("inter", subjects, val_subjects=["phantom*"])
+
+
+def test_subject_patterns_select_images_before_the_reference_is_chosen():
+    from alignkit.train.subjects import load_subjects
+
+    images = [Image.from_array(_phantom(k), path=f"img{k}") for k in range(4)]
+    data = load_subjects(images, SIZE, include=["img[13]"])
+    assert [s.name for s in data.subjects] == ["img1", "img3"]
+    with pytest.raises(ConfigError, match="img7"):
+        load_subjects(images, SIZE, include=["img7"])
+
+
+def test_unlabelled_training_subjects_validate_on_labelled_held_out_ones(tmp_path):
+    """Train on unlabelled images, validate on two labelled held-out ones (the brain2d protocol):
+    the validation Dice is scored, and the affine pre-alignment is recorded in the model, so
+    ``alignkit.register`` with the checkpoint runs it before the network."""
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for k in range(5):
+        PILImage.fromarray(_phantom(k).astype(np.uint8)).save(folder / f"s{k}.png")
+    for k in (3, 4):
+        labels = (_phantom(k) > 40).astype(np.uint8) + (_phantom(k) > 120)
+        PILImage.fromarray(labels.astype(np.uint8)).save(folder / f"s{k}_seg.png")
+    PILImage.fromarray(np.zeros((20, 30), np.uint8)).save(folder / "other.png")  # not a subject of the run
+    out = tmp_path / "run"
+    config = _config(dataset=str(folder), layout="folder", subjects="s*", val_subjects=["s3", "s4"],
+                     prealign="affine", epochs=1)
+    result = train(config, out)
+    assert result.method.config["prealign"] == "affine" and result.method.label_ids == [1, 2]
+    assert 0.0 < result.history[0]["val_dice"] <= 1.0 and 0.0 < result.history[-1]["val_dice"] <= 1.0
+    assert TrainConfig.from_dict(json.loads((out / "config.json").read_text())).val_subjects == ["s3", "s4"]
+    registered = alignkit.register(folder / "s3.png", folder / "s4.png", method="voxelmorph", checkpoint=out)
+    assert registered.metrics["stages"][0] == "affine"
 
 
 def test_real_folder_labels_on_another_grid_are_resampled_through_the_world():

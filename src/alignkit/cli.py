@@ -112,6 +112,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--method", help="learned method (default: voxelmorph)")
     tr.add_argument("--dataset", help="data set name (a folder name of the shared data) or a folder of images")
     tr.add_argument("--layout", help="layout of a --dataset folder; 'folder' reads it as a plain folder of images")
+    tr.add_argument(
+        "--subjects", help="comma-separated name patterns of the subjects to use, e.g. 'r*slice' (default: all)"
+    )
+    tr.add_argument(
+        "--val-subjects",
+        help="comma-separated name patterns of held-out validation subjects (default: a seeded split)",
+    )
     tr.add_argument("-o", "--output", required=True, help="run folder (RUNDIR)")
     tr.add_argument("--epochs", type=int, help="number of epochs (default: 10)")
     tr.add_argument("--batch-size", type=int, help="pairs per step and process (default: 1)")
@@ -210,6 +217,7 @@ def _train(args: argparse.Namespace) -> int:
     flags = {
         "method": args.method, "dataset": args.dataset, "layout": args.layout, "epochs": args.epochs,
         "batch_size": args.batch_size, "size": args.size, "lr": args.lr, "pairs": args.pairs,
+        "subjects": args.subjects, "val_subjects": args.val_subjects,
         "prealign": args.prealign, "num_workers": args.workers, "device": args.device, "seed": args.seed,
     }
     values.update({k: v for k, v in flags.items() if v is not None})

@@ -312,7 +312,9 @@ class _SparseJointHistogram(torch.autograd.Function):
         f_w = f_w * weights.unsqueeze(-1)
         rows = moving_coords.shape[0]
         # flat index of each sample's first bin in the stacked (rows, bins, bins) histograms
-        first = (torch.arange(rows, device=moving_coords.device).unsqueeze(-1) * bins + f_first) * bins + m_first
+        first = (
+            torch.arange(rows, device=moving_coords.device).unsqueeze(-1) * bins + f_first
+        ) * bins + m_first
         moving_taps = torch.arange(4, device=moving_coords.device)
         size = rows * bins * bins
         joint = torch.zeros(size, dtype=torch.float64, device=moving_coords.device)

@@ -240,6 +240,39 @@ def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) 
     return [subjects[k] for k in range(n) if k not in val], [subjects[k] for k in val]
 
 
+def named_split(subjects: Sequence[Subject], patterns: Sequence[str]) -> tuple[list[Subject], list[Subject]]:
+    """(train, validation) subjects: validation = those whose name matches a shell-style pattern
+    (:func:`~alignkit.train.subjects.select_names`), e.g. ``["subject11", "subject12"]``."""
+    from alignkit.train.subjects import select_names
+
+    names = [s.name for s in subjects]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"validation subjects are chosen by name, but the names repeat: {', '.join(names)}")
+    held = set(select_names(names, patterns))
+    train = [s for s in subjects if s.name not in held]
+    if not train:
+        raise ConfigError(f"the validation patterns {', '.join(patterns)} leave no training subject")
+    return train, [s for s in subjects if s.name in held]
+
+
+def _involving(
+    train_subjects: list[Subject],
+    val_subjects: list[Subject],
+    *,
+    max_pairs: int | None,
+    label_ids: Sequence[int] | None,
+    seed: int,
+) -> InterSubjectPairs:
+    """Every ordered pair that involves a validation subject (with a training one, or another one)."""
+    everyone = train_subjects + val_subjects
+    first_val = len(train_subjects)
+    pairs = [
+        (i, j) for i in range(len(everyone)) for j in range(len(everyone))
+        if i != j and (i >= first_val or j >= first_val)
+    ]
+    return InterSubjectPairs(everyone, pairs=pairs, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
+
+
 def build_pairs(
     kind: PairKind | str,
     data: SubjectSet | Sequence[Subject],
@@ -249,6 +282,7 @@ def build_pairs(
     synthetic_length: int | None = None,
     magnitude: float = 3.0,
     seed: int = 0,
+    val_subjects: Sequence[str] | None = None,
 ) -> tuple[PairDataset, PairDataset | None]:
     """(training pairs, validation pairs or None) of ``kind`` from subjects.
 
@@ -258,6 +292,11 @@ def build_pairs(
     * ``synthetic`` (a new deformation every epoch) / ``warped-copy`` (one per index): validation on
       fixed deformations from another seed stream, never drawn in training;
     * ``cases``: the data set's own pairs (:attr:`SubjectSet.case_pairs`), a seeded part held out.
+
+    ``val_subjects`` (shell-style patterns of subject names, :func:`named_split`) names the held-out
+    subjects instead of the seeded split (``val_fraction`` is then unused): every kind of training
+    pair is made of the other subjects only, and validation is every inter-subject pair that involves
+    a held-out one -- e.g. train on unlabelled brain slices, validate on the two labelled ones.
     """
     if kind not in PAIR_KINDS:
         raise ConfigError(f"unknown pair kind {kind!r}; choose one of {', '.join(PAIR_KINDS)}")
@@ -265,6 +304,20 @@ def build_pairs(
         subjects, label_ids, case_pairs = data.subjects, data.label_ids, data.case_pairs
     else:
         subjects, label_ids, case_pairs = list(data), None, None
+    named: tuple[list[Subject], list[Subject]] | None = None
+    if val_subjects is not None:
+        if kind == "cases":
+            raise ConfigError("validation subjects apply to subject pairs, not to a data set's own (cases)")
+        named = named_split(subjects, val_subjects)
+        if label_ids is None and any(s.labels is not None for s in subjects):
+            label_ids = label_ids_of(subjects)  # the held-out subjects' labels count too
+    if kind in ("synthetic", "warped-copy") and named is not None:
+        train_subjects, held = named
+        train = SyntheticPairs(
+            train_subjects, length=synthetic_length, magnitude=magnitude, per_epoch=kind == "synthetic",
+            label_ids=label_ids, seed=seed,
+        )
+        return train, _involving(train_subjects, held, max_pairs=None, label_ids=label_ids, seed=seed)
     if kind in ("synthetic", "warped-copy"):
         train = SyntheticPairs(
             subjects, length=synthetic_length, magnitude=magnitude, per_epoch=kind == "synthetic",
@@ -288,29 +341,30 @@ def build_pairs(
             InterSubjectPairs(subjects, pairs=val_pairs, label_ids=label_ids, seed=seed) if val_pairs else None
         )
         return train_set, val_set
-    held_out = len(subjects) >= 4
-    train_subjects, val_subjects = split_subjects(subjects, val_fraction, seed) if held_out else (list(subjects), [])
+    if named is not None:
+        train_subjects, held_subjects = named
+    elif len(subjects) >= 4:
+        train_subjects, held_subjects = split_subjects(subjects, val_fraction, seed)
+    else:
+        train_subjects, held_subjects = list(subjects), []
     if kind == "atlas":
         atlas, rest = train_subjects[0], train_subjects[1:]
         if not rest:
             raise ConfigError("atlas pairs need an atlas and at least one subject")
         train_set = AtlasPairs(atlas, rest, label_ids=label_ids, seed=seed)
         val_set = None
-        if val_subjects:
-            val_set = AtlasPairs(atlas, val_subjects, label_ids=label_ids, seed=seed)
+        if held_subjects:
+            val_set = AtlasPairs(atlas, held_subjects, label_ids=label_ids, seed=seed)
         elif val_fraction > 0:
             val_set = AtlasPairs(atlas, rest, label_ids=label_ids, seed=seed)
         return train_set, val_set
+    if len(train_subjects) < 2:
+        names = [s.name for s in train_subjects]
+        raise ConfigError(f"inter-subject pairs need two training subjects, got {names}")
     train_set = InterSubjectPairs(train_subjects, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
-    if val_subjects:
-        # every ordered pair that involves a held-out subject (with a training one, or another held-out one)
-        everyone = train_subjects + val_subjects
-        first_val = len(train_subjects)
-        pairs = [
-            (i, j) for i in range(len(everyone)) for j in range(len(everyone))
-            if i != j and (i >= first_val or j >= first_val)
-        ]
-        return train_set, InterSubjectPairs(everyone, pairs=pairs, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
+    if held_subjects:
+        val_set = _involving(train_subjects, held_subjects, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
+        return train_set, val_set
     if val_fraction > 0:
         n_val = max(1, round(val_fraction * len(train_set)))
         return train_set, InterSubjectPairs(list(subjects), max_pairs=n_val, label_ids=label_ids, seed=seed + 1)

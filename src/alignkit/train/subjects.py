@@ -22,6 +22,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -122,6 +123,19 @@ def prepare_subject(image: Image, size: Sequence[int], *, labels: Image | None =
     return Subject(name or image.name, data[0], grid, lab)
 
 
+def select_names(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The ``names`` (in their order) that match any of the shell-style ``patterns``
+    (:func:`fnmatch.fnmatchcase`: ``*``, ``?``, ``[...]``); a pattern that matches nothing is an error
+    naming what there is, so a typo never silently trains on the wrong subjects."""
+    patterns = [str(p) for p in patterns]
+    if not patterns:
+        raise ConfigError("an empty list of subject patterns selects nothing")
+    unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ConfigError(f"subject pattern(s) {', '.join(unmatched)} match none of: {', '.join(names)}")
+    return [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
+
+
 def label_ids_of(subjects: Sequence[Subject]) -> list[int]:
     """Sorted non-zero label values found in any subject (the one-hot channels of a Dice loss)."""
     values: set[int] = set()
@@ -207,8 +221,9 @@ def dataset_data(source: str | os.PathLike, *, layout: str | None = None) -> Raw
     or a plain folder of images (:func:`folder_images`; also forced with ``layout="folder"``).
 
     Subject-based data sets (cases named ``"B<-A"``, e.g. OASIS's 132 ordered pairs of 12 subjects)
-    load only as many cases as cover every subject once; case-based ones (flow, multimodal pairs)
-    keep their own pairs in :attr:`RawData.case_pairs`.
+    load only as many cases as cover every subject once and name each image by its subject id
+    (``"subject01"``); case-based ones (flow, multimodal pairs) keep their own pairs in
+    :attr:`RawData.case_pairs`. Images of a plain folder are named by their file stem (``"r16slice"``).
     """
     if layout == "folder":
         return RawData(folder_images(source))
@@ -241,11 +256,14 @@ def dataset_data(source: str | os.PathLike, *, layout: str | None = None) -> Raw
     for index in chosen:
         case = dataset[index]
         slots = []
-        for side, image, labels in (("fixed", case.fixed, case.fixed_labels), ("moving", case.moving, case.moving_labels)):
+        sides = (("fixed", case.fixed, case.fixed_labels), ("moving", case.moving, case.moving_labels))
+        for k, (side, image, labels) in enumerate(sides):
             key = image.path or f"{case.name}:{side}"
             if key not in keys:
                 keys[key] = len(images)
-                images.append((Path(image.path).name if image.path else key, image, labels))
+                # subjects are named by their id ("subject01"; OASIS files all share one file name)
+                name = ids[index][k] if ids is not None else Path(image.path).name if image.path else key
+                images.append((name, image, labels))
             slots.append(keys[key])
         case_pairs.append((slots[0], slots[1]))
         if case.label_ids is not None:
@@ -340,19 +358,27 @@ def load_subjects(
     reference: int = 0,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    include: Sequence[str] | None = None,
 ) -> SubjectSet:
     """Subjects on their network grids from a data set name/folder (:func:`dataset_data`) or images.
 
+    ``include``: shell-style patterns (:func:`select_names`) of the subject names to keep, e.g.
+    ``["r*slice"]`` for the brain slices of the ``brain2d`` folder without its atlas; default: all.
     ``prealign="affine"`` (or ``"rigid"``) first brings every image into the space of subject
-    ``reference`` with the classical engine (once per subject, cached in ``cache_dir``): native-space
-    data such as ``brain3d-oasis-trt20`` need it; data sets already aligned do not
-    (``brain3d-aseg-pair``, the 2D slices).
+    ``reference`` (counted among the kept ones) with the classical engine (once per subject, cached
+    in ``cache_dir``): native-space data such as ``brain3d-oasis-trt20`` need it; data sets already
+    aligned do not (``brain3d-aseg-pair``, the 2D slices).
     """
     if isinstance(source, (str, os.PathLike)):
         data = dataset_data(source, layout=layout)
     else:
         items = [item if isinstance(item, tuple) else (item, None) for item in source]
         data = RawData([(image.path or f"image{k}", image, labels) for k, (image, labels) in enumerate(items)])
+    if include is not None:
+        if data.case_pairs is not None:
+            raise ConfigError("subject patterns apply to subject-based data sets, not to ones with own pairs")
+        keep = set(select_names([name for name, _, _ in data.images], include))
+        data.images = [item for item in data.images if item[0] in keep]
     raw = data.images
     if not raw:
         raise InputError("the data set holds no images", str(source))

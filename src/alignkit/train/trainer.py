@@ -63,7 +63,12 @@ class TrainConfig:
     ``method_options`` go to the method (``similarity``, ``regularizer_weight``, ``dice_weight`` ...).
     ``pairs="auto"`` trains on the data set's own pairs when it defines them (flow, multimodal),
     else on inter-subject pairs when it has two images or more, else on synthetic deformations.
-    ``layout="folder"`` reads ``dataset`` as a plain folder of images (labels ``<stem>_seg``). ``amp`` (mixed precision) applies on CUDA only;
+    ``layout="folder"`` reads ``dataset`` as a plain folder of images (labels ``<stem>_seg``).
+    ``subjects`` (shell-style patterns of subject names: file stems of a folder, ``subject01`` ...)
+    keeps only the matching images; ``val_subjects`` names the held-out validation subjects instead
+    of the seeded ``val_fraction`` split (:func:`~alignkit.train.pairs.build_pairs`). ``prealign`` is
+    also recorded in the method, so :func:`alignkit.register` runs the same pre-alignment before the
+    network unless ``method_options`` says otherwise. ``amp`` (mixed precision) applies on CUDA only;
     None = on when the device is CUDA. ``schedule`` steps per optimisation step: ``cosine`` decays
     to 0 over the run, ``step`` multiplies by ``gamma`` every ``step_epochs`` epochs.
     """
@@ -73,6 +78,8 @@ class TrainConfig:
     network: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None
     layout: str | None = None
+    subjects: list[str] | None = None
+    val_subjects: list[str] | None = None
     pairs: PairChoice = "auto"
     size: list[int] | int | str = 64  # stored as a list: [64] (every axis) or one value per axis
     prealign: str | None = None
@@ -106,6 +113,15 @@ class TrainConfig:
             self.size = [self.size]
         else:
             self.size = [int(v) for v in self.size]
+        for name in ("subjects", "val_subjects"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # "r27*,r30*" from a command line
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if value is not None:
+                value = [str(v) for v in value]
+                if not value:
+                    raise ConfigError(f"{name} must name at least one subject pattern")
+            setattr(self, name, value)
         if self.pairs not in get_args(PairChoice):
             raise ConfigError(f"pairs must be one of {', '.join(get_args(PairChoice))}, got {self.pairs!r}")
         if self.schedule not in get_args(ScheduleName):
@@ -241,7 +257,7 @@ def build_datasets(
     def load() -> Any:
         return load_subjects(
             config.dataset, config.size, layout=config.layout, prealign=config.prealign,  # type: ignore[arg-type]
-            cache_dir=cache_dir, seed=config.seed,
+            cache_dir=cache_dir, seed=config.seed, include=config.subjects,
         )
 
     # rank 0 fills the pre-alignment cache first; the others then read it instead of re-registering
@@ -256,6 +272,7 @@ def build_datasets(
     return build_pairs(
         kind, subjects, val_fraction=config.val_fraction, max_pairs=config.max_pairs,
         synthetic_length=config.synthetic_length, magnitude=config.magnitude, seed=config.seed,
+        val_subjects=config.val_subjects,
     )
 
 
@@ -439,8 +456,13 @@ def _train(
         if state is not None:
             method = build_method(state["method"]["name"], network=state["network"], **state["method"]["config"])
         else:
-            method = build_method(cfg.method, ndim=ndim, size=size, network=cfg.network, **cfg.method_options)
-    label_ids = getattr(train_set, "label_ids", None)
+            options = dict(cfg.method_options)
+            if cfg.prealign is not None and "prealign" in _method_parameters(cfg.method):
+                options.setdefault("prealign", cfg.prealign)  # inference pre-aligns as training did
+            method = build_method(cfg.method, ndim=ndim, size=size, network=cfg.network, **options)
+    # the labels scored: the training pairs', else the validation pairs' (unlabelled training
+    # subjects validated on labelled held-out ones)
+    label_ids = getattr(train_set, "label_ids", None) or getattr(val_set, "label_ids", None)
     if getattr(method, "label_ids", "absent") is None and label_ids:
         method.label_ids = label_ids  # type: ignore[attr-defined]
     method.to(device)
@@ -561,6 +583,16 @@ def _train(
     info.barrier()
     method.eval()
     return TrainResult(method, history, last_path if info.is_main else None, history[-1]["epoch"] if history else 0)
+
+
+def _method_parameters(name: str) -> set[str]:
+    """The keyword options the method ``name`` takes (empty for an unknown name: build_method says so)."""
+    import inspect
+
+    from alignkit.train.methods import METHODS
+
+    cls = METHODS.get(name)
+    return set(inspect.signature(cls.__init__).parameters) if cls is not None else set()
 
 
 def _network_spec(method: LearnedMethod) -> dict[str, Any]:
