@@ -485,6 +485,28 @@ def test_smooth_deformation_flow_is_in_voxels_of_an_anisotropic_grid():
     assert torch.allclose(resampled.float(), case.fixed.data, atol=1e-5)
 
 
+def test_flow_of_a_permuted_anisotropic_raster_is_in_world_axis_order_and_scores_exactly():
+    """On a raster grid (x = column) with different row and column sizes, Case.flow's x component is
+    in columns and its y component in rows; scoring the true map gives EPE 0, and a 1-column shift
+    gives EPE 1 (the flow convention is shared by the generator and the scorer)."""
+    from alignkit.evaluate.method import Prediction
+    from alignkit.evaluate.scoring import score_case
+
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    grid = Grid.from_spacing((24, 30), (2.0, 0.5), direction=swap)  # rows 2 units, columns 0.5
+    assert grid.world_axis_spacing.tolist() == [0.5, 2.0]  # (x = column, y = row)
+    picture = ndimage.gaussian_filter(np.random.default_rng(2).random(grid.shape), 2.0).astype(np.float32)
+    case = random_smooth_deformation(Image(torch.from_numpy(picture)[None], grid), seed=0, amplitude=1.0)
+    rows, cols = np.mgrid[0:24, 0:30]
+    world = grid.world_points(dtype=torch.float64)[0].numpy()
+    # fixed pixel (row, col) maps to moving pixel (row + flow_y, col + flow_x)
+    expected = np.stack([cols + case.flow[0], rows + case.flow[1]]) * np.array([0.5, 2.0]).reshape(2, 1, 1)
+    true_map = world + (expected - np.stack([cols, rows]) * np.array([0.5, 2.0]).reshape(2, 1, 1))
+    assert score_case(case, Prediction(world_map=true_map))["epe"] == pytest.approx(0.0, abs=1e-5)
+    one_column = true_map + np.array([0.5, 0.0]).reshape(2, 1, 1)
+    assert score_case(case, Prediction(world_map=one_column))["epe"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_photometric_and_modality_change_keep_geometry(photo):
     base = random_affine(photo, seed=0)
     changed = photometric(base, seed=1)

@@ -10,8 +10,9 @@ in one direction and one frame only -- alignkit's (see :mod:`alignkit.spatial`):
   2D raster image the world frame *is* the pixel frame, ``x`` = column, ``y`` = row, pixel centres on
   integers), so a 3x3 homography of a photograph pair is in pixels;
 * a dense ``flow`` is in **voxels/pixels on the fixed grid**, components in world-axis order
-  (``x`` then ``y`` for a raster image): ``fixed(p) ≈ moving(p + flow(p))`` (Middlebury's
-  convention). Loaders convert each data set's own convention (e.g. homogr's B → A matrices, stereo
+  (``x`` then ``y`` for a raster image), each world component divided by the voxel size along that
+  world axis (:attr:`alignkit.spatial.Grid.world_axis_spacing`):
+  ``fixed(p) ≈ moving(p + flow(p))`` (Middlebury's convention). Loaders convert each data set's own convention (e.g. homogr's B → A matrices, stereo
   disparities ``left(x) = right(x - d)``) into these.
 """
 

@@ -279,7 +279,7 @@ def random_smooth_deformation(
     identity = _points(image.grid)
     displacement = gaussian_mixture_displacement(identity, t, shifts, centres, covs)
     world = identity + displacement
-    spacing = image.grid.spacing.to(torch.float32).view(1, ndim, *([1] * ndim))
+    spacing = image.grid.world_axis_spacing.to(torch.float32).view(1, ndim, *([1] * ndim))
     flow = (displacement / spacing)[0].numpy()
     # the map is smooth on the scale of its bumps (σ >= a tenth of the image), so on big volumes every
     # second voxel is enough to find its smallest Jacobian, at an eighth of the cost

@@ -112,8 +112,8 @@ def score_case(case: Case, prediction: Prediction) -> dict[str, Any]:
                 scores[f"pck_{k:g}px"] = pck(mapped, case.moving_points, threshold=k * pixel)
     if case.flow is not None:
         identity = grid.world_points(dtype=torch.float64)
-        # flow in voxels of the fixed grid, world-axis order (x, y): world displacement / spacing
-        voxel_size = grid.spacing.to(torch.float64).view(1, -1, *([1] * grid.ndim))
+        # flow in voxels of the fixed grid, world-axis order (x, y): world displacement / voxel size
+        voxel_size = grid.world_axis_spacing.view(1, -1, *([1] * grid.ndim))
         flow = ((world - identity) / voxel_size)[0].numpy()
         gt = np.asarray(case.flow, dtype=np.float64)
         valid = np.ones(grid.shape, bool) if case.valid is None else np.asarray(case.valid, bool)
