@@ -280,20 +280,23 @@ def _cubic_bspline(u: Tensor) -> Tensor:
     return torch.where(a < 1.0, inner, outer)
 
 
-def _cubic_bspline_derivative(u: Tensor) -> Tensor:
-    """d/du of :func:`_cubic_bspline`."""
-    a = u.abs()
-    inner = -2.0 * a + 1.5 * a * a
-    outer = -0.5 * (2.0 - a).clamp_min(0.0) ** 2
-    return torch.where(a < 1.0, inner, outer) * torch.sign(u)
-
-
 def _bspline_taps(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The 4 bins a cubic B-spline at bin coordinate ``t (M, N)`` touches: first bin ``(M, N)``
-    (long), weights ``(M, N, 4)`` and their derivatives with respect to ``t``."""
-    first = torch.floor(t) - 1.0
-    u = t.unsqueeze(-1) - (first.unsqueeze(-1) + torch.arange(4, dtype=t.dtype, device=t.device))
-    return first.long(), _cubic_bspline(u), _cubic_bspline_derivative(u)
+    (long), weights ``(M, N, 4)`` and their derivatives with respect to ``t``.
+
+    With ``f`` the fractional part of ``t``, the weights are the uniform cubic B-spline basis
+    polynomials in ``f`` (bins ``floor(t) - 1 .. floor(t) + 2``); evaluating them on ``(M, N)``
+    costs a quarter of evaluating :func:`_cubic_bspline` on the ``(M, N, 4)`` offsets.
+    """
+    whole = torch.floor(t)
+    f = t - whole
+    g = 1.0 - f
+    f2, g2 = f * f, g * g
+    weights = torch.stack(
+        [g2 * g / 6.0, 2.0 / 3.0 - f2 + 0.5 * f2 * f, 2.0 / 3.0 - g2 + 0.5 * g2 * g, f2 * f / 6.0], dim=-1
+    )
+    derivatives = torch.stack([-0.5 * g2, 1.5 * f2 - 2.0 * f, 2.0 * g - 1.5 * g2, 0.5 * f2], dim=-1)
+    return (whole - 1.0).long(), weights, derivatives
 
 
 class _SparseJointHistogram(torch.autograd.Function):

@@ -16,6 +16,8 @@ InitName = Literal["none", "center", "com", "features"]
 
 LINEAR_MODELS = ("translation", "rigid", "similarity", "affine", "homography")
 FIELD_MODELS = ("displacement", "svf", "vsvf", "bspline")
+#: similarities computed voxel by voxel (no windows), which can be evaluated on a point sample
+POINTWISE_SIMILARITIES = ("mse", "ncc", "mi", "l1", "charbonnier")
 
 
 @dataclass
@@ -58,6 +60,11 @@ class StageConfig:
     transform_options: dict[str, Any] = field(default_factory=dict)
     grey: bool = False
     field_median: int = 0
+    #: linear stages with a voxel-wise similarity (mse, ncc, mi, l1, charbonnier): evaluate it at
+    #: this many fixed voxels drawn at random (seeded, the same set for a whole level) instead of
+    #: all of them -- ITK's metric sampling. Only those points are warped, so a step costs
+    #: O(samples), not O(voxels). 0 = every voxel.
+    sample_points: int = 0
 
     def __post_init__(self) -> None:
         self.levels = tuple(float(f) for f in self.levels)
@@ -70,6 +77,13 @@ class StageConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(get_args(OptimizerName))}")
         if self.field_median < 0 or (self.field_median > 0 and self.field_median % 2 == 0):
             raise ConfigError(f"field_median must be 0 (off) or an odd window, got {self.field_median}")
+        if self.sample_points < 0:
+            raise ConfigError(f"sample_points must be >= 0 (0 = every voxel), got {self.sample_points}")
+        if self.sample_points and (self.transform not in LINEAR_MODELS or self.similarity not in POINTWISE_SIMILARITIES):
+            raise ConfigError(
+                f"stage {self.transform}: sample_points needs a linear transform and a voxel-wise similarity "
+                f"({', '.join(POINTWISE_SIMILARITIES)}), got {self.transform} with {self.similarity}"
+            )
         if self.transform not in LINEAR_MODELS + FIELD_MODELS:
             raise ConfigError(
                 f"unknown transform {self.transform!r}; choose one of {', '.join(LINEAR_MODELS + FIELD_MODELS)}"

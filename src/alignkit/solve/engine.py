@@ -442,8 +442,20 @@ class Engine:
         field_on_level = isinstance(transform, FieldTransform) and transform.grid.same_as(level.grid)
         uses_energy = isinstance(transform, VectorMomentumSVF) and cfg.regularizer == "energy" and cfg.regularizer_weight > 0
 
+        fixed_level = level.fixed
+        world_level = level.world
+        sampled = 0 < cfg.sample_points < level.grid.numel
+        if sampled:
+            # a fixed random subset of voxels for the whole level (ITK's metric sampling), kept as a
+            # (B, C, N, 1[, 1]) "image" so every voxel-wise similarity takes it unchanged
+            generator = torch.Generator().manual_seed((self.seed or 0) * 1009 + index)
+            chosen = torch.randperm(level.grid.numel, generator=generator)[: cfg.sample_points].to(self.device)
+            as_points = (cfg.sample_points,) + (1,) * (ndim - 1)
+            fixed_level = level.fixed.flatten(2)[..., chosen].reshape(*level.fixed.shape[:2], *as_points)
+            world_level = level.world.flatten(2)[..., chosen].reshape(*level.world.shape[:2], *as_points)
+
         def warp_level() -> tuple[Tensor, Tensor]:
-            if linear_chain:
+            if linear_chain and not sampled:
                 matrix = transform.matrix().double()
                 if prior_matrix is not None:
                     matrix = prior_matrix @ matrix
@@ -456,7 +468,7 @@ class Engine:
                 # The field lives on the level grid itself: identity + displacement, no resampling.
                 points = level.world + transform.displacement()
             else:
-                points = transform.transform_points(level.world)
+                points = transform.transform_points(world_level)
             if prior is not None:
                 points = prior.transform_points(points)
             voxel = apply_matrix(voxel_from_world, points)
@@ -465,7 +477,7 @@ class Engine:
 
         def objective() -> Tensor:
             warped, inside = warp_level()
-            loss = similarity(warped, level.fixed, inside)
+            loss = similarity(warped, fixed_level, inside)
             if uses_energy:
                 loss = loss + cfg.regularizer_weight * transform.energy()
             if regularizer is not None or fold is not None:
