@@ -4,6 +4,7 @@ registration across grids, determinism, saving and re-applying."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -337,3 +338,10 @@ def test_pyramid_levels_are_capped_on_small_images() -> None:
     assert level_factor(8, (256, 256, 160)) == 8.0
     assert level_factor(8, (44, 59, 41)) == pytest.approx(41 / MIN_LEVEL_SIZE)
     assert level_factor(4, (10, 12)) == 1.0
+    # a voxel budget raises fine levels only: a 9M-voxel head keeps its coarse levels and gets a
+    # finest level of at most 2M voxels; a small volume is untouched
+    head = (188, 256, 190)
+    assert level_factor(4, head, 1 << 21) == 4.0
+    fine = level_factor(1, head, 1 << 21)
+    assert fine > 1.0 and math.prod(round(s / fine) for s in head) <= (1 << 21) * 1.01
+    assert level_factor(1, (44, 59, 41), 1 << 21) == 1.0

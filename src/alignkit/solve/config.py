@@ -65,6 +65,10 @@ class StageConfig:
     #: all of them -- ITK's metric sampling. Only those points are warped, so a step costs
     #: O(samples), not O(voxels). 0 = every voxel.
     sample_points: int = 0
+    #: levels are never finer than this many voxels (0 = no cap): the shrink factor of a level is
+    #: raised until it fits, and the model is carried to the full grid by interpolation. It bounds
+    #: the cost of a dense stage on big inputs (a 9M-voxel head for a multimodal field).
+    max_level_voxels: int = 0
 
     def __post_init__(self) -> None:
         self.levels = tuple(float(f) for f in self.levels)
@@ -77,6 +81,8 @@ class StageConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(get_args(OptimizerName))}")
         if self.field_median < 0 or (self.field_median > 0 and self.field_median % 2 == 0):
             raise ConfigError(f"field_median must be 0 (off) or an odd window, got {self.field_median}")
+        if self.max_level_voxels < 0:
+            raise ConfigError(f"max_level_voxels must be >= 0 (0 = no cap), got {self.max_level_voxels}")
         if self.sample_points < 0:
             raise ConfigError(f"sample_points must be >= 0 (0 = every voxel), got {self.sample_points}")
         if self.sample_points and (self.transform not in LINEAR_MODELS or self.similarity not in POINTWISE_SIMILARITIES):

@@ -102,9 +102,14 @@ def initial_translation(fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_
 MIN_LEVEL_SIZE = 16
 
 
-def level_factor(factor: float, shape: tuple[int, ...]) -> float:
-    """A preset's shrink ``factor``, capped so the level is at least :data:`MIN_LEVEL_SIZE` voxels wide."""
-    return float(min(factor, max(1.0, min(shape) / MIN_LEVEL_SIZE)))
+def level_factor(factor: float, shape: tuple[int, ...], max_voxels: int = 0) -> float:
+    """A preset's shrink ``factor``, capped so the level is at least :data:`MIN_LEVEL_SIZE` voxels wide,
+    and raised (when ``max_voxels`` > 0) so that the level has at most ``max_voxels`` voxels."""
+    factor = float(min(factor, max(1.0, min(shape) / MIN_LEVEL_SIZE)))
+    if max_voxels > 0:
+        numel = math.prod(shape)
+        factor = max(factor, (numel / max_voxels) ** (1.0 / len(shape)))
+    return factor
 
 
 #: median pixel distance between refined-mapped and matched keypoint inliers above which an intensity
@@ -345,7 +350,7 @@ class Engine:
         return self._pyramid[key]
 
     def _level(self, cfg: StageConfig, index: int, fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_grid: Grid) -> _Level:
-        factor = level_factor(cfg.levels[index], fixed_grid.shape)
+        factor = level_factor(cfg.levels[index], fixed_grid.shape, cfg.max_level_voxels)
         sigma = None if cfg.smoothing is None else cfg.smoothing[index]
         fixed_l, grid_l = self._downsample("fixed", fixed, fixed_grid, factor, sigma)
         # Shrink the moving image to about the level's spacing, never upsampling it.

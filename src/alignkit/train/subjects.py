@@ -355,19 +355,22 @@ def load_subjects(
     *,
     layout: str | None = None,
     prealign: PrealignName | None = None,
-    reference: int = 0,
+    reference: int | str = 0,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     include: Sequence[str] | None = None,
+    held_out: Sequence[str] | None = None,
 ) -> SubjectSet:
     """Subjects on their network grids from a data set name/folder (:func:`dataset_data`) or images.
 
     ``include``: shell-style patterns (:func:`select_names`) of the subject names to keep, e.g.
     ``["r*slice"]`` for the brain slices of the ``brain2d`` folder without its atlas; default: all.
     ``prealign="affine"`` (or ``"rigid"``) first brings every image into the space of subject
-    ``reference`` (counted among the kept ones) with the classical engine (once per subject, cached
-    in ``cache_dir``): native-space data such as ``brain3d-oasis-trt20`` need it; data sets already
-    aligned do not (``brain3d-aseg-pair``, the 2D slices).
+    ``reference`` (an index among the kept ones, or a name) with the classical engine (once per
+    subject, cached in ``cache_dir``): native-space data such as ``brain3d-oasis-trt20`` need it;
+    data sets already aligned do not (``brain3d-aseg-pair``, the 2D slices). ``held_out``: patterns
+    of validation subjects; the default reference is then the first subject *not* held out, so a
+    validation image never defines the space the network trains in.
     """
     if isinstance(source, (str, os.PathLike)):
         data = dataset_data(source, layout=layout)
@@ -390,6 +393,14 @@ def load_subjects(
     if prealign is not None:
         if prealign not in get_args(PrealignName):
             raise ConfigError(f"prealign must be one of {', '.join(get_args(PrealignName))}, got {prealign!r}")
+        if held_out is not None and reference == 0:
+            held = set(select_names([name for name, _, _ in raw], held_out))
+            reference = next((k for k, (name, _, _) in enumerate(raw) if name not in held), 0)
+        if isinstance(reference, str):
+            found = [k for k, (name, _, _) in enumerate(raw) if name == reference]
+            if not found:
+                raise ConfigError(f"reference subject {reference!r} is not among {', '.join(n for n, _, _ in raw)}")
+            reference = found[0]
         if not 0 <= reference < len(raw):
             raise ConfigError(f"reference subject {reference} out of range (0..{len(raw) - 1})")
         ref_image = raw[reference][1].grey()

@@ -257,7 +257,7 @@ def build_datasets(
     def load() -> Any:
         return load_subjects(
             config.dataset, config.size, layout=config.layout, prealign=config.prealign,  # type: ignore[arg-type]
-            cache_dir=cache_dir, seed=config.seed, include=config.subjects,
+            cache_dir=cache_dir, seed=config.seed, include=config.subjects, held_out=config.val_subjects,
         )
 
     # rank 0 fills the pre-alignment cache first; the others then read it instead of re-registering
