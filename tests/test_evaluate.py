@@ -555,3 +555,16 @@ def test_cli_list(fake_loaders, capsys):
     assert lines[:2] == ["datasets:", "  tiny-affine"] and "methods:" in lines
     assert any(line.split()[0] == "alignkit:brain" for line in lines[3:])
     assert any(line.split()[0] == "fake:truth" for line in lines[3:])  # a peer of the PEERS table
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM needs Linux /proc")
+def test_worker_peak_memory_is_its_own_not_the_parents():
+    """ru_maxrss carries the parent's peak across fork + exec; a worker started by a process that
+    holds 500 MB must still report only what it used itself (about 200 MB: interpreter + torch)."""
+    import subprocess
+
+    held = np.ones(500 * 2**20 // 8)  # the parent's 500 MB
+    code = "from alignkit.evaluate.worker import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out) < 450.0, out
+    assert held.sum() > 0

@@ -34,7 +34,19 @@ MAX_MESSAGE = 300
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    """Peak resident set size of this process so far, MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own address
+    space. Not ``ru_maxrss``: the kernel carries the *parent's* peak into it across fork + exec, so a
+    worker started by a process holding 2.5 GB of volumes would report at least 2.5 GB whatever it
+    used. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB otherwise).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
