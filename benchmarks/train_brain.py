@@ -123,22 +123,17 @@ def describe_loss(method_options: dict[str, Any], ndim: int) -> str:
     return text
 
 
+def train_command(config_path: Path, run_dir: Path) -> list[str]:
+    """The command line a user runs to train from a configuration file into ``run_dir``."""
+    return [sys.executable, "-m", "alignkit", "train", "--config", str(config_path), "-o", str(run_dir), "--quiet"]
+
+
 def run_training(config: dict[str, Any], run_dir: Path, threads: int) -> tuple[float, list[str]]:
     """``python -m alignkit train --config CFG -o RUN`` in a subprocess; its wall seconds and command."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "train_config.json"
     config_path.write_text(json.dumps(config, indent=2))
-    command = [
-        sys.executable,
-        "-m",
-        "alignkit",
-        "train",
-        "--config",
-        str(config_path),
-        "-o",
-        str(run_dir),
-        "--quiet",
-    ]
+    command = train_command(config_path, run_dir)
     env = dict(os.environ)
     env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
@@ -456,17 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.run_dir or not (run_dir / "log.csv").is_file():
             parser.error("--eval-only needs the --run-dir of a finished run")
         config = json.loads((run_dir / "train_config.json").read_text())
-        command = [
-            sys.executable,
-            "-m",
-            "alignkit",
-            "train",
-            "--config",
-            str(run_dir / "train_config.json"),
-            "-o",
-            str(run_dir),
-            "--quiet",
-        ]
+        command = train_command(run_dir / "train_config.json", run_dir)
         # from the config written just before `alignkit train` started to its last log row
         train_seconds = (run_dir / "log.csv").stat().st_mtime - (
             run_dir / "train_config.json"

@@ -302,10 +302,11 @@ def _bspline_taps(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class _SparseJointHistogram(torch.autograd.Function):
     """Parzen joint histogram ``(M, bins, bins)`` with cubic B-spline kernels on both sides.
 
-    Each sample touches 4 x 4 bins, so the histogram is 16 weighted ``bincount`` s of ``N`` samples
-    instead of the dense ``(N, bins)`` soft-assignment product, whose element-wise kernel
-    evaluations over all bins made MI 5-10x slower than needed (memory bound). The backward pass
-    gathers the same 16 bins; only ``moving_coords`` (the warped image) receives a gradient.
+    Each sample touches 4 x 4 bins, so the histogram is 4 weighted ``bincount`` s (one per fixed tap)
+    of ``4 N`` values instead of the dense ``(N, bins)`` soft-assignment product, whose element-wise
+    kernel evaluations over all bins are memory bound (measured 4-8x slower in one run:
+    ``benchmarks/similarity_speed.py``). The backward pass gathers the same 16 bins; only
+    ``moving_coords`` (the warped image) receives a gradient.
     """
 
     @staticmethod
@@ -352,7 +353,8 @@ class MattesMI(nn.Module):
       the two outer ones on each side are padding for the kernel support (as in ITK).
     * The joint histogram is ``W_f^T diag(mask) W_m`` with soft-assignment matrices
       ``(N, bins)``; with B-spline kernels on both sides each sample touches 4 x 4 bins and the
-      histogram and its gradient are built from those alone (memory linear in voxels). ``samples`` draws that many voxels
+      histogram and its gradient are built from those alone (memory linear in voxels).
+      ``samples`` draws that many voxels
       (without replacement, the same voxels for the whole batch) with ``generator`` if given to
       :meth:`forward`, else a fresh generator seeded with ``seed`` (same voxels on every call),
       else the global RNG (``seed=None``). ``samples=None`` uses every voxel.
