@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -63,21 +62,12 @@ def emit(payload: dict[str, Any], out: str | os.PathLike | None = None) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB.
+    """Peak resident memory of this process so far, MiB: the evaluation workers' own measure
+    (``VmHWM``, see there). Imported when called: alignkit imports torch, which must come after
+    :func:`set_threads`."""
+    from alignkit.evaluate.worker import peak_rss_mb as own_peak
 
-    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own address
-    space. Not ``ru_maxrss``: the kernel carries the *parent's* peak into it across fork + exec, so a
-    worker started by a process holding 2.5 GB of volumes would report at least 2.5 GB whatever it
-    used. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB otherwise).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+    return own_peak()
 
 
 def set_threads(n: int = 2) -> None:

@@ -11,7 +11,7 @@ T1 volumes (256x256x160, 1 mm, *not* pre-aligned) and is scored the same way on 
   alignkit's own figure is also reported (``alignkit_reported_nonpositive_jacobian_percent``);
 * ``seconds``: wall time inside the worker from reading the images to the warped label map;
 * ``peak_rss_mb``: peak resident memory of the worker process (a fresh interpreter per method and
-  pair, ``getrusage(RUSAGE_SELF).ru_maxrss``, read right after the label map is warped, so it
+  pair, ``_common.peak_rss_mb``: ``VmHWM``, read right after the label map is warped, so it
   includes the interpreter and the imports but not the scoring).
 
 Ratios are against ``ants:syn`` of the same run: ``dice_ratio = dice / dice_ants``,

@@ -22,7 +22,7 @@ random diffeomorphism of up to 5% of the size, 1 mm voxels, intensities in [0, 1
   inference time, on the same device and size.
 
 Each (phase, size, device) runs in a fresh interpreter (``--worker``), so a phase's peak memory is
-its own: CPU peak resident set size (``ru_maxrss``, the interpreter and torch included), and on
+its own: CPU peak resident set size (``VmHWM``, see ``_common.peak_rss_mb``; the interpreter and torch included), and on
 CUDA also ``torch.cuda.max_memory_allocated``. Torch threads: ``--threads`` (default 2) in every
 phase, CUDA ones included. Prints ONE JSON line on stdout; progress goes to stderr.
 

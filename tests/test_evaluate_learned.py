@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from phantoms import phantom
 
 import alignkit
 from alignkit.data.case import Case
@@ -28,21 +29,6 @@ SIZE = 32
 HINT = "train one with: alignkit train --method voxelmorph --dataset NAME -o RUNDIR"
 
 
-def _phantom(seed: int, shape: tuple[int, int] = (40, 44)) -> np.ndarray:
-    """An ellipse with a few Gaussian blobs inside, placed by ``seed`` (as in test_train.py)."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
-    cy, cx = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
-    body = 1.0 / (1.0 + np.exp(((rows - cy) / 15) ** 2 + ((cols - cx) / 17) ** 2 - 1.0) * 8.0)
-    image = 80.0 * body
-    for _ in range(4):
-        y, x = cy + rng.uniform(-9, 9), cx + rng.uniform(-10, 10)
-        image += rng.uniform(60, 150) * np.exp(
-            -((rows - y) ** 2 + (cols - x) ** 2) / (2 * rng.uniform(2, 4) ** 2)
-        )
-    return np.clip(image, 0, 255).astype(np.float32)
-
-
 def _labels(image: np.ndarray) -> Image:
     """Two nested labels: the body (1) and the bright blobs (2)."""
     labels = np.zeros(image.shape, np.int32)
@@ -52,7 +38,7 @@ def _labels(image: np.ndarray) -> Image:
 
 
 def _case(name: str, fixed_seed: int, moving_seed: int) -> Case:
-    fixed, moving = _phantom(fixed_seed), _phantom(moving_seed)
+    fixed, moving = phantom(fixed_seed), phantom(moving_seed)
     return Case(
         name,
         fixed=Image.from_array(fixed),
@@ -69,7 +55,7 @@ def run_dir(tmp_path_factory) -> Path:
     """A 2-epoch VoxelMorph run folder (model + log), trained through alignkit.train's API."""
     out = tmp_path_factory.mktemp("vxm")
     subjects = [
-        prepare_subject(Image.from_array(_phantom(k)), (SIZE, SIZE), name=f"phantom{k}") for k in range(3)
+        prepare_subject(Image.from_array(phantom(k)), (SIZE, SIZE), name=f"phantom{k}") for k in range(3)
     ]
     config = TrainConfig(
         size=SIZE,

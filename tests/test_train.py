@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from phantoms import phantom
 from PIL import Image as PILImage
 
 import alignkit
@@ -40,21 +41,8 @@ TINY_NET = {"features": [4, 8, 8]}
 SIZE = 32
 
 
-def _phantom(seed: int, shape: tuple[int, int] = (40, 44)) -> np.ndarray:
-    """A smooth 'anatomy': an ellipse with a few Gaussian blobs inside, placed by ``seed``."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
-    cy, cx = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
-    body = 1.0 / (1.0 + np.exp(((rows - cy) / 15) ** 2 + ((cols - cx) / 17) ** 2 - 1.0) * 8.0)
-    image = 80.0 * body
-    for _ in range(4):
-        y, x = cy + rng.uniform(-9, 9), cx + rng.uniform(-10, 10)
-        image += rng.uniform(60, 150) * np.exp(-((rows - y) ** 2 + (cols - x) ** 2) / (2 * rng.uniform(2, 4) ** 2))
-    return np.clip(image, 0, 255)
-
-
 def _subject(seed: int = 0):
-    return prepare_subject(Image.from_array(_phantom(seed)), (SIZE, SIZE), name=f"phantom{seed}")
+    return prepare_subject(Image.from_array(phantom(seed)), (SIZE, SIZE), name=f"phantom{seed}")
 
 
 def _config(**overrides) -> TrainConfig:
@@ -139,7 +127,7 @@ def test_named_validation_subjects_are_never_trained_on():
 def test_subject_patterns_select_images_before_the_reference_is_chosen():
     from alignkit.train.subjects import load_subjects
 
-    images = [Image.from_array(_phantom(k), path=f"img{k}") for k in range(4)]
+    images = [Image.from_array(phantom(k), path=f"img{k}") for k in range(4)]
     data = load_subjects(images, SIZE, include=["img[13]"])
     assert [s.name for s in data.subjects] == ["img1", "img3"]
     with pytest.raises(ConfigError, match="img7"):
@@ -153,9 +141,9 @@ def test_unlabelled_training_subjects_validate_on_labelled_held_out_ones(tmp_pat
     folder = tmp_path / "slices"
     folder.mkdir()
     for k in range(5):
-        PILImage.fromarray(_phantom(k).astype(np.uint8)).save(folder / f"s{k}.png")
+        PILImage.fromarray(phantom(k).astype(np.uint8)).save(folder / f"s{k}.png")
     for k in (3, 4):
-        labels = (_phantom(k) > 40).astype(np.uint8) + (_phantom(k) > 120)
+        labels = (phantom(k) > 40).astype(np.uint8) + (phantom(k) > 120)
         PILImage.fromarray(labels.astype(np.uint8)).save(folder / f"s{k}_seg.png")
     PILImage.fromarray(np.zeros((20, 30), np.uint8)).save(folder / "other.png")  # not a subject of the run
     out = tmp_path / "run"
@@ -195,8 +183,8 @@ def test_real_folder_labels_on_another_grid_are_resampled_through_the_world():
 def test_affine_prealignment_runs_once_per_subject_and_is_cached(tmp_path, monkeypatch):
     from alignkit.train.subjects import load_subjects
 
-    reference = Image.from_array(_phantom(0), path="ref")
-    shifted = Image.from_array(np.roll(_phantom(0), (3, -2), axis=(0, 1)), path="shifted")
+    reference = Image.from_array(phantom(0), path="ref")
+    shifted = Image.from_array(np.roll(phantom(0), (3, -2), axis=(0, 1)), path="shifted")
     plain = load_subjects([reference, shifted], SIZE)
     aligned = load_subjects([reference, shifted], SIZE, prealign="affine", cache_dir=tmp_path)
 
@@ -407,8 +395,8 @@ def dataset_dir(tmp_path):
     folder = tmp_path / "phantoms"
     folder.mkdir()
     for k in range(4):
-        PILImage.fromarray(_phantom(k).astype(np.uint8)).save(folder / f"s{k}.png")
-        labels = (_phantom(k) > 40).astype(np.uint8) + (_phantom(k) > 120)  # 1 = body, 2 = blobs
+        PILImage.fromarray(phantom(k).astype(np.uint8)).save(folder / f"s{k}.png")
+        labels = (phantom(k) > 40).astype(np.uint8) + (phantom(k) > 120)  # 1 = body, 2 = blobs
         PILImage.fromarray(labels.astype(np.uint8)).save(folder / f"s{k}_seg.png")
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"network": TINY_NET, "lr": 3e-3, "val_fraction": 0.25}))
@@ -469,8 +457,8 @@ def trained_run(tmp_path_factory):
 def _pair_files(tmp_path):
     fixed = tmp_path / "fixed.png"
     moving = tmp_path / "moving.png"
-    PILImage.fromarray(_phantom(0).astype(np.uint8)).save(fixed)
-    PILImage.fromarray(_phantom(1).astype(np.uint8)).save(moving)
+    PILImage.fromarray(phantom(0).astype(np.uint8)).save(fixed)
+    PILImage.fromarray(phantom(1).astype(np.uint8)).save(moving)
     return fixed, moving
 
 
@@ -513,6 +501,20 @@ def test_refine_improves_the_similarity_over_the_raw_prediction(trained_run, tmp
     saved = aligned.save(tmp_path / "aligned")
     manifest = json.loads((saved / "transform" / "manifest.json").read_text())
     assert manifest["stages"][-1] == "LearnedSVF" and manifest["matrix"] != np.eye(3).tolist()
+
+
+def test_refinement_of_a_big_volume_is_fitted_on_a_capped_grid():
+    """Instance optimisation at full resolution of a 1 mm head costs minutes an iteration on a CPU:
+    its SVF level is capped at REFINE_MAX_VOXELS, small inputs stay at full resolution."""
+    from alignkit.solve.engine import level_factor
+    from alignkit.train.inference import REFINE_MAX_VOXELS, refine_config
+
+    stage = refine_config(3, 20)
+    assert stage.iterations == (20,) and stage.levels == (1.0,) and not stage.is_linear
+    head = (256, 256, 160)
+    factor = level_factor(stage.levels[0], head, stage.max_level_voxels)
+    assert factor > 1.0 and np.prod([n / factor for n in head]) <= REFINE_MAX_VOXELS * (1 + 1e-9)
+    assert level_factor(refine_config(2, 5).levels[0], (512, 512), refine_config(2, 5).max_level_voxels) == 1.0
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(trained_run, dataset_dir, tmp_path, capsys):
