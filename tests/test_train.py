@@ -326,6 +326,21 @@ def test_a_few_epochs_lower_the_loss_and_the_field_error(tmp_path):
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 1 + 7
 
 
+def test_tensorboard_events_hold_the_log_rows_when_tensorboard_is_installed(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard not installed (pip install alignkit[train])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_set, val_set = _synthetic(length=4)
+    result = train(_config(epochs=2), tmp_path / "run", train_set=train_set, val_set=val_set)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "val_loss", "val_epe"} <= set(events.Tags()["scalars"])
+    logged = {e.step: e.value for e in events.Scalars("val_loss")}
+    assert sorted(logged) == [row["epoch"] for row in result.history]
+    for row in result.history:
+        assert logged[row["epoch"]] == pytest.approx(row["val_loss"], rel=1e-6)
+
+
 def test_checkpoint_rebuilds_the_model_without_its_config_and_never_unpickles(tmp_path):
     train_set, val_set = _synthetic(length=4)
     result = train(_config(epochs=1), tmp_path / "run", train_set=train_set, val_set=val_set)
@@ -526,6 +541,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(trained_run, dataset_dir, tmp_
         ["register", fixed, moving, "-o", tmp_path / "d", "--method", "voxelmorph", "--checkpoint", tmp_path / "none.pt"],
         ["train", "--dataset", tmp_path / "missing", "-o", tmp_path / "e"],
         ["train", "--dataset", dataset_dir[0], "-o", tmp_path / "f", "--size", "4"],
+        ["train", "--dataset", tmp_path / "missing", "--layout", "folder", "-o", tmp_path / "g"],
     ]
     for argv in cases:
         code = main([str(a) for a in argv])
@@ -533,6 +549,25 @@ def test_cli_errors_are_one_line_with_exit_code_2(trained_run, dataset_dir, tmp_
         assert code == 2, argv
         assert err.startswith("alignkit: error:") and err.count("\n") == 1, err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_plain_folder_is_found_by_name_under_the_data_root_and_another_network_keeps_its_defaults(
+    dataset_dir, tmp_path, monkeypatch
+):
+    """``--dataset NAME --layout folder`` looks NAME up under the data root like a registered data
+    set; a ``network`` of another name than the method's default gets none of the default's options
+    (the U-Net's ``residual`` means nothing to the LKU-Net)."""
+    folder, config = dataset_dir
+    monkeypatch.setenv("ALIGNKIT_DATA", str(folder.parent))
+    monkeypatch.chdir(tmp_path / "..")
+    config.write_text(json.dumps({"network": {"name": "lkunet", "features": [4, 8]}, "val_fraction": 0.25}))
+    argv = ["train", "--dataset", folder.name, "--layout", "folder", "-o", tmp_path / "run", "--size", SIZE,
+            "--epochs", 1, "--config", config, "--quiet"]
+    assert main([str(a) for a in argv]) == 0
+    model = load(tmp_path / "run")
+    assert type(model.network).__name__ == "LKUNet"
+    assert VoxelMorph.network_for(2, {"name": "lkunet"}) == {"name": "lkunet", "ndim": 2, "in_channels": 2, "out_channels": 2}
+    assert VoxelMorph.network_for(3, {"features": [8]})["residual"] is False  # the default, updated
 
 
 def test_torch_load_of_a_pickled_object_is_refused(tmp_path):

@@ -70,6 +70,18 @@ def default_root() -> Path:
     return Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
+def dataset_folder(text: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """The folder ``text`` names: a path, else a folder of the data root (``root`` or
+    :func:`default_root`); :class:`InputError` naming it when neither exists."""
+    folder = Path(text).expanduser()
+    base = Path(root).expanduser() if root is not None else default_root()
+    if not folder.is_dir() and not folder.is_absolute() and (base / folder).is_dir():
+        folder = base / folder
+    if not folder.is_dir():
+        raise InputError(f"data-set folder not found (nor under the data root {base}; set ALIGNKIT_DATA)", folder)
+    return folder
+
+
 # ------------------------------------------------------------------------------------------------
 # base classes
 # ------------------------------------------------------------------------------------------------
@@ -1087,12 +1099,7 @@ def load_dataset(
         split = _split_name(layout)
         if split is None:
             raise InputError(f"unknown layout {layout!r}; known: {', '.join(available_datasets())}")
-        folder = Path(text).expanduser()
-        if not folder.is_dir() and (base / text).is_dir():
-            folder = base / text
-        if not folder.is_dir():
-            raise InputError("data-set folder not found", folder)
-        return _REGISTRY[split[0]](folder, name=text)
+        return _REGISTRY[split[0]](dataset_folder(text, base), name=text)
     split = _split_name(text)
     if split is not None and not Path(text).is_absolute():
         folder = base / text

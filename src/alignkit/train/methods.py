@@ -170,8 +170,13 @@ class LearnedMethod(nn.Module):
 
     @classmethod
     def network_for(cls, ndim: int, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The network spec of this method for ``ndim`` (default network, then ``overrides``)."""
-        spec = {**cls.default_network, **(overrides or {})}
+        """The network spec of this method for ``ndim``: the default network updated by ``overrides``,
+        or, when ``overrides`` names another network, that network with its own defaults (the
+        default's options, e.g. the U-Net's ``residual``, need not exist there)."""
+        overrides = dict(overrides or {})
+        default_name = cls.default_network.get("name")
+        same = overrides.get("name", default_name) == default_name
+        spec = {**(cls.default_network if same else {}), **overrides}
         spec.setdefault("ndim", ndim)
         spec.setdefault("in_channels", 2)
         spec.setdefault("out_channels", ndim)

@@ -173,6 +173,8 @@ def folder_images(directory: str | os.PathLike) -> list[tuple[str, Image, Image 
     from alignkit.io import read_image
 
     root = Path(directory)
+    if not root.is_dir():
+        raise InputError("not a folder of images", str(root))
     files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES))
     by_stem = {_stem(p).lower(): p for p in files}
     out: list[tuple[str, Image, Image | None]] = []
@@ -226,7 +228,9 @@ def dataset_data(source: str | os.PathLike, *, layout: str | None = None) -> Raw
     :attr:`RawData.case_pairs`. Images of a plain folder are named by their file stem (``"r16slice"``).
     """
     if layout == "folder":
-        return RawData(folder_images(source))
+        from alignkit.data.datasets import dataset_folder
+
+        return RawData(folder_images(dataset_folder(source)))
     from alignkit.data.datasets import load_dataset
 
     dataset = None

@@ -363,12 +363,24 @@ def _write_log(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _summary_writer(out_dir: Path) -> Any:
+def _summary_writer(out_dir: Path, first_epoch: int) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # TensorBoard is optional; log.csv always has the numbers
         return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    # purge_step: a resumed run drops the events an interrupted one wrote for the epochs it re-runs,
+    # as log.csv drops their rows
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=first_epoch or None)
+
+
+def _log_scalars(writer: Any, row: Mapping[str, Any]) -> None:
+    """One ``log.csv`` row as TensorBoard scalars at step ``row["epoch"]`` (no-op without a writer)."""
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, row["epoch"])
+    writer.flush()
 
 
 def _unwrap(model: nn.Module) -> LearnedMethod:
@@ -501,13 +513,14 @@ def _train(
         start_epoch = int(state["epoch"]) + 1
 
     network_spec = _network_spec(method)
-    writer = _summary_writer(out) if info.is_main else None
+    writer = _summary_writer(out, start_epoch if state is not None else 0) if info.is_main else None
     if info.is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if state is None and val_set is not None and info.is_main:
         # epoch 0: the untrained network (≈ identity, i.e. the pre-alignment alone) as the baseline
         history.append({"epoch": 0, **validate(method, val_set, batch_size=cfg.batch_size, device=device)})
         _write_log(out / "log.csv", history)
+        _log_scalars(writer, history[-1])
     info.barrier()
 
     last_path: Path | None = checkpoint_path if state is not None else None
@@ -568,11 +581,7 @@ def _train(
                 "history": history,
             })
             _write_log(out / "log.csv", history)
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "epoch" and isinstance(value, (int, float)):
-                        writer.add_scalar(key, value, epoch)
-                writer.flush()
+            _log_scalars(writer, row)
             if not cfg.quiet:
                 print(_format_row(row), flush=True)
         info.barrier()
