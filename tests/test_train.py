@@ -330,13 +330,23 @@ def test_tensorboard_events_hold_the_log_rows_when_tensorboard_is_installed(tmp_
     pytest.importorskip("tensorboard", reason="TensorBoard not installed (pip install alignkit[train])")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(epoch, row):
+        if epoch == 1:
+            raise Interrupted
+
     train_set, val_set = _synthetic(length=4)
-    result = train(_config(epochs=2), tmp_path / "run", train_set=train_set, val_set=val_set)
+    with pytest.raises(Interrupted):  # an interrupted run, then its resumption: one event per epoch
+        train(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, callbacks=[stop_after_first])
+    result = train(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, resume=True)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert {"train_loss", "val_loss", "val_epe"} <= set(events.Tags()["scalars"])
+    steps = [e.step for e in events.Scalars("val_loss")]
+    assert sorted(steps) == [row["epoch"] for row in result.history] == [0, 1, 2, 3]
     logged = {e.step: e.value for e in events.Scalars("val_loss")}
-    assert sorted(logged) == [row["epoch"] for row in result.history]
     for row in result.history:
         assert logged[row["epoch"]] == pytest.approx(row["val_loss"], rel=1e-6)
 

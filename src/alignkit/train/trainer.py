@@ -524,71 +524,73 @@ def _train(
     info.barrier()
 
     last_path: Path | None = checkpoint_path if state is not None else None
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        loader = _loader(train_set, batch_size=cfg.batch_size, sampler=sampler, config=cfg, epoch=epoch,
-                         device=device, drop_last=True)
-        model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of batch losses x pairs, pairs)
-        bar = _progress(loader, epoch, cfg, info)
-        for batch in bar:
-            batch = _to_device(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                output = model(batch["fixed"], batch["moving"])
-            loss, _ = method.loss(batch, output)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"epoch {epoch}: the training loss became {float(loss)}; lower --lr or check the data")
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            n = batch["fixed"].shape[0]
-            loss_sum += torch.tensor([float(loss.detach()) * n, n], dtype=torch.float64, device=device)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
-        if info.enabled:
-            dist.all_reduce(loss_sum)
-        seconds = time.perf_counter() - started
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(seconds, 3),
-            "pairs_per_s": round(float(loss_sum[1]) / max(seconds, 1e-9), 3),
-        }
-        if info.is_main:
-            if val_set is not None:
-                row.update(validate(method, val_set, batch_size=cfg.batch_size, device=device))
-            history.append(row)
-            last_path = save_checkpoint(checkpoint_path, {
-                "method": {"name": method.method_name, "config": method.config},
-                "network": network_spec,
-                "train": cfg.to_dict(),
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
+            sampler.set_epoch(epoch)
+            if hasattr(train_set, "set_epoch"):
+                train_set.set_epoch(epoch)
+            loader = _loader(train_set, batch_size=cfg.batch_size, sampler=sampler, config=cfg, epoch=epoch,
+                             device=device, drop_last=True)
+            model.train()
+            loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of batch losses x pairs, pairs)
+            bar = _progress(loader, epoch, cfg, info)
+            for batch in bar:
+                batch = _to_device(batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    output = model(batch["fixed"], batch["moving"])
+                loss, _ = method.loss(batch, output)
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"epoch {epoch}: the training loss became {float(loss)}; lower --lr or check the data")
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if scheduler is not None:
+                    scheduler.step()
+                n = batch["fixed"].shape[0]
+                loss_sum += torch.tensor([float(loss.detach()) * n, n], dtype=torch.float64, device=device)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
+            if info.enabled:
+                dist.all_reduce(loss_sum)
+            seconds = time.perf_counter() - started
+            row: dict[str, Any] = {
                 "epoch": epoch,
-                "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if use_amp else None,
-                "rng": rng_state(),
-                "history": history,
-            })
-            _write_log(out / "log.csv", history)
-            _log_scalars(writer, row)
-            if not cfg.quiet:
-                print(_format_row(row), flush=True)
-        info.barrier()
-        for callback in callbacks:
-            callback(epoch, row)
-    if writer is not None:
-        writer.close()
+                "train_loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(seconds, 3),
+                "pairs_per_s": round(float(loss_sum[1]) / max(seconds, 1e-9), 3),
+            }
+            if info.is_main:
+                if val_set is not None:
+                    row.update(validate(method, val_set, batch_size=cfg.batch_size, device=device))
+                history.append(row)
+                last_path = save_checkpoint(checkpoint_path, {
+                    "method": {"name": method.method_name, "config": method.config},
+                    "network": network_spec,
+                    "train": cfg.to_dict(),
+                    "epoch": epoch,
+                    "model": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if use_amp else None,
+                    "rng": rng_state(),
+                    "history": history,
+                })
+                _write_log(out / "log.csv", history)
+                _log_scalars(writer, row)
+                if not cfg.quiet:
+                    print(_format_row(row), flush=True)
+            info.barrier()
+            for callback in callbacks:
+                callback(epoch, row)
+    finally:  # an interrupted run leaves complete event files too
+        if writer is not None:
+            writer.close()
     info.barrier()
     method.eval()
     return TrainResult(method, history, last_path if info.is_main else None, history[-1]["epoch"] if history else 0)
