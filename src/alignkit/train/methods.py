@@ -253,6 +253,20 @@ class LearnedMethod(nn.Module):
 SimilarityChoice = Literal["lncc", "mse", "ncc"]
 
 
+def landmark_errors(displacement: Tensor, fixed_points: Tensor, moving_points: Tensor, mask: Tensor) -> Tensor:
+    """Per pair, the mean distance ``|p + u(p) - q|`` over the landmarks where ``mask`` is 1:
+    ``displacement (B, ndim, *S)`` in voxels, points ``(B, N, ndim)`` voxel coordinates (array-axis
+    order) of the same grid, ``mask (B, N)``. NaN for a pair without landmarks. ``u`` is sampled
+    linearly (border values outside), so the error is differentiable in the displacement."""
+    if fixed_points.shape != moving_points.shape or fixed_points.dim() != 3:
+        raise ShapeError(f"landmarks must be two (B, N, ndim) tensors, got {tuple(fixed_points.shape)} and {tuple(moving_points.shape)}")
+    p = fixed_points.to(displacement.dtype).transpose(1, 2)  # (B, ndim, N)
+    moved = p + sample_voxels(displacement, p, padding="border")
+    distance = (moved - moving_points.to(displacement.dtype).transpose(1, 2)).norm(dim=1)  # (B, N)
+    weight = mask.to(distance.dtype)
+    return (distance * weight).sum(1) / weight.sum(1)  # 0/0 = NaN: no landmarks in that pair
+
+
 @register_method("voxelmorph")
 class VoxelMorph(LearnedMethod):
     """VoxelMorph-style unsupervised registration (Balakrishnan et al. 2019; Dalca et al. 2019).
@@ -264,6 +278,8 @@ class VoxelMorph(LearnedMethod):
         similarity(warped, fixed) + regularizer_weight * diffusion(velocity)
             + dice_weight * soft-Dice(warped one-hot moving labels, fixed one-hot labels)
             + flow_weight * mean squared error to the true displacement (synthetic pairs)
+            + landmark_weight * mean distance |p + u(p) - q| of corresponding landmarks p, q
+              (network-grid voxels; data with landmark files)
 
     ``similarity`` is ``lncc`` (squared local NCC, ``window`` voxels), ``ncc`` or ``mse``. The
     default ``regularizer_weight`` is VoxelMorph's λ (1 with NCC, 0.01 with MSE on [0, 1]
@@ -289,6 +305,7 @@ class VoxelMorph(LearnedMethod):
         regularizer_weight: float | None = None,
         dice_weight: float = 0.0,
         flow_weight: float = 0.0,
+        landmark_weight: float = 0.0,
         steps: int = 7,
         label_ids: Sequence[int] | None = None,
         prealign: str | None = None,
@@ -302,7 +319,9 @@ class VoxelMorph(LearnedMethod):
             # VoxelMorph's lambda (1 with NCC, 0.01 with MSE) in this Diffusion's units: VoxelMorph's
             # gradient loss averages over axes and components, alignkit's sums them (ndim^2 terms)
             regularizer_weight = (0.01 if similarity == "mse" else 1.0) / ndim**2
-        for name, value in (("regularizer_weight", regularizer_weight), ("dice_weight", dice_weight), ("flow_weight", flow_weight)):
+        weights = {"regularizer_weight": regularizer_weight, "dice_weight": dice_weight, "flow_weight": flow_weight,
+                   "landmark_weight": landmark_weight}
+        for name, value in weights.items():
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
         if steps < 0:
@@ -315,6 +334,7 @@ class VoxelMorph(LearnedMethod):
             "regularizer_weight": float(regularizer_weight),
             "dice_weight": float(dice_weight),
             "flow_weight": float(flow_weight),
+            "landmark_weight": float(landmark_weight),
             "steps": int(steps),
             "label_ids": None if label_ids is None else [int(v) for v in label_ids],
             "prealign": prealign,
@@ -365,6 +385,11 @@ class VoxelMorph(LearnedMethod):
         if self.options["dice_weight"] > 0 and "fixed_labels" in batch:
             parts["dice"] = self.dice_loss(batch, output["displacement"])
             total = total + self.options["dice_weight"] * parts["dice"]
+        if self.options["landmark_weight"] > 0 and "fixed_points" in batch:
+            errors = landmark_errors(output["displacement"], batch["fixed_points"], batch["moving_points"],
+                                     batch["points_mask"])
+            parts["landmarks"] = errors.nan_to_num(0.0).mean()  # a pair without landmarks adds 0
+            total = total + self.options["landmark_weight"] * parts["landmarks"]
         if self.options["flow_weight"] > 0 and "flow" in batch:
             error = (output["displacement"] - batch["flow"].float()) ** 2
             parts["flow"] = error.sum(1).flatten(1).mean(1).mean()

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from alignkit.errors import ConfigError, ShapeError
-from alignkit.spatial import Grid, gaussian_blur, resize_image, sample_voxels, sample_world
+from alignkit.spatial import Grid, apply_matrix, gaussian_blur, resize_image, sample_voxels, sample_world
 from alignkit.train.subjects import Subject, SubjectSet, label_ids_of
 from alignkit.transforms import scaling_and_squaring
 
@@ -80,6 +80,11 @@ class PairDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.has_labels = any(s.labels is not None for s in self.subjects)
+        counts = {int(s.points.shape[0]) for s in self.subjects if s.points is not None}
+        if len(counts) > 1:
+            raise ConfigError(f"landmark sets must have one length to batch, got {sorted(counts)} points")
+        #: landmarks per subject (0: none); a subject without is given masked-out zeros
+        self.n_points = counts.pop() if counts else 0
         if not self.has_labels:
             self.label_ids: list[int] = []
         else:
@@ -104,7 +109,27 @@ class PairDataset(Dataset):
         item: dict[str, Any] = {"fixed": fixed.image, "moving": moving_image, "index": index}
         if self.has_labels:
             item["fixed_labels"], item["moving_labels"] = self._labels(fixed.labels), self._labels(moving_labels)
+        if self.n_points:
+            item.update(self._points(fixed, moving))
         return item
+
+    def _points(self, fixed: Subject, moving: Subject) -> dict[str, Tensor]:
+        """Both subjects' landmarks as voxel coordinates ``(N, ndim)`` (array-axis order) of the fixed
+        network grid, where the moving image is resampled too, and ``points_mask (N,)``: 1 where
+        both subjects have them. Row k of both is the same landmark."""
+        zeros = torch.zeros(self.n_points, self.ndim)
+        if fixed.points is None or moving.points is None:
+            return {"fixed_points": zeros, "moving_points": zeros, "points_mask": torch.zeros(self.n_points)}
+        to_voxel = fixed.grid.voxel_from_world
+
+        def voxels(points: Tensor) -> Tensor:
+            return apply_matrix(to_voxel, points.t()[None].double())[0].t().float()
+
+        return {
+            "fixed_points": voxels(fixed.points),
+            "moving_points": voxels(moving.points),
+            "points_mask": torch.ones(self.n_points),
+        }
 
 
 class InterSubjectPairs(PairDataset):

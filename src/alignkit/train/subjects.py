@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal, get_args
@@ -96,21 +96,28 @@ def to_network_grid(
 # -- subjects ------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class Subject:
-    """One image on its network grid: ``image (1, *size)`` in [0, 1], ``labels (1, *size)`` int64 or None."""
+    """One image on its network grid: ``image (1, *size)`` in [0, 1], ``labels (1, *size)`` int64 or
+    None, ``points (N, ndim)`` landmarks in world coordinates (LPS, the frame of ``grid`` after any
+    pre-alignment), float32, or None."""
 
     name: str
     image: Tensor
     grid: Grid
     labels: Tensor | None = None
+    points: Tensor | None = None
 
     @property
     def ndim(self) -> int:
         return self.grid.ndim
 
 
-def prepare_subject(image: Image, size: Sequence[int], *, labels: Image | None = None, name: str | None = None) -> Subject:
+def prepare_subject(
+    image: Image, size: Sequence[int], *, labels: Image | None = None, points: Tensor | None = None,
+    name: str | None = None,
+) -> Subject:
     """:func:`to_network_grid` applied to an image (and its label map, resampled nearest-neighbour onto
-    the image's grid through the world when it lives on another one)."""
+    the image's grid through the world when it lives on another one); ``points`` (N, ndim) world
+    landmarks are kept as they are (the network grid spans the same world)."""
     data, grid = to_network_grid(image.batch(), image.grid, size)
     lab = None
     if labels is not None:
@@ -120,7 +127,12 @@ def prepare_subject(image: Image, size: Sequence[int], *, labels: Image | None =
             world = image.grid.world_points()
             label_data = sample_world(label_data.float(), labels.grid, world, mode="nearest").round().long()
         lab = to_network_grid(label_data, image.grid, size, labels=True)[0][0]
-    return Subject(name or image.name, data[0], grid, lab)
+    pts = None
+    if points is not None:
+        pts = torch.as_tensor(points, dtype=torch.float32)
+        if pts.dim() != 2 or pts.shape[1] != image.ndim or pts.shape[0] == 0:
+            raise ShapeError(f"landmarks of {name or image.name} must be (N, {image.ndim}), got {tuple(pts.shape)}")
+    return Subject(name or image.name, data[0], grid, lab, pts)
 
 
 def select_names(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
@@ -196,6 +208,30 @@ def folder_images(directory: str | os.PathLike) -> list[tuple[str, Image, Image 
     return out
 
 
+#: a landmark file beside a folder image ``<stem>.<ext>``: ``<stem><marker>.csv`` (world LPS, x, y[, z])
+_LANDMARK_MARKERS = ("_landmarks", "_points")
+
+
+def folder_landmarks(directory: str | os.PathLike, names: Sequence[str], ndim: int) -> dict[str, Tensor]:
+    """The landmark CSVs ``<name>_landmarks.csv`` / ``<name>_points.csv`` of ``directory`` for the
+    image ``names`` that have one: ``{name: (N, ndim) world points}`` (:func:`alignkit.io.read_points`)."""
+    from alignkit.io.points import read_points
+
+    root = Path(directory)
+    out: dict[str, Tensor] = {}
+    for name in names:
+        path = next((root / f"{name}{m}.csv" for m in _LANDMARK_MARKERS if (root / f"{name}{m}.csv").is_file()), None)
+        if path is not None:
+            out[name] = read_points(path, ndim).float()
+    return out
+
+
+def _folder_data(directory: str | os.PathLike) -> RawData:
+    images = folder_images(directory)
+    points = folder_landmarks(directory, [name for name, _, _ in images], images[0][1].ndim)
+    return RawData(images, points=points)
+
+
 @dataclass
 class RawData:
     """Images (with label maps) of a data set before they go onto network grids."""
@@ -205,6 +241,8 @@ class RawData:
     label_ids: list[int] | None = None
     #: (fixed, moving) indices into ``images`` of the data set's own cases, for case-based data sets
     case_pairs: list[tuple[int, int]] | None = None
+    #: world landmarks ``(N, ndim)`` of the images that have some, by image name
+    points: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _subject_ids(names: Sequence[str]) -> list[tuple[str, str]] | None:
@@ -230,7 +268,7 @@ def dataset_data(source: str | os.PathLike, *, layout: str | None = None) -> Raw
     if layout == "folder":
         from alignkit.data.datasets import dataset_folder
 
-        return RawData(folder_images(dataset_folder(source)))
+        return _folder_data(dataset_folder(source))
     from alignkit.data.datasets import load_dataset
 
     dataset = None
@@ -242,7 +280,7 @@ def dataset_data(source: str | os.PathLike, *, layout: str | None = None) -> Raw
     if dataset is None:
         if not Path(source).is_dir():
             raise InputError("no such data set or folder", str(source))
-        return RawData(folder_images(source))
+        return _folder_data(source)
     names = list(getattr(dataset, "names", [])) or [dataset[k].name for k in range(len(dataset))]
     ids = _subject_ids(names)
     if ids is not None:  # read the fewest cases that show every subject
@@ -341,6 +379,15 @@ def _resample_into(reference: Image, image: Image, matrix: Tensor, *, labels: bo
     return Image(out[0], reference.grid, path=image.path)
 
 
+def _points_into(matrix: Tensor, points: Tensor) -> Tensor:
+    """World landmarks of an image resampled into the reference space by :func:`_resample_into`
+    (``image ∘ matrix``): ``matrix⁻¹ q``."""
+    from alignkit.spatial.points import points_to_tensor, tensor_to_points
+
+    inverse = torch.linalg.inv(matrix.double())
+    return tensor_to_points(apply_matrix(inverse, points_to_tensor(points.double()))).float()
+
+
 @dataclass
 class SubjectSet:
     """Subjects on their network grids, with the data set's scored labels and own pairs (if any)."""
@@ -354,7 +401,7 @@ class SubjectSet:
 
 
 def load_subjects(
-    source: str | os.PathLike | Sequence[Image | tuple[Image, Image | None]],
+    source: str | os.PathLike | Sequence[Image | tuple[Image, Image | None] | tuple[Image, Image | None, Tensor | None]],
     size: int | str | Sequence[int],
     *,
     layout: str | None = None,
@@ -379,8 +426,12 @@ def load_subjects(
     if isinstance(source, (str, os.PathLike)):
         data = dataset_data(source, layout=layout)
     else:
-        items = [item if isinstance(item, tuple) else (item, None) for item in source]
-        data = RawData([(image.path or f"image{k}", image, labels) for k, (image, labels) in enumerate(items)])
+        items = [tuple(item) + (None,) * (3 - len(item)) if isinstance(item, tuple) else (item, None, None) for item in source]
+        names = [image.path or f"image{k}" for k, (image, _, _) in enumerate(items)]
+        data = RawData(
+            [(name, image, labels) for name, (image, labels, _) in zip(names, items)],
+            points={name: torch.as_tensor(pts) for name, (_, _, pts) in zip(names, items) if pts is not None},
+        )
     if include is not None:
         if data.case_pairs is not None:
             raise ConfigError("subject patterns apply to subject-based data sets, not to ones with own pairs")
@@ -421,11 +472,14 @@ def load_subjects(
         # their label maps weigh gigabytes
         pending[k] = None
         name, image, labels = item
+        points = data.points.get(name)
         if ref_image is not None and prealign is not None and k != reference:
             matrix = prealign_matrix(
                 ref_image, image.grey(), mode=prealign, cache_dir=cache_dir, seed=seed, finest=finest
             )
             image = _resample_into(ref_image, image, matrix, labels=False)
             labels = _resample_into(ref_image, labels, matrix, labels=True) if labels is not None else None
-        subjects.append(prepare_subject(image, sizes, labels=labels, name=name))
+            if points is not None:  # the image now shows point q at the reference's world M^-1 q
+                points = _points_into(matrix, points)
+        subjects.append(prepare_subject(image, sizes, labels=labels, points=points, name=name))
     return SubjectSet(subjects, data.label_ids, data.case_pairs)

@@ -51,7 +51,8 @@ PairChoice = Literal["auto", "inter", "atlas", "synthetic", "warped-copy", "case
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
 LOG_COLUMNS = (
-    "epoch", "train_loss", "val_loss", "val_similarity", "val_dice", "val_epe", "lr", "seconds", "pairs_per_s",
+    "epoch", "train_loss", "val_loss", "val_similarity", "val_dice", "val_epe", "val_tre", "lr", "seconds",
+    "pairs_per_s",
 )
 
 
@@ -311,9 +312,11 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 @torch.no_grad()
 def validate(method: LearnedMethod, dataset: Dataset, *, batch_size: int, device: torch.device) -> dict[str, float]:
     """Mean over validation pairs of the loss, the similarity term, the mean Dice over the method's
-    label ids (labels warped nearest-neighbour, :func:`alignkit.metrics.dice_per_label`) and the
-    end-point error to a true field (voxels), each where it applies."""
+    label ids (labels warped nearest-neighbour, :func:`alignkit.metrics.dice_per_label`), the
+    end-point error to a true field and the landmark error (both in network-grid voxels), each where
+    it applies."""
     from alignkit.metrics import dice_per_label
+    from alignkit.train.methods import landmark_errors
 
     was_training = method.training
     method.eval()
@@ -338,6 +341,11 @@ def validate(method: LearnedMethod, dataset: Dataset, *, batch_size: int, device
                 epe = (output["displacement"] - batch["flow"]).norm(dim=1).flatten(1).mean(1)
                 for value in epe.tolist():
                     add("val_epe", value)
+            if "fixed_points" in batch:
+                errors = landmark_errors(output["displacement"], batch["fixed_points"], batch["moving_points"],
+                                         batch["points_mask"])
+                for value in errors.tolist():
+                    add("val_tre", value)  # NaN (a pair without landmarks) is skipped
             ids = getattr(method, "label_ids", None)
             if "fixed_labels" in batch and ids:
                 warped = method.warp(batch["moving_labels"].float(), output["displacement"], mode="nearest")
