@@ -326,20 +326,22 @@ def test_a_few_epochs_lower_the_loss_and_the_field_error(tmp_path):
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 1 + 7
 
 
+class Interrupted(Exception):
+    """Raised by :func:`_stop_after_first`: a training run cut off after its first epoch."""
+
+
+def _stop_after_first(epoch, row):
+    if epoch == 1:
+        raise Interrupted
+
+
 def test_tensorboard_events_hold_the_log_rows_when_tensorboard_is_installed(tmp_path):
     pytest.importorskip("tensorboard", reason="TensorBoard not installed (pip install alignkit[train])")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_first(epoch, row):
-        if epoch == 1:
-            raise Interrupted
-
     train_set, val_set = _synthetic(length=4)
     with pytest.raises(Interrupted):  # an interrupted run, then its resumption: one event per epoch
-        train(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, callbacks=[stop_after_first])
+        train(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, callbacks=[_stop_after_first])
     result = train(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, resume=True)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
@@ -385,16 +387,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     train_set, val_set = _synthetic(length=4)
     whole = train(_config(epochs=3), tmp_path / "whole", train_set=train_set, val_set=val_set)
 
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_first(epoch, row):
-        if epoch == 1:
-            raise Interrupted
-
     train_set, val_set = _synthetic(length=4)
     with pytest.raises(Interrupted):
-        train(_config(epochs=3), tmp_path / "cut", train_set=train_set, val_set=val_set, callbacks=[stop_after_first])
+        train(_config(epochs=3), tmp_path / "cut", train_set=train_set, val_set=val_set, callbacks=[_stop_after_first])
     assert load_checkpoint(tmp_path / "cut")["epoch"] == 1
     torch.manual_seed(1234)  # the resumed run must not depend on the process's RNG state
     resumed = train(_config(epochs=3), tmp_path / "cut", train_set=train_set, val_set=val_set, resume=True)
