@@ -589,19 +589,19 @@ def test_landmark_error_is_zero_for_the_true_shift_and_nan_without_landmarks():
     assert torch.allclose(identity, torch.full((2,), 2.5))  # |(1.5, -2)| = 2.5 voxels
 
 
-def _landmark_folder(folder, shifts):
-    """Shifted copies of one phantom with its blob centres as ``<stem>_landmarks.csv`` (world x, y via
-    the image grid): landmarks that truly correspond."""
+def _landmark_folder(folder, shifts, *, shape=(40, 44)):
+    """Shifted copies ``s<k>.png`` of one phantom with its blob centres as ``s<k>_landmarks.csv``
+    (world x, y via the image grid): landmarks that truly correspond."""
     from alignkit.io import read_image
-    from alignkit.spatial import apply_matrix
+    from alignkit.spatial import apply_matrix, points_to_tensor, tensor_to_points
 
     folder.mkdir()
     for k, shift in enumerate(shifts):
-        image = np.roll(phantom(0), shift, axis=(0, 1))
+        image = np.roll(phantom(0, shape), shift, axis=(0, 1))
         PILImage.fromarray(image.astype(np.uint8)).save(folder / f"s{k}.png")
         grid = read_image(folder / f"s{k}.png").grid
-        voxels = torch.as_tensor(phantom_blob_centres(0) + np.asarray(shift), dtype=torch.float64)
-        world = apply_matrix(grid.world_from_voxel, voxels.t()[None])[0].t()
+        voxels = torch.as_tensor(phantom_blob_centres(0, shape) + np.asarray(shift), dtype=torch.float64)
+        world = tensor_to_points(apply_matrix(grid.world_from_voxel, points_to_tensor(voxels)))
         rows = "\n".join(",".join(f"{v:.6f}" for v in point) for point in world.tolist())
         (folder / f"s{k}_landmarks.csv").write_text("x,y\n" + rows + "\n")
 
@@ -609,25 +609,14 @@ def _landmark_folder(folder, shifts):
 def test_landmarks_follow_the_prealignment_into_the_reference_space(tmp_path):
     """A subject that is the reference shifted by (3, -2) px: after affine pre-alignment its
     landmarks, carried through the inverse of the pre-alignment matrix, land on the reference's."""
-    from alignkit.io import read_image, read_points
+    from alignkit.io import read_points
     from alignkit.train import load_subjects
 
     folder = tmp_path / "lm"
-    folder.mkdir()
-    base = phantom(0, (56, 60))
-    centres = phantom_blob_centres(0, (56, 60))
-    for name, shift in (("a", (0, 0)), ("b", (3, -2))):
-        PILImage.fromarray(np.roll(base, shift, axis=(0, 1)).astype(np.uint8)).save(folder / f"{name}.png")
-    grid = read_image(folder / "a.png").grid
-    from alignkit.spatial import apply_matrix
-
-    for name, shift in (("a", (0, 0)), ("b", (3, -2))):
-        voxels = torch.as_tensor(centres + np.asarray(shift), dtype=torch.float64)
-        world = apply_matrix(grid.world_from_voxel, voxels.t()[None])[0].t()
-        (folder / f"{name}_landmarks.csv").write_text("\n".join(",".join(map(str, p)) for p in world.tolist()) + "\n")
+    _landmark_folder(folder, [(0, 0), (3, -2)], shape=(56, 60))
     subjects = load_subjects(folder, 32, layout="folder", prealign="affine", cache_dir=tmp_path / "cache").subjects
     a, b = subjects
-    assert torch.allclose(a.points.double(), read_points(folder / "a_landmarks.csv", 2), atol=1e-4)
+    assert torch.allclose(a.points.double(), read_points(folder / "s0_landmarks.csv", 2), atol=1e-4)
     assert (b.points - a.points).norm(dim=1).max() < 0.5  # was sqrt(13) = 3.6 px apart before
 
 

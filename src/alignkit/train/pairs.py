@@ -29,7 +29,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from alignkit.errors import ConfigError, ShapeError
-from alignkit.spatial import Grid, apply_matrix, gaussian_blur, resize_image, sample_voxels, sample_world
+from alignkit.spatial import (
+    Grid,
+    apply_matrix,
+    gaussian_blur,
+    points_to_tensor,
+    resize_image,
+    sample_voxels,
+    sample_world,
+    tensor_to_points,
+)
 from alignkit.train.subjects import Subject, SubjectSet, label_ids_of
 from alignkit.transforms import scaling_and_squaring
 
@@ -123,7 +132,7 @@ class PairDataset(Dataset):
         to_voxel = fixed.grid.voxel_from_world
 
         def voxels(points: Tensor) -> Tensor:
-            return apply_matrix(to_voxel, points.t()[None].double())[0].t().float()
+            return tensor_to_points(apply_matrix(to_voxel, points_to_tensor(points.double()))).float()
 
         return {
             "fixed_points": voxels(fixed.points),

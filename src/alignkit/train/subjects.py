@@ -34,7 +34,15 @@ from alignkit.errors import ConfigError, InputError, ShapeError
 from alignkit.image import Image
 from alignkit.solve import RegistrationConfig
 from alignkit.solve.engine import normalize_intensity
-from alignkit.spatial import Grid, apply_matrix, gaussian_blur, resize_image, sample_world
+from alignkit.spatial import (
+    Grid,
+    apply_matrix,
+    gaussian_blur,
+    points_to_tensor,
+    resize_image,
+    sample_world,
+    tensor_to_points,
+)
 
 PrealignName = Literal["affine", "rigid"]
 
@@ -382,8 +390,6 @@ def _resample_into(reference: Image, image: Image, matrix: Tensor, *, labels: bo
 def _points_into(matrix: Tensor, points: Tensor) -> Tensor:
     """World landmarks of an image resampled into the reference space by :func:`_resample_into`
     (``image ∘ matrix``): ``matrix⁻¹ q``."""
-    from alignkit.spatial.points import points_to_tensor, tensor_to_points
-
     inverse = torch.linalg.inv(matrix.double())
     return tensor_to_points(apply_matrix(inverse, points_to_tensor(points.double()))).float()
 
