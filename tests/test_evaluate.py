@@ -432,7 +432,7 @@ def test_alignkit_photo_recovers_a_synthetic_affine(tmp_path):
 
 def test_alignkit_methods_and_registry():
     from alignkit.evaluate import AlignkitMethod, list_methods, resolve_method
-    from alignkit.methods.presets import preset_names
+    from alignkit.solve.presets import preset_names
 
     names = list_methods()
     assert [f"alignkit:{p}" for p in preset_names()] == names[: len(preset_names())]

@@ -290,7 +290,7 @@ def test_feature_init_recovers_wide_baseline_homography() -> None:
     assert scores["corner_error_before"] > 40
     assert scores["corner_error"] < 1.0
     # without the feature start the same solver stays far away
-    from alignkit.methods.presets import get_preset
+    from alignkit.solve.presets import get_preset
 
     config = get_preset("photo")
     config.init = "center"
@@ -304,7 +304,7 @@ def test_refinement_that_leaves_the_keypoint_matches_is_dropped() -> None:
     visible and near-infrared photographs) is dropped in favour of the feature fit."""
     pytest.importorskip("cv2")
     skdata = pytest.importorskip("skimage.data")
-    from alignkit.methods.presets import get_preset
+    from alignkit.solve.presets import get_preset
     from alignkit.solve.engine import Engine
 
     moving = Image.from_array(skdata.camera()[::2, ::2].astype(np.float32) / 255.0)

@@ -29,7 +29,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alignkit.methods.presets import preset_names
+    from alignkit.solve.presets import preset_names
     from alignkit.solve.config import FIELD_MODELS, LINEAR_MODELS
 
     parser = _Parser(prog="alignkit", description="Image registration, classical and learned, 2D and 3D.")
@@ -234,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _presets() -> int:
-    from alignkit.methods.presets import get_preset, preset_names
+    from alignkit.solve.presets import get_preset, preset_names
 
     for name in preset_names():
         cfg = get_preset(name)

@@ -54,7 +54,7 @@ class AlignkitMethod(Method):
     """
 
     def __init__(self, preset: str, **options: Any) -> None:
-        from alignkit.methods.presets import preset_names
+        from alignkit.solve.presets import preset_names
 
         preset = preset.removeprefix(PREFIX)
         if preset not in preset_names():
@@ -70,7 +70,7 @@ class AlignkitMethod(Method):
 
     def config_for(self, ndim: int) -> Any:
         """The :class:`~alignkit.solve.config.RegistrationConfig` this method runs on ``ndim``-D images."""
-        from alignkit.methods.classical import resolve_config
+        from alignkit.solve.presets import resolve_config
 
         config = resolve_config(
             ndim,
@@ -124,6 +124,6 @@ class AlignkitMethod(Method):
 
 
 def alignkit_method_names() -> list[str]:
-    from alignkit.methods.presets import preset_names
+    from alignkit.solve.presets import preset_names
 
     return [f"{PREFIX}{name}" for name in preset_names()]

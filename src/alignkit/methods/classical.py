@@ -18,8 +18,8 @@ from torch import Tensor
 from alignkit.errors import ConfigError, InputError
 from alignkit.image import Image
 from alignkit.methods.artifacts import save_transform
-from alignkit.methods.presets import default_preset, get_preset, override
-from alignkit.solve import Engine, RegistrationConfig, load_config_file, normalize_intensity
+from alignkit.solve import Engine, RegistrationConfig, normalize_intensity
+from alignkit.solve.presets import resolve_config
 from alignkit.spatial import (
     Grid,
     apply_matrix,
@@ -71,36 +71,6 @@ def check_labels(labels: Image, image: Image) -> None:
         raise InputError(
             f"label map is on another grid ({labels.grid}) than its image {image.name} ({image.grid})", labels.name
         )
-
-
-def resolve_config(
-    ndim: int,
-    *,
-    preset: str | None = None,
-    transform: str | list[str] | None = None,
-    similarity: str | None = None,
-    config: RegistrationConfig | dict[str, Any] | str | os.PathLike | None = None,
-) -> RegistrationConfig:
-    """Preset (or the default for the dimension) → config file → ``transform``/``similarity`` overrides."""
-    if isinstance(config, RegistrationConfig):
-        base = config
-    elif config is not None:
-        data = load_config_file(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else dict(config)
-        if "stages" in data:
-            base = RegistrationConfig.from_dict(data)
-        else:  # a partial file: preset plus top-level options
-            base = get_preset(data.pop("preset", preset or default_preset(ndim)))
-            for key, value in data.items():
-                if not hasattr(base, key):
-                    raise ConfigError(f"unknown configuration key {key!r}")
-                setattr(base, key, value)
-    else:
-        base = get_preset(preset or default_preset(ndim))
-    transforms = transform.split(",") if isinstance(transform, str) else transform
-    result = override(base, transforms=transforms, similarity=similarity)
-    if ndim == 3 and any(s.transform == "homography" for s in result.stages):
-        raise ConfigError("homography is a 2D model; use affine for 3D images")
-    return result
 
 
 def _ncc(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:

@@ -59,7 +59,7 @@ def _progress_factory(quiet: bool) -> Any:
 
 
 def _linear_config(ndim: int, models: list[str]) -> RegistrationConfig:
-    from alignkit.methods.classical import resolve_config
+    from alignkit.solve.presets import resolve_config
 
     bad = [m for m in models if m not in LINEAR_MODELS]
     if bad:
@@ -79,7 +79,7 @@ REFINE_MAX_VOXELS = 1 << 21
 def refine_config(ndim: int, iterations: int, *, similarity: str | None = None) -> StageConfig:
     """The refinement stage: the default preset's SVF stage for ``iterations`` at full resolution,
     or on at most :data:`REFINE_MAX_VOXELS` voxels."""
-    from alignkit.methods.presets import default_preset, get_preset
+    from alignkit.solve.presets import default_preset, get_preset
 
     template = next(s for s in get_preset(default_preset(ndim)).stages if not s.is_linear)
     stage = copy.deepcopy(template)

@@ -338,7 +338,7 @@ def prealign_config(ndim: int, mode: PrealignName, finest: float = 1.0) -> Regis
     ``finest``: pre-aligning for a network that sees the image ``finest`` times coarser gains
     nothing from finer levels, which cost the most (about 2 min per OASIS subject at 1/2
     resolution on two cores, seconds at 1/4)."""
-    from alignkit.methods.classical import resolve_config
+    from alignkit.solve.presets import resolve_config
 
     config = resolve_config(ndim, transform=mode)
     for stage in config.stages:

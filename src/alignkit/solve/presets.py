@@ -7,10 +7,12 @@ field can be overridden (``--transform``, ``--similarity``, ``--config``).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
+from typing import Any
 
 from alignkit.errors import ConfigError
-from alignkit.solve.config import FIELD_MODELS, LINEAR_MODELS, RegistrationConfig, StageConfig
+from alignkit.solve.config import FIELD_MODELS, LINEAR_MODELS, RegistrationConfig, StageConfig, load_config_file
 
 
 def _brain() -> RegistrationConfig:
@@ -228,3 +230,33 @@ def override(
             stage.similarity_options = {}
     RegistrationConfig.__post_init__(config)
     return config
+
+
+def resolve_config(
+    ndim: int,
+    *,
+    preset: str | None = None,
+    transform: str | list[str] | None = None,
+    similarity: str | None = None,
+    config: RegistrationConfig | dict[str, Any] | str | os.PathLike | None = None,
+) -> RegistrationConfig:
+    """Preset (or the default for the dimension) → config file → ``transform``/``similarity`` overrides."""
+    if isinstance(config, RegistrationConfig):
+        base = config
+    elif config is not None:
+        data = load_config_file(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else dict(config)
+        if "stages" in data:
+            base = RegistrationConfig.from_dict(data)
+        else:  # a partial file: preset plus top-level options
+            base = get_preset(data.pop("preset", preset or default_preset(ndim)))
+            for key, value in data.items():
+                if not hasattr(base, key):
+                    raise ConfigError(f"unknown configuration key {key!r}")
+                setattr(base, key, value)
+    else:
+        base = get_preset(preset or default_preset(ndim))
+    transforms = transform.split(",") if isinstance(transform, str) else transform
+    result = override(base, transforms=transforms, similarity=similarity)
+    if ndim == 3 and any(s.transform == "homography" for s in result.stages):
+        raise ConfigError("homography is a 2D model; use affine for 3D images")
+    return result
