@@ -1,0 +1,36 @@
+"""The method registry and the learned contract changed no result: the classical presets and a small
+VoxelMorph model give, on the same inputs and seeds, what they gave before (``tests/golden``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
+
+from make_golden import GOLDEN, cases  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return cases(tmp_path_factory.mktemp("golden"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["classical_default2d_2d", "classical_flow_2d", "classical_brain_2d", "classical_brain_3d",
+     "voxelmorph_val_loss", "voxelmorph_2d", "voxelmorph_refine5_2d"],
+)
+def test_same_result_as_before_the_method_registry(produced, name):
+    golden = np.load(GOLDEN)
+    assert name in produced, f"the golden case {name} is no longer produced"
+    np.testing.assert_allclose(produced[name], golden[name], rtol=1e-5, atol=1e-4)
