@@ -33,14 +33,13 @@ from alignkit.nets import (
     correlation,
     correlation_displacements,
     network_config,
-    rescale_displacement,
     symmetry_group,
     symmetry_pull_field,
     symmetry_push_field,
     warp_affine,
     warp_voxels,
 )
-from alignkit.spatial import Grid, sample_voxels
+from alignkit.spatial import Grid, rescale_voxel_displacement, sample_voxels
 
 SMALL = {2: (32, 29), 3: (16, 15, 13)}  # odd sizes on purpose: down-sampling must round up
 
@@ -408,7 +407,7 @@ def test_scale_chain_combines_the_residual_as_configured(combine):
     chain = ScaleChain(networks=[_tiny_pyramid(2)] * 2, factors=(2, 1), combine=combine)
     chain.networks = nn.ModuleList([_Gradient(), _Gradient()])  # non-constant residuals
     coarse, fine = chain.levels(fixed, moving)
-    previous = rescale_displacement(coarse, shape)
+    previous = rescale_voxel_displacement(coarse, shape)
     residual = _Gradient()(fixed, warp_voxels(moving, previous))
     expected = compose_displacements(previous, residual) if combine == "compose" else previous + residual
     torch.testing.assert_close(fine, expected)
@@ -476,7 +475,7 @@ def test_scale_chain_of_pyramid_unets_starts_near_identity_and_trains(ndim):
 
 def test_rescale_displacement_keeps_physical_length():
     u = torch.full((1, 2, 5, 9), 1.0)
-    out = rescale_displacement(u, (9, 17))  # corner-aligned: voxels are half as large
+    out = rescale_voxel_displacement(u, (9, 17))  # corner-aligned: voxels are half as large
     torch.testing.assert_close(out, torch.full((1, 2, 9, 17), 2.0))
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError, ShapeError
+from alignkit.spatial.bspline import cubic_bspline, cubic_bspline_taps
 from alignkit.spatial.filters import box_sum, separable_filter
 
 SimilarityName = Literal["mse", "ncc", "lncc", "mk-lncc", "mi", "charbonnier", "l1", "flow-data"]
@@ -76,6 +77,24 @@ def _window_sum(x: Tensor, window: int, dilation: int) -> Tensor:
     kernel = torch.zeros((window - 1) * dilation + 1, dtype=x.dtype, device=x.device)
     kernel[::dilation] = 1.0
     return separable_filter(x, [kernel] * (x.dim() - 2), padding_mode="zeros")
+
+
+def global_ncc(x: Tensor, y: Tensor, weights: Tensor | None = None, *, eps: float = 1e-8) -> Tensor:
+    """Weighted Pearson correlation of ``x`` and ``y`` ``(B, C, N)`` over their last axis: ``(B, C)``.
+
+    ``weights`` ``(B or 1, 1 or C, N)`` are non-negative voxel weights (None: all equal); means,
+    covariance and variances are weighted averages. ``eps`` bounds the product of the variances from
+    below, so a constant image gives 0 (its covariance is exactly 0), not NaN. The one global NCC
+    of alignkit: the :class:`NCC` loss and :func:`alignkit.metrics.ncc` both call it.
+    """
+    if weights is None:
+        weights = torch.ones_like(x[:, :1])
+    weights = weights / weights.sum(dim=2, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    dx = x - (weights * x).sum(2, keepdim=True)
+    dy = y - (weights * y).sum(2, keepdim=True)
+    cov = (weights * dx * dy).sum(2)
+    var = ((weights * dx * dx).sum(2) * (weights * dy * dy).sum(2)).clamp_min(eps)
+    return cov / torch.sqrt(var)
 
 
 def _local_ncc(x: Tensor, y: Tensor, window: int, dilation: int, eps: float, squared: bool) -> Tensor:
@@ -159,17 +178,8 @@ class NCC(nn.Module):
     def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = _check_pair(warped, fixed, mask)
         dtype = _compute_dtype(warped)
-        x, y = warped.to(dtype).flatten(2), fixed.to(dtype).flatten(2)
-        if mask is None:
-            w = torch.ones_like(x[:, :1])
-        else:
-            w = mask.to(dtype).flatten(2)
-        w = w / w.sum(dim=2, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-        mx, my = (w * x).sum(2, keepdim=True), (w * y).sum(2, keepdim=True)
-        dx, dy = x - mx, y - my
-        cov = (w * dx * dy).sum(2)
-        var = ((w * dx * dx).sum(2) * (w * dy * dy).sum(2)).clamp_min(self.eps)
-        ncc = cov / torch.sqrt(var)
+        weights = None if mask is None else mask.to(dtype).flatten(2)
+        ncc = global_ncc(warped.to(dtype).flatten(2), fixed.to(dtype).flatten(2), weights, eps=self.eps)
         return (1.0 - ncc.mean()).to(warped.dtype)
 
 
@@ -272,32 +282,6 @@ class MultiKernelLNCC(nn.Module):
 
 
 # -- mutual information -----------------------------------------------------------------------
-def _cubic_bspline(u: Tensor) -> Tensor:
-    """Cubic B-spline kernel (support ``|u| < 2``, integrates to 1, partition of unity)."""
-    a = u.abs()
-    inner = 2.0 / 3.0 - a * a + 0.5 * a * a * a
-    outer = (2.0 - a).clamp_min(0.0) ** 3 / 6.0
-    return torch.where(a < 1.0, inner, outer)
-
-
-def _bspline_taps(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The 4 bins a cubic B-spline at bin coordinate ``t (M, N)`` touches: first bin ``(M, N)``
-    (long), weights ``(M, N, 4)`` and their derivatives with respect to ``t``.
-
-    With ``f`` the fractional part of ``t``, the weights are the uniform cubic B-spline basis
-    polynomials in ``f`` (bins ``floor(t) - 1 .. floor(t) + 2``); evaluating them on ``(M, N)``
-    costs a quarter of evaluating :func:`_cubic_bspline` on the ``(M, N, 4)`` offsets.
-    """
-    whole = torch.floor(t)
-    f = t - whole
-    g = 1.0 - f
-    f2, g2 = f * f, g * g
-    weights = torch.stack(
-        [g2 * g / 6.0, 2.0 / 3.0 - f2 + 0.5 * f2 * f, 2.0 / 3.0 - g2 + 0.5 * g2 * g, f2 * f / 6.0], dim=-1
-    )
-    derivatives = torch.stack([-0.5 * g2, 1.5 * f2 - 2.0 * f, 2.0 * g - 1.5 * g2, 0.5 * f2], dim=-1)
-    return (whole - 1.0).long(), weights, derivatives
-
 
 class _SparseJointHistogram(torch.autograd.Function):
     """Parzen joint histogram ``(M, bins, bins)`` with cubic B-spline kernels on both sides.
@@ -311,8 +295,8 @@ class _SparseJointHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, moving_coords: Tensor, fixed_coords: Tensor, weights: Tensor, bins: int) -> Tensor:  # type: ignore[override]
-        m_first, m_w, m_dw = _bspline_taps(moving_coords)
-        f_first, f_w, _ = _bspline_taps(fixed_coords)
+        m_first, m_w, m_dw = cubic_bspline_taps(moving_coords)
+        f_first, f_w, _ = cubic_bspline_taps(fixed_coords)
         f_w = f_w * weights.unsqueeze(-1)
         rows = moving_coords.shape[0]
         # flat index of each sample's first bin in the stacked (rows, bins, bins) histograms
@@ -414,7 +398,7 @@ class MattesMI(nn.Module):
         centres = torch.arange(self.bins, dtype=t.dtype, device=t.device)
         u = t.unsqueeze(-1) - centres
         if kernel == "bspline":
-            return _cubic_bspline(u)
+            return cubic_bspline(u)
         weights = torch.exp(-0.5 * u * u)
         return weights / weights.sum(dim=-1, keepdim=True)
 

@@ -1,5 +1,5 @@
 """Evaluation metrics: overlap, surface distances, TRE, flow errors, Jacobians, inverse consistency,
-PCK, homography corner errors and descriptor mAP.
+PCK, homography corner errors, descriptor mAP and the global NCC of two images.
 
 Every function accepts numpy arrays or torch tensors and returns plain Python floats / ints / dicts
 (ready for ``json.dumps``). Conventions are stated in each submodule's docstring:
@@ -32,6 +32,7 @@ from alignkit.metrics.homography import (
 from alignkit.metrics.jacobian import jacobian_determinant_from_map, jacobian_stats
 from alignkit.metrics.keypoints import pck
 from alignkit.metrics.overlap import dice_per_label, mean_dice
+from alignkit.metrics.similarity import ncc
 
 __all__ = [
     "average_surface_distance",
@@ -52,6 +53,7 @@ __all__ = [
     "jacobian_determinant_from_map",
     "jacobian_stats",
     "mean_dice",
+    "ncc",
     "pck",
     "success_rates",
     "surface_distances",

@@ -6,8 +6,8 @@ Conventions
   points, one per voxel of a grid placed by ``world_from_voxel``; components in world order
   ``(x, y[, z])``. Its Jacobian is ``d map / d world`` (so spacing and direction cosines are taken
   into account and the identity map has determinant 1 on any grid).
-* Derivatives are central differences, one-sided at the border -- the same scheme as the torch
-  :func:`alignkit.spatial.jacobian_determinant`, so both give identical numbers.
+* Derivatives are central differences, one-sided at the border: the determinant is
+  :func:`alignkit.spatial.jacobian_determinant`'s (alignkit has one).
 * **Folds** follow Shen et al. (seed 002, §3 and Table 1): a voxel is folded where
   ``J(x) < 0`` (strictly), the fold count is ``|{x : J(x) < 0}|``, and the fold **severity** is the
   absolute determinant at those voxels (002 reports its average in square brackets next to the count).
@@ -20,10 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from alignkit.errors import InputError, ShapeError
 from alignkit.metrics.overlap import to_numpy
 from alignkit.spatial.grid import Grid
+from alignkit.spatial.jacobian import jacobian_determinant
 
 
 def _matrix_of(world_from_voxel: Any) -> np.ndarray:
@@ -40,8 +42,8 @@ def jacobian_determinant_from_map(world_map: Any, world_from_voxel: Any) -> np.n
 
     ``world_map`` is ``(ndim, *S)`` or ``(B, ndim, *S)`` (numpy or torch); ``world_from_voxel`` is the
     grid's ``(ndim + 1, ndim + 1)`` homogeneous matrix or a :class:`~alignkit.spatial.Grid`. Returns
-    ``(*S)`` or ``(B, *S)``: 1 for the identity (on any grid), ``<= 0`` where the map folds. Numpy
-    twin of :func:`alignkit.spatial.jacobian_determinant` (same finite differences).
+    ``(*S)`` or ``(B, *S)``: 1 for the identity (on any grid), ``<= 0`` where the map folds. A numpy
+    front of :func:`alignkit.spatial.jacobian_determinant`, the one Jacobian determinant, run in float64.
     """
     matrix = _matrix_of(world_from_voxel)
     ndim = matrix.shape[0] - 1
@@ -54,19 +56,8 @@ def jacobian_determinant_from_map(world_map: Any, world_from_voxel: Any) -> np.n
         raise ShapeError(f"world_map shape {values.shape[2:]} is not the grid's {world_from_voxel.shape}")
     if min(values.shape[2:]) < 2:
         raise ShapeError(f"finite differences need >= 2 voxels along every axis, got {values.shape[2:]}")
-    axes = tuple(range(2, 2 + ndim))
-    # d map_i / d voxel_a, stacked as (B, ndim_i, ndim_a, *S); np.gradient = torch.gradient's scheme
-    d_map_d_voxel = np.stack(np.gradient(values, axis=axes), axis=2)
-    voxel_from_world = np.linalg.inv(matrix[:ndim, :ndim])
-    jac = np.einsum("bia...,aj->bij...", d_map_d_voxel, voxel_from_world)
-    if ndim == 2:
-        det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
-    else:
-        det = (
-            jac[:, 0, 0] * (jac[:, 1, 1] * jac[:, 2, 2] - jac[:, 1, 2] * jac[:, 2, 1])
-            - jac[:, 0, 1] * (jac[:, 1, 0] * jac[:, 2, 2] - jac[:, 1, 2] * jac[:, 2, 0])
-            + jac[:, 0, 2] * (jac[:, 1, 0] * jac[:, 2, 1] - jac[:, 1, 1] * jac[:, 2, 0])
-        )
+    grid = world_from_voxel if isinstance(world_from_voxel, Grid) else Grid(tuple(values.shape[2:]), matrix)
+    det = jacobian_determinant(torch.from_numpy(values), grid)[:, 0].numpy()
     return det if batched else det[0]
 
 

@@ -20,9 +20,7 @@ Papers: 000 §2.1 (:func:`correlation`), 001 A.1 (:class:`PyramidUNet`, :class:`
 
 from alignkit.nets.affine import (
     RecurrentAffineHead,
-    affine_to_voxel,
     compose_affine,
-    unit_from_voxel,
     warp_affine,
 )
 from alignkit.nets.blocks import (
@@ -49,7 +47,6 @@ from alignkit.nets.pyramid import (
     ScaleChain,
     apply_symmetry,
     compose_displacements,
-    rescale_displacement,
     symmetry_group,
     symmetry_pull_field,
     symmetry_push_field,
@@ -83,7 +80,6 @@ __all__ = [
     "UNet",
     "UpMode",
     "Upsample",
-    "affine_to_voxel",
     "apply_symmetry",
     "build_network",
     "compose_affine",
@@ -95,11 +91,9 @@ __all__ = [
     "make_norm",
     "network_config",
     "register_network",
-    "rescale_displacement",
     "symmetry_group",
     "symmetry_pull_field",
     "symmetry_push_field",
-    "unit_from_voxel",
     "warp_affine",
     "warp_voxels",
 ]

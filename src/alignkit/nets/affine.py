@@ -8,7 +8,8 @@ geometry of :mod:`alignkit.spatial`, but *not* ``grid_sample``'s reversed compon
 map a fixed-image point to the moving-image point to sample (``warped = moving ∘ (A x + b)``), the
 direction of every map in alignkit. Unit coordinates do not depend on the image size, so one
 network serves any resolution and fixed and moving may have different shapes;
-:func:`affine_to_voxel` converts to a ``moving_voxel_from_fixed_voxel`` matrix, from which
+:func:`alignkit.spatial.frames.voxel_matrix_from_unit_matrix` converts to a
+``moving_voxel_from_fixed_voxel`` matrix (the unit frame is :func:`alignkit.spatial.frames.unit_from_voxel`), from which
 :mod:`alignkit.transforms` builds world transforms with the images' grids.
 """
 
@@ -25,39 +26,11 @@ from alignkit.errors import ConfigError, ShapeError
 from alignkit.nets.blocks import Activation, ConvBlock, Norm, check_choice, check_ndim, make_activation
 from alignkit.nets.registry import plain, register_network
 from alignkit.nets.unet import check_input
-from alignkit.spatial.grid import Grid
-from alignkit.spatial.points import PaddingMode, apply_matrix, sample_voxels
+from alignkit.spatial.frames import apply_matrix, homogeneous, voxel_identity, voxel_matrix_from_unit_matrix
+from alignkit.spatial.points import PaddingMode, sample_voxels
 
 UpdateOrder = Literal["right", "left"]
 _ADAPTIVE_POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
-
-
-def unit_from_voxel(shape: Sequence[int], *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    """Homogeneous ``(ndim+1, ndim+1)`` matrix voxel -> unit coordinates of a grid of ``shape``."""
-    ndim = len(shape)
-    matrix = torch.eye(ndim + 1, dtype=dtype, device=device)
-    for axis, size in enumerate(shape):
-        matrix[axis, axis] = 2.0 / max(size - 1, 1)
-        matrix[axis, ndim] = -1.0
-    return matrix
-
-
-def homogeneous(theta: Tensor) -> Tensor:
-    """``(B, ndim, ndim+1)`` -> ``(B, ndim+1, ndim+1)`` with last row ``[0 ... 0 1]``."""
-    ndim = theta.shape[-2]
-    if theta.shape[-1] != ndim + 1:
-        raise ShapeError(f"expected affine matrices (B, n, n+1), got {tuple(theta.shape)}")
-    last = torch.zeros(*theta.shape[:-2], 1, ndim + 1, dtype=theta.dtype, device=theta.device)
-    last[..., 0, ndim] = 1.0
-    return torch.cat([theta, last], dim=-2)
-
-
-def affine_to_voxel(theta: Tensor, fixed_shape: Sequence[int], moving_shape: Sequence[int]) -> Tensor:
-    """Unit-coordinate matrices ``(B, ndim, ndim+1)`` -> ``moving_voxel_from_fixed_voxel``
-    ``(B, ndim+1, ndim+1)``."""
-    fixed_unit = unit_from_voxel(fixed_shape, dtype=theta.dtype, device=theta.device)
-    moving_voxel = torch.linalg.inv(unit_from_voxel(moving_shape, dtype=theta.dtype, device=theta.device))
-    return moving_voxel @ homogeneous(theta) @ fixed_unit
 
 
 def warp_affine(
@@ -66,9 +39,9 @@ def warp_affine(
     """Resample ``moving (B, C, *S_m)`` on a grid of ``fixed_shape`` through unit-coordinate matrices
     ``theta (B, ndim, ndim+1)`` (differentiable in both). Uses :func:`alignkit.spatial.sample_voxels`."""
     fixed_shape = tuple(int(s) for s in fixed_shape)
-    voxel = Grid.from_spacing(fixed_shape).voxel_points(dtype=moving.dtype, device=moving.device)
+    voxel = voxel_identity(fixed_shape, like=moving)
     voxel = voxel.expand(theta.shape[0], *voxel.shape[1:])  # apply_matrix pairs batch items one to one
-    matrix = affine_to_voxel(theta.to(moving.dtype), fixed_shape, tuple(moving.shape[2:]))
+    matrix = voxel_matrix_from_unit_matrix(theta.to(moving.dtype), fixed_shape, tuple(moving.shape[2:]))
     return sample_voxels(moving, apply_matrix(matrix, voxel), padding=padding)
 
 

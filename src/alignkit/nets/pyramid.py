@@ -8,7 +8,7 @@ Networks output **displacements in voxels of their input grid, components in arr
 ``sample_voxels(moving, identity + u)``. Pyramid levels are the corner-aligned grids of
 :meth:`alignkit.spatial.Grid.downsampled`, so moving a field from a level of size ``s`` to one of
 size ``s'`` resizes it with :func:`alignkit.spatial.resize_field` and multiplies component ``a`` by
-``(s'_a - 1) / (s_a - 1)`` (:func:`rescale_displacement`).
+``(s'_a - 1) / (s_a - 1)`` (:func:`alignkit.spatial.rescale_voxel_displacement`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from alignkit.nets.blocks import (
 )
 from alignkit.nets.registry import as_network, network_config, plain, register_network
 from alignkit.nets.unet import check_input
+from alignkit.spatial.frames import voxel_identity
 from alignkit.spatial.grid import Grid
-from alignkit.spatial.points import PaddingMode, resize_field, sample_voxels
+from alignkit.spatial.points import PaddingMode, rescale_voxel_displacement, resize_field, sample_voxels
 from alignkit.spatial.pyramid import downsample
 
 ChainMode = Literal["standard", "fast", "accurate"]
@@ -48,16 +49,11 @@ Symmetry = tuple[tuple[int, ...], tuple[bool, ...]]
 
 
 # -- fields in voxel units ----------------------------------------------------------------------
-def identity_voxels(shape: Sequence[int], *, like: Tensor) -> Tensor:
-    """Voxel coordinates ``(1, ndim, *shape)`` (array-axis order) in ``like``'s dtype and device."""
-    return Grid.from_spacing(tuple(int(s) for s in shape)).voxel_points(dtype=like.dtype, device=like.device)
-
-
 def warp_voxels(image: Tensor, displacement: Tensor, *, padding: PaddingMode = "border") -> Tensor:
     """``image ∘ (id + displacement)``: resample ``image (B, C, *S_in)`` at voxel points
     ``identity + displacement`` of the displacement's own grid ``(B, ndim, *S)``."""
     return sample_voxels(
-        image, identity_voxels(displacement.shape[2:], like=displacement) + displacement, padding=padding
+        image, voxel_identity(displacement.shape[2:], like=displacement) + displacement, padding=padding
     )
 
 
@@ -70,20 +66,6 @@ def compose_displacements(outer: Tensor, inner: Tensor) -> Tensor:
     if outer.shape != inner.shape:
         raise ShapeError(f"compose_displacements: {tuple(outer.shape)} vs {tuple(inner.shape)}")
     return inner + warp_voxels(outer, inner, padding="border")
-
-
-def rescale_displacement(displacement: Tensor, shape: Sequence[int]) -> Tensor:
-    """Move a voxel-unit displacement ``(B, ndim, *S)`` to a corner-aligned grid of ``shape``:
-    resample it and convert its components to the new voxel size."""
-    shape = tuple(int(s) for s in shape)
-    old = displacement.shape[2:]
-    ndim = len(shape)
-    scale = torch.tensor(
-        [(new - 1) / (prev - 1) if prev > 1 else 1.0 for new, prev in zip(shape, old)],
-        dtype=displacement.dtype,
-        device=displacement.device,
-    ).view(1, ndim, *([1] * ndim))
-    return resize_field(displacement, shape) * scale
 
 
 # -- symmetries of the grid (001 "accurate") ----------------------------------------------------
@@ -313,7 +295,8 @@ class ScaleChain(nn.Module):
     For each shrink factor ``f`` in ``factors`` (descending, e.g. ``(4, 2, 1)``; 001 uses powers of
     two down to 1): down-sample fixed and moving onto the level grid
     (:func:`alignkit.spatial.downsample`, blurred, corner-aligned), resample the *level's* moving
-    image once through the current estimate (moved to the level grid by :func:`rescale_displacement`),
+    image once through the current estimate (moved to the level grid by
+    :func:`~alignkit.spatial.rescale_voxel_displacement`),
     let the level's network predict the residual ``r`` between fixed and warped moving, and update
 
     * ``combine="compose"`` (001: "refining the previously-estimated deformation, not by adding to
@@ -423,7 +406,7 @@ class ScaleChain(nn.Module):
             if u is None:
                 u = fixed_l.new_zeros(fixed.shape[0], ndim, *level_grid.shape)
             else:
-                u = rescale_displacement(u, level_grid.shape)
+                u = rescale_voxel_displacement(u, level_grid.shape)
             warped = warp_voxels(moving_l, u, padding=self.padding)
             r = self._residual(self.network_for(index, mode), fixed_l, warped, mode)  # type: ignore[arg-type]
             u = compose_displacements(u, r) if self.combine == "compose" else u + r
@@ -432,4 +415,4 @@ class ScaleChain(nn.Module):
 
     def forward(self, fixed: Tensor, moving: Tensor, *, mode: ChainMode | None = None) -> Tensor:
         u = self.levels(fixed, moving, mode=mode)[-1]
-        return rescale_displacement(u, tuple(fixed.shape[2:]))
+        return rescale_voxel_displacement(u, tuple(fixed.shape[2:]))

@@ -153,5 +153,5 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 import tomli as tomllib  # type: ignore[no-redef]
             return tomllib.loads(text)
         return json.loads(text)
-    except Exception as exc:  # the parsers' own messages are precise; keep them on one line
+    except ValueError as exc:  # JSON and TOML decode errors; their own messages are precise, kept on one line
         raise ConfigError(f"{path}: cannot parse configuration ({str(exc).splitlines()[0]})") from None

@@ -161,7 +161,7 @@ def crop_to_foreground(tensor: Tensor, grid: Grid, *, threshold: float = 0.01, m
     for axis, size in enumerate(grid.shape):
         other = tuple(d for d in range(grid.ndim) if d != axis)
         hits = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
-        pad = max(4, int(round(margin * size)))
+        pad = max(4, round(margin * size))
         start, stop = max(0, int(hits[0]) - pad), min(size, int(hits[-1]) + pad + 1)
         slices.append(slice(start, stop))
     if all(s.stop - s.start == n for s, n in zip(slices, grid.shape)):

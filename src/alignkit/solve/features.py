@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import ConfigError
+from alignkit.spatial.frames import apply_matrix, world_from_pixel, world_matrix_from_pixel_matrix
 from alignkit.spatial.grid import Grid
+from alignkit.spatial.points import points_to_tensor, tensor_to_points
 
 #: a fit is trusted only with at least this many inliers and this fraction of the ratio-test matches
 MIN_INLIERS = 12
@@ -38,12 +40,6 @@ def _grey_uint8(image: Tensor) -> np.ndarray:
     lo, hi = np.percentile(grey, [1.0, 99.0])
     scale = 255.0 / (hi - lo) if hi > lo else 1.0
     return np.clip((grey - lo) * scale, 0, 255).astype(np.uint8)
-
-
-def _world_from_pixel(grid: Grid) -> np.ndarray:
-    """OpenCV pixel (x = column, y = row) → world, a 3x3 homogeneous matrix."""
-    swap = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # (col, row) -> (axis0, axis1)
-    return grid.world_from_voxel.numpy() @ swap
 
 
 @dataclass
@@ -122,17 +118,15 @@ def feature_fit(
     stats = {"matches": float(len(good)), "inliers": float(inliers), "inlier_fraction": inliers / len(good)}
     if inliers < MIN_INLIERS or inliers < MIN_INLIER_FRACTION * len(good):
         raise ValueError(f"{inliers} inliers of {len(good)} matches")
-    to_fixed_world, to_moving_world = _world_from_pixel(fixed_grid), _world_from_pixel(moving_grid)
-    world = to_moving_world @ pixel @ np.linalg.inv(to_fixed_world)
-    world = world / world[2, 2]
     keep = mask.ravel().astype(bool)
 
-    def to_world(matrix: np.ndarray, pts: np.ndarray) -> Tensor:
-        return torch.as_tensor(pts @ matrix[:2, :2].T + matrix[:2, 2], dtype=torch.float64)
+    def to_world(grid: Grid, pts: np.ndarray) -> Tensor:
+        """OpenCV keypoints ``(N, 2)`` (x = column, y = row) -> world points ``(N, 2)`` float64."""
+        return tensor_to_points(apply_matrix(world_from_pixel(grid), points_to_tensor(torch.as_tensor(pts))))
 
     return FeatureFit(
-        torch.as_tensor(world, dtype=torch.float64),
+        world_matrix_from_pixel_matrix(torch.as_tensor(pixel), fixed_grid, moving_grid),
         stats,
-        to_world(to_fixed_world, pts_f[keep]),
-        to_world(to_moving_world, pts_m[keep]),
+        to_world(fixed_grid, pts_f[keep]),
+        to_world(moving_grid, pts_m[keep]),
     )

@@ -15,26 +15,48 @@ Conventions
 * **Direction**: a transform maps *fixed* world points to *moving* world points, so
   ``warped = moving ∘ map`` is the moving image resampled on the fixed grid.
 * Every resize keeps the first and last voxel centres fixed (``align_corners=True``).
-* :func:`voxel_to_normalized` is the only function that knows ``grid_sample``'s frame.
+* Frame conversions live in :mod:`alignkit.spatial.frames` and nowhere else: voxel <-> unit
+  (``[-1, 1]`` per array axis) <-> ``grid_sample``'s normalised frame (:func:`voxel_to_normalized`,
+  the only function that builds ``grid_sample`` grids) <-> pixel (components in reversed array-axis
+  order: OpenCV's ``x = column``) <-> world; pixel flows <-> world maps.
+* Fields predicted by networks are in voxels of their grid, array-axis order
+  (:func:`rescale_voxel_displacement` moves them between corner-aligned grids).
 """
 
+from alignkit.spatial.bspline import cubic_bspline, cubic_bspline_taps
 from alignkit.spatial.filters import box_sum, gaussian_blur, gaussian_kernel1d, separable_filter
+from alignkit.spatial.frames import (
+    apply_matrix,
+    homogeneous,
+    normalized_from_voxel,
+    pixel_flow_from_world_map,
+    pixel_from_voxel,
+    reverse_components,
+    unit_from_voxel,
+    voxel_identity,
+    voxel_matrix_from_unit_matrix,
+    voxel_to_normalized,
+    world_from_pixel,
+    world_map_from_pixel_flow,
+    world_matrix_from_pixel_matrix,
+)
 from alignkit.spatial.grid import Grid
 from alignkit.spatial.jacobian import (
     jacobian_determinant,
     jacobian_matrix,
     nonpositive_jacobian_percent,
+    small_determinant,
     spatial_gradient,
 )
 from alignkit.spatial.points import (
-    apply_matrix,
     points_to_tensor,
+    rescale_voxel_displacement,
     resize_field,
     resize_image,
+    sample_affine,
     sample_voxels,
     sample_world,
     tensor_to_points,
-    voxel_to_normalized,
 )
 from alignkit.spatial.pyramid import downsample, gaussian_pyramid
 
@@ -42,20 +64,36 @@ __all__ = [
     "Grid",
     "apply_matrix",
     "box_sum",
+    "cubic_bspline",
+    "cubic_bspline_taps",
     "downsample",
     "gaussian_blur",
     "gaussian_kernel1d",
     "gaussian_pyramid",
+    "homogeneous",
     "jacobian_determinant",
     "jacobian_matrix",
     "nonpositive_jacobian_percent",
+    "normalized_from_voxel",
+    "pixel_flow_from_world_map",
+    "pixel_from_voxel",
     "points_to_tensor",
+    "rescale_voxel_displacement",
     "resize_field",
     "resize_image",
+    "reverse_components",
+    "sample_affine",
     "sample_voxels",
     "sample_world",
     "separable_filter",
+    "small_determinant",
     "spatial_gradient",
     "tensor_to_points",
+    "unit_from_voxel",
+    "voxel_identity",
+    "voxel_matrix_from_unit_matrix",
     "voxel_to_normalized",
+    "world_from_pixel",
+    "world_map_from_pixel_flow",
+    "world_matrix_from_pixel_matrix",
 ]

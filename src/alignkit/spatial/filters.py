@@ -29,7 +29,7 @@ def _per_axis(value: float | Sequence[float], ndim: int) -> list[float]:
 
 def gaussian_kernel1d(sigma: float, *, truncate: float = 3.0, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """Normalised 1D Gaussian sampled at integer offsets, radius ``ceil(truncate * sigma)``."""
-    radius = max(1, int(math.ceil(truncate * sigma)))
+    radius = max(1, math.ceil(truncate * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / max(sigma, 1e-8)) ** 2)
     return (kernel / kernel.sum()).to(dtype=dtype, device=device)

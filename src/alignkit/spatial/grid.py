@@ -138,7 +138,7 @@ class Grid:
         return Grid(shape, self.world_from_voxel @ old_from_new)
 
     def downsampled(self, factor: float) -> Grid:
-        return self.resized([max(2, int(round((s - 1) / factor)) + 1) if s > 1 else 1 for s in self.shape])
+        return self.resized([max(2, round((s - 1) / factor) + 1) if s > 1 else 1 for s in self.shape])
 
     # -- points -------------------------------------------------------------------------------
     def voxel_points(self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:

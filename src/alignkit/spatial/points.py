@@ -4,12 +4,13 @@ A **map** is a tensor ``(B, ndim, *spatial)`` holding, for each point of a grid,
 coordinates ``(x, y[, z])`` (LPS) of the point to sample in another image. A **displacement field**
 is ``map - identity`` in world units. Warping reads ``warped = moving ∘ map``.
 
-:func:`voxel_to_normalized` is the only function that knows ``grid_sample``'s frame (components in
-reversed array-axis order, ``[-1, 1]`` with ``align_corners=True``).
+Frame conversions (voxel, unit, ``grid_sample``'s normalised frame, pixel, world) are in
+:mod:`alignkit.spatial.frames`; this module samples and resizes with them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -17,38 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.errors import ShapeError
+from alignkit.spatial.frames import apply_matrix, normalized_from_voxel, voxel_to_normalized
 from alignkit.spatial.grid import Grid
 
 InterpMode = Literal["linear", "nearest"]
 PaddingMode = Literal["zeros", "border", "reflection"]
-
-
-def apply_matrix(matrix: Tensor, points: Tensor) -> Tensor:
-    """Apply a homogeneous ``(ndim+1, ndim+1)`` or batched ``(B, ndim+1, ndim+1)`` matrix to
-    points ``(B, ndim, *spatial)`` (or ``(B, ndim, N)``). Projective matrices divide by the last row."""
-    ndim = points.shape[1]
-    if matrix.shape[-2:] != (ndim + 1, ndim + 1):
-        raise ShapeError(f"apply_matrix: matrix {tuple(matrix.shape)} does not fit {ndim}D points")
-    matrix = matrix.to(dtype=points.dtype, device=points.device)
-    if matrix.dim() == 2:
-        matrix = matrix.unsqueeze(0)
-    flat = points.reshape(points.shape[0], ndim, -1)
-    out = matrix[:, :ndim, :ndim] @ flat + matrix[:, :ndim, ndim:]
-    last = matrix[:, ndim:, :]
-    is_projective = bool((last[..., :ndim] != 0).any()) or bool((last[..., ndim] != 1).any())
-    if is_projective:
-        w = last[:, :, :ndim] @ flat + last[:, :, ndim:]
-        out = out / w
-    return out.reshape(points.shape[0], ndim, *points.shape[2:])
-
-
-def voxel_to_normalized(voxel: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Voxel coordinates ``(B, ndim, *S)`` of a grid of ``shape`` -> ``grid_sample`` grid ``(B, *S, ndim)``."""
-    ndim = len(shape)
-    size = torch.tensor(shape, dtype=voxel.dtype, device=voxel.device).view(1, ndim, *([1] * (voxel.dim() - 2)))
-    normalized = 2.0 * voxel / (size - 1).clamp(min=1) - 1.0
-    # grid_sample wants the last dimension in reversed axis order (x = last array axis).
-    return normalized.flip(1).movedim(1, -1)
 
 
 def sample_voxels(
@@ -80,18 +54,6 @@ def sample_voxels(
     grid = voxel_to_normalized(voxel.to(tensor.dtype), tuple(tensor.shape[2:]))
     torch_mode = "bilinear" if mode == "linear" else "nearest"
     return F.grid_sample(tensor, grid, mode=torch_mode, padding_mode=padding, align_corners=True)
-
-
-def normalized_from_voxel(shape: tuple[int, ...], *, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The homogeneous matrix of :func:`voxel_to_normalized` (same frame, as a matrix)."""
-    ndim = len(shape)
-    matrix = torch.zeros(ndim + 1, ndim + 1, dtype=dtype)
-    for k in range(ndim):  # normalised component k is array axis ndim-1-k
-        axis = ndim - 1 - k
-        matrix[k, axis] = 2.0 / max(shape[axis] - 1, 1)
-        matrix[k, ndim] = -1.0
-    matrix[ndim, ndim] = 1.0
-    return matrix
 
 
 def sample_affine(
@@ -148,6 +110,24 @@ def resize_field(field: Tensor, shape: tuple[int, ...]) -> Tensor:
         return field
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     return F.interpolate(field, size=tuple(shape), mode=mode, align_corners=True)
+
+
+def rescale_voxel_displacement(displacement: Tensor, shape: Sequence[int]) -> Tensor:
+    """Move a voxel-unit displacement ``(B, ndim, *S)`` to a corner-aligned grid of ``shape``.
+
+    Convention: components are in array-axis order and in voxels of the grid they live on; the
+    grids share their first and last voxel centres (:meth:`Grid.resized`), so component ``a`` is
+    multiplied by ``(shape[a] - 1) / (S[a] - 1)`` after resampling.
+    """
+    shape = tuple(int(s) for s in shape)
+    old = displacement.shape[2:]
+    ndim = len(shape)
+    scale = torch.tensor(
+        [(new - 1) / (prev - 1) if prev > 1 else 1.0 for new, prev in zip(shape, old)],
+        dtype=displacement.dtype,
+        device=displacement.device,
+    ).view(1, ndim, *([1] * ndim))
+    return resize_field(displacement, shape) * scale
 
 
 def resize_image(tensor: Tensor, shape: tuple[int, ...], *, mode: InterpMode = "linear") -> Tensor:

@@ -9,7 +9,8 @@ starts one control spacing before the first voxel and ends at least one after th
 what a cubic spline needs to be complete (partition of unity) on the whole image.
 
 The displacement at voxel ``x`` is ``sum_k c_k prod_a B3(u_a(x) - k_a)`` with ``u`` the lattice
-coordinate of ``x`` and ``B3`` the cubic B-spline kernel. It is evaluated separably with one exact
+coordinate of ``x`` and ``B3`` the cubic B-spline kernel (:func:`alignkit.spatial.bspline.cubic_bspline`,
+the one kernel alignkit has). It is evaluated separably with one exact
 ``(n_a, K_a)`` basis matrix per axis, so the cost is ``sum_a K_a`` per output voxel, never a
 ``4^ndim`` stencil or a dense nD convolution.
 """
@@ -23,16 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError, ShapeError
+from alignkit.spatial.bspline import cubic_bspline
 from alignkit.spatial.grid import Grid
 from alignkit.transforms.base import FieldTransform
 
-
-def cubic_bspline(t: Tensor) -> Tensor:
-    """The centred cubic B-spline kernel (support ``(-2, 2)``, integrates to 1)."""
-    a = t.abs()
-    inner = 2.0 / 3.0 - a**2 + 0.5 * a**3
-    outer = (2.0 - a).clamp(min=0.0) ** 3 / 6.0
-    return torch.where(a < 1.0, inner, outer)
 
 
 def control_grid_for(grid: Grid, control_spacing: float | Sequence[float]) -> Grid:
@@ -89,6 +84,8 @@ class BSplineFFD(FieldTransform):
     ``control_spacing`` is in voxels of ``grid`` (per axis or shared); ``control_grid`` (used by
     :meth:`resampled`) gives the lattice explicitly instead.
     """
+
+    kind = "bspline"
 
     def __init__(
         self,

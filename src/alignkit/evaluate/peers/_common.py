@@ -16,8 +16,11 @@ the tool's image and how the tool's answer comes back. The conventions:
 * SimpleITK/ITK numpy arrays are indexed in *reverse* index order (``[k, j, i]``); ANTsPy arrays are
   indexed in index order (``[i, j, k]``).
 * **Pixel tools** (OpenCV, kornia) work in ``(x = column, y = row)`` pixels of a 2D array: the
-  matrix ``world_from_pixel`` (:func:`world_from_pixel`) converts their answers whatever the grid
-  (for a raster grid with spacing 1 it is the identity).
+  matrix ``world_from_pixel`` (:func:`alignkit.spatial.world_from_pixel`) converts their answers
+  whatever the grid (for a raster grid with spacing 1 it is the identity).
+
+The frame conversions themselves are :mod:`alignkit.spatial.frames`; the functions here only carry
+numpy arrays to and from them.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ import torch
 
 from alignkit.evaluate.method import MethodUnavailable
 from alignkit.image import Image
+from alignkit.spatial.frames import apply_matrix
+from alignkit.spatial.frames import world_from_pixel as spatial_world_from_pixel
+from alignkit.spatial.frames import world_map_from_pixel_flow as spatial_world_map_from_pixel_flow
+from alignkit.spatial.frames import world_matrix_from_pixel_matrix as spatial_world_matrix_from_pixel_matrix
 from alignkit.spatial.grid import Grid
-
-#: (x, y, 1) pixel coordinates -> (row, col, 1) voxel coordinates of a 2D array (its own inverse)
-PIXEL_SWAP = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 
 
 def require(module: str, package: str | None = None) -> None:
@@ -180,14 +184,10 @@ def world_points(grid: Grid) -> np.ndarray:
 
 
 def apply_homogeneous(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """``matrix (n+1, n+1)`` applied to ``points (n, *S)``; projective matrices divide by the last row."""
-    n = points.shape[0]
-    flat = points.reshape(n, -1)
-    out = matrix[:n, :n] @ flat + matrix[:n, n:]
-    w = matrix[n:, :n] @ flat + matrix[n:, n:]
-    if not np.allclose(matrix[n], np.eye(n + 1)[n]):
-        out = out / w
-    return out.reshape(points.shape)
+    """:func:`alignkit.spatial.apply_matrix` on numpy arrays: ``matrix (n+1, n+1)`` applied to
+    ``points (n, *S)`` in float64; projective matrices divide by the last row."""
+    moved = apply_matrix(torch.as_tensor(matrix, dtype=torch.float64), torch.as_tensor(points, dtype=torch.float64)[None])
+    return moved[0].numpy()
 
 
 def matrix_of_point_map(transform_point: Any, ndim: int, scale: float = 1.0) -> np.ndarray:
@@ -204,24 +204,25 @@ def matrix_of_point_map(transform_point: Any, ndim: int, scale: float = 1.0) -> 
 
 
 def world_from_pixel(grid: Grid) -> np.ndarray:
-    """3x3 matrix from ``(x = column, y = row, 1)`` pixel coordinates of a 2D array to world."""
+    """:func:`alignkit.spatial.world_from_pixel` as a numpy array: ``(x = column, y = row, 1)`` pixel
+    coordinates of a 2D array -> world."""
     if grid.ndim != 2:
         raise ValueError("pixel coordinates are defined for 2D grids only")
-    return grid.world_from_voxel.numpy() @ PIXEL_SWAP
+    return spatial_world_from_pixel(grid).numpy()
 
 
 def world_matrix_from_pixel_matrix(pixel_matrix: np.ndarray, fixed: Grid, moving: Grid) -> np.ndarray:
-    """A fixed-pixel -> moving-pixel 3x3 matrix (homography or affine) as fixed world -> moving world."""
-    out = world_from_pixel(moving) @ np.asarray(pixel_matrix, dtype=np.float64) @ np.linalg.inv(world_from_pixel(fixed))
-    return out / out[2, 2]
+    """:func:`alignkit.spatial.world_matrix_from_pixel_matrix` on numpy arrays: a fixed-pixel ->
+    moving-pixel 3x3 matrix (homography or affine) as fixed world -> moving world."""
+    return spatial_world_matrix_from_pixel_matrix(torch.as_tensor(pixel_matrix, dtype=torch.float64), fixed, moving).numpy()
 
 
 def world_map_from_pixel_flow(flow_xy: np.ndarray, fixed: Grid, moving: Grid) -> np.ndarray:
-    """Dense pixel flow ``(H, W, 2)`` (``dx, dy``; fixed pixel ``p`` matches moving pixel ``p + flow``)
-    -> world map ``(2, H, W)`` of moving world points."""
-    rows, cols = np.meshgrid(np.arange(fixed.shape[0]), np.arange(fixed.shape[1]), indexing="ij")
-    voxel = np.stack([rows + flow_xy[..., 1], cols + flow_xy[..., 0]]).astype(np.float64)
-    return apply_homogeneous(moving.world_from_voxel.numpy(), voxel)
+    """:func:`alignkit.spatial.world_map_from_pixel_flow` for OpenCV's layout: dense pixel flow
+    ``(H, W, 2)`` (``dx, dy``; fixed pixel ``p`` matches moving pixel ``p + flow``) -> world map
+    ``(2, H, W)`` of moving world points (float64)."""
+    flow = torch.as_tensor(np.moveaxis(np.asarray(flow_xy, dtype=np.float64), -1, 0))[None]
+    return spatial_world_map_from_pixel_flow(flow, fixed, moving)[0].numpy()
 
 
 def same_shape_2d(fixed: Image, moving: Image, who: str) -> str | None:

@@ -35,6 +35,7 @@ from alignkit.evaluate.peers._common import (
     set_threads,
     sitk_image,
 )
+from alignkit.spatial.frames import unit_from_voxel
 
 DEFAULTS: dict[str, Any] = {
     "scales": [4, 2, 1],
@@ -47,16 +48,17 @@ DEFAULTS: dict[str, Any] = {
 
 def world_from_normalized(layout: ItkLayout) -> np.ndarray:
     """``grid_sample`` coordinates (``align_corners=True``, components in ITK index order) of an image
-    with this layout -> LPS world, as a homogeneous float64 matrix."""
+    with this layout -> LPS world, as a homogeneous float64 matrix.
+
+    FireANTs samples the SimpleITK array ``[k, j, i]``, so ``grid_sample``'s reversed components are
+    ITK index order ``(i, j, k)``: its normalised frame is the unit frame of the ITK index grid.
+    """
     n = layout.ndim
-    half = (np.asarray(layout.size, dtype=np.float64) - 1.0) / 2.0
-    index_from_normalized = np.eye(n + 1)
-    index_from_normalized[:n, :n] = np.diag(half)
-    index_from_normalized[:n, n] = half
     world_from_index = np.eye(n + 1)
     world_from_index[:n, :n] = layout.direction * layout.spacing
     world_from_index[:n, n] = layout.origin
-    return world_from_index @ index_from_normalized
+    index_from_unit = np.linalg.inv(unit_from_voxel(layout.size).numpy())
+    return world_from_index @ index_from_unit
 
 
 class FireANTsGreedy(Method):
