@@ -539,3 +539,80 @@ def test_landmark_distance_of_translation() -> None:
     assert torch.isfinite(grad).all()
     with pytest.raises(ShapeError):
         LandmarkDistance()(t, fixed[:, :2], moving[:, :2])
+
+
+# -- registries accept only what their callers can call ------------------------------------------
+def _one_line_config_error(match: str):
+    """``pytest.raises(ConfigError)`` that also requires a one-line message."""
+
+    class _Check:
+        def __enter__(self):
+            self._ctx = pytest.raises(ConfigError, match=match)
+            self.info = self._ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *exc):
+            handled = self._ctx.__exit__(*exc)
+            assert "\n" not in str(self.info.value), str(self.info.value)
+            return handled
+
+    return _Check()
+
+
+def test_build_loss_refuses_unknown_names_and_options_in_one_line() -> None:
+    with _one_line_config_error(r"'windw'.*similarity 'lncc'.*window, dilation"):
+        build_similarity("lncc", windw=5)
+    with _one_line_config_error(r"'eps'.*similarity 'mse'.*valid options: none"):
+        build_similarity("mse", eps=1.0)
+    with _one_line_config_error(r"'symetric'.*regularizer 'inverse-consistency'.*symmetric"):
+        build_regularizer("inverse-consistency", symetric=True)
+    with _one_line_config_error(r"unknown regularizer 'elastic'.*diffusion"):
+        build_regularizer("elastic")
+    with _one_line_config_error(r"unknown similarity 'nmi'.*lncc"):
+        build_similarity("nmi")
+
+
+def test_stage_config_checks_every_option_name_when_built() -> None:
+    from alignkit.solve.config import RegistrationConfig, StageConfig
+
+    with _one_line_config_error(r"'inverse-consistency'.*not one the solver can call.*learned method.*diffusion, bending"):
+        StageConfig(transform="svf", regularizer="inverse-consistency", regularizer_weight=1.0)
+    for name in ("affine", "affine-inverse-consistency", "jacobian-fold"):
+        with _one_line_config_error(repr(name)):
+            StageConfig(transform="svf", regularizer=name)
+    with _one_line_config_error(r"'elastic'.*choose one of diffusion"):
+        StageConfig(transform="svf", regularizer="elastic")
+    with _one_line_config_error(r"unknown transform 'spline'.*bspline"):
+        StageConfig(transform="spline")
+    with _one_line_config_error(r"unknown similarity 'nmi'.*mk-lncc"):
+        StageConfig(similarity="nmi")
+    with _one_line_config_error(r"'windw'.*window"):
+        StageConfig(similarity="lncc", similarity_options={"windw": 5})
+    with _one_line_config_error(r"'energy'.*vsvf"):
+        StageConfig(transform="svf", regularizer="energy")
+    with _one_line_config_error(r"unknown optimizer 'rmsprop'.*lbfgs"):
+        StageConfig(optimizer="rmsprop")  # type: ignore[arg-type]
+    with _one_line_config_error(r"unknown init 'moments'.*features"):
+        RegistrationConfig(stages=[StageConfig()], init="moments")  # type: ignore[arg-type]
+    assert StageConfig(transform="vsvf", regularizer="energy", regularizer_weight=1.0).regularizer == "energy"
+
+
+def test_every_choice_a_stage_accepts_is_callable_the_way_the_engine_calls_it() -> None:
+    """The engine calls ``similarity(warped, fixed, inside)`` and ``regularizer(field, spacing)``."""
+    from typing import get_args
+
+    from alignkit.losses import FieldRegularizerName, SimilarityName
+    from alignkit.solve.config import FIELD_MODELS, LINEAR_MODELS, StageConfig, StageRegularizerName
+    from alignkit.transforms import TransformName
+
+    assert set(LINEAR_MODELS + FIELD_MODELS) == set(get_args(TransformName))
+    assert set(get_args(StageRegularizerName)) == set(get_args(FieldRegularizerName)) | {"energy"}
+    warped, fixed = torch.rand(1, 1, 9, 8), torch.rand(1, 1, 9, 8)
+    inside = torch.ones(1, 1, 9, 8)
+    for name in get_args(SimilarityName):
+        StageConfig(transform="svf", similarity=name)
+        assert torch.isfinite(build_similarity(name)(warped, fixed, inside)), name
+    field = torch.randn(1, 2, 9, 8)
+    for name in get_args(FieldRegularizerName):
+        StageConfig(transform="svf", regularizer=name, regularizer_weight=1.0)
+        assert torch.isfinite(build_regularizer(name)(field, torch.tensor([1.0, 2.0]))), name

@@ -202,3 +202,70 @@ def test_fl_all_kitti_rule() -> None:
     assert stats["5px"] == pytest.approx(75.0)
     assert stats["fl_all"] == pytest.approx(50.0)
     json.dumps(stats)
+
+
+# -- the one Jacobian determinant and the one global NCC match the implementations they replaced ----
+def _old_numpy_jacobian_determinant(values, matrix):
+    """metrics.jacobian's numpy twin before it delegated to alignkit.spatial (kept as the reference)."""
+    ndim = matrix.shape[0] - 1
+    d_map_d_voxel = np.stack(np.gradient(values, axis=tuple(range(2, 2 + ndim))), axis=2)
+    jac = np.einsum("bia...,aj->bij...", d_map_d_voxel, np.linalg.inv(matrix[:ndim, :ndim]))
+    return np.linalg.det(np.moveaxis(jac, (1, 2), (-2, -1)))
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (4, 7, 5)])
+def test_jacobian_determinant_from_map_matches_the_old_numpy_twin(shape):
+    from alignkit.metrics import jacobian_determinant_from_map
+    from alignkit.spatial import Grid, jacobian_determinant
+
+    ndim = len(shape)
+    rng = np.random.default_rng(3)
+    grid = Grid.from_spacing(shape, rng.uniform(0.5, 2.0, ndim), origin=rng.normal(size=ndim))
+    world = grid.world_points(dtype=torch.float64).numpy() + 0.4 * rng.normal(size=(2, ndim, *shape))
+    new = jacobian_determinant_from_map(world, grid)
+    np.testing.assert_allclose(new, _old_numpy_jacobian_determinant(world, grid.world_from_voxel.numpy()), atol=1e-10)
+    np.testing.assert_allclose(new, jacobian_determinant(torch.from_numpy(world), grid)[:, 0].numpy(), atol=1e-12)
+    assert (new < 0).any() and (new > 0).any()  # the random map folds somewhere: not a trivial comparison
+
+
+def _old_classical_ncc(a, b, mask=None):
+    """methods.classical._ncc as it was (the reference for alignkit.metrics.ncc)."""
+    if mask is not None:
+        mask = mask.expand_as(a)
+    a, b = a.double().flatten(), b.double().flatten()
+    if mask is not None:
+        keep = mask.flatten() > 0
+        a, b = a[keep], b[keep]
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def test_metric_ncc_matches_the_old_masked_global_ncc():
+    from alignkit.metrics import ncc
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 2, 6, 9, generator=gen)
+    b = 0.5 * a + torch.rand(1, 2, 6, 9, generator=gen)
+    mask = torch.rand(1, 1, 6, 9, generator=gen) > 0.4
+    assert ncc(a, b) == pytest.approx(_old_classical_ncc(a, b), abs=1e-12)
+    assert ncc(a, b, mask) == pytest.approx(_old_classical_ncc(a, b, mask), abs=1e-12)
+    assert ncc(a, b, mask) != pytest.approx(ncc(a, b), abs=1e-6)  # the mask matters
+    assert ncc(a, -a) == pytest.approx(-1.0)
+    assert ncc(a, torch.ones_like(a)) == 0.0  # constant image: 0, not NaN
+    assert ncc(a.numpy(), b.numpy()) == pytest.approx(ncc(a, b))
+    with pytest.raises(ShapeError):
+        ncc(a, b[..., :5])
+
+
+def test_ncc_loss_matches_its_old_implementation():
+    from alignkit.losses import NCC
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(2, 3, 5, 7, 4, generator=gen), torch.rand(2, 3, 5, 7, 4, generator=gen)
+    w = torch.rand(2, 1, 5, 7, 4, generator=gen)
+    xf, yf, wf = x.flatten(2), y.flatten(2), w.flatten(2)
+    wf = wf / wf.sum(2, keepdim=True)
+    dx, dy = xf - (wf * xf).sum(2, keepdim=True), yf - (wf * yf).sum(2, keepdim=True)
+    old = 1.0 - ((wf * dx * dy).sum(2) / torch.sqrt(((wf * dx * dx).sum(2) * (wf * dy * dy).sum(2)).clamp_min(1e-8))).mean()
+    torch.testing.assert_close(NCC()(x, y, w), old)

@@ -10,12 +10,22 @@ from alignkit.spatial import (
     Grid,
     apply_matrix,
     box_sum,
+    cubic_bspline,
+    cubic_bspline_taps,
     downsample,
     gaussian_blur,
     jacobian_determinant,
+    normalized_from_voxel,
+    pixel_flow_from_world_map,
+    pixel_from_voxel,
     resize_field,
     sample_voxels,
     sample_world,
+    unit_from_voxel,
+    voxel_matrix_from_unit_matrix,
+    world_from_pixel,
+    world_map_from_pixel_flow,
+    world_matrix_from_pixel_matrix,
 )
 
 
@@ -128,3 +138,95 @@ def test_the_two_descriptions_of_grid_samples_frame_agree():
     as_function = voxel_to_normalized(voxel, shape)  # (1, 5, 1, 1, 3)
     as_matrix = apply_matrix(normalized_from_voxel(shape), voxel).movedim(1, -1)
     assert torch.allclose(as_function, as_matrix)
+
+
+# -- frame conversions (alignkit.spatial.frames) ---------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 7), (3, 7, 5)])
+def test_unit_frame_keeps_array_axis_order_and_corners(shape):
+    ndim = len(shape)
+    last = torch.tensor([[s - 1.0 for s in shape]], dtype=torch.float64).T.unsqueeze(0)  # (1, ndim, 1)
+    first = torch.zeros(1, ndim, 1, dtype=torch.float64)
+    unit = unit_from_voxel(shape)
+    torch.testing.assert_close(apply_matrix(unit, first), -torch.ones(1, ndim, 1, dtype=torch.float64))
+    torch.testing.assert_close(apply_matrix(unit, last), torch.ones(1, ndim, 1, dtype=torch.float64))
+    # one voxel along axis 0 is 2 / (shape[0] - 1) in component 0, nothing else
+    step = apply_matrix(unit, first + torch.eye(ndim, dtype=torch.float64)[0].view(1, ndim, 1)) - apply_matrix(unit, first)
+    expected = torch.zeros(1, ndim, 1, dtype=torch.float64)
+    expected[0, 0, 0] = 2.0 / (shape[0] - 1)
+    torch.testing.assert_close(step, expected)
+    # grid_sample's frame is the unit frame with its components reversed
+    torch.testing.assert_close(normalized_from_voxel(shape), pixel_from_voxel(ndim) @ unit)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_pixel_frame_reverses_components(ndim):
+    voxel = torch.arange(1.0, ndim + 1, dtype=torch.float64).view(1, ndim, 1)  # (1, 2[, 3])
+    pixel = apply_matrix(pixel_from_voxel(ndim), voxel)
+    torch.testing.assert_close(pixel, voxel.flip(1))
+    torch.testing.assert_close(pixel_from_voxel(ndim) @ pixel_from_voxel(ndim), torch.eye(ndim + 1, dtype=torch.float64))
+
+
+def test_unit_matrix_to_voxel_matrix_on_different_shapes():
+    fixed_shape, moving_shape = (5, 9), (7, 4)
+    identity = torch.eye(2, 3, dtype=torch.float64).unsqueeze(0)
+    corners = torch.tensor([[[0.0, 4.0], [0.0, 8.0]]], dtype=torch.float64)  # fixed (0, 0) and (4, 8)
+    moved = apply_matrix(voxel_matrix_from_unit_matrix(identity, fixed_shape, moving_shape), corners)
+    torch.testing.assert_close(moved, torch.tensor([[[0.0, 6.0], [0.0, 3.0]]], dtype=torch.float64))
+    # a unit shift of 2 / (7 - 1) along axis 0 is one moving voxel along axis 0
+    shift = identity.clone()
+    shift[0, 0, 2] = 2.0 / 6.0
+    delta = apply_matrix(voxel_matrix_from_unit_matrix(shift, fixed_shape, moving_shape), corners) - moved
+    torch.testing.assert_close(delta, torch.tensor([[[1.0, 1.0], [0.0, 0.0]]], dtype=torch.float64))
+
+
+def test_world_from_pixel_on_raster_and_array_aligned_grids():
+    raster = Grid.raster_2d((4, 7))
+    torch.testing.assert_close(world_from_pixel(raster), torch.eye(3, dtype=torch.float64))
+    aligned = Grid.from_spacing((4, 7), (2.0, 3.0))  # world x along rows (axis 0), y along columns
+    pixel = torch.tensor([[[1.0], [0.0]]], dtype=torch.float64)  # x = column 1, y = row 0
+    torch.testing.assert_close(apply_matrix(world_from_pixel(aligned), pixel), torch.tensor([[[0.0], [3.0]]], dtype=torch.float64))
+    # a pixel translation by 2 columns is a world translation along the columns' world axis
+    pixel_shift = torch.eye(3, dtype=torch.float64)
+    pixel_shift[0, 2] = 2.0
+    expected = torch.eye(3, dtype=torch.float64)
+    expected[1, 2] = 6.0
+    torch.testing.assert_close(world_matrix_from_pixel_matrix(pixel_shift, aligned, aligned), expected)
+    expected_raster = torch.eye(3, dtype=torch.float64)
+    expected_raster[0, 2] = 2.0
+    torch.testing.assert_close(world_matrix_from_pixel_matrix(pixel_shift, raster, raster), expected_raster)
+
+
+@pytest.mark.parametrize("shape", [(4, 7), (3, 5, 6)])
+def test_pixel_flow_and_world_map_are_inverse_and_x_is_the_last_axis(shape):
+    ndim = len(shape)
+    fixed, moving = oblique_grid(shape), Grid.from_spacing(shape, [1.5] * ndim, origin=[3.0] * ndim)
+    flow = torch.zeros(1, ndim, *shape, dtype=torch.float64)
+    flow[:, 0] = 1.0  # dx = 1: one column (last array axis) to the right
+    world = world_map_from_pixel_flow(flow, fixed, moving)
+    voxel = apply_matrix(moving.voxel_from_world, world)
+    expected = fixed.voxel_points(dtype=torch.float64)
+    expected[:, ndim - 1] += 1.0
+    torch.testing.assert_close(voxel, expected)
+    random_flow = torch.randn(1, ndim, *shape, dtype=torch.float64)
+    round_trip = pixel_flow_from_world_map(world_map_from_pixel_flow(random_flow, fixed, moving), fixed, moving)
+    torch.testing.assert_close(round_trip, random_flow)
+
+
+def test_bspline_taps_match_the_kernel_and_its_derivative():
+    t = (torch.rand(50, dtype=torch.float64) * 20 - 10).requires_grad_(True)
+    first, weights, derivatives = cubic_bspline_taps(t)
+    offsets = t.unsqueeze(-1) - (first.unsqueeze(-1) + torch.arange(4)).to(t)
+    kernel = cubic_bspline(offsets)
+    torch.testing.assert_close(weights, kernel)
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(t))  # partition of unity
+    (grad,) = torch.autograd.grad(kernel.sum(), t, create_graph=False)
+    # d/dt of sum_i B3(t - k_i) is the sum of the tap derivatives (and 0: partition of unity)
+    torch.testing.assert_close(derivatives.sum(-1), grad, atol=1e-12, rtol=0)
+    for i in range(4):
+        (gi,) = torch.autograd.grad(cubic_bspline(offsets[:, i]).sum(), t, retain_graph=True)
+        torch.testing.assert_close(derivatives[:, i], gi)
+    # the old kernel formula (transforms.bspline and losses.similarity each had one) gives the same values
+    a = offsets.detach().abs()
+    old = torch.where(a < 1.0, 2.0 / 3.0 - a**2 + 0.5 * a**3, (2.0 - a).clamp(min=0.0) ** 3 / 6.0)
+    torch.testing.assert_close(kernel.detach(), old)

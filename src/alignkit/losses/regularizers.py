@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError, ShapeError
+from alignkit.losses.similarity import build_loss
 from alignkit.spatial.grid import Grid
 from alignkit.spatial.jacobian import jacobian_determinant
 from alignkit.spatial.points import sample_world
@@ -44,6 +45,9 @@ RegularizerName = Literal[
     "affine",
     "affine-inverse-consistency",
 ]
+#: the regularisers that take ``(field, spacing)`` alone: what an iterative solver can call on its
+#: model's field (the others need a grid, a reverse map or a matrix)
+FieldRegularizerName = Literal["diffusion", "bending", "laplacian", "tv"]
 Spacing = Tensor | Sequence[float] | float | None
 
 
@@ -318,13 +322,12 @@ _REGULARIZERS: dict[str, type[nn.Module]] = {
 
 
 def build_regularizer(name: RegularizerName | str, **options: object) -> nn.Module:
-    """Build a regulariser by name (see :data:`RegularizerName`) with keyword options."""
+    """Build a regulariser by name (see :data:`RegularizerName`) with keyword options.
+
+    An unknown name or option raises a one-line :class:`ConfigError` naming it and the choices."""
     key = str(name).lower()
     if key not in _REGULARIZERS:
         raise ConfigError(
             f"unknown regularizer {name!r}; valid names: {', '.join(get_args(RegularizerName))}"
         )
-    try:
-        return _REGULARIZERS[key](**options)
-    except TypeError as exc:
-        raise ConfigError(f"bad options for regularizer {key!r}: {exc}") from exc
+    return build_loss(_REGULARIZERS[key], f"regularizer {key!r}", options)

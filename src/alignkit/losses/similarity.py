@@ -16,6 +16,7 @@ dtype of ``warped``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -462,8 +463,27 @@ _SIMILARITIES: dict[str, type[nn.Module]] = {
 }
 
 
+def build_loss(cls: type[nn.Module], what: str, options: dict[str, object]) -> nn.Module:
+    """``cls(**options)``, with unknown option names refused in one line that lists the valid ones
+    (losses take keyword-only options, so the constructor's signature is the list)."""
+    parameters = inspect.signature(cls.__init__).parameters
+    valid = [p.name for p in parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for {what}; "
+            f"valid options: {', '.join(valid) or 'none'}"
+        )
+    try:
+        return cls(**options)
+    except TypeError as exc:  # e.g. a list where a number belongs
+        raise ConfigError(f"bad options for {what}: {str(exc).splitlines()[0]}") from None
+
+
 def build_similarity(name: SimilarityName | str, **options: object) -> nn.Module:
-    """Build a similarity loss by name (see :data:`SimilarityName`) with keyword options."""
+    """Build a similarity loss by name (see :data:`SimilarityName`) with keyword options.
+
+    An unknown name or option raises a one-line :class:`ConfigError` naming it and the choices."""
     key = str(name).lower()
     if key == "flow-data":  # optical-flow data terms live in flow_terms (imports this module)
         from alignkit.losses.flow_terms import FlowData
@@ -471,7 +491,4 @@ def build_similarity(name: SimilarityName | str, **options: object) -> nn.Module
         _SIMILARITIES[key] = FlowData
     if key not in _SIMILARITIES:
         raise ConfigError(f"unknown similarity {name!r}; valid names: {', '.join(get_args(SimilarityName))}")
-    try:
-        return _SIMILARITIES[key](**options)
-    except TypeError as exc:
-        raise ConfigError(f"bad options for similarity {key!r}: {exc}") from exc
+    return build_loss(_SIMILARITIES[key], f"similarity {key!r}", options)

@@ -10,12 +10,28 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from alignkit.errors import ConfigError
+from alignkit.losses.regularizers import RegularizerName, build_regularizer
+from alignkit.losses.similarity import SimilarityName, build_similarity
+from alignkit.transforms import TransformName
 
 OptimizerName = Literal["adam", "sgd", "lbfgs"]
 InitName = Literal["none", "center", "com", "features"]
+#: what the engine can add to a stage's objective: a field regulariser, called
+#: ``regularizer(field, spacing)`` on the model's field, or ``"energy"``, the vector-momentum SVF's
+#: own ``<m, K m>`` (``vsvf`` only). Losses that need more than one field and its spacing (inverse
+#: consistency needs both directions, the affine priors a matrix, the fold penalty a grid: see
+#: ``fold_weight``) belong to learned methods' losses, not here.
+StageRegularizerName = Literal["diffusion", "bending", "laplacian", "tv", "energy"]  # FieldRegularizerName + energy
 
 LINEAR_MODELS = ("translation", "rigid", "similarity", "affine", "homography")
 FIELD_MODELS = ("displacement", "svf", "vsvf", "bspline")
+
+
+def check_choice(value: object, choices: object, what: str) -> None:
+    """Raise a one-line :class:`ConfigError` naming ``value`` and the names of the ``Literal`` ``choices``."""
+    names = get_args(choices)
+    if value not in names:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(names)}")
 #: similarities computed voxel by voxel (no windows), which can be evaluated on a point sample
 POINTWISE_SIMILARITIES = ("mse", "ncc", "mi", "l1", "charbonnier")
 
@@ -35,10 +51,10 @@ class StageConfig:
     a coarse level would otherwise propagate.
     """
 
-    transform: str = "affine"
-    similarity: str = "lncc"
+    transform: TransformName = "affine"
+    similarity: SimilarityName = "lncc"
     similarity_options: dict[str, Any] = field(default_factory=dict)
-    regularizer: str | None = None
+    regularizer: StageRegularizerName | None = None
     regularizer_weight: float = 0.0
     regularizer_options: dict[str, Any] = field(default_factory=dict)
     fold_weight: float = 0.0
@@ -71,14 +87,32 @@ class StageConfig:
     max_level_voxels: int = 0
 
     def __post_init__(self) -> None:
+        check_choice(self.transform, TransformName, "transform")
+        check_choice(self.similarity, SimilarityName, "similarity")
+        if self.regularizer is not None and self.regularizer not in get_args(StageRegularizerName):
+            # name the losses the engine cannot call apart from typos: they exist, just not here
+            why = " (it needs more than the model's field: use it in a learned method's loss)" if (
+                self.regularizer in get_args(RegularizerName)
+            ) else ""
+            raise ConfigError(
+                f"stage regularizer {self.regularizer!r} is not one the solver can call{why}; "
+                f"choose one of {', '.join(get_args(StageRegularizerName))} or None"
+            )
+        if self.regularizer == "energy" and self.transform != "vsvf":
+            raise ConfigError(f"stage {self.transform}: regularizer 'energy' is the vsvf model's own; use a field regularizer")
+        # building the losses once checks their option names and values now, not mid-registration
+        build_similarity(self.similarity, **self.similarity_options)
+        if self.regularizer not in (None, "energy"):
+            build_regularizer(self.regularizer, **self.regularizer_options)
+        elif self.regularizer_options:
+            raise ConfigError(f"regularizer_options {sorted(self.regularizer_options)} given without a field regularizer")
         self.levels = tuple(float(f) for f in self.levels)
         self.iterations = tuple(int(i) for i in self.iterations)
         if len(self.iterations) != len(self.levels):
             raise ConfigError(f"stage {self.transform}: {len(self.levels)} levels but {len(self.iterations)} iteration counts")
         if self.smoothing is not None and len(self.smoothing) != len(self.levels):
             raise ConfigError(f"stage {self.transform}: smoothing needs one sigma per level")
-        if self.optimizer not in get_args(OptimizerName):
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(get_args(OptimizerName))}")
+        check_choice(self.optimizer, OptimizerName, "optimizer")
         if self.field_median < 0 or (self.field_median > 0 and self.field_median % 2 == 0):
             raise ConfigError(f"field_median must be 0 (off) or an odd window, got {self.field_median}")
         if self.max_level_voxels < 0:
@@ -89,10 +123,6 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.transform}: sample_points needs a linear transform and a voxel-wise similarity "
                 f"({', '.join(POINTWISE_SIMILARITIES)}), got {self.transform} with {self.similarity}"
-            )
-        if self.transform not in LINEAR_MODELS + FIELD_MODELS:
-            raise ConfigError(
-                f"unknown transform {self.transform!r}; choose one of {', '.join(LINEAR_MODELS + FIELD_MODELS)}"
             )
 
     @property
@@ -116,8 +146,7 @@ class RegistrationConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("a registration needs at least one stage")
-        if self.init not in get_args(InitName):
-            raise ConfigError(f"unknown init {self.init!r}; choose one of {', '.join(get_args(InitName))}")
+        check_choice(self.init, InitName, "init")
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
 
     def to_dict(self) -> dict[str, Any]:
