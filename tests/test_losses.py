@@ -377,7 +377,7 @@ def test_bending_energy_and_laplacian_of_quadratic(ndim: int) -> None:
 
 
 def test_laplacian_matches_paper_neighbour_average_form() -> None:
-    """Paper 001: in 2D, unit spacing, Laplacian = 4 * (average of 4 neighbours - u)."""
+    """Zampieri et al. 2018: in 2D, unit spacing, Laplacian = 4 * (average of 4 neighbours - u)."""
     g = torch.Generator().manual_seed(13)
     u = torch.randn((1, 2, 6, 7), generator=g, dtype=torch.float64)
     avg = (u[..., :-2, 1:-1] + u[..., 2:, 1:-1] + u[..., 1:-1, :-2] + u[..., 1:-1, 2:]) / 4.0

@@ -145,7 +145,7 @@ def test_large_kernel_block_sums_branches_with_identity():
     assert response[6, 9] == 0  # and no further: the kernel is 5 wide
 
 
-# -- feature extractors (003 Fig. 9) ---------------------------------------------------------------
+# -- feature extractors (Jena et al. 2024 Fig. 9) ---------------------------------------------------------------
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize(
     "kwargs",
@@ -183,7 +183,7 @@ def test_feature_encoder_encoder_only_has_independent_scales():
         FeatureEncoder(ndim=2, in_channels=1, levels=(0, 4), features=(8, 8, 8))
 
 
-# -- correlation (000 §2.1) ------------------------------------------------------------------------
+# -- correlation (the deep-learning registration survey §2.1) ------------------------------------------------------------------------
 def _brute_force_correlation(
     f1: np.ndarray, f2: np.ndarray, max_d: int, stride: int, patch: int
 ) -> np.ndarray:
@@ -244,7 +244,7 @@ def test_correlation_gradient_float64():
     assert torch.autograd.gradcheck(lambda a, b: correlation(a, b, 2, 1, patch_size=3), (f1, f2))
 
 
-# -- recurrent affine head (002 §2.1) --------------------------------------------------------------
+# -- recurrent affine head (Shen et al. 2019 §2.1) --------------------------------------------------------------
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_recurrent_affine_head_starts_at_identity(ndim):
     fixed = torch.randn(2, 1, *SMALL[ndim])
@@ -304,7 +304,7 @@ def test_recurrent_affine_composition_order(order, monkeypatch):
     torch.testing.assert_close(seen[1], warp_affine(moving, m1, (12, 10)))
 
 
-# -- two-stream pyramid U-Net and the scale chain (001) --------------------------------------------
+# -- two-stream pyramid U-Net and the scale chain (Zampieri et al. 2018) --------------------------------------------
 def test_pyramid_unet_follows_appendix_a1():
     net = PyramidUNet(ndim=2, shared_streams=True)  # one stream counted once: the A.1 table
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
@@ -460,7 +460,7 @@ def test_scale_chain_accurate_mode_averages_over_symmetries():
     torch.testing.assert_close(
         chain(fixed, moving, mode="accurate"), torch.zeros(1, 2, *shape), atol=1e-6, rtol=0
     )
-    assert len(chain.networks[0].seen) == 8  # the 8 rotations and reflections of 001
+    assert len(chain.networks[0].seen) == 8  # the 8 rotations and reflections of Zampieri et al. 2018
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -479,7 +479,7 @@ def test_rescale_displacement_keeps_physical_length():
     torch.testing.assert_close(out, torch.full((1, 2, 9, 17), 2.0))
 
 
-# -- descriptors (004) -----------------------------------------------------------------------------
+# -- descriptors (Dong et al. 2018) -----------------------------------------------------------------------------
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_descriptors_unit_norm_and_dense_equals_patches(ndim):
     net = SiameseDescriptor(ndim=ndim, patch_size=10 if ndim == 3 else 16, descriptor_dim=32)

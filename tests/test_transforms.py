@@ -295,7 +295,7 @@ def test_vsvf_constant_momentum_energy_and_advection() -> None:
     assert math.isclose(sum(t.weights), 1.0, abs_tol=1e-9)
     assert torch.allclose(t.velocity_field(), t.momentum, atol=1e-5)
     assert torch.allclose(t.energy(), (c**2).sum(), rtol=1e-5)
-    # phi^-1 of a constant velocity moves every point by -v (paper 002, eq. 8)
+    # phi^-1 of a constant velocity moves every point by -v (Shen et al. 2019, eq. 8)
     assert torch.allclose(t.displacement(), -t.momentum, atol=1e-5)
     set_param(t, "momentum", smooth_field(grid, 1.0))
     assert t.energy() > 0

@@ -4,8 +4,8 @@ One function for every method, so no tool is judged by its own code: the predict
 matrix) is the only thing read from the method. Which metrics are computed depends on the ground
 truth the case carries (labels → Dice/HD95; points → TRE, and PCK in 2D; flow → EPE/Fl, and EPE over
 non-occluded pixels when occlusions are known; matrix → corner error, and success flags in 2D); the
-Jacobian statistics of the map (folds and their severity, seed 002 Table 1; SDlogJ) are always
-reported. Inverse consistency (002 Fig. 7) needs the backward registration too, so it is not scored
+Jacobian statistics of the map (folds and their severity, Shen et al. 2019 Table 1; SDlogJ) are always
+reported. Inverse consistency (Shen et al. 2019 Fig. 7) needs the backward registration too, so it is not scored
 from one prediction. Keys are flat (``results.csv`` columns); the 0/1 success flags average to a
 success rate in a summary.
 """
@@ -24,7 +24,7 @@ from alignkit.evaluate.method import Prediction
 from alignkit.spatial import Grid, apply_matrix, jacobian_determinant, sample_world
 
 PCK_THRESHOLDS_PX = (1.0, 3.0, 5.0)
-"""PCK@k thresholds in pixels of the moving image (001 §4 uses absolute pixel thresholds)."""
+"""PCK@k thresholds in pixels of the moving image (Zampieri et al. 2018 §4 uses absolute pixel thresholds)."""
 
 SUCCESS_THRESHOLDS_PX = (1.0, 3.0, 5.0)
 """Corner-error thresholds of the homography success flags (the HPatches 1/3/5 px rates)."""
@@ -78,8 +78,8 @@ def score_case(case: Case, prediction: Prediction) -> dict[str, Any]:
     jac = jacobian_stats(det)
     scores.update(
         nonpositive_jacobian_percent=jac["percent_nonpositive"],
-        folds=jac["folds"],  # 002's |{x : J(x) < 0}|
-        fold_severity=jac["fold_severity"],  # mean |J| over those voxels (002 Table 1 brackets)
+        folds=jac["folds"],  # Shen et al. 2019's |{x : J(x) < 0}|
+        fold_severity=jac["fold_severity"],  # mean |J| over those voxels (Shen et al. 2019 Table 1 brackets)
         sdlogj=jac["sdlogj"],
         jacobian_min=jac["min"],
     )

@@ -1,4 +1,4 @@
-"""Data terms of classical variational optical flow (000 §1.2), same convention as
+"""Data terms of classical variational optical flow (the deep-learning registration survey §1.2), same convention as
 :mod:`alignkit.losses.similarity`: ``forward(warped, fixed, mask=None)`` returns a scalar to minimise.
 
 :class:`FlowData` is the robust data term of Brox et al. / Sun et al.: a generalised Charbonnier

@@ -1,4 +1,4 @@
-"""Test-time "prompt" terms (paper 003, DIO): label and landmark fidelity added to the objective.
+"""Test-time "prompt" terms (Jena et al. 2024, DIO): label and landmark fidelity added to the objective.
 
 Convention
 ----------

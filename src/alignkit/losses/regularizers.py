@@ -134,7 +134,7 @@ class BendingEnergy(nn.Module):
 
 
 class Laplacian(nn.Module):
-    """Paper 001 eq. 4: mean over voxels of ``||Laplacian u||^2`` (sum over components), which
+    """Zampieri et al. 2018 eq. 4: mean over voxels of ``||Laplacian u||^2`` (sum over components), which
     vanishes only for affine-like (harmonic) fields. The 5-point (2D) / 7-point (3D) stencil is
     evaluated on interior voxels; with unit spacing in 2D it is 4x the deviation of ``u`` from the
     average of its 4 neighbours, the paper's discrete form."""
@@ -222,7 +222,7 @@ def _dtype_device(*items: MapLike) -> tuple[torch.dtype, torch.device]:
 
 
 class InverseConsistency(nn.Module):
-    """Inverse-consistency (symmetry) penalty of paper 002 eq. 10 (eq. 5 is its affine case, see
+    """Inverse-consistency (symmetry) penalty of Shen et al. 2019 eq. 10 (eq. 5 is its affine case, see
     :class:`AffineInverseConsistency`).
 
     ``forward(phi, psi, grid, moving_grid=None)``: ``phi`` maps fixed-world to moving-world
@@ -272,7 +272,7 @@ def _affine_deviation(matrix: Tensor, center: Tensor | None, translation_scale: 
 
 
 class AffinePrior(nn.Module):
-    """Paper 002 eq. 4: ``||A - I||_F^2 + ||b||_2^2`` for a moving-from-fixed homogeneous matrix
+    """Shen et al. 2019 eq. 4: ``||A - I||_F^2 + ||b||_2^2`` for a moving-from-fixed homogeneous matrix
     ``(ndim+1, ndim+1)`` or a batch ``(B, ndim+1, ndim+1)`` (batch mean). The paper weighs both
     parts 1:1 in coordinates normalised to the image size; in world units divide ``b`` by
     ``translation_scale`` (e.g. the image extent in mm) to recover that balance. ``center``
@@ -291,7 +291,7 @@ class AffinePrior(nn.Module):
 
 
 class AffineInverseConsistency(nn.Module):
-    """Paper 002 eq. 5: ``||A_ts A - I||_F^2 + ||A_ts b + b_ts||^2`` for the forward matrix
+    """Shen et al. 2019 eq. 5: ``||A_ts A - I||_F^2 + ||A_ts b + b_ts||^2`` for the forward matrix
     ``(A, b)`` and the reverse registration's ``(A_ts, b_ts)`` -- i.e. :class:`AffinePrior` of
     ``matrix_ts @ matrix`` (same ``translation_scale`` and ``center`` options). Zero when the two
     are exact inverses."""

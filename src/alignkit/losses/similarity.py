@@ -99,7 +99,7 @@ def global_ncc(x: Tensor, y: Tensor, weights: Tensor | None = None, *, eps: floa
 
 
 def _local_ncc(x: Tensor, y: Tensor, window: int, dilation: int, eps: float, squared: bool) -> Tensor:
-    """Local NCC map ``(B, C, *S)`` of float tensors ``x``, ``y`` (paper 002 eq. 2 per window).
+    """Local NCC map ``(B, C, *S)`` of float tensors ``x``, ``y`` (Shen et al. 2019 eq. 2 per window).
 
     The number of voxels in each window is counted (``box_sum`` of ones), so windows cut by the
     border use the voxels they really contain instead of a fixed count.
@@ -189,9 +189,9 @@ class LNCC(nn.Module):
 
     With ``squared=True`` (default, VoxelMorph/ANTs "CC") the local score is ``NCC^2`` in [0, 1],
     so anti-correlated windows also score; with ``squared=False`` it is the signed NCC of
-    paper 002 eq. 2 (loss in [0, 2]). Window sums use :func:`alignkit.spatial.box_sum` (separable,
+    Shen et al. 2019 eq. 2 (loss in [0, 2]). Window sums use :func:`alignkit.spatial.box_sum` (separable,
     zero padding; border windows use their true voxel count). ``window`` is an odd number of voxels
-    per axis; ``dilation`` spaces the taps (paper 002 uses 2 for mk-LNCC). ``eps`` clamps each
+    per axis; ``dilation`` spaces the taps (Shen et al. 2019 uses 2 for mk-LNCC). ``eps`` clamps each
     window's sum of squared deviations (intensity units squared): flat patches score 0, never NaN.
     Statistics are computed in float32 for half-precision inputs.
     """
@@ -219,7 +219,7 @@ class LNCC(nn.Module):
 
 
 class MultiKernelLNCC(nn.Module):
-    """Multi-kernel LNCC (paper 002, eqs. 2-3): ``1 - sum_i w_i * LNCC_{s_i}`` with ``sum w_i = 1``.
+    """Multi-kernel LNCC (Shen et al. 2019, eqs. 2-3): ``1 - sum_i w_i * LNCC_{s_i}`` with ``sum w_i = 1``.
 
     ``windows`` entries are odd voxel counts (``int``) or fractions of the smallest spatial size
     ``S`` (``float`` in (0, 1]), rounded to the nearest odd count >= 3. The defaults are the
@@ -244,7 +244,7 @@ class MultiKernelLNCC(nn.Module):
             )
         if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
             raise ConfigError(
-                f"mk-LNCC weights must be >= 0 and sum to 1 (paper 002 eq. 3), got {tuple(weights)}"
+                f"mk-LNCC weights must be >= 0 and sum to 1 (Shen et al. 2019 eq. 3), got {tuple(weights)}"
             )
         for s in windows:
             if isinstance(s, float) and not 0.0 < s <= 1.0:

@@ -5,10 +5,10 @@ Every function accepts numpy arrays or torch tensors and returns plain Python fl
 (ready for ``json.dumps``). Conventions are stated in each submodule's docstring:
 :mod:`~alignkit.metrics.overlap` (label maps), :mod:`~alignkit.metrics.distance` (masks, spacing in
 world units, surfaces), :mod:`~alignkit.metrics.flow` (``(H, W, 2)`` flows in pixels, validity,
-occlusion), :mod:`~alignkit.metrics.jacobian` (folds and their severity, seed 002 Table 1),
-:mod:`~alignkit.metrics.consistency` (``φ_ts ∘ φ_st`` away from the border, 002 Fig. 7),
-:mod:`~alignkit.metrics.keypoints` (PCK, 001 §4), :mod:`~alignkit.metrics.homography` (corner
-convention, success rates) and :mod:`~alignkit.metrics.descriptors` (the matching protocol of 004 §6).
+occlusion), :mod:`~alignkit.metrics.jacobian` (folds and their severity, Shen et al. 2019 Table 1),
+:mod:`~alignkit.metrics.consistency` (``φ_ts ∘ φ_st`` away from the border, Shen et al. 2019 Fig. 7),
+:mod:`~alignkit.metrics.keypoints` (PCK, Zampieri et al. 2018 §4), :mod:`~alignkit.metrics.homography` (corner
+convention, success rates) and :mod:`~alignkit.metrics.descriptors` (the matching protocol of Dong et al. 2018 §6).
 """
 
 from alignkit.metrics.consistency import inverse_consistency_error

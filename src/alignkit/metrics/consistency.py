@@ -13,7 +13,7 @@ Conventions
   zero error.
 * Errors ``||backward(forward(x)) - x||`` are in world units (mm, pixels for photographs) and are
   measured only ``margin`` voxels or more away from the border of ``grid`` along every axis, as in
-  seed 002 (Shen et al., §3, Fig. 7: "we only evaluate this measure in the interior of the image
+  Shen et al. 2019 (§3, Fig. 7: "we only evaluate this measure in the interior of the image
   volume (10 voxels away from the boundary)"), because methods treat the border differently.
 """
 
@@ -58,11 +58,11 @@ def inverse_consistency_error(
     ``forward_map`` (``φ_st``, on ``grid``) and ``backward_map`` (``φ_ts``, on ``backward_grid``,
     default ``grid``) follow the module conventions; both may carry a batch size ``B`` (equal, or 1 on
     one side to pair one map with many), whose voxels are pooled. ``margin`` (voxels, ``>= 0``) drops
-    that many voxels at each end of every axis of ``grid``; seed 002 uses 10.
+    that many voxels at each end of every axis of ``grid``; Shen et al. 2019 uses 10.
 
     Returns ``mean``, ``rms``, ``median``, ``p95``, ``max`` of the per-voxel error, ``log_mse`` =
-    ``ln(mean ||·||²)`` -- the quantity 002 plots in Fig. 7 (``ln(1/|V| ||Φ⁻¹∘(Φts)⁻¹ - id||²)``,
-    here in world units, so it differs from 002's by a constant for another unit) -- and ``n`` (voxels
+    ``ln(mean ||·||²)`` -- the quantity Shen et al. 2019 plots in Fig. 7 (``ln(1/|V| ||Φ⁻¹∘(Φts)⁻¹ - id||²)``,
+    here in world units, so it differs from Shen et al. 2019's by a constant for another unit) -- and ``n`` (voxels
     measured). ``log_mse`` is ``-inf`` for an exact pair.
     """
     if margin < 0:

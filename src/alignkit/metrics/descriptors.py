@@ -1,16 +1,16 @@
-"""Descriptor matching mean average precision with the protocol of seed 004 §6.
+"""Descriptor matching mean average precision with the protocol of Dong et al. 2018 §6.
 
 Protocol (Dong et al., "Learning to Align Images using Weak Geometric Supervision", §6 and §6.1)
 -----------------------------------------------------------------------------------------------
-* For an image pair (A, B), keypoints are detected in A (004: up to 2000 SIFT keypoints), warped into
+* For an image pair (A, B), keypoints are detected in A (Dong et al. 2018: up to 2000 SIFT keypoints), warped into
   B by the ground-truth homography, and a patch is sampled around each keypoint in both images; a
   descriptor is computed for every patch. Row ``i`` of ``desc_a`` and row ``i`` of ``desc_b`` are
   therefore the **positive** (corresponding) pair, and every other row of ``desc_b`` is a
   **negative** for query ``i`` -- there are no separately sampled negatives at test time.
 * For each descriptor of A, "the exact nearest neighbor within the set of descriptors extracted
-  from B" is found (004 writes "in the [L2] distance sense"; ``metric`` defaults to Euclidean).
+  from B" is found (Dong et al. 2018 writes "in the [L2] distance sense"; ``metric`` defaults to Euclidean).
 * "The average precision (AP) is the fraction of times the correct nearest neighbor was found", and
-  "the mean AP (mAP) is the average AP across multiple image pairs". That is 004's ``ap`` / ``map``.
+  "the mean AP (mAP) is the average AP across multiple image pairs". That is Dong et al. 2018's ``ap`` / ``map``.
 * Ties: a query counts as correct only when its true match is *strictly* closer than every other
   descriptor of B (with a tie the nearest neighbour is not determined, so it is not "found").
 
@@ -70,7 +70,7 @@ def _ranked_ap(correct: np.ndarray, nn_dist: np.ndarray) -> float:
 
 
 def descriptor_ap(desc_a: Any, desc_b: Any, *, metric: str = "euclidean") -> dict[str, float]:
-    """004's AP of one image pair: ``{"ap", "ranked_ap", "n"}`` (module docstring).
+    """Dong et al. 2018's AP of one image pair: ``{"ap", "ranked_ap", "n"}`` (module docstring).
 
     ``desc_a`` is ``(N, D)``, ``desc_b`` is ``(N_b, D)`` with ``N_b >= N`` and row ``i`` of both the
     same scene point. ``metric`` is any :func:`scipy.spatial.distance.cdist` metric ("euclidean",
@@ -89,11 +89,11 @@ def descriptor_ap(desc_a: Any, desc_b: Any, *, metric: str = "euclidean") -> dic
 
 
 def descriptor_map(desc_a: Any, desc_b: Any, *, metric: str = "euclidean") -> dict[str, Any]:
-    """004's mean AP over image pairs: ``{"map", "ranked_map", "ap", "n_pairs", "n_queries"}``.
+    """Dong et al. 2018's mean AP over image pairs: ``{"map", "ranked_map", "ap", "n_pairs", "n_queries"}``.
 
     ``desc_a`` / ``desc_b`` are one pair ``(N, D)`` / ``(N_b, D)``, a batch ``(P, N, D)`` /
     ``(P, N_b, D)``, or two equally long sequences of per-pair arrays (``N`` may differ between
-    pairs). ``map`` is the unweighted mean of the per-pair APs (004: "the average AP across multiple
+    pairs). ``map`` is the unweighted mean of the per-pair APs (Dong et al. 2018: "the average AP across multiple
     image pairs"), ``ranked_map`` that of :func:`descriptor_ap`'s ``ranked_ap``; ``ap`` lists the
     per-pair APs.
     """

@@ -13,7 +13,7 @@ Conventions
 * **Mean corner error** = mean over the corners of ``||H_pred(c) - H_true(c)||`` (pixels / world
   units). A pair is a **success** at threshold ``t`` when its corner error is ``<= t``; the success
   rate at ``t`` (1, 3, 5 px by default) is the fraction of pairs that succeed.
-* Seed 004 (Dong et al., "Learning to Align Images using Weak Geometric Supervision", §6.1.2)
+* Dong et al., "Learning to Align Images using Weak Geometric Supervision" (3DV 2018, §6.1.2)
   reports instead a "homography error ... equal to the average warping error of the true feature
   matches under the estimated homography, after normalizing the error by the image size":
   :func:`homography_point_error`.
@@ -138,10 +138,10 @@ def homography_point_error(
     *,
     image_size: float | None = None,
 ) -> float:
-    """Seed 004's homography error (§6.1.2): mean ``||H_pred(a_i) - b_i||`` over true matches.
+    """Dong et al. 2018's homography error (§6.1.2): mean ``||H_pred(a_i) - b_i||`` over true matches.
 
     ``points_a`` / ``points_b`` are ``(N, ndim)`` corresponding points of the two images (``b_i`` is
-    the true match of ``a_i``). 004 normalises "by the image size"; pass that size (e.g. ``max(W, H)``)
+    the true match of ``a_i``). Dong et al. 2018 normalises "by the image size"; pass that size (e.g. ``max(W, H)``)
     as ``image_size`` to get the normalised figure, else the error is in pixels / world units.
     """
     pred = _matrices(H_pred, "H_pred")

@@ -8,9 +8,9 @@ Conventions
   into account and the identity map has determinant 1 on any grid).
 * Derivatives are central differences, one-sided at the border: the determinant is
   :func:`alignkit.spatial.jacobian_determinant`'s (alignkit has one).
-* **Folds** follow Shen et al. (seed 002, §3 and Table 1): a voxel is folded where
+* **Folds** follow Shen et al., Networks for Joint Affine and Non-parametric Image Registration, CVPR 2019 (§3 and Table 1): a voxel is folded where
   ``J(x) < 0`` (strictly), the fold count is ``|{x : J(x) < 0}|``, and the fold **severity** is the
-  absolute determinant at those voxels (002 reports its average in square brackets next to the count).
+  absolute determinant at those voxels (Shen et al. 2019 reports its average in square brackets next to the count).
 * Determinant arrays given to :func:`jacobian_stats` may have any shape, e.g. the ``(B, 1, *S)``
   output of :func:`alignkit.spatial.jacobian_determinant`; every voxel of every batch item is pooled.
 """
@@ -67,10 +67,10 @@ def jacobian_stats(det: Any, mask: Any | None = None, *, clip: float = 1e-9) -> 
     Returns
 
     * ``percent_nonpositive`` (0-100) and ``num_nonpositive``: voxels with ``det <= 0``;
-    * ``folds``: ``|{x : det(x) < 0}|`` and ``fold_percent`` (0-100) -- seed 002's fold count (Table 1);
+    * ``folds``: ``|{x : det(x) < 0}|`` and ``fold_percent`` (0-100) -- Shen et al. 2019's fold count (Table 1);
     * ``fold_severity``: mean ``|det|`` over the folded voxels and ``fold_severity_max`` their largest
-      ``|det|`` -- 002's "absolute value of the determinant of the Jacobian in these cases indicating
-      the severity of the fold" (§3, Table 1 brackets). Both are ``0.0`` when nothing folds (002 prints
+      ``|det|`` -- Shen et al. 2019's "absolute value of the determinant of the Jacobian in these cases indicating
+      the severity of the fold" (§3, Table 1 brackets). Both are ``0.0`` when nothing folds (Shen et al. 2019 prints
       a bare 0 for those methods), so an average over cases stays finite;
     * ``sdlogj``: standard deviation of ``log(clip(det, clip, 1e9))`` (Learn2Reg's SDlogJ; folded
       voxels enter as ``log(clip)``);

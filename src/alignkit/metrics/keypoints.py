@@ -1,13 +1,15 @@
 """Percentage of correct keypoints (PCK).
 
-Definition (seed 001, "Coarse to fine non-rigid registration", §4, after Rocco et al. [27]):
+Definition (Zampieri et al., "Coarse to fine non-rigid registration: a chain of scale-specific
+neural networks for multimodal image alignment with application to remote sensing", 2018, §4, after
+Rocco et al.):
 keypoints are carried by the registration and compared with their manually indicated positions; "if
 this distance is smaller than a certain threshold, the keypoint is identified as matched". PCK is the
 percentage of matched keypoints::
 
     PCK(τ) = 100 · |{i : ||p̂_i - p_i|| < τ}| / N
 
-The threshold is either absolute (``threshold``: world units, i.e. pixels for photographs -- 001's
+The threshold is either absolute (``threshold``: world units, i.e. pixels for photographs -- Zampieri et al. 2018's
 Fig. 6 curves are in pixels) or relative, ``τ = alpha · reference_size`` (Rocco et al.'s PCK@α,
 with ``reference_size`` the larger side of the image or object box, e.g. ``alpha=0.1``).
 

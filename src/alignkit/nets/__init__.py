@@ -12,10 +12,20 @@ Conventions
   (:func:`alignkit.transforms.dense.voxel_to_world_vectors`).
 * Level ``l`` of a multi-scale network has spatial size ``ceil(s / 2**l)``; see :mod:`alignkit.nets.unet`.
 
-Papers: 000 §2.1 (:func:`correlation`), 001 A.1 (:class:`PyramidUNet`, :class:`ScaleChain`),
-002 §2.1 (:class:`RecurrentAffineHead`) and §2.2 (:class:`UNet`), 003 §4.2 / Fig. 9
-(:class:`LKUNet`, :class:`FeatureEncoder`), 004 §4.4 / §5.3 (:class:`SiameseDescriptor`,
-:class:`PseudoSiameseDescriptor`).
+Papers (cited in the modules by first author and year):
+
+* a survey of deep learning for image registration (optical flow, stereo, multimodal), §2.1:
+  :func:`correlation`, after Dosovitskiy et al., FlowNet: Learning Optical Flow with Convolutional
+  Networks, ICCV 2015;
+* Zampieri et al., Coarse to fine non-rigid registration: a chain of scale-specific neural networks
+  for multimodal image alignment with application to remote sensing, 2018, appendix A.1:
+  :class:`PyramidUNet`, :class:`ScaleChain`;
+* Shen et al., Networks for Joint Affine and Non-parametric Image Registration, CVPR 2019, §2.1
+  (:class:`RecurrentAffineHead`) and §2.2 (:class:`UNet`);
+* Jena, Chaudhari and Gee, Deep Implicit Optimization for Robust and Flexible Image Registration,
+  2024, §4.2 / Fig. 9: :class:`LKUNet`, :class:`FeatureEncoder`;
+* Dong et al., Learning to Align Images using Weak Geometric Supervision, 3DV 2018, §4.4 / §5.3:
+  :class:`SiameseDescriptor`, :class:`PseudoSiameseDescriptor`.
 """
 
 from alignkit.nets.affine import (

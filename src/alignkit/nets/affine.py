@@ -1,4 +1,5 @@
-"""Multi-step (recurrent) affine network of 002 §2.1 (AVSM, Shen et al. CVPR 2019), 2D and 3D.
+"""Multi-step (recurrent) affine network of AVSM (Shen et al., Networks for Joint Affine and
+Non-parametric Image Registration, CVPR 2019, §2.1), 2D and 3D.
 
 Frame of the matrices
 ---------------------
@@ -52,10 +53,10 @@ def compose_affine(outer: Tensor, inner: Tensor) -> Tensor:
 
 @register_network("recurrent_affine")
 class RecurrentAffineHead(nn.Module):
-    """Multi-step affine network (002 §2.1, Fig. 2): one encoder, shared by all steps, refines an affine map.
+    """Multi-step affine network (Shen et al. 2019 §2.1, Fig. 2): one encoder, shared by all steps, refines an affine map.
 
     Step ``t`` feeds ``[fixed, moving ∘ Φ_{t-1}]`` (the moving image resampled *once* from the
-    original through the composed map, never from the previous warped image: 002 avoids
+    original through the composed map, never from the previous warped image: Shen et al. 2019 avoids
     "numerical dissipation due to successive trilinear interpolations") to a strided conv encoder,
     an adaptive average pool to ``pool_size^ndim`` cells (keeps a coarse layout, which rotations and
     scalings need), and two linear layers giving ``U_t = [I + ΔA | Δb]``. The last linear layer is
@@ -66,7 +67,7 @@ class RecurrentAffineHead(nn.Module):
     * ``"right"`` (default): ``M_t = M_{t-1} @ U_t``, i.e. ``Φ_t = Φ_{t-1} ∘ U_t``. The network sees
       ``moving ∘ Φ_{t-1}`` next to ``fixed``, so the map it can estimate is the residual ``U_t`` with
       ``(moving ∘ Φ_{t-1}) ∘ U_t ≈ fixed``; this order makes that residual exact.
-    * ``"left"``: ``M_t = U_t @ M_{t-1}`` -- 002 eq. (1) verbatim (``A_t = Ã_t A_{t-1}``,
+    * ``"left"``: ``M_t = U_t @ M_{t-1}`` -- Shen et al. 2019 eq. (1) verbatim (``A_t = Ã_t A_{t-1}``,
       ``b_t = Ã_t b_{t-1} + b̃_t``).
 
     Both agree to first order near the identity and reach the same transforms; "left" reproduces

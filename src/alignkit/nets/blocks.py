@@ -151,7 +151,7 @@ class DoubleConv(nn.Sequential):
 
 
 class ResidualBlock(nn.Module):
-    """``act(norm(conv(act(norm(conv(x))))) + skip(x))`` -- the residual stage of 002 §2.2 ("U-Net with
+    """``act(norm(conv(act(norm(conv(x))))) + skip(x))`` -- the residual stage of Shen et al. 2019 §2.2 ("U-Net with
     residual links", after He et al.). ``skip`` is a 1x1 convolution when the channel count changes."""
 
     def __init__(
@@ -185,7 +185,7 @@ class ResidualBlock(nn.Module):
 
 
 class LargeKernelBlock(nn.Module):
-    """LKU-Net block (Jia et al. 2022, used by 003 §4.2): parallel ``large_kernel``, ``small_kernel`` and
+    """LKU-Net block (Jia et al. 2022, used by Jena et al. 2024 §4.2): parallel ``large_kernel``, ``small_kernel`` and
     1x1 convolutions plus the identity, summed, then an activation.
 
     The 1x1 branch is in the LKU-Net reference code, so it is on by default (``one_by_one=True``);

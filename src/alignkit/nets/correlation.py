@@ -1,4 +1,6 @@
-"""FlowNet correlation layer (cost volume), 2D and 3D (000 §2.1, after Dosovitskiy et al. 2015).
+"""FlowNet correlation layer (cost volume), 2D and 3D (after Dosovitskiy et al.,
+FlowNet: Learning Optical Flow with Convolutional Networks, ICCV 2015; §2.1 of the deep-learning
+registration survey).
 
 For feature maps ``f1, f2`` the correlation of a point ``x`` with displacement ``d`` is
 

@@ -1,10 +1,10 @@
-"""Small siamese and partly shared pseudo-siamese descriptor networks (004 §4.4, §5.3), 2D and 3D.
+"""Small siamese and partly shared pseudo-siamese descriptor networks (Dong et al. 2018 §4.4, §5.3), 2D and 3D.
 
-Architecture (004 §5.3, "Conv(16,32,5,1)-Tanh-MaxPool(12,-,2,2)-Conv(6,64,3,1)-Tanh-FC(256)", after
+Architecture (Dong et al. 2018 §5.3, "Conv(16,32,5,1)-Tanh-MaxPool(12,-,2,2)-Conv(6,64,3,1)-Tanh-FC(256)", after
 TFeat): a ``patch_size`` patch (16) -> valid conv ``kernel_sizes[0]`` (5) x ``channels[0]`` (32) ->
 tanh -> 2x2 max-pool -> valid conv ``kernel_sizes[1]`` (3) x ``channels[1]`` (64) -> tanh -> fully
 connected to ``descriptor_dim`` (256) -> L2 normalisation (unit descriptors, so that squared
-distances lie in [0, 4] and the contrastive margin of 004 eq. (1) has a fixed scale).
+distances lie in [0, 4] and the contrastive margin of Dong et al. 2018 eq. (1) has a fixed scale).
 
 Two ways to run it:
 
@@ -17,7 +17,7 @@ Two ways to run it:
 
 ``stream`` (0 or 1) picks the image of the pair -- e.g. RGB and NIR. A siamese network ignores it
 (all weights shared); a pseudo-siamese one has separate copies of its first ``unshared_layers``
-layers (004 §4.4: "the weights of only the first layer of both networks are different").
+layers (Dong et al. 2018 §4.4: "the weights of only the first layer of both networks are different").
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class _PatchDescriptor(nn.Module):
 
 @register_network("siamese_descriptor")
 class SiameseDescriptor(_PatchDescriptor):
-    """Siamese patch descriptor (004 §3, §5.3): one set of weights for both images; ``stream`` is
+    """Siamese patch descriptor (Dong et al. 2018 §3, §5.3): one set of weights for both images; ``stream`` is
     accepted for a uniform interface with :class:`PseudoSiameseDescriptor` and ignored."""
 
     def __init__(
@@ -178,8 +178,8 @@ class SiameseDescriptor(_PatchDescriptor):
 
 @register_network("pseudo_siamese_descriptor")
 class PseudoSiameseDescriptor(_PatchDescriptor):
-    """Partially shared pseudo-siamese descriptor (004 §4.4, Fig. 4): separate first layer(s) per
-    stream/modality, shared later layers. ``unshared_layers=1`` is 004's choice ("only adds a small
+    """Partially shared pseudo-siamese descriptor (Dong et al. 2018 §4.4, Fig. 4): separate first layer(s) per
+    stream/modality, shared later layers. ``unshared_layers=1`` is Dong et al. 2018's choice ("only adds a small
     number of parameters", which matters as it trains on one image pair); 3 unshares every layer
     (a classic pseudo-siamese network). ``in_channels`` may differ per stream (RGB 3, NIR 1) as long
     as the first layer is unshared."""

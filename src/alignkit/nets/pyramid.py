@@ -1,4 +1,6 @@
-"""Two-stream pyramid U-Net and the chain of scale-specific networks of 001 (§3.5-3.6, appendix A.1).
+"""Two-stream pyramid U-Net and the chain of scale-specific networks of Zampieri et al., Coarse to
+fine non-rigid registration: a chain of scale-specific neural networks for multimodal image
+alignment with application to remote sensing, 2018 (§3.5-3.6, appendix A.1).
 
 Field convention (everything here)
 ----------------------------------
@@ -68,7 +70,7 @@ def compose_displacements(outer: Tensor, inner: Tensor) -> Tensor:
     return inner + warp_voxels(outer, inner, padding="border")
 
 
-# -- symmetries of the grid (001 "accurate") ----------------------------------------------------
+# -- symmetries of the grid (Zampieri et al. 2018 "accurate") ----------------------------------------------------
 def symmetry_group(ndim: int, kind: SymmetryGroup = "full") -> list[Symmetry]:
     """``full``: every axis permutation and flip (``2^n n!``: the 8 rotations/reflections of a square in
     2D, 48 in 3D); ``flips``: flips only (``2^n``). The identity comes first."""
@@ -121,12 +123,12 @@ def symmetry_pull_field(v: Tensor, symmetry: Symmetry) -> Tensor:
     return _undo_symmetry((v * _signs(symmetry, v))[:, inverse], symmetry)
 
 
-# -- 001 appendix A.1 ---------------------------------------------------------------------------
+# -- Zampieri et al. 2018 appendix A.1 ---------------------------------------------------------------------------
 @register_network("pyramid_unet")
 class PyramidUNet(nn.Module):
-    """Two-stream pyramid U-Net of 001 (§3.5, appendix A.1): the network of one scale-specific block.
+    """Two-stream pyramid U-Net of Zampieri et al. 2018 (§3.5, appendix A.1): the network of one scale-specific block.
 
-    Each input (``fixed`` and ``moving``, typically two modalities: 001 aligns RGB with cadastral
+    Each input (``fixed`` and ``moving``, typically two modalities: Zampieri et al. 2018 aligns RGB with cadastral
     maps) has its **own convolutional pyramid** ("to get modality-specific features, we build 2
     separate convolutional pyramids, one for each modality ... but concatenate their activities once
     per scale to feed the U-net"). With the defaults it is the table of A.1:
@@ -290,24 +292,24 @@ class PyramidUNet(nn.Module):
 
 @register_network("scale_chain")
 class ScaleChain(nn.Module):
-    """Chain of scale-specific networks, coarse to fine (001 §3.6, Fig. 4).
+    """Chain of scale-specific networks, coarse to fine (Zampieri et al. 2018 §3.6, Fig. 4).
 
-    For each shrink factor ``f`` in ``factors`` (descending, e.g. ``(4, 2, 1)``; 001 uses powers of
+    For each shrink factor ``f`` in ``factors`` (descending, e.g. ``(4, 2, 1)``; Zampieri et al. 2018 uses powers of
     two down to 1): down-sample fixed and moving onto the level grid
     (:func:`alignkit.spatial.downsample`, blurred, corner-aligned), resample the *level's* moving
     image once through the current estimate (moved to the level grid by
     :func:`~alignkit.spatial.rescale_voxel_displacement`),
     let the level's network predict the residual ``r`` between fixed and warped moving, and update
 
-    * ``combine="compose"`` (001: "refining the previously-estimated deformation, not by adding to
+    * ``combine="compose"`` (Zampieri et al. 2018: "refining the previously-estimated deformation, not by adding to
       it but by diffeomorphism composition"): ``u <- r + u ∘ (id + r)`` (:func:`compose_displacements`);
-    * ``combine="add"``: ``u <- u + r`` (001 §4's stereo variant links the blocks "with additions").
+    * ``combine="add"``: ``u <- u + r`` (Zampieri et al. 2018 §4's stereo variant links the blocks "with additions").
 
     ``networks`` holds one network (or config dict) per factor, or a single one shared by all scales
-    (001's scale-independent alternative). Each is called ``net(fixed_level, warped_level)`` and
+    (Zampieri et al. 2018's scale-independent alternative). Each is called ``net(fixed_level, warped_level)`` and
     returns a displacement in voxels of the level grid (any output size is resized to the level).
 
-    Inference modes (``mode``, overridable per call), as named in 001 §3.6:
+    Inference modes (``mode``, overridable per call), as named in Zampieri et al. 2018 §3.6:
 
     * ``"standard"``: the scale-specific network at each scale;
     * ``"fast"``: "replace all scale-specific blocks with the same block" -- the network at
@@ -319,7 +321,7 @@ class ScaleChain(nn.Module):
       48 in 3D with ``"full"``, 8 with ``"flips"``).
 
     ``forward`` returns the displacement ``(B, ndim, *S)`` on the input grid, in its voxels;
-    :meth:`levels` returns the estimate after each level on that level's grid. 001 trains each block
+    :meth:`levels` returns the estimate after each level on that level's grid. Zampieri et al. 2018 trains each block
     on its own scale; the chain is the inference (and optional end-to-end fine-tuning) path.
     """
 

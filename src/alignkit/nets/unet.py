@@ -6,7 +6,7 @@ Level ``l`` of a network with ``features = (f_0, ..., f_{L-1})`` lives at spatia
 ``ceil(s / 2**l)`` for an input of size ``s`` along each axis (down-sampling rounds up, so no size
 needs to be a power of two and no voxel is dropped). Level 0 is the input resolution.
 
-A U-Net with ``output_scale = 2**-k`` stops its decoder at level ``k`` (002 §2.2: "we remove the
+A U-Net with ``output_scale = 2**-k`` stops its decoder at level ``k`` (Shen et al. 2019 §2.2: "we remove the
 last decoder level of the U-Net" for a half-resolution momentum), so its output is
 ``(B, out_channels, *[ceil(s / 2**k) for s in spatial])``. Such a low-resolution field is read like
 every field in alignkit, corner-aligned: up-sample it with :func:`alignkit.spatial.resize_field`
@@ -227,12 +227,12 @@ class _UNetBase(nn.Module):
 
 @register_network("unet")
 class UNet(_UNetBase):
-    """U-Net with residual links (002 §2.2, the vSVF momentum generator: "a four-level U-Net with
+    """U-Net with residual links (Shen et al. 2019 §2.2, the vSVF momentum generator: "a four-level U-Net with
     residual links"), also VoxelMorph's backbone with ``residual=False``.
 
     ``features[l]`` is the width of level ``l`` (encoder and decoder); ``len(features)`` levels means
     ``len(features) - 1`` halvings. ``output_scale = 2**-k`` drops the last ``k`` decoder levels:
-    output ``(B, out_channels, *ceil(S / 2**k))`` -- 0.5 is 002's half-resolution momentum.
+    output ``(B, out_channels, *ceil(S / 2**k))`` -- 0.5 is Shen et al. 2019's half-resolution momentum.
     ``final_zero_init`` draws the output convolution from N(0, 1e-5) with zero bias, so an untrained
     registration network predicts an (almost) zero field, i.e. the identity.
 
@@ -289,7 +289,7 @@ class UNet(_UNetBase):
 
 @register_network("lkunet")
 class LKUNet(_UNetBase):
-    """Large-kernel U-Net ("LKU", Jia et al. 2022; 003 §4.2 uses it as DIO's best feature network).
+    """Large-kernel U-Net ("LKU", Jia et al. 2022; Jena et al. 2024 §4.2 uses it as DIO's best feature network).
 
     Each encoder stage is a conv block followed by a :class:`~alignkit.nets.blocks.LargeKernelBlock`
     (parallel ``large_kernel``, 3x3 and 1x1 convolutions plus identity, summed); the decoder uses
@@ -345,18 +345,18 @@ class LKUNet(_UNetBase):
 
 @register_network("feature_encoder")
 class FeatureEncoder(nn.Module):
-    """Multi-scale dense feature extractor (003 §4.2 and Fig. 9, DIO's feature networks).
+    """Multi-scale dense feature extractor (Jena et al. 2024 §4.2 and Fig. 9, DIO's feature networks).
 
     Returns a list of feature maps, one per entry of ``levels`` in the order given; the map for level
     ``l`` is ``(B, out_channels, *ceil(S / 2**l))``. Each map comes out of "a single convolutional
-    layer" (003 §4.2) attached to the network at that scale. Three arrangements:
+    layer" (Jena et al. 2024 §4.2) attached to the network at that scale. Three arrangements:
 
-    * ``independent=True`` (default, 003's "Encoder-Only" UNet-E / LKU-E, Fig. 9): the decoder is
+    * ``independent=True`` (default, Jena et al. 2024's "Encoder-Only" UNet-E / LKU-E, Fig. 9): the decoder is
       discarded and **each level has its own encoder** of ``l`` halvings -- no weights shared across
       scales;
     * ``independent=False``: one shared encoder, a head on each stage (the cheap variant);
     * ``decoder=True``: a light U-Net decoder climbs back to ``min(levels)`` and the heads read the
-      decoder features (003's full UNet / LKU feature networks), which is how full-resolution
+      decoder features (Jena et al. 2024's full UNet / LKU feature networks), which is how full-resolution
       features get context from every scale. ``independent`` must then be False.
 
     ``block`` picks the stage type (``"lk"`` with ``large_kernel`` gives LKU-E); ``levels`` may be an
@@ -403,7 +403,7 @@ class FeatureEncoder(nn.Module):
         }
         conv = conv_nd(ndim)
         if independent:
-            # One encoder per requested level, deep enough to reach it (003 Fig. 9).
+            # One encoder per requested level, deep enough to reach it (Jena et al. 2024 Fig. 9).
             self.encoders = nn.ModuleList(
                 Encoder(
                     in_channels=in_channels,

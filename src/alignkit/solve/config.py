@@ -43,11 +43,11 @@ class StageConfig:
     ``levels`` are shrink factors of the fixed grid (coarse first); ``iterations`` and ``smoothing``
     (Gaussian sigma in voxels of the full-resolution grid; None → ``0.5 * factor``) have one entry
     per level. ``field_shrink`` places a field model's parameters on a grid ``field_shrink`` times
-    coarser than the level's (2 = half resolution, as 002 does to save memory).
+    coarser than the level's (2 = half resolution, as Shen et al. 2019 does to save memory).
 
     ``field_median`` (odd window in voxels, 0 = off) median-filters a field
     model's parameters at the end of every level, before they are carried to the next one -- the
-    flow median filtering of Sun et al. ("Secrets of optical flow", 000 §1.2) that removes outliers
+    flow median filtering of Sun et al. ("Secrets of optical flow", the deep-learning registration survey §1.2) that removes outliers
     a coarse level would otherwise propagate.
     """
 

@@ -6,7 +6,7 @@ For each stage the engine builds a Gaussian pyramid of both images, and at each 
 
 over the stage's parameters, where ``prior`` is the composition of the stages already fitted. The
 moving image is always sampled once from the original data through the whole chain, so nothing is
-resampled twice however many stages ran (002 §1).
+resampled twice however many stages ran (Shen et al. 2019 §1).
 """
 
 from __future__ import annotations
