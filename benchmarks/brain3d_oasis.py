@@ -108,7 +108,7 @@ def _worker_alignkit(method: str, fixed: Path, moving: Path, seed: int, config: 
     jac = nonpositive_jacobian_percent(disp, result.fixed.grid.world_from_voxel.double().cpu().numpy())
     m = result.metrics
     extra = {
-        "config": result.config.name,
+        "config": result.name,
         "stages": m.get("stages"),
         "register_seconds": m.get("seconds"),
         "stage_seconds": m.get("stage_seconds"),

@@ -131,9 +131,9 @@ def _memory(device: Any) -> dict[str, Any]:
 
 
 def _method(size: tuple[int, ...], device: Any) -> Any:
-    from alignkit.train import build_method
+    from alignkit.methods import build_model
 
-    return build_method("voxelmorph", ndim=len(size), size=size).to(device)
+    return build_model("voxelmorph", ndim=len(size), size=size).to(device)
 
 
 def phase_train(size: tuple[int, ...], device: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def phase_train(size: tuple[int, ...], device: Any, args: argparse.Namespace) ->
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            output = method(batch["fixed"], batch["moving"])
+            output = method(batch)
         loss, _ = method.loss(batch, output)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

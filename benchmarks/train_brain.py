@@ -160,14 +160,14 @@ def untrained_method(config: Any, trained: Any) -> Any:
     then builds the method), with the trained model's label ids."""
     import torch
 
-    from alignkit.train import build_method
+    from alignkit.methods import build_model
 
     torch.manual_seed(config.seed)
     options = dict(config.method_options)
     if config.prealign is not None:
         options.setdefault("prealign", config.prealign)
-    method = build_method(
-        config.method, ndim=trained.ndim, size=trained.size, network=config.network, **options
+    method = build_model(
+        config.method, ndim=trained.ndim, size=trained.size, network=config.network or None, **options
     )
     method.label_ids = trained.label_ids
     return method.eval()
@@ -175,8 +175,8 @@ def untrained_method(config: Any, trained: Any) -> Any:
 
 def nonpositive_percent(displacement: Any) -> float:
     """% of non-positive Jacobian determinants of ``id + displacement`` (network-grid voxels)."""
+    from alignkit.methods.heads import voxel_grid
     from alignkit.spatial import jacobian_determinant
-    from alignkit.train.methods import voxel_grid
 
     grid = voxel_grid(displacement.shape[2:])
     det = jacobian_determinant(grid.voxel_points(dtype=displacement.dtype) + displacement, grid)
@@ -217,8 +217,9 @@ def evaluate_reduced(run_dir: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from alignkit.methods import load_model as load
     from alignkit.metrics import dice_per_label
-    from alignkit.train import InterSubjectPairs, TrainConfig, load
+    from alignkit.train import InterSubjectPairs, TrainConfig
 
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     trained = load(run_dir)
@@ -244,7 +245,7 @@ def evaluate_reduced(run_dir: Path) -> dict[str, Any]:
             row = {"fixed": held[pairs[k][0]], "moving": held[pairs[k][1]]}
             row["affine"] = float(np.mean(list(dice_per_label(moving_labels[0], fixed_labels, ids).values())))
             for name, method in models.items():
-                output = method(fixed, moving)
+                output = method({"fixed": fixed, "moving": moving})
                 warped = method.warp(moving_labels[None].float(), output["displacement"], mode="nearest")
                 scores_k = dice_per_label(warped[0, 0].round().long(), fixed_labels, ids)
                 row[name] = float(np.mean(list(scores_k.values())))

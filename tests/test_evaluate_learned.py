@@ -23,7 +23,8 @@ from alignkit.evaluate.learned_methods import LearnedMethod
 from alignkit.evaluate.method import MethodUnavailable
 from alignkit.evaluate.runner import blind
 from alignkit.image import Image
-from alignkit.train import SyntheticPairs, TrainConfig, prepare_subject, train
+from alignkit.methods import train_method
+from alignkit.train import SyntheticPairs, TrainConfig, prepare_subject
 
 SIZE = 32
 HINT = "train one with: alignkit train --method voxelmorph --dataset NAME -o RUNDIR"
@@ -67,7 +68,7 @@ def run_dir(tmp_path_factory) -> Path:
         device="cpu",
         method_options={"similarity": "lncc", "window": 5},
     )
-    result = train(config, out, train_set=SyntheticPairs(subjects, length=4, magnitude=2.5))
+    result = train_method(config, out, train_set=SyntheticPairs(subjects, length=4, magnitude=2.5))
     assert result.checkpoint is not None and result.epoch == 2
     return out
 
@@ -122,7 +123,7 @@ def test_names_options_and_registry(run_dir, tmp_path):
     assert list_methods()[0].startswith("alignkit:")  # presets stay first
     plain = resolve_method(f"voxelmorph:{run_dir}")
     assert isinstance(plain, LearnedMethod) and plain.name == f"voxelmorph:{run_dir}" and plain.refine == 0
-    assert plain.kinds == ("deformable",)
+    assert plain.kinds == ("deformable", "flow")  # what the method's registry record declares
     suffixed = resolve_method(f"voxelmorph:{run_dir}+refine50")
     assert suffixed.refine == 50 and suffixed.checkpoint == str(run_dir)
     option = resolve_method(f"voxelmorph:{run_dir}", refine=50)
@@ -130,7 +131,7 @@ def test_names_options_and_registry(run_dir, tmp_path):
     assert resolve_method(f" voxelmorph:{run_dir}+refine0 ").name == f"voxelmorph:{run_dir}+refine0"
     with pytest.raises(ConfigError, match="refine 50 but the refine option is 7"):
         resolve_method(f"voxelmorph:{run_dir}+refine50", refine=7)
-    with pytest.raises(ConfigError, match="needs a checkpoint"):
+    with pytest.raises(ConfigError, match="name a checkpoint after the colon"):
         resolve_method("voxelmorph:")
     with pytest.raises(ConfigError, match="unknown options"):
         resolve_method(f"voxelmorph:{run_dir}", iterations=3)
@@ -160,7 +161,7 @@ def test_the_model_decides_the_dimensionality_and_is_not_pickled(run_dir):
     assert method.model() is not None
     # what the runner sends to an isolated worker: the path and options, never the loaded network
     clone = pickle.loads(pickle.dumps(method))
-    assert clone._loaded is None and clone.checkpoint == method.checkpoint and clone.name == method.name
+    assert clone._loaded == {} and clone.checkpoint == method.checkpoint and clone.name == method.name
     assert torch.equal(
         next(iter(clone.model().state_dict().values())), next(iter(method.model().state_dict().values()))
     )

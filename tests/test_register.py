@@ -126,8 +126,8 @@ def test_save_apply_and_flow_convention(brain_slice, tmp_path):
     assert metrics["ncc_after"] > metrics["ncc_before"]
 
     # the saved transform, read back, reproduces the warped image
-    from alignkit.methods.artifacts import load_transform
-    from alignkit.methods.classical import resample_image
+    from alignkit.registration import resample_image
+    from alignkit.transforms.folder import load_transform
 
     transform, grid, manifest = load_transform(out / "transform")
     again = resample_image(transform, grid, moving)
@@ -304,8 +304,8 @@ def test_refinement_that_leaves_the_keypoint_matches_is_dropped() -> None:
     visible and near-infrared photographs) is dropped in favour of the feature fit."""
     pytest.importorskip("cv2")
     skdata = pytest.importorskip("skimage.data")
-    from alignkit.solve.presets import get_preset
     from alignkit.solve.engine import Engine
+    from alignkit.solve.presets import get_preset
 
     moving = Image.from_array(skdata.camera()[::2, ::2].astype(np.float32) / 255.0)
     fixed_data = moving.data.clone()

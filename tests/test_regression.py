@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
-from make_golden import GOLDEN, cases  # noqa: E402
+from make_golden import GOLDEN, cases
 
 
 @pytest.fixture(scope="module")

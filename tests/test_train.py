@@ -22,18 +22,16 @@ import alignkit
 from alignkit.cli import main
 from alignkit.errors import ConfigError
 from alignkit.image import Image
+from alignkit.methods import build_model, load_model, train_method
+from alignkit.methods.voxelmorph import VoxelMorph
 from alignkit.spatial import Grid
 from alignkit.train import (
     InterSubjectPairs,
     SyntheticPairs,
     TrainConfig,
-    VoxelMorph,
-    build_method,
     build_pairs,
-    load,
     load_checkpoint,
     prepare_subject,
-    train,
 )
 from alignkit.train.checkpoint import decode, encode
 
@@ -79,7 +77,7 @@ def test_synthetic_pairs_hold_their_true_field_and_redraw_each_epoch():
     assert item["fixed"].shape == (1, SIZE, SIZE) and item["flow"].shape == (2, SIZE, SIZE)
     assert float(item["flow"].norm(dim=0).max()) > 1.0
     # the method warps with the same convention the pairs are built with: fixed = moving ∘ (id + flow)
-    method = build_method("voxelmorph", ndim=2, size=(SIZE, SIZE), network=TINY_NET)
+    method = build_model("voxelmorph", ndim=2, size=(SIZE, SIZE), network=TINY_NET)
     warped = method.warp(item["moving"][None], item["flow"][None])
     torch.testing.assert_close(warped[0], item["fixed"], atol=1e-5, rtol=0)
     again = pairs[1]
@@ -149,7 +147,7 @@ def test_unlabelled_training_subjects_validate_on_labelled_held_out_ones(tmp_pat
     out = tmp_path / "run"
     config = _config(dataset=str(folder), layout="folder", subjects="s*", val_subjects=["s3", "s4"],
                      prealign="affine", epochs=1)
-    result = train(config, out)
+    result = train_method(config, out)
     assert result.method.config["prealign"] == "affine" and result.method.label_ids == [1, 2]
     assert 0.0 < result.history[0]["val_dice"] <= 1.0 and 0.0 < result.history[-1]["val_dice"] <= 1.0
     assert TrainConfig.from_dict(json.loads((out / "config.json").read_text())).val_subjects == ["s3", "s4"]
@@ -222,9 +220,9 @@ def test_training_runs_in_3d(tmp_path):
     subject = prepare_subject(image, (16, 16, 16))
     pairs = SyntheticPairs([subject], length=2, magnitude=1.5)
     config = _config(size=16, epochs=1, batch_size=2, network={"features": [4, 8], "output_scale": 0.5})
-    result = train(config, tmp_path / "run3d", train_set=pairs, val_set=pairs)
+    result = train_method(config, tmp_path / "run3d", train_set=pairs, val_set=pairs)
     assert result.method.ndim == 3 and np.isfinite(result.history[-1]["val_loss"])
-    transform = load(tmp_path / "run3d").predict(image, image)
+    transform = load_model(tmp_path / "run3d").predict(image, image)
     assert transform.map_on(image.grid).shape == (1, 3, 18, 16, 20)
 
 
@@ -245,12 +243,12 @@ def test_predict_maps_fixed_world_points_like_training_warps_voxels():
     grid = Grid.raster_2d(shape, spacing=1.5)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, shape[0]), torch.linspace(-1, 1, shape[1]), indexing="ij")
     velocity = torch.stack([1.5 * torch.sin(2 * xx), -1.0 * torch.cos(3 * yy)])[None]  # voxels, (row, col)
-    method = VoxelMorph(network=_ConstantVelocity(velocity), ndim=2, size=shape, steps=5)
+    method = VoxelMorph(networks={"network": _ConstantVelocity(velocity)}, ndim=2, size=shape, steps=5)
     fixed = Image(torch.rand(1, *shape), grid)
     moving = Image(torch.rand(1, *shape), grid)
     transform = method.predict(fixed, moving)
     world_map = transform.map_on(grid)
-    displacement = method(fixed.batch(), moving.batch())["displacement"]  # voxels, array-axis order
+    displacement = method({"fixed": fixed.batch(), "moving": moving.batch()})["displacement"]  # voxels, array-axis order
     expected_voxels = grid.voxel_points() + displacement
     expected = alignkit.spatial.apply_matrix(grid.world_from_voxel, expected_voxels)
     torch.testing.assert_close(world_map, expected, atol=1e-4, rtol=0)
@@ -268,7 +266,7 @@ def test_loss_is_a_per_pair_mean_so_batch_gradients_average_pair_gradients():
         s.labels = (s.image > 0.3).long() * k
     pairs = SyntheticPairs(subjects, length=2, magnitude=2.5)
     torch.manual_seed(0)
-    method = build_method(
+    method = build_model(
         "voxelmorph", ndim=2, size=(SIZE, SIZE), network={**TINY_NET, "final_zero_init": False},
         similarity="lncc", window=5, dice_weight=0.5, flow_weight=0.1, label_ids=pairs.label_ids,
     )
@@ -277,7 +275,7 @@ def test_loss_is_a_per_pair_mean_so_batch_gradients_average_pair_gradients():
     def grads(batch_items):
         batch = {k: torch.stack([it[k] for it in batch_items]) for k in ("fixed", "moving", "flow", "fixed_labels", "moving_labels")}
         method.zero_grad()
-        loss, parts = method.loss(batch, method(batch["fixed"], batch["moving"]))
+        loss, parts = method.loss(batch, method(batch))
         assert set(parts) == {"similarity", "diffusion", "dice", "flow"}
         loss.backward()
         return [p.grad.clone() for p in method.parameters()]
@@ -291,19 +289,19 @@ def test_loss_is_a_per_pair_mean_so_batch_gradients_average_pair_gradients():
 def test_validation_scores_an_oracle_perfectly():
     """Validation Dice/EPE/similarity are measured against the truth: a method that returns the true
     field of each pair scores Dice 1, EPE 0 and similarity 0 (labels warped like the image)."""
-    from alignkit.train.trainer import validate
+    from alignkit.train import validate
 
     subjects = [_subject(0), _subject(1)]
     for s in subjects:
         s.labels = (s.image > 0.3).long()
     pairs = SyntheticPairs(subjects, length=4, magnitude=3.0, per_epoch=False)
-    oracle = VoxelMorph(network=torch.nn.Identity(), ndim=2, size=(SIZE, SIZE), steps=0, label_ids=[1], similarity="mse")
+    oracle = VoxelMorph(networks={"network": torch.nn.Identity()}, ndim=2, size=(SIZE, SIZE), steps=0, label_ids=[1], similarity="mse")
     truth = {pairs[i]["fixed"].numpy().tobytes(): pairs[i]["flow"] for i in range(len(pairs))}
     oracle.velocity = lambda fixed, moving: torch.stack([truth[f.numpy().tobytes()] for f in fixed])  # type: ignore[method-assign]
     scores = validate(oracle, pairs, batch_size=2, device=torch.device("cpu"))
     assert scores["val_dice"] == pytest.approx(1.0) and scores["val_epe"] == pytest.approx(0.0, abs=1e-6)
     assert scores["val_similarity"] == pytest.approx(0.0, abs=1e-8)
-    identity = build_method("voxelmorph", ndim=2, size=(SIZE, SIZE), network=TINY_NET, label_ids=[1])
+    identity = build_model("voxelmorph", ndim=2, size=(SIZE, SIZE), network=TINY_NET, label_ids=[1])
     before = validate(identity, pairs, batch_size=2, device=torch.device("cpu"))
     assert before["val_dice"] < 0.95 and before["val_epe"] > 0.5
 
@@ -315,14 +313,14 @@ def test_a_few_epochs_lower_the_loss_and_the_field_error(tmp_path):
     subjects = [_subject(0), _subject(1)]
     pairs = SyntheticPairs(subjects, length=8, magnitude=2.5, per_epoch=False)
     config = _config(epochs=6, batch_size=4, lr=1e-2, schedule="constant")
-    result = train(config, tmp_path / "run", train_set=pairs, val_set=pairs)
+    result = train_method(config, tmp_path / "run", train_set=pairs, val_set=pairs)
     rows = result.history
     assert [r["epoch"] for r in rows] == list(range(7))
     assert rows[-1]["val_loss"] < 0.9 * rows[0]["val_loss"]
     assert rows[-1]["val_epe"] < rows[0]["val_epe"] - 0.01  # closer to the true field, not just blurrier
     assert rows[-1]["train_loss"] < rows[1]["train_loss"]
     header = (tmp_path / "run" / "log.csv").read_text().splitlines()[0].split(",")
-    assert header[:3] == ["epoch", "train_loss", "val_loss"] and "pairs_per_s" in header and "val_dice" in header
+    assert header[:4] == ["epoch", "stage", "train_loss", "val_loss"] and "pairs_per_s" in header and "val_epe" in header
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 1 + 7
 
 
@@ -341,8 +339,8 @@ def test_tensorboard_events_hold_the_log_rows_when_tensorboard_is_installed(tmp_
 
     train_set, val_set = _synthetic(length=4)
     with pytest.raises(Interrupted):  # an interrupted run, then its resumption: one event per epoch
-        train(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, callbacks=[_stop_after_first])
-    result = train(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, resume=True)
+        train_method(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, callbacks=[_stop_after_first])
+    result = train_method(_config(epochs=3), tmp_path / "run", train_set=train_set, val_set=val_set, resume=True)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert {"train_loss", "val_loss", "val_epe"} <= set(events.Tags()["scalars"])
@@ -355,21 +353,21 @@ def test_tensorboard_events_hold_the_log_rows_when_tensorboard_is_installed(tmp_
 
 def test_checkpoint_rebuilds_the_model_without_its_config_and_never_unpickles(tmp_path):
     train_set, val_set = _synthetic(length=4)
-    result = train(_config(epochs=1), tmp_path / "run", train_set=train_set, val_set=val_set)
-    (tmp_path / "run" / "config.json").unlink()  # load() must not need it
+    result = train_method(_config(epochs=1), tmp_path / "run", train_set=train_set, val_set=val_set)
+    (tmp_path / "run" / "config.json").unlink()  # load_model() must not need it
     path = result.checkpoint
     assert path is not None and path.parent == tmp_path / "run"
     if path.suffix == ".pt":  # the plain container: strings and tensors only
         raw = torch.load(path, weights_only=True)
         assert set(raw) == {"skeleton", "tensors"} and all(isinstance(t, torch.Tensor) for t in raw["tensors"].values())
-    loaded = load(tmp_path / "run")
+    loaded = load_model(tmp_path / "run")
     assert type(loaded) is VoxelMorph and loaded.config == result.method.config
     item = val_set[0]
     fixed, moving = item["fixed"][None], item["moving"][None]
     with torch.no_grad():
-        assert torch.equal(loaded(fixed, moving)["displacement"], result.method(fixed, moving)["displacement"])
+        assert torch.equal(loaded({"fixed": fixed, "moving": moving})["displacement"], result.method({"fixed": fixed, "moving": moving})["displacement"])
     state = load_checkpoint(path)
-    assert state["epoch"] == 1 and state["network"]["name"] == "unet" and state["network"]["features"] == [4, 8, 8]
+    assert state["epoch"] == 1 and state["networks"]["network"]["name"] == "unet" and state["networks"]["network"]["features"] == [4, 8, 8]
     assert set(state["optimizer"]["state"]) == set(range(len(list(loaded.parameters()))))  # int keys survive
 
 
@@ -385,26 +383,26 @@ def test_checkpoint_encoding_is_exact():
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     train_set, val_set = _synthetic(length=4)
-    whole = train(_config(epochs=3), tmp_path / "whole", train_set=train_set, val_set=val_set)
+    whole = train_method(_config(epochs=3), tmp_path / "whole", train_set=train_set, val_set=val_set)
 
     train_set, val_set = _synthetic(length=4)
     with pytest.raises(Interrupted):
-        train(_config(epochs=3), tmp_path / "cut", train_set=train_set, val_set=val_set, callbacks=[_stop_after_first])
+        train_method(_config(epochs=3), tmp_path / "cut", train_set=train_set, val_set=val_set, callbacks=[_stop_after_first])
     assert load_checkpoint(tmp_path / "cut")["epoch"] == 1
     torch.manual_seed(1234)  # the resumed run must not depend on the process's RNG state
-    resumed = train(_config(epochs=3), tmp_path / "cut", train_set=train_set, val_set=val_set, resume=True)
+    resumed = train_method(_config(epochs=3), tmp_path / "cut", train_set=train_set, val_set=val_set, resume=True)
     _assert_states_equal(_state(whole.method), _state(resumed.method))
     assert [r.get("train_loss") for r in whole.history] == [r.get("train_loss") for r in resumed.history]
     assert (tmp_path / "cut" / "log.csv").read_text().count("\n") == 1 + 4
     with pytest.raises(alignkit.ConfigError, match="lr"):
-        train(_config(epochs=4, lr=1e-2), tmp_path / "cut", train_set=train_set, val_set=val_set, resume=True)
+        train_method(_config(epochs=4, lr=1e-2), tmp_path / "cut", train_set=train_set, val_set=val_set, resume=True)
 
 
 def test_same_seed_same_model_other_seed_other_model(tmp_path):
     runs = []
     for k, seed in enumerate((5, 5, 6)):
         train_set, _ = _synthetic(length=4, seed=seed)
-        runs.append(train(_config(epochs=1, seed=seed), tmp_path / f"r{k}", train_set=train_set))
+        runs.append(train_method(_config(epochs=1, seed=seed), tmp_path / f"r{k}", train_set=train_set))
     _assert_states_equal(_state(runs[0].method), _state(runs[1].method))
     assert not torch.equal(runs[0].method.network.head.weight, runs[2].method.network.head.weight)
 
@@ -450,7 +448,7 @@ def test_cli_train_writes_model_and_log_and_matches_two_gloo_processes(dataset_d
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     state_ddp = load_checkpoint(ddp)
-    initial = build_method("voxelmorph", ndim=2, size=(SIZE, SIZE), network=TINY_NET)
+    initial = build_model("voxelmorph", ndim=2, size=(SIZE, SIZE), network=TINY_NET)
     moved = 0
     for key, value in state_single["model"].items():
         torch.testing.assert_close(state_ddp["model"][key], value, atol=2e-6, rtol=1e-5)
@@ -470,7 +468,7 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vxm")
     subjects = [_subject(k) for k in range(3)]
     train_set = SyntheticPairs(subjects, length=4, magnitude=2.5)
-    train(_config(epochs=1, method_options={"similarity": "lncc", "window": 5}), out, train_set=train_set)
+    train_method(_config(epochs=1, method_options={"similarity": "lncc", "window": 5}), out, train_set=train_set)
     return out
 
 
@@ -520,14 +518,14 @@ def test_refine_improves_the_similarity_over_the_raw_prediction(trained_run, tmp
     assert aligned.metrics["stages"] == ["affine", "svf"]
     saved = aligned.save(tmp_path / "aligned")
     manifest = json.loads((saved / "transform" / "manifest.json").read_text())
-    assert manifest["stages"][-1] == "LearnedSVF" and manifest["matrix"] != np.eye(3).tolist()
+    assert manifest["stages"] == ["affine", "svf"] and manifest["method"] == "voxelmorph" and manifest["matrix"] != np.eye(3).tolist()
 
 
 def test_refinement_of_a_big_volume_is_fitted_on_a_capped_grid():
     """Instance optimisation at full resolution of a 1 mm head costs minutes an iteration on a CPU:
     its SVF level is capped at REFINE_MAX_VOXELS, small inputs stay at full resolution."""
+    from alignkit.methods.api import REFINE_MAX_VOXELS, refine_config
     from alignkit.solve.engine import level_factor
-    from alignkit.train.inference import REFINE_MAX_VOXELS, refine_config
 
     stage = refine_config(3, 20)
     assert stage.iterations == (20,) and stage.levels == (1.0,) and not stage.is_linear
@@ -541,7 +539,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(trained_run, dataset_dir, tmp_
     fixed, moving = _pair_files(tmp_path)
     cases = [
         ["register", fixed, moving, "-o", tmp_path / "a", "--method", "voxelmorph"],
-        ["register", fixed, moving, "-o", tmp_path / "b", "--refine", "5"],
+        ["register", fixed, moving, "-o", tmp_path / "b", "--method", "voxelmorph", "--preset", "brain"],
         ["register", fixed, moving, "-o", tmp_path / "c", "--method", "nonesuch", "--checkpoint", trained_run],
         ["register", fixed, moving, "-o", tmp_path / "d", "--method", "voxelmorph", "--checkpoint", tmp_path / "none.pt"],
         ["train", "--dataset", tmp_path / "missing", "-o", tmp_path / "e"],
@@ -569,14 +567,15 @@ def test_a_plain_folder_is_found_by_name_under_the_data_root_and_another_network
     argv = ["train", "--dataset", folder.name, "--layout", "folder", "-o", tmp_path / "run", "--size", SIZE,
             "--epochs", 1, "--config", config, "--quiet"]
     assert main([str(a) for a in argv]) == 0
-    model = load(tmp_path / "run")
+    model = load_model(tmp_path / "run")
     assert type(model.network).__name__ == "LKUNet"
-    assert VoxelMorph.network_for(2, {"name": "lkunet"}) == {"name": "lkunet", "ndim": 2, "in_channels": 2, "out_channels": 2}
-    assert VoxelMorph.network_for(3, {"features": [8]})["residual"] is False  # the default, updated
+    specs = VoxelMorph.network_specs_for(2, {"network": {"name": "lkunet"}})
+    assert specs == {"network": {"name": "lkunet", "ndim": 2, "in_channels": 2, "out_channels": 2}}
+    assert VoxelMorph.network_specs_for(3, {"network": {"features": [8]}})["network"]["residual"] is False
 
 
 def test_landmark_error_is_zero_for_the_true_shift_and_nan_without_landmarks():
-    from alignkit.train.methods import landmark_errors
+    from alignkit.methods.heads import landmark_errors
 
     p = torch.tensor([[[3.0, 4.0], [10.0, 7.5], [5.0, 12.0]]] * 2)  # (B=2, N=3, ndim=2)
     shift = torch.tensor([1.5, -2.0])
@@ -645,4 +644,4 @@ def test_torch_load_of_a_pickled_object_is_refused(tmp_path):
     evil = tmp_path / "model.pt"
     torch.save({"skeleton": "{}", "tensors": {}, "obj": shutil.copy}, evil)
     with pytest.raises(alignkit.InputError):
-        load(evil)
+        load_model(evil)

@@ -3,11 +3,15 @@
     import alignkit
     result = alignkit.register("fixed.nii.gz", "moving.nii.gz", preset="brain")
     result.warped, result.transform, result.metrics, result.save("out/")
+    alignkit.register("fixed.nii.gz", "moving.nii.gz", method="voxelmorph")   # a learned method
+    alignkit.methods.available()                                              # every method by name
 """
 
+from alignkit import methods
 from alignkit.errors import AlignkitError, ConfigError, InputError, NotInvertibleError, ShapeError
 from alignkit.image import Image
-from alignkit.methods.classical import Registration, register
+from alignkit.methods import register
+from alignkit.registration import Registration
 from alignkit.spatial import Grid
 
 __all__ = [
@@ -19,5 +23,6 @@ __all__ = [
     "NotInvertibleError",
     "Registration",
     "ShapeError",
+    "methods",
     "register",
 ]

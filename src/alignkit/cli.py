@@ -1,4 +1,4 @@
-"""Command line: ``alignkit register | apply | demo | presets | evaluate | train``.
+"""Command line: ``alignkit register | apply | methods | demo | presets | evaluate | train``.
 
 Every error alignkit raises on purpose (bad file, bad option) is printed as one line on stderr with
 exit code 2; nothing half-written is left in the output folder.
@@ -29,8 +29,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alignkit.solve.presets import preset_names
     from alignkit.solve.config import FIELD_MODELS, LINEAR_MODELS
+    from alignkit.solve.presets import preset_names
 
     parser = _Parser(prog="alignkit", description="Image registration, classical and learned, 2D and 3D.")
     parser.add_argument("--version", action="version", version=f"alignkit {_version()}")
@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--no-qc", action="store_true", help="skip qc.png")
     reg.add_argument(
         "--method", default="classical",
-        help="classical (default) or a learned method such as voxelmorph (needs --checkpoint)",
+        help="a method of `alignkit methods`: classical (default) or a learned one such as voxelmorph "
+        "(its shipped model, or --checkpoint)",
     )
-    reg.add_argument("--checkpoint", help="trained model of a learned --method: a checkpoint file or its RUNDIR")
+    reg.add_argument("--checkpoint", help="trained model of a learned --method: a checkpoint file or its RUNDIR "
+                     "(default: the model shipped for the images' dimension)")
     reg.add_argument(
         "--refine", type=int, default=0, metavar="K",
         help="refine the learned prediction with K iterations of the classical solver (instance optimisation)",
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo)
 
     sub.add_parser("presets", help="list the presets and their stages")
+    sub.add_parser("methods", help="list the registration methods: kind, dimensions, modalities, shipped models")
     _add_train_parser(sub)
 
     ev = sub.add_parser(
@@ -106,10 +109,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     # --config file (and, with --resume, the run's stored configuration).
     tr = sub.add_parser(
         "train",
-        help="train a learned method (voxelmorph) on a data set; writes the model and log.csv into RUNDIR",
+        help="train a learned method on a data set; writes the model and log.csv into RUNDIR",
         description="Under `torchrun --nproc-per-node N -m alignkit train ...` runs DistributedDataParallel.",
     )
-    tr.add_argument("--method", help="learned method (default: voxelmorph)")
+    tr.add_argument("--method", help="learned method of `alignkit methods` (default: voxelmorph)")
+    tr.add_argument("--recipe", help="train a shipped model again from its committed recipe (e.g. voxelmorph_oasis3d)")
     tr.add_argument("--dataset", help="data set name (a folder name of the shared data) or a folder of images")
     tr.add_argument("--layout", help="layout of a --dataset folder; 'folder' reads it as a plain folder of images")
     tr.add_argument(
@@ -149,13 +153,16 @@ def _register(args: argparse.Namespace) -> int:
     import alignkit
 
     out = Path(args.output)
+    # only the options given reach the method: each method says which it takes
+    options = {key: value for key, value in (
+        ("preset", args.preset), ("transform", args.transform), ("similarity", args.similarity),
+        ("config", args.config), ("checkpoint", args.checkpoint),
+    ) if value is not None}
     result = alignkit.register(
         args.fixed,
         args.moving,
-        preset=args.preset,
-        transform=args.transform,
-        similarity=args.similarity,
-        config=args.config,
+        method=args.method,
+        refine=args.refine,
         fixed_labels=args.fixed_labels,
         moving_labels=args.moving_labels,
         fixed_landmarks=args.fixed_landmarks,
@@ -163,9 +170,7 @@ def _register(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         quiet=args.quiet,
-        method=args.method,
-        checkpoint=args.checkpoint,
-        refine=args.refine,
+        **options,
     )
     result.save(out, qc=not args.no_qc)
     if not args.quiet:
@@ -184,8 +189,8 @@ def _register(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     from alignkit.errors import InputError
     from alignkit.io import read_image, read_points, write_image, write_points
-    from alignkit.methods.artifacts import load_transform
-    from alignkit.methods.classical import map_points, resample_image
+    from alignkit.registration import map_points, resample_image
+    from alignkit.transforms.folder import load_transform
 
     transform, fixed_grid, _ = load_transform(args.transform_dir)
     if args.points:
@@ -204,11 +209,16 @@ def _apply(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import json
 
+    from alignkit.methods import train_method
     from alignkit.solve import load_config_file
-    from alignkit.train import TrainConfig, train
+    from alignkit.train import TrainConfig
 
     out = Path(args.output)
     values: dict = {}
+    if args.recipe:
+        from alignkit.methods.shipped import get_shipped
+
+        values.update(get_shipped(args.recipe).recipe())
     if args.config:
         values.update(load_config_file(args.config))
     stored = out / "config.json"
@@ -223,13 +233,39 @@ def _train(args: argparse.Namespace) -> int:
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.quiet:
         values["quiet"] = True
-    result = train(TrainConfig.from_dict(values), out, resume=args.resume)
+    result = train_method(TrainConfig.from_dict(values), out, resume=args.resume)
     if result.checkpoint is not None and not values.get("quiet"):
         last = result.history[-1] if result.history else {}
         line = f"wrote {result.checkpoint} and {out / 'log.csv'} ({result.epoch} epochs"
         if last.get("val_dice") is not None:
             line += f", val Dice {result.history[0].get('val_dice', float('nan')):.3f} -> {last['val_dice']:.3f}"
         print(line + ")")
+    return 0
+
+
+def _methods() -> int:
+    from alignkit.methods import available, shipped_models
+
+    for info in available():
+        print(f"{info.name}  ({info.kind}) {info.summary}")
+        print(f"    {'/'.join(map(str, info.ndims))}D; modalities: {', '.join(info.modalities)}; "
+              f"evaluated on: {', '.join(info.case_kinds)}")
+        shipped = shipped_models(info.name)
+        if info.kind == "learned":
+            dims = {m.ndim for m in shipped}
+            needs = [f"{d}D" for d in info.ndims if d not in dims]
+            line = f"    checkpoint: {'needed for ' + '/'.join(needs) if needs else 'optional'}"
+            line += f"; train: alignkit train --method {info.name} --dataset NAME -o RUNDIR"
+            print(line)
+        for model in shipped:
+            card = model.card()
+            score = card.get("held_out", {}) if isinstance(card.get("held_out"), dict) else {}
+            detail = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in score.items() if not isinstance(v, (dict, list)))
+            print(f"    shipped: {model.name} ({model.ndim}D, {model.path().stat().st_size / 1024:.0f} KiB) "
+                  f"{model.summary}" + (f"; held-out: {detail}" if detail else ""))
+        if info.reference:
+            print(f"    reference: {info.reference}")
     return 0
 
 
@@ -330,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.output, ndim=args.dim, device=args.device, seed=args.seed, quiet=args.quiet)
         if args.command == "presets":
             return _presets()
+        if args.command == "methods":
+            return _methods()
         if args.command == "train":
             return _train(args)
         if args.command == "evaluate":

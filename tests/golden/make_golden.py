@@ -21,7 +21,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from phantoms import phantom  # noqa: E402
+from phantoms import phantom
 
 GOLDEN = HERE / "registration_golden.npz"
 TINY_NET = {"features": [4, 8, 8]}
@@ -43,9 +43,10 @@ def volume(seed: int, shape: tuple[int, int, int] = (20, 24, 22)) -> np.ndarray:
 
 def cases(workdir: Path) -> dict[str, np.ndarray]:
     """Name -> array; every registration runs with seed 0 and one torch thread."""
+    from PIL import Image as PILImage
+
     import alignkit
     from alignkit.cli import main
-    from PIL import Image as PILImage
 
     torch.set_num_threads(1)
     out: dict[str, np.ndarray] = {}

@@ -8,14 +8,12 @@ what it is scored on.
 
 from __future__ import annotations
 
-import time
 from typing import Any
-
-import numpy as np
 
 from alignkit.data.case import Case
 from alignkit.errors import ConfigError
-from alignkit.evaluate.method import Method, Prediction
+from alignkit.evaluate.method import Method
+from alignkit.evaluate.registered import RegisteredMethod
 
 #: case kinds each preset is meant for (others are reported "n/a" by the runner, not run)
 PRESET_KINDS: dict[str, tuple[str, ...]] = {
@@ -41,7 +39,7 @@ OPTIONS = ("transform", "similarity", "config", "max_iterations")
 PREFIX = "alignkit:"
 
 
-class AlignkitMethod(Method):
+class AlignkitMethod(RegisteredMethod):
     """``alignkit:<preset>``: :func:`alignkit.register` with a preset, optionally overridden.
 
     Options (all optional):
@@ -62,7 +60,7 @@ class AlignkitMethod(Method):
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ConfigError(f"{PREFIX}{preset}: unknown options {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-        super().__init__(f"{PREFIX}{preset}", **options)
+        super().__init__("classical", name=f"{PREFIX}{preset}", **options)
         self.preset = preset
         self.kinds = PRESET_KINDS.get(preset, Method.kinds)
         self.ndims = PRESET_NDIMS.get(preset, Method.ndims)
@@ -87,40 +85,8 @@ class AlignkitMethod(Method):
                 stage.iterations = tuple(min(int(i), int(cap)) for i in stage.iterations)
         return config
 
-    def register(self, case: Case, *, seed: int = 0, device: str = "cpu", threads: int | None = None) -> Prediction:
-        import torch
-
-        import alignkit
-
-        config = self.config_for(case.ndim)
-        previous_threads = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(int(threads))
-        try:
-            started = time.perf_counter()
-            result = alignkit.register(case.fixed, case.moving, config=config, seed=seed, device=device, quiet=True)
-            world = result.world_map()[0]
-            # the sampled map is part of the method's output (a peer writes its field too), so it is timed
-            seconds = time.perf_counter() - started
-        finally:
-            torch.set_num_threads(previous_threads)
-        transform = result.transform
-        # a chain of linear stages (centre/COM start included) is one exact matrix: corner errors then
-        # use the model rather than the sampled map
-        matrix = transform.matrix().double().cpu().numpy() if transform.is_linear else None
-        metrics = result.metrics
-        extra = {
-            "ncc_before": metrics.get("ncc_before"),
-            "ncc_after": metrics.get("ncc_after"),
-            "stages": ">".join(metrics.get("stages", [])),
-            "register_seconds": metrics.get("seconds"),
-        }
-        return Prediction(
-            world_map=world.detach().cpu().numpy().astype(np.float32),
-            matrix=matrix,
-            seconds=seconds,
-            extra=extra,
-        )
+    def register_options(self, case: Case) -> dict[str, Any]:
+        return {"config": self.config_for(case.ndim)}
 
 
 def alignkit_method_names() -> list[str]:

@@ -1,24 +1,19 @@
-"""Training learned registration methods: pairs, methods, the training loop, checkpoints, inference.
+"""The training loop for learned registration methods: pairs, the loop, checkpoints, DDP.
 
-    from alignkit.train import TrainConfig, train, load
-    result = train(TrainConfig(dataset="brain2d", size=64, epochs=20), "runs/vxm2d")
-    method = load("runs/vxm2d")                      # no config file needed
-    alignkit.register(fixed, moving, method="voxelmorph", checkpoint="runs/vxm2d", refine=50)
+    from alignkit.methods import train_method, load_model
+    result = train_method({"method": "voxelmorph", "dataset": "brain2d", "size": 64, "epochs": 20}, "runs/vxm2d")
+    model = load_model("runs/vxm2d")                     # no config file needed
 
-Command line: ``alignkit train --method voxelmorph --dataset NAME|DIR -o RUNDIR`` (and under
-``torchrun --nproc-per-node N -m alignkit train ...`` for DistributedDataParallel).
+This package knows no method by name: :func:`train` is handed a model (or a factory) that follows
+:mod:`alignkit.train.protocol`; :func:`alignkit.methods.train_method` and ``alignkit train --method
+NAME`` hand it one from the method registry. Command line: ``alignkit train --method voxelmorph
+--dataset NAME|DIR -o RUNDIR`` (and under ``torchrun --nproc-per-node N -m alignkit train ...`` for
+DistributedDataParallel).
 """
 
 from alignkit.train.checkpoint import load_checkpoint, save_checkpoint
-from alignkit.train.methods import (
-    METHODS,
-    LearnedMethod,
-    LearnedSVF,
-    VoxelMorph,
-    build_method,
-    method_names,
-    register_method,
-)
+from alignkit.train.config import TrainConfig
+from alignkit.train.loop import TrainResult, build_datasets, train, validate
 from alignkit.train.pairs import (
     AtlasPairs,
     InterSubjectPairs,
@@ -26,31 +21,27 @@ from alignkit.train.pairs import (
     SyntheticPairs,
     build_pairs,
 )
+from alignkit.train.protocol import TrainableMethod, TrainingStage
 from alignkit.train.subjects import Subject, SubjectSet, load_subjects, prepare_subject, to_network_grid
-from alignkit.train.trainer import TrainConfig, TrainResult, load, train
 
 __all__ = [
-    "METHODS",
     "AtlasPairs",
     "InterSubjectPairs",
-    "LearnedMethod",
-    "LearnedSVF",
     "PairDataset",
     "Subject",
     "SubjectSet",
     "SyntheticPairs",
     "TrainConfig",
     "TrainResult",
-    "VoxelMorph",
-    "build_method",
+    "TrainableMethod",
+    "TrainingStage",
+    "build_datasets",
     "build_pairs",
-    "load",
     "load_checkpoint",
     "load_subjects",
-    "method_names",
     "prepare_subject",
-    "register_method",
     "save_checkpoint",
     "to_network_grid",
     "train",
+    "validate",
 ]

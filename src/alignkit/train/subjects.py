@@ -6,7 +6,7 @@ Every image is brought once onto its **network grid**: its own grid resized to `
 voxels kept, :meth:`~alignkit.spatial.Grid.resized`), Gaussian-smoothed first when it shrinks,
 colour averaged to grey and intensities mapped to [0, 1] by robust percentiles
 (:func:`~alignkit.solve.normalize_intensity`). :func:`to_network_grid` does this, and inference
-(:meth:`~alignkit.train.methods.LearnedMethod.predict`) calls the same function, so a trained
+(:meth:`alignkit.methods.LearnedModel.predict`) calls the same function, so a trained
 network sees the same kind of input at test time.
 
 Images are assumed to be aligned in world space -- data sets that are (``brain3d-aseg-pair``, the

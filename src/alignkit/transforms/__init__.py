@@ -15,7 +15,7 @@ from torch import Tensor
 
 from alignkit.errors import ConfigError
 from alignkit.spatial.grid import Grid
-from alignkit.transforms.base import ComposedTransform, FieldTransform, Transform
+from alignkit.transforms.base import ComposedTransform, FieldTransform, Transform, flatten_stages, stage_kinds
 from alignkit.transforms.bspline import BSplineFFD, basis_matrices, control_grid_for, cubic_bspline
 from alignkit.transforms.dense import (
     VSVF_SIGMAS,
@@ -113,6 +113,8 @@ def build_transform(
 
 
 __all__ = [
+    "flatten_stages",
+    "stage_kinds",
     "VSVF_SIGMAS",
     "VSVF_TIME_STEPS",
     "VSVF_WEIGHTS",

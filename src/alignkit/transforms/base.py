@@ -30,6 +30,9 @@ class Transform(nn.Module):
     ndim: int
     #: True for models whose map is ``matrix() @ [x; 1]`` (translation ... homography).
     is_linear: bool = False
+    #: what the model is, as manifests, metrics and ``alignkit evaluate`` name it
+    #: (``translation``, ``rigid``, ``affine``, ``homography``, ``displacement``, ``svf`` ...)
+    kind: str = "transform"
 
     def __init__(self, ndim: int) -> None:
         super().__init__()
@@ -106,9 +109,16 @@ class ComposedTransform(Transform):
         super().__init__(stages[0].ndim)
         self.stages = nn.ModuleList(stages)
 
+    kind = "composed"
+
     def stage_list(self) -> list[Transform]:
         """The stages, typed (``nn.ModuleList`` items are plain modules to a type checker)."""
         return [s for s in self.stages if isinstance(s, Transform)]
+
+    def flat_stages(self) -> list[Transform]:
+        """The stages of nested compositions in order, so the leading linear stages of a chain are
+        visible (to the ITK affine writer, to stage listings) whatever nesting built it."""
+        return flatten_stages(self)
 
     @property
     def is_linear(self) -> bool:  # type: ignore[override]
@@ -136,3 +146,16 @@ class ComposedTransform(Transform):
                 break
             out.append(stage)
         return out
+
+
+def flatten_stages(transform: Transform) -> list[Transform]:
+    """``transform``'s stages in application order with nested compositions expanded (a single
+    transform is a one-stage chain)."""
+    if isinstance(transform, ComposedTransform):
+        return [s for stage in transform.stage_list() for s in flatten_stages(stage)]
+    return [transform]
+
+
+def stage_kinds(transform: Transform) -> list[str]:
+    """The :attr:`Transform.kind` of each stage of ``transform`` (nested chains expanded)."""
+    return [stage.kind for stage in flatten_stages(transform)]

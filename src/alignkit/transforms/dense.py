@@ -126,6 +126,8 @@ def _zero_field(grid: Grid) -> nn.Parameter:
 class DisplacementField(FieldTransform):
     """Free-form displacement: parameter ``field`` ``(1, ndim, *grid.shape)``, world units."""
 
+    kind = "displacement"
+
     def __init__(self, grid: Grid) -> None:
         super().__init__(grid)
         self.field = _zero_field(grid)
@@ -166,6 +168,8 @@ class _VelocityModel(FieldTransform):
 class StationaryVelocityField(_VelocityModel):
     """Diffeomorphic ``exp(v)`` by scaling and squaring; parameter ``velocity`` (world units)."""
 
+    kind = "svf"
+
     def __init__(self, grid: Grid, *, steps: int = 7) -> None:
         super().__init__(grid)
         if steps < 0:
@@ -203,6 +207,8 @@ class VectorMomentumSVF(_VelocityModel):
     i.e. the image is scaled to ``[0, 1]^d`` as in the paper, so the kernel covers the same part of
     the image at every resolution. ``sigma_unit="world"``: ``sigmas`` in world units (mm).
     """
+
+    kind = "vsvf"
 
     def __init__(
         self,
@@ -281,6 +287,8 @@ class InverseVelocityTransform(FieldTransform):
 
     ``source`` is a registered sub-module, so this view's parameters are the source's.
     """
+
+    kind = "inverse-velocity"
 
     source: StationaryVelocityField | VectorMomentumSVF
 

@@ -26,7 +26,9 @@ import torch
 from alignkit.errors import InputError
 from alignkit.io.itk import read_displacement_field, write_displacement_field, write_itk_linear
 from alignkit.spatial import Grid
-from alignkit.transforms import ComposedTransform, DisplacementField, MatrixTransform, Transform
+from alignkit.transforms.base import ComposedTransform, Transform, flatten_stages, stage_kinds
+from alignkit.transforms.dense import DisplacementField
+from alignkit.transforms.linear import MatrixTransform
 
 MANIFEST = "manifest.json"
 FORMAT = "alignkit-transform"
@@ -34,7 +36,7 @@ FORMAT = "alignkit-transform"
 
 def split_linear(transform: Transform) -> tuple[torch.Tensor, Transform | None]:
     """(moving_from_fixed matrix of the leading linear stages, the rest or None)."""
-    stages = transform.stage_list() if isinstance(transform, ComposedTransform) else [transform]
+    stages = flatten_stages(transform)
     ndim = transform.ndim
     matrix = torch.eye(ndim + 1, dtype=torch.float64)
     index = 0
@@ -67,7 +69,6 @@ def save_transform(
                 displacement = rest.displacement_on(fixed_grid, dtype=torch.float32)
             write_displacement_field(tmp / "warp.nii.gz", displacement[0].cpu(), fixed_grid)
             files["warp"] = "warp.nii.gz"
-        stages = transform.stage_list() if isinstance(transform, ComposedTransform) else [transform]
         manifest = {
             "format": FORMAT,
             "version": 1,
@@ -77,7 +78,8 @@ def save_transform(
             "fixed_grid": {"shape": list(fixed_grid.shape), "world_from_voxel": fixed_grid.world_from_voxel.tolist()},
             "matrix": matrix.tolist(),
             "files": files,
-            "stages": [type(s).__name__ for s in stages],
+            # what each stage is (``affine``, ``svf``, ``homography`` ...), in application order
+            "stages": stage_kinds(transform),
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -86,6 +86,8 @@ def projective_apply(matrix: Tensor, points: Tensor) -> Tensor:
 class LinearTransform(Transform):
     """Base of the matrix models: ``transform_points = matrix() @ [x; 1]``."""
 
+    kind = "linear"
+
     is_linear = True
 
     def transform_points(self, world: Tensor) -> Tensor:
@@ -101,6 +103,8 @@ class LinearTransform(Transform):
 
 class MatrixTransform(LinearTransform):
     """A fixed matrix (no parameters), e.g. a transform read from a file or a frozen stage."""
+
+    kind = "matrix"
 
     moving_from_fixed: Tensor
 
@@ -139,6 +143,8 @@ class InverseLinearTransform(LinearTransform):
 
     The source is a registered sub-module: ``parameters()`` of the inverse are those of the source.
     """
+
+    kind = "inverse-linear"
 
     def __init__(self, source: LinearTransform) -> None:
         super().__init__(source.ndim)
@@ -282,6 +288,8 @@ def _rotation_log(rot: Tensor) -> Tensor:
 class Translation(ParametricLinearTransform):
     """``y = x + t``; parameter ``translation`` (ndim,), ``t = translation * length_scale``."""
 
+    kind = "translation"
+
     def linear_part(self) -> Tensor:
         return torch.eye(self.ndim, dtype=self.translation.dtype, device=self.translation.device)
 
@@ -293,6 +301,8 @@ class Translation(ParametricLinearTransform):
 class Rigid(ParametricLinearTransform):
     """Rotation about the centre plus translation. Parameter ``rotation``: 2D one angle (radians),
     3D an axis-angle vector (exponential map ``A = exp(hat(omega))``)."""
+
+    kind = "rigid"
 
     def __init__(
         self, ndim: int, *, center: Tensor | Sequence[float] | None = None, length_scale: float = 1.0
@@ -314,6 +324,8 @@ class Rigid(ParametricLinearTransform):
 class Similarity(Rigid):
     """Rigid plus isotropic scale ``exp(log_scale)``: ``A = exp(log_scale) R``."""
 
+    kind = "similarity"
+
     def __init__(
         self, ndim: int, *, center: Tensor | Sequence[float] | None = None, length_scale: float = 1.0
     ) -> None:
@@ -332,6 +344,8 @@ class Similarity(Rigid):
 class Affine(ParametricLinearTransform):
     """General affine: ``A = I + linear`` with parameter ``linear`` (ndim, ndim), unitless."""
 
+    kind = "affine"
+
     def __init__(
         self, ndim: int, *, center: Tensor | Sequence[float] | None = None, length_scale: float = 1.0
     ) -> None:
@@ -348,6 +362,8 @@ class Affine(ParametricLinearTransform):
 class Homography(Affine):
     """2D projective transform, 8 parameters: affine ``A = I + linear`` and ``t`` plus perspective
     terms ``p = perspective_param / length_scale``. :meth:`matrix` is normalised to ``H[2, 2] = 1``."""
+
+    kind = "homography"
 
     def __init__(
         self, ndim: int = 2, *, center: Tensor | Sequence[float] | None = None, length_scale: float = 1.0

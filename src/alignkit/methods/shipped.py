@@ -1,0 +1,105 @@
+"""Models that ship inside the package, each with its recipe and card (torchvision's ``WeightsEnum``
+idea: one record says what the weights are, how they were made and how well they do).
+
+Every shipped model lives in ``alignkit/methods/models/`` as three files:
+
+* ``<name>.pt``: an alignkit checkpoint (:mod:`alignkit.train.checkpoint`: tensors and a JSON
+  skeleton, never a pickle) with the method record, the network specs and float16 weights, at most
+  :data:`MAX_BYTES`;
+* ``<name>.recipe.json``: the training configuration that produced it (``alignkit train --recipe
+  <name> -o RUN`` trains it again; ``benchmarks/ship_model.py --recipe <name>`` also exports and scores it);
+* ``<name>.card.json``: training data and licence, command, commit, training time, size, held-out scores.
+
+``alignkit.register(..., method="voxelmorph")`` without a checkpoint uses the shipped model for the
+images' dimension; ``alignkit methods`` lists them with their cards' scores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import ConfigError, InputError
+
+#: the largest model file that may ship in the package
+MAX_BYTES = 2 * 1024 * 1024
+
+
+def models_dir() -> Path:
+    """The folder of shipped models inside the installed package."""
+    return Path(str(resources.files("alignkit.methods"))) / "models"
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """One shipped model: its ``name`` (file stem), the ``method`` it is a model of, and ``ndim``."""
+
+    name: str
+    method: str
+    ndim: int
+    summary: str
+
+    def path(self) -> Path:
+        return models_dir() / f"{self.name}.pt"
+
+    def recipe_path(self) -> Path:
+        return models_dir() / f"{self.name}.recipe.json"
+
+    def card_path(self) -> Path:
+        return models_dir() / f"{self.name}.card.json"
+
+    def available(self) -> bool:
+        return self.path().is_file()
+
+    def card(self) -> dict[str, Any]:
+        """The card's record (empty when the card is missing)."""
+        path = self.card_path()
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"corrupt model card ({exc.msg})", path) from None
+
+    def recipe(self) -> dict[str, Any]:
+        path = self.recipe_path()
+        if not path.is_file():
+            raise InputError("the recipe of this shipped model is missing", path)
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"corrupt recipe ({exc.msg})", path) from None
+
+
+SHIPPED: tuple[ShippedModel, ...] = (
+    ShippedModel(
+        name="voxelmorph_oasis3d",
+        method="voxelmorph",
+        ndim=3,
+        summary="3D VoxelMorph, OASIS-TRT-20 skull-stripped T1 brains, 64x64x40 network grid, affine pre-alignment",
+    ),
+)
+
+
+def shipped_models(method: str | None = None) -> list[ShippedModel]:
+    """The shipped models (of ``method``) whose weights are present in this installation."""
+    return [m for m in SHIPPED if (method is None or m.method == method) and m.available()]
+
+
+def shipped_for(method: str, ndim: int) -> ShippedModel | None:
+    """The shipped model of ``method`` for ``ndim``-D images, or None."""
+    for model in shipped_models(method):
+        if model.ndim == ndim:
+            return model
+    return None
+
+
+def get_shipped(name: str) -> ShippedModel:
+    """The shipped model (or recipe) called ``name``; a one-line error naming the known ones."""
+    for model in SHIPPED:
+        if model.name == name:
+            return model
+    raise ConfigError(f"unknown shipped model or recipe {name!r}; known: {', '.join(m.name for m in SHIPPED)}")
