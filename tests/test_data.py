@@ -243,11 +243,39 @@ def test_itk_slices_ground_truth_reproduces_the_unmoved_pd_slice():
             continue
         wrong = ncc(warp_raster_by_matrix(moving, np.linalg.inv(case.matrix), pd.shape), pd)
         assert aligned > 0.995 and aligned > wrong + 0.05, (case.name, aligned, wrong)
+        # only R10X13Y17 is not moved as its name says: its truth is measured, the others are given
+        assert case.truth == ("measured" if case.name == "t1<-pd_R10X13Y17" else "given"), case.name
+    # the measured R10X13Y17 map: the loader's value before it moved into a data file was the named
+    # rotation with the shift (13, 16) found by an NCC scan; the measurement must agree with it within
+    # its stated uncertainty, and explain the slice better than the shift the name states
+    case = itk["t1<-pd_R10X13Y17"]
+    centre = np.array([110.5, 128.5])
+    rotation = np.array([[np.cos(np.radians(10)), -np.sin(np.radians(10))], [np.sin(np.radians(10)), np.cos(np.radians(10))]])
+    before = np.eye(3)
+    before[:2, :2], before[:2, 2] = rotation, centre - rotation @ centre + [13, 16]
+    assert 0 < case.truth_uncertainty < 0.1 and "measure_ground_truth.py" in case.truth_source
+    assert corner_distance(case.matrix, before, (257, 221)) <= case.truth_uncertainty
+    named = itk_slice_matrix("R10X13Y17", 221, 257)
+    moving = grey(case.moving)
+    assert ncc(warp_raster_by_matrix(moving, case.matrix, pd.shape), pd) > ncc(
+        warp_raster_by_matrix(moving, named, pd.shape), pd) + 0.01
     # the two conventions measured on the files: positive angles turn +x to +y about (w/2, h/2)
     rotated = itk_slice_matrix("Rotated10", 221, 257)
     assert np.allclose(rotated @ [110.5, 128.5, 1], [110.5, 128.5, 1])
     assert rotated[1, 0] > 0
     assert itk_slice_matrix("BSplined10", 221, 257) is None
+
+
+def corner_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance between the images of a raster's corner pixels (x = column, y = row) under two
+    2D matrices, or of a 3D grid's corner world points (``shape`` then holds the (8, 3) points)."""
+    if len(shape) == 2:
+        rows, cols = shape
+        points = np.array([[0, 0], [cols - 1, 0], [0, rows - 1], [cols - 1, rows - 1]], dtype=np.float64)
+    else:
+        points = np.asarray(shape, dtype=np.float64)
+    h = np.hstack([points, np.ones((len(points), 1))]).T
+    return float(np.linalg.norm((a @ h)[:-1] - (b @ h)[:-1], axis=0).max())
 
 
 def test_t1_pd_3d_reference_beats_the_header_identity():
@@ -257,6 +285,16 @@ def test_t1_pd_3d_reference_beats_the_header_identity():
     case = t1pd["t1<-pd"]
     assert case.kind == "affine" and case.fixed.shape == (188, 256, 190) and case.moving.shape == (191, 256, 54)
     assert np.allclose(t1pd["pd<-t1"].matrix @ case.matrix, np.eye(4))
+    assert case.truth == t1pd["pd<-t1"].truth == "measured" and 0.3 < case.truth_uncertainty < 2.0
+    assert "SimpleITK" in case.truth_source
+    # the loader's matrix before it moved into a data file (the mean of two earlier rigid fits, gradient
+    # NCC and MI, stated as uncertain to ~1 mm): the re-measurement agrees within its uncertainty
+    before = np.array([[0.99974, 0.02165, -0.007093, -1.0402], [-0.022472, 0.988318, -0.150741, -1.766247],
+                       [0.003747, 0.150862, 0.988548, 7.618662], [0.0, 0.0, 0.0, 1.0]])
+    affine = case.fixed.grid.world_from_voxel.numpy()
+    voxels = np.array([[i, j, k] for i in (0, 187) for j in (0, 255) for k in (0, 189)], dtype=np.float64)
+    corners = voxels @ affine[:3, :3].T + affine[:3, 3]
+    assert corner_distance(case.matrix, before, corners) <= case.truth_uncertainty
     # the headers alone (identity) leave a visible tilt; the shipped reference must line up both the
     # edges (gradient-magnitude NCC) and the intensities (mutual information) far better
     grid = case.fixed.grid.downsampled(3)
@@ -278,15 +316,40 @@ def test_t1_pd_3d_reference_beats_the_header_identity():
 def test_ct_mr_ground_truth_from_the_displaced_ct_copy():
     ctmr = dataset("multimodal/ct-mr-2d")
     assert ctmr.names == ["mri<-ct_true", "mri<-ct_moving"]
-    assert np.array_equal(ctmr[0].matrix, np.eye(3))
+    assert np.array_equal(ctmr[0].matrix, np.eye(3)) and ctmr[0].truth == "given"
     case = ctmr["mri<-ct_moving"]
-    assert case.meta["gt_ncc"] > 0.9999 and case.fixed.shape == (882, 1106) and case.moving.shape == (882, 1121)
+    assert case.fixed.shape == (882, 1106) and case.moving.shape == (882, 1121)
+    assert case.truth == "measured" and 0 < case.truth_uncertainty < 0.05 and "ECC" in case.truth_source
     # OpenCV findTransformECC (MOTION_AFFINE, pyramid 8-4-2-1) of ct_2d_moving onto ct_2d_true, run once
-    # while writing this loader: the loader's own fit must agree to a few hundredths of a pixel
+    # while writing the first loader: the measured map must agree to a few hundredths of a pixel
     ecc = np.array([[0.9774105, -0.2113273, 237.25839], [0.2113264, 0.9774138, -165.07000], [0, 0, 1]])
-    corners = np.array([[0, 0, 1], [1120, 0, 1], [0, 881, 1], [1120, 881, 1.0]]).T
-    assert np.abs((case.matrix @ corners)[:2] - (ecc @ corners)[:2]).max() < 0.1
+    assert corner_distance(case.matrix, ecc, (882, 1106)) < 0.1
+    # the matrix the loader computed at load time (Gauss-Newton same-image fit) before it moved into a
+    # data file: the same within the stated uncertainty
+    before = np.array([[0.9773828506, -0.2113052871, 237.2662140004], [0.2113139062, 0.9773957302, -165.0556231867],
+                       [0, 0, 1]])
+    assert corner_distance(case.matrix, before, (882, 1106)) <= case.truth_uncertainty
     assert np.degrees(np.arctan2(case.matrix[1, 0], case.matrix[0, 0])) == pytest.approx(12.2, abs=0.05)
+    # the measured map explains the displaced copy: NCC with the true CT
+    true = grey(ctmr[0].moving)
+    assert ncc(warp_raster_by_matrix(grey(case.moving), case.matrix, true.shape), true) > 0.9999
+
+
+def test_measured_truth_applies_only_to_the_files_measured(tmp_path):
+    source = data_path("multimodal", "ct-mr-2d")
+    for name in ("mri_2d.tif", "ct_2d_true.tif"):
+        (tmp_path / name).symlink_to(source / name)
+    (tmp_path / "ct_2d_moving.tif").symlink_to(source / "ct_2d_true.tif")  # another file, same name
+    ctmr = load_dataset(tmp_path, layout="multimodal/ct-mr-2d")
+    assert ctmr.names == ["mri<-ct_true"] and "no ground truth" in ctmr.skipped["ct_2d_moving.tif"]
+    # a T1/PD folder with other files: the identity of the headers, given, not the measured map
+    head = data_path("multimodal", "t1-pd-3d")
+    other = tmp_path / "head"
+    other.mkdir()
+    (other / "chris_t1.nii.gz").symlink_to(head / "chris_t1.nii.gz")
+    (other / "chris_PD.nii.gz").symlink_to(head / "chris_t1.nii.gz")
+    case = load_dataset(other, layout="multimodal/t1-pd-3d")["t1<-pd"]
+    assert case.truth == "given" and np.array_equal(case.matrix, np.eye(4)) and "header" in case.meta["note"]
 
 
 def test_prostate_labels_and_centroid_points():

@@ -14,12 +14,19 @@ in one direction and one frame only -- alignkit's (see :mod:`alignkit.spatial`):
   world axis (:attr:`alignkit.spatial.Grid.world_axis_spacing`):
   ``fixed(p) ≈ moving(p + flow(p))`` (Middlebury's convention). Loaders convert each data set's own convention (e.g. homogr's B → A matrices, stereo
   disparities ``left(x) = right(x - d)``) into these.
+
+Most ground truth is *given*: the data set ships it, or a generator drew the transform. A few cases
+have none in their files; for them the truth was *measured* by registration, once, by
+``benchmarks/measure_ground_truth.py`` (:mod:`alignkit.data.groundtruth`), and the case says so
+(:attr:`Case.truth` ``== "measured"``, :attr:`Case.truth_source`, :attr:`Case.truth_uncertainty`, kept in
+``meta`` under :data:`TRUTH_KEYS`) so that result tables can flag it: a method cannot be judged more
+finely than that uncertainty on such a case.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -27,6 +34,14 @@ from alignkit.image import Image
 
 #: what a case's ground truth lets one measure; a loader sets ``Case.kind`` to one of these
 CASE_KINDS = ("deformable", "flow", "stereo", "homography", "affine")
+
+#: where a case's ground truth comes from: ``"given"`` (shipped with the data, or drawn by a generator)
+#: or ``"measured"`` (fitted by registration, see :mod:`alignkit.data.groundtruth`)
+Truth = Literal["given", "measured"]
+
+#: the ``Case.meta`` keys of a measured ground truth: ``truth`` ("measured"), ``truth_source`` (one line:
+#: tool, settings, date, commit) and ``truth_uncertainty`` (world units of the fixed image)
+TRUTH_KEYS = ("truth", "truth_source", "truth_uncertainty")
 
 
 @dataclass(eq=False)
@@ -55,7 +70,9 @@ class Case:
         ``(ndim + 1, ndim + 1)`` float64 homogeneous matrix mapping fixed world points to moving world
         points (the true affine or homography; divide by the last coordinate for a homography).
     meta:
-        Free-form provenance (dataset, files, generator parameters) for result tables.
+        Free-form provenance (dataset, files, generator parameters) for result tables; a measured
+        ground truth is described there under :data:`TRUTH_KEYS` (read it as :attr:`truth`,
+        :attr:`truth_source`, :attr:`truth_uncertainty`). Provenance, not ground truth: a method sees it.
     """
 
     name: str
@@ -76,6 +93,29 @@ class Case:
     def __post_init__(self) -> None:
         if self.kind not in CASE_KINDS:
             raise ValueError(f"Case {self.name!r}: kind must be one of {CASE_KINDS}, got {self.kind!r}")
+        if self.truth not in get_args(Truth):
+            raise ValueError(f"Case {self.name!r}: meta['truth'] must be one of {get_args(Truth)}, got {self.truth!r}")
+        if self.truth == "measured" and (not self.truth_source or self.truth_uncertainty is None):
+            raise ValueError(f"Case {self.name!r}: measured ground truth needs meta['truth_source'] and "
+                             "meta['truth_uncertainty']")
+
+    @property
+    def truth(self) -> Truth:
+        """``"given"`` (shipped with the data or drawn by a generator) or ``"measured"`` (fitted by
+        registration because the data set ships none; see :mod:`alignkit.data.groundtruth`)."""
+        return self.meta.get("truth", "given")
+
+    @property
+    def truth_source(self) -> str:
+        """How a measured ground truth was obtained (tool, settings, date, commit); ``""`` when given."""
+        return str(self.meta.get("truth_source", ""))
+
+    @property
+    def truth_uncertainty(self) -> float | None:
+        """How far a measured ground truth may be off, in world units of the fixed image (pixels or mm):
+        the largest corner distance between two independent fits; ``None`` when given."""
+        value = self.meta.get("truth_uncertainty")
+        return None if value is None else float(value)
 
     @property
     def ndim(self) -> int:

@@ -2,14 +2,18 @@
 
 * ``results.csv``: one row per (case, method): ``dataset, case, kind, method, status, seconds,
   peak_rss_mb``, then every metric :func:`~alignkit.evaluate.scoring.score_case` returned (first
-  seen order), then the methods' ``extra_*`` numbers, then ``message`` (error or skip reason).
+  seen order), then the methods' ``extra_*`` numbers, then ``message`` (error or skip reason); the
+  :data:`TRUTH_COLUMNS` follow ``kind`` when a row has them.
   Empty cells are missing values.
 * ``results.json``: ``{"meta": {...run settings...}, "rows": [...]}`` with the same rows.
 * ``summary.md``: per (dataset, kind) one paper-style table, one row per method: ``n ok/total``,
   mean ± sample standard deviation (n - 1) of each headline metric over the cases the method
   finished (success rates: over the runs attempted, an error counting as a failure), the best mean
   in bold, and the ratios of the main metric and of the time to a reference method's (means over
-  the cases both finished). Every other metric is in ``results.csv``.
+  the cases both finished). Every other metric is in ``results.csv``. A group with cases whose ground
+  truth was *measured* by registration rather than given (:attr:`alignkit.data.Case.truth`; rows
+  carrying :func:`case_truth`'s columns) gets a † in its heading and a footnote naming those cases,
+  how their truth was measured and its uncertainty: no method can be judged more finely than that.
 * ``boxplot_<metric>.png``: one box per method of each headline accuracy metric and of the time.
 
 Every file is written next to its target and renamed into place (:mod:`alignkit.io.atomic`).
@@ -28,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from alignkit.data.case import Case
 from alignkit.io.atomic import atomic_path
 
 Row = dict[str, Any]
@@ -67,6 +72,20 @@ _LINEAR_KINDS = ("homography", "affine")
 
 _BASE = ("dataset", "case", "kind", "method", "status", "seconds", "peak_rss_mb")
 
+#: row columns saying that a case's ground truth was measured, not given (see :func:`case_truth`)
+TRUTH_COLUMNS = ("truth", "truth_source", "truth_uncertainty")
+
+#: the marker of measured ground truth in ``summary.md``
+MEASURED_MARK = "†"
+
+
+def case_truth(case: Case) -> Row:
+    """The :data:`TRUTH_COLUMNS` of ``case``'s rows: ``{}`` when its ground truth is given (shipped or
+    generated), else ``truth="measured"`` with its source and uncertainty, for ``summary.md`` to flag."""
+    if case.truth == "given":
+        return {}
+    return {"truth": case.truth, "truth_source": case.truth_source, "truth_uncertainty": case.truth_uncertainty}
+
 
 def arrow(metric: str) -> str:
     direction = METRIC_DIRECTIONS.get(metric)
@@ -82,12 +101,13 @@ def columns_of(rows: Sequence[Row]) -> list[str]:
     extras: list[str] = []
     for row in rows:
         for key in row:
-            if key in _BASE or key == "message":
+            if key in _BASE or key in TRUTH_COLUMNS or key == "message":
                 continue
             target = extras if key.startswith("extra_") else metrics
             if key not in target:
                 target.append(key)
-    return [*_BASE, *metrics, *extras, "message"]
+    truth = [c for c in TRUTH_COLUMNS if any(c in row for row in rows)]
+    return [*_BASE[:3], *truth, *_BASE[3:], *metrics, *extras, "message"]
 
 
 def _cell(value: Any) -> str:
@@ -163,6 +183,7 @@ class GroupSummary:
     reference: str | None
     methods: list[MethodSummary]
     not_applicable: list[str]
+    measured: dict[str, tuple[str, float | None]] = field(default_factory=dict)  # case → (source, uncertainty)
 
 
 def default_reference(methods: Sequence[str]) -> str | None:
@@ -212,7 +233,12 @@ def summarize(rows: Sequence[Row], *, reference: str | None = None) -> list[Grou
                 for metric in [m for m in (main, "seconds") if m is not None]:
                     summary.ratios[metric] = _paired_ratio(mine_ok, ref_rows, metric)
             summaries.append(summary)
-        out.append(GroupSummary(dataset, kind, cases, main, metrics, ref, summaries, not_applicable))
+        measured = {
+            str(r["case"]): (str(r.get("truth_source") or ""), r.get("truth_uncertainty"))
+            for r in group
+            if r.get("truth") == "measured"
+        }
+        out.append(GroupSummary(dataset, kind, cases, main, metrics, ref, summaries, not_applicable, measured))
     return out
 
 
@@ -282,10 +308,23 @@ def summary_markdown(rows: Sequence[Row], *, meta: dict[str, Any] | None = None,
         ),
         "",
     ]
-    for group in summarize(rows, reference=reference):
+    groups = summarize(rows, reference=reference)
+    if any(group.measured for group in groups):
+        lines += [
+            (
+                f"{MEASURED_MARK} The group has cases whose ground truth is *measured* (fitted by registration, "
+                "because the data set ships none), not given: each footnote names them, how they were measured "
+                "and the uncertainty, below which no error on them is meaningful."
+            ),
+            "",
+        ]
+    for group in groups:
         title = f"{group.dataset} · {group.kind}" if group.dataset else group.kind
         n = len(group.cases)
-        lines += [f"## {title} ({n} case{'' if n == 1 else 's'})", ""]
+        counted = f"{n} case{'' if n == 1 else 's'}"
+        if group.measured:
+            counted += f", {len(group.measured)} with measured ground truth {MEASURED_MARK}"
+        lines += [f"## {title} ({counted})", ""]
         if group.main_metric:
             lines += [f"Main metric: `{group.main_metric}` {arrow(group.main_metric)}.", ""]
         header = ["method", "n ok/total"] + [f"{m} {arrow(m)}" for m in group.metrics]
@@ -307,10 +346,24 @@ def summary_markdown(rows: Sequence[Row], *, meta: dict[str, Any] | None = None,
                 cells += [fmt(s.ratios.get(m, math.nan)) for m in ratio_metrics]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if group.measured:
+            lines += [_measured_footnote(group), ""]
         notes = _notes(rows, group)
         if notes:
             lines += notes + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _measured_footnote(group: GroupSummary) -> str:
+    """One footnote naming the group's cases with measured ground truth, with source and uncertainty."""
+    parts = []
+    for case, (source, uncertainty) in group.measured.items():
+        if source:  # it states the uncertainty with its unit
+            parts.append(f"`{case}`: {source}")
+        else:
+            bound = f" (uncertain to {fmt(float(uncertainty))})" if isinstance(uncertainty, (int, float)) else ""
+            parts.append(f"`{case}`{bound}")
+    return f"{MEASURED_MARK} Measured ground truth: " + "; ".join(parts) + "."
 
 
 def _notes(rows: Sequence[Row], group: GroupSummary) -> list[str]:
