@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from typing import get_args
+
+    from alignkit.train.config import PairChoice
+
     # Every option defaults to None so that only the flags given on the command line override the
     # --config file (and, with --resume, the run's stored configuration).
     tr = sub.add_parser(
@@ -129,7 +133,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--size", help="network input size, one value or one per axis: 64 or 64,80 (default: 64)")
     tr.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3, cosine decay)")
     tr.add_argument(
-        "--pairs", choices=["auto", "inter", "atlas", "synthetic", "warped-copy", "cases"], help="kind of training pairs"
+        "--pairs", choices=list(get_args(PairChoice)), help="kind of training pairs"
     )
     tr.add_argument("--prealign", choices=["affine", "rigid"], help="align every image to the first one first (cached)")
     tr.add_argument("--workers", type=int, help="data-loader worker processes (default: 0)")

@@ -74,14 +74,17 @@ def matrix_displacement(matrix: Tensor, size: Sequence[int]) -> Tensor:
     return (mapped - flat).reshape(matrix.shape[0], ndim, *size)
 
 
-def voxel_matrix_transform(matrix: Tensor, grid: Grid) -> Transform:
+def voxel_matrix_transform(matrix: Tensor, grid: Grid, *, kind: str = "affine") -> Transform:
     """A voxel matrix ``(ndim+1, ndim+1)`` of the network grid ``grid`` (fixed voxel → moving voxel,
-    both in ``grid``'s frame) as a world :class:`MatrixTransform` (fixed world → moving world)."""
+    both in ``grid``'s frame) as a world :class:`MatrixTransform` (fixed world → moving world) whose
+    :attr:`~alignkit.transforms.Transform.kind` says what was predicted (``affine``, ``homography`` ...)."""
     if matrix.dim() == 3:
         matrix = matrix[0]
     world_from_voxel = grid.world_from_voxel.to(torch.float64)
     world = world_from_voxel @ matrix.detach().cpu().double() @ torch.linalg.inv(world_from_voxel)
-    return MatrixTransform(world.float())
+    out = MatrixTransform(world.float())
+    out.kind = kind
+    return out
 
 
 class LearnedSVF(FieldTransform):

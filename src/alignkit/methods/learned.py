@@ -155,7 +155,12 @@ class LearnedModel(nn.Module):
         if displacement is None:
             return out
         if "flow" in batch:
-            out["epe"] = (displacement - batch["flow"]).norm(dim=1).flatten(1).mean(1)
+            epe = (displacement - batch["flow"]).norm(dim=1).flatten(1)
+            if "flow_mask" in batch:
+                mask = batch["flow_mask"].float().flatten(1)
+                out["epe"] = (epe * mask).sum(1) / mask.sum(1)  # NaN for a pair with no known flow
+            else:
+                out["epe"] = epe.mean(1)
         if "fixed_points" in batch:
             out["tre"] = landmark_errors(displacement, batch["fixed_points"], batch["moving_points"], batch["points_mask"])
         if "matrix" in batch and "matrix" in output:

@@ -162,8 +162,12 @@ class VoxelMorph(LearnedModel):
             parts["landmarks"] = errors.nan_to_num(0.0).mean()  # a pair without landmarks adds 0
             total = total + self.options["landmark_weight"] * parts["landmarks"]
         if self.options["flow_weight"] > 0 and "flow" in batch:
-            error = (output["displacement"] - batch["flow"].float()) ** 2
-            parts["flow"] = error.sum(1).flatten(1).mean(1).mean()
+            error = ((output["displacement"] - batch["flow"].float()) ** 2).sum(1).flatten(1)
+            if "flow_mask" in batch:  # a data set's truth, known only where its mask is 1
+                mask = batch["flow_mask"].float().flatten(1)
+                parts["flow"] = ((error * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+            else:
+                parts["flow"] = error.mean(1).mean()
             total = total + self.options["flow_weight"] * parts["flow"]
         return total, {k: v.detach() for k, v in parts.items()}
 

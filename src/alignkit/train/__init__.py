@@ -18,6 +18,7 @@ from alignkit.train.pairs import (
     AtlasPairs,
     InterSubjectPairs,
     PairDataset,
+    SyntheticAffinePairs,
     SyntheticPairs,
     build_pairs,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "PairDataset",
     "Subject",
     "SubjectSet",
+    "SyntheticAffinePairs",
     "SyntheticPairs",
     "TrainConfig",
     "TrainResult",

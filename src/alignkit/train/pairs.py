@@ -9,8 +9,13 @@ Items are dicts of CPU tensors (what the default collate stacks):
 * ``fixed``, ``moving``: ``(1, *size)`` float32;
 * ``fixed_labels``, ``moving_labels``: ``(1, *size)`` int64, when any subject has labels (the others
   get empty maps);
-* ``flow`` (synthetic pairs): ``(ndim, *size)`` float32, the true displacement in voxels of the
-  network grid, **array-axis order**, fixed → moving: ``fixed(p) = moving(p + flow(p))``;
+* ``flow`` (synthetic pairs, and a data set's own cases with a true field): ``(ndim, *size)``
+  float32, the true displacement in voxels of the network grid, **array-axis order**, fixed →
+  moving: ``fixed(p) = moving(p + flow(p))`` -- the one meaning of "flow" in training (a case's
+  ``flow_mask`` ``(1, *size)`` says where it is known);
+* ``matrix`` (synthetic affine pairs, and cases with a true matrix): ``(ndim+1, ndim+1)`` float32,
+  fixed network voxels → moving network voxels (homogeneous; a homography's last row is not
+  ``[0 ... 0 1]``), the linear counterpart of ``flow``;
 * ``index``: the item's index.
 
 Randomness: a random item is a pure function of ``(seed, epoch, index)`` -- it draws from its own
@@ -42,7 +47,7 @@ from alignkit.spatial import (
 from alignkit.train.subjects import Subject, SubjectSet, label_ids_of
 from alignkit.transforms import scaling_and_squaring
 
-PairKind = Literal["inter", "atlas", "synthetic", "warped-copy", "cases"]
+PairKind = Literal["inter", "atlas", "synthetic", "warped-copy", "synthetic-affine", "cases"]
 PAIR_KINDS: tuple[str, ...] = get_args(PairKind)
 
 
@@ -152,10 +157,13 @@ class InterSubjectPairs(PairDataset):
         pairs: Sequence[tuple[int, int]] | None = None,
         max_pairs: int | None = None,
         label_ids: Sequence[int] | None = None,
+        truth: Sequence[dict[str, Tensor]] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(subjects, label_ids=label_ids, seed=seed)
         n = len(self.subjects)
+        if truth is not None and (pairs is None or len(truth) != len(pairs)):
+            raise ConfigError("pair ground truth needs one record per given pair")
         if pairs is None:
             if n < 2:
                 raise ConfigError("inter-subject pairs need at least two subjects (use synthetic pairs for one)")
@@ -163,17 +171,25 @@ class InterSubjectPairs(PairDataset):
         pairs = [(int(i), int(j)) for i, j in pairs]
         if not pairs or any(not (0 <= i < n and 0 <= j < n) for i, j in pairs):
             raise ConfigError(f"pairs must index the {n} subjects, got {pairs[:4]}...")
+        truths = list(truth) if truth is not None else None
         if max_pairs is not None and max_pairs < len(pairs):
             order = torch.randperm(len(pairs), generator=item_generator(seed, 0x5EED)).tolist()
             pairs = [pairs[k] for k in sorted(order[:max_pairs])]
+            truths = [truths[k] for k in sorted(order[:max_pairs])] if truths is not None else None
         self.pairs = pairs
+        # only the kinds of truth every pair has (a batch needs the same keys in every item)
+        keys = set.intersection(*(set(t) for t in truths)) if truths else set()
+        self.truth = [{k: t[k] for k in sorted(keys)} for t in truths] if truths and keys else None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i, j = self.pairs[index]
-        return self._pair(index, self.subjects[i], self.subjects[j])
+        item = self._pair(index, self.subjects[i], self.subjects[j])
+        if self.truth is not None:
+            item.update(self.truth[index])
+        return item
 
 
 class AtlasPairs(PairDataset):
@@ -262,6 +278,88 @@ class SyntheticPairs(PairDataset):
         return item
 
 
+def random_voxel_affine(
+    size: Sequence[int], generator: torch.Generator, *, rotation: float = 10.0, scaling: float = 0.1,
+    shear: float = 0.05, translation: float = 3.0,
+) -> Tensor:
+    """A random affine ``(ndim+1, ndim+1)`` float64 on the voxel grid of ``size`` (voxels, array-axis
+    order), about the grid centre: rotations up to ``rotation`` degrees about every axis (one angle
+    in 2D, three in 3D), per-axis scaling in ``[1 - scaling, 1 + scaling]``, shears up to ``shear``,
+    translations up to ``translation`` voxels per axis; all uniform."""
+    size = tuple(int(s) for s in size)
+    ndim = len(size)
+
+    def uniform(n: int, bound: float) -> Tensor:
+        return (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+    linear = torch.eye(ndim, dtype=torch.float64)
+    for (a, b), angle in zip([(0, 1)] if ndim == 2 else [(0, 1), (0, 2), (1, 2)], uniform(1 if ndim == 2 else 3, rotation)):
+        turn = torch.eye(ndim, dtype=torch.float64)
+        c, s = torch.cos(torch.deg2rad(angle)), torch.sin(torch.deg2rad(angle))
+        turn[a, a], turn[a, b], turn[b, a], turn[b, b] = c, -s, s, c
+        linear = turn @ linear
+    shears = torch.eye(ndim, dtype=torch.float64) + torch.triu(torch.ones(ndim, ndim, dtype=torch.float64), 1) * uniform(1, shear)
+    linear = linear @ shears @ torch.diag(1 + uniform(ndim, scaling))
+    centre = torch.tensor([(n - 1) / 2 for n in size], dtype=torch.float64)
+    matrix = torch.eye(ndim + 1, dtype=torch.float64)
+    matrix[:ndim, :ndim] = linear
+    matrix[:ndim, ndim] = centre - linear @ centre + uniform(ndim, translation)
+    return matrix
+
+
+class SyntheticAffinePairs(PairDataset):
+    """A subject and a randomly affinely transformed copy, with the true matrix (and its field).
+
+    ``fixed = moving ∘ M``: ``fixed(p) = moving(M [p; 1])`` with ``M`` from
+    :func:`random_voxel_affine` (``magnitude`` is its translation bound in voxels); ``matrix`` and
+    ``flow`` (``M p - p``) are in voxels of the network grid. ``per_epoch`` and ``length`` as in
+    :class:`SyntheticPairs`.
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[Subject],
+        *,
+        length: int | None = None,
+        magnitude: float = 3.0,
+        rotation: float = 10.0,
+        scaling: float = 0.1,
+        per_epoch: bool = True,
+        label_ids: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(subjects, label_ids=label_ids, seed=seed)
+        self.length = int(length) if length is not None else len(self.subjects)
+        if self.length < 1:
+            raise ConfigError(f"synthetic pairs need length >= 1, got {self.length}")
+        if min(magnitude, rotation, scaling) < 0:
+            raise ConfigError("synthetic affine bounds (magnitude, rotation, scaling) must be >= 0")
+        self.magnitude, self.rotation, self.scaling = float(magnitude), float(rotation), float(scaling)
+        self.per_epoch = bool(per_epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        subject = self.subjects[index % len(self.subjects)]
+        keys = (self.epoch, index) if self.per_epoch else (index,)
+        generator = item_generator(self.seed, 0xAFF, *keys)
+        matrix = random_voxel_affine(self.size, generator, rotation=self.rotation, scaling=self.scaling,
+                                     translation=self.magnitude)
+        identity = Grid.from_spacing(self.size, 1.0).voxel_points(dtype=torch.float64)
+        points = apply_matrix(matrix, identity).float()
+        fixed = sample_voxels(subject.image[None], points, padding="zeros")[0]
+        item: dict[str, Any] = {
+            "fixed": fixed, "moving": subject.image, "matrix": matrix.float(),
+            "flow": (points - identity.float())[0], "index": index,
+        }
+        if self.has_labels:
+            labels = self._labels(subject.labels)
+            warped = sample_voxels(labels[None].float(), points, mode="nearest", padding="zeros")
+            item["fixed_labels"], item["moving_labels"] = warped[0].round().long(), labels
+        return item
+
+
 def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
     """A seeded split into (train, validation) subjects: at least two training subjects (a pair) and
     one held out, when there are at least three."""
@@ -335,9 +433,9 @@ def build_pairs(
     if kind not in PAIR_KINDS:
         raise ConfigError(f"unknown pair kind {kind!r}; choose one of {', '.join(PAIR_KINDS)}")
     if isinstance(data, SubjectSet):
-        subjects, label_ids, case_pairs = data.subjects, data.label_ids, data.case_pairs
+        subjects, label_ids, case_pairs, truth = data.subjects, data.label_ids, data.case_pairs, data.case_truth
     else:
-        subjects, label_ids, case_pairs = list(data), None, None
+        subjects, label_ids, case_pairs, truth = list(data), None, None, None
     named: tuple[list[Subject], list[Subject]] | None = None
     if val_subjects is not None:
         if kind == "cases":
@@ -345,6 +443,17 @@ def build_pairs(
         named = named_split(subjects, val_subjects)
         if label_ids is None and any(s.labels is not None for s in subjects):
             label_ids = label_ids_of(subjects)  # the held-out subjects' labels count too
+    if kind == "synthetic-affine":
+        train_subjects, held = named if named is not None else (list(subjects), [])
+        affine_train = SyntheticAffinePairs(train_subjects, length=synthetic_length, magnitude=magnitude,
+                                            label_ids=label_ids, seed=seed)
+        if held:
+            return affine_train, SyntheticAffinePairs(held, length=len(held), magnitude=magnitude, per_epoch=False,
+                                                      label_ids=label_ids, seed=seed + 7919)
+        n_val = max(1, round(val_fraction * len(affine_train))) if val_fraction > 0 else 0
+        return affine_train, SyntheticAffinePairs(
+            subjects, length=n_val, magnitude=magnitude, per_epoch=False, label_ids=label_ids, seed=seed + 7919
+        ) if n_val else None
     if kind in ("synthetic", "warped-copy") and named is not None:
         train_subjects, held = named
         train = SyntheticPairs(
@@ -370,9 +479,13 @@ def build_pairs(
         n_val = min(len(case_pairs) - 1, round(val_fraction * len(case_pairs))) if val_fraction > 0 else 0
         val_pairs = [case_pairs[k] for k in sorted(order[:n_val])]
         train_pairs = [case_pairs[k] for k in sorted(order[n_val:])]
-        train_set: PairDataset = InterSubjectPairs(subjects, pairs=train_pairs, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
+        val_truth = [truth[k] for k in sorted(order[:n_val])] if truth is not None else None
+        train_truth = [truth[k] for k in sorted(order[n_val:])] if truth is not None else None
+        train_set: PairDataset = InterSubjectPairs(subjects, pairs=train_pairs, max_pairs=max_pairs,
+                                                   label_ids=label_ids, truth=train_truth, seed=seed)
         val_set: PairDataset | None = (
-            InterSubjectPairs(subjects, pairs=val_pairs, label_ids=label_ids, seed=seed) if val_pairs else None
+            InterSubjectPairs(subjects, pairs=val_pairs, label_ids=label_ids, truth=val_truth, seed=seed)
+            if val_pairs else None
         )
         return train_set, val_set
     if named is not None:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -251,6 +251,8 @@ class RawData:
     case_pairs: list[tuple[int, int]] | None = None
     #: world landmarks ``(N, ndim)`` of the images that have some, by image name
     points: dict[str, Tensor] = field(default_factory=dict)
+    #: per case pair, its ground truth (:func:`case_truth`), for case-based data sets
+    case_truth: list[dict[str, Any]] | None = None
 
 
 def _subject_ids(names: Sequence[str]) -> list[tuple[str, str]] | None:
@@ -302,9 +304,11 @@ def dataset_data(source: str | os.PathLike, *, layout: str | None = None) -> Raw
     images: list[tuple[str, Image, Image | None]] = []
     keys: dict[str, int] = {}
     case_pairs: list[tuple[int, int]] = []
+    truths: list[dict[str, Any]] = []
     common: set[int] | None = None
     for index in chosen:
         case = dataset[index]
+        truths.append(case_truth(case))
         slots = []
         sides = (("fixed", case.fixed, case.fixed_labels), ("moving", case.moving, case.moving_labels))
         for k, (side, image, labels) in enumerate(sides):
@@ -319,7 +323,50 @@ def dataset_data(source: str | os.PathLike, *, layout: str | None = None) -> Raw
         if case.label_ids is not None:
             common = set(case.label_ids) if common is None else common & set(case.label_ids)
     label_ids = sorted(common) if common is not None else None
-    return RawData(images, label_ids, None if ids is not None else case_pairs)
+    if ids is not None:
+        return RawData(images, label_ids)
+    return RawData(images, label_ids, case_pairs, case_truth=truths)
+
+
+def case_truth(case: Any) -> dict[str, Any]:
+    """A case's ground truth as training needs it, in world units: ``matrix`` (fixed world → moving
+    world, float64) and/or ``displacement`` (world vectors ``(1, ndim, *S)`` on ``grid``, the fixed
+    grid; from ``Case.flow``, voxels in world-axis order) with ``valid`` (``(1, 1, *S)``, where the
+    flow is known)."""
+    truth: dict[str, Any] = {}
+    if case.matrix is not None:
+        truth["matrix"] = torch.as_tensor(case.matrix, dtype=torch.float64)
+    if case.flow is not None:
+        grid = case.fixed.grid
+        flow = torch.as_tensor(case.flow, dtype=torch.float64)[None]
+        valid = torch.isfinite(flow).all(1, keepdim=True) & (flow.abs() < 1e6).all(1, keepdim=True)
+        if case.valid is not None:
+            valid &= torch.as_tensor(case.valid, dtype=torch.bool)[None, None]
+        spacing = grid.world_axis_spacing.view(1, -1, *([1] * grid.ndim))
+        truth["displacement"] = torch.where(valid, flow, torch.zeros_like(flow)) * spacing
+        truth["valid"] = valid
+        truth["grid"] = grid
+    return truth
+
+
+def truth_on_network_grid(truth: dict[str, Any], grid: Grid) -> dict[str, Tensor]:
+    """:func:`case_truth` in the units of training pairs on the fixed network grid ``grid``:
+    ``matrix`` maps fixed network voxels to moving network voxels (the moving image is resampled on
+    the fixed network grid through the world identity), ``flow`` is the displacement in those voxels,
+    array-axis order, with ``flow_mask`` (1 where the truth is known)."""
+    out: dict[str, Tensor] = {}
+    if "matrix" in truth:
+        matrix = grid.voxel_from_world.double() @ truth["matrix"] @ grid.world_from_voxel.double()
+        out["matrix"] = matrix.float()
+    if "displacement" in truth:
+        world = grid.world_points(dtype=torch.float64)
+        full: Grid = truth["grid"]
+        displacement = sample_world(truth["displacement"], full, world, padding="border")
+        valid = sample_world(truth["valid"].double(), full, world, mode="nearest", padding="zeros")
+        voxels = apply_matrix(grid.voxel_from_world.double(), world + displacement)
+        out["flow"] = (voxels - grid.voxel_points(dtype=torch.float64))[0].float()
+        out["flow_mask"] = (valid[0] > 0.5).float()
+    return out
 
 
 def _prealign_key(reference: Image, image: Image, mode: str) -> str:
@@ -401,6 +448,8 @@ class SubjectSet:
     subjects: list[Subject]
     label_ids: list[int] | None = None
     case_pairs: list[tuple[int, int]] | None = None
+    #: per case pair, its ground truth on the fixed subject's network grid (:func:`truth_on_network_grid`)
+    case_truth: list[dict[str, Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -488,4 +537,8 @@ def load_subjects(
             if points is not None:  # the image now shows point q at the reference's world M^-1 q
                 points = _points_into(matrix, points)
         subjects.append(prepare_subject(image, sizes, labels=labels, points=points, name=name))
-    return SubjectSet(subjects, data.label_ids, data.case_pairs)
+    truth = None
+    if data.case_pairs is not None and data.case_truth is not None and prealign is None:
+        # (with a pre-alignment the moving images moved: their truth no longer holds as is)
+        truth = [truth_on_network_grid(t, subjects[i].grid) for t, (i, _) in zip(data.case_truth, data.case_pairs)]
+    return SubjectSet(subjects, data.label_ids, data.case_pairs, truth)

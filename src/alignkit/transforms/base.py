@@ -59,6 +59,12 @@ class Transform(nn.Module):
     def inverse(self) -> Transform:
         raise NotInvertibleError(f"{type(self).__name__} has no inverse")
 
+    def flat_stages(self) -> list[Transform]:
+        """The stages in order with nested compositions expanded (``[self]`` for a single model), so
+        the leading linear stages of a chain are visible (to the ITK affine writer, to stage
+        listings) whatever nesting built it."""
+        return flatten_stages(self)
+
     def matrix(self) -> Tensor:
         """``(ndim+1, ndim+1)`` moving-from-fixed world matrix (linear models only)."""
         raise NotInvertibleError(f"{type(self).__name__} is not a linear transform")
@@ -115,10 +121,6 @@ class ComposedTransform(Transform):
         """The stages, typed (``nn.ModuleList`` items are plain modules to a type checker)."""
         return [s for s in self.stages if isinstance(s, Transform)]
 
-    def flat_stages(self) -> list[Transform]:
-        """The stages of nested compositions in order, so the leading linear stages of a chain are
-        visible (to the ITK affine writer, to stage listings) whatever nesting built it."""
-        return flatten_stages(self)
 
     @property
     def is_linear(self) -> bool:  # type: ignore[override]
