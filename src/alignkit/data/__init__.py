@@ -4,7 +4,10 @@
   fixed → moving in the world frame;
 * :func:`load_dataset` / :func:`available_datasets` / :class:`CaseDataset`
   (:mod:`alignkit.data.datasets`): the folders of ``../shared/data`` or a user's folder laid out the
-  same way;
+  same way; the loaders live by domain (:mod:`~alignkit.data.brain`, :mod:`~alignkit.data.multimodal`,
+  :mod:`~alignkit.data.flow`, :mod:`~alignkit.data.homography`) on :mod:`alignkit.data.base`;
+* :mod:`alignkit.data.groundtruth`: the ground truth alignkit measured for the few cases whose data
+  ships none (packaged JSON with provenance and uncertainty; ``Case.truth == "measured"``);
 * :mod:`alignkit.data.synthetic`: known transforms applied to real images (:func:`random_affine`,
   :func:`random_homography`, :func:`random_smooth_deformation`, :func:`photometric`,
   :func:`modality_change`, :class:`SyntheticDataset`).
