@@ -82,18 +82,6 @@ def check_labels(labels: Image, image: Image) -> None:
         )
 
 
-def _ncc(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
-    if mask is not None:
-        mask = mask.expand_as(a)
-    a, b = a.double().flatten(), b.double().flatten()
-    if mask is not None:
-        keep = mask.flatten() > 0
-        a, b = a[keep], b[keep]
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
-
-
 def device_of(transform: Transform) -> torch.device:
     tensor: Tensor | None = next(iter(transform.parameters()), None)
     if tensor is None:
@@ -288,7 +276,7 @@ def compute_metrics(
     seconds: float | None = None,
 ) -> dict[str, Any]:
     """similarity before/after, Dice (per label and mean), TRE, % non-positive Jacobians, run time."""
-    from alignkit.metrics import dice_per_label, jacobian_stats, tre
+    from alignkit.metrics import dice_per_label, jacobian_stats, ncc, tre
 
     fixed, moving = registration.fixed, registration.moving
     world = registration.world_map()
@@ -307,8 +295,8 @@ def compute_metrics(
         "method": registration.method,
         "preset": registration.name,
         "stages": list(registration.stages),
-        "ncc_before": _ncc(before, fixed_t, overlap_before > 0.5),
-        "ncc_after": _ncc(after, fixed_t, overlap_after > 0.5),
+        "ncc_before": ncc(before, fixed_t, overlap_before > 0.5),
+        "ncc_after": ncc(after, fixed_t, overlap_after > 0.5),
         "mse_before": float(((before - fixed_t) ** 2).mean()),
         "mse_after": float(((after - fixed_t) ** 2).mean()),
     }
