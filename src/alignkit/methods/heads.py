@@ -21,9 +21,8 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import ShapeError
-from alignkit.spatial import Grid, resize_field, sample_voxels
+from alignkit.spatial import Grid, resize_field, sample_voxels, voxel_to_world_vectors
 from alignkit.transforms import FieldTransform, MatrixTransform, Transform, scaling_and_squaring
-from alignkit.transforms.dense import voxel_to_world_vectors
 
 
 def voxel_grid(size: Sequence[int]) -> Grid:

@@ -9,7 +9,7 @@ Conventions
 * Networks that output a registration field output a **displacement in voxels of the grid they
   output on, components in array-axis order** (``warped = moving ∘ (id + u)``), and start at
   (almost) zero, i.e. the identity. Converting to world units is the job of the method using them
-  (:func:`alignkit.transforms.dense.voxel_to_world_vectors`).
+  (:func:`alignkit.spatial.voxel_to_world_vectors`).
 * Level ``l`` of a multi-scale network has spatial size ``ceil(s / 2**l)``; see :mod:`alignkit.nets.unet`.
 
 Papers (cited in the modules by first author and year):

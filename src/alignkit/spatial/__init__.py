@@ -36,9 +36,11 @@ from alignkit.spatial.frames import (
     voxel_identity,
     voxel_matrix_from_unit_matrix,
     voxel_to_normalized,
+    voxel_to_world_vectors,
     world_from_pixel,
     world_map_from_pixel_flow,
     world_matrix_from_pixel_matrix,
+    world_to_voxel_vectors,
 )
 from alignkit.spatial.grid import Grid
 from alignkit.spatial.jacobian import (
@@ -93,7 +95,9 @@ __all__ = [
     "voxel_identity",
     "voxel_matrix_from_unit_matrix",
     "voxel_to_normalized",
+    "voxel_to_world_vectors",
     "world_from_pixel",
     "world_map_from_pixel_flow",
     "world_matrix_from_pixel_matrix",
+    "world_to_voxel_vectors",
 ]

@@ -197,3 +197,22 @@ def voxel_identity(shape: Sequence[int], *, like: Tensor) -> Tensor:
     """
     return Grid.from_spacing(tuple(int(s) for s in shape)).voxel_points(dtype=like.dtype, device=like.device)
 
+
+def world_to_voxel_vectors(field: Tensor, grid: Grid) -> Tensor:
+    """World-unit vectors ``(B, ndim, *S)`` -> voxel-frame vectors of ``grid`` (array-axis order, voxels).
+
+    Convention: vectors (displacements, velocities), not points -- only the linear part of
+    ``grid.voxel_from_world`` applies; components follow the world axes in, the array axes out.
+    """
+    ndim = grid.ndim
+    linear = grid.voxel_from_world[:ndim, :ndim].to(dtype=field.dtype, device=field.device)
+    return torch.einsum("ij,bj...->bi...", linear, field)
+
+
+def voxel_to_world_vectors(field: Tensor, grid: Grid) -> Tensor:
+    """Voxel-frame vectors of ``grid`` ``(B, ndim, *S)`` (array-axis order) -> world-unit vectors:
+    the inverse of :func:`world_to_voxel_vectors`."""
+    ndim = grid.ndim
+    linear = grid.world_from_voxel[:ndim, :ndim].to(dtype=field.dtype, device=field.device)
+    return torch.einsum("ij,bj...->bi...", linear, field)
+

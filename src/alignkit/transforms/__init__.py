@@ -113,8 +113,6 @@ def build_transform(
 
 
 __all__ = [
-    "flatten_stages",
-    "stage_kinds",
     "VSVF_SIGMAS",
     "VSVF_TIME_STEPS",
     "VSVF_WEIGHTS",
@@ -141,9 +139,11 @@ __all__ = [
     "build_transform",
     "control_grid_for",
     "cubic_bspline",
+    "flatten_stages",
     "projective_apply",
     "resample_field",
     "scaling_and_squaring",
+    "stage_kinds",
     "voxel_to_world_vectors",
     "world_to_voxel_vectors",
 ]

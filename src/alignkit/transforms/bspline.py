@@ -29,7 +29,6 @@ from alignkit.spatial.grid import Grid
 from alignkit.transforms.base import FieldTransform
 
 
-
 def control_grid_for(grid: Grid, control_spacing: float | Sequence[float]) -> Grid:
     """The control lattice covering ``grid`` with ``control_spacing`` voxels (per axis or shared)."""
     ndim = grid.ndim

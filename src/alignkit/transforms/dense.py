@@ -28,36 +28,22 @@ from torch import Tensor, nn
 
 from alignkit.errors import ConfigError, ShapeError
 from alignkit.spatial.filters import gaussian_blur
+from alignkit.spatial.frames import voxel_to_world_vectors, world_to_voxel_vectors
 from alignkit.spatial.grid import Grid
 from alignkit.spatial.jacobian import spatial_gradient
 from alignkit.spatial.points import resize_field, sample_voxels, sample_world
 from alignkit.transforms.base import FieldTransform, Transform
 
-#: vSVF multi-Gaussian kernel of paper 002 (Shen et al., "Networks for joint affine and
-#: non-parametric image registration", CVPR 2019, Sec. 4): standard deviations as fractions of the
+#: vSVF multi-Gaussian kernel of Shen et al. ("Networks for Joint Affine and Non-parametric Image
+#: Registration", CVPR 2019, Sec. 4): standard deviations as fractions of the
 #: image extent (the image scaled to [0, 1]^d) and their weights.
 VSVF_SIGMAS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25)
 VSVF_WEIGHTS: tuple[float, ...] = (0.067, 0.133, 0.2, 0.267, 0.333)
-#: Paper 002 integrates the advection equation with RK4 over 10 time steps.
+#: Shen et al. 2019 integrate the advection equation with RK4 over 10 time steps.
 VSVF_TIME_STEPS: int = 10
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _linear_part(matrix: Tensor, like: Tensor) -> Tensor:
-    ndim = matrix.shape[0] - 1
-    return matrix[:ndim, :ndim].to(dtype=like.dtype, device=like.device)
-
-
-def world_to_voxel_vectors(field: Tensor, grid: Grid) -> Tensor:
-    """World-unit vectors ``(B, ndim, *S)`` -> voxel-frame vectors (array-axis order, voxels)."""
-    return torch.einsum("ij,bj...->bi...", _linear_part(grid.voxel_from_world, field), field)
-
-
-def voxel_to_world_vectors(field: Tensor, grid: Grid) -> Tensor:
-    """Inverse of :func:`world_to_voxel_vectors`."""
-    return torch.einsum("ij,bj...->bi...", _linear_part(grid.world_from_voxel, field), field)
-
-
 def resample_field(field: Tensor, grid: Grid, new_grid: Grid) -> Tensor:
     """Move a world-unit field ``(B, ndim, *grid.shape)`` onto ``new_grid``.
 
@@ -93,7 +79,7 @@ def scaling_and_squaring(velocity: Tensor, grid: Grid, steps: int = 7) -> Tensor
 def advect_map(velocity: Tensor, grid: Grid, time_steps: int = VSVF_TIME_STEPS) -> Tensor:
     """Displacement of ``phi^-1(1)`` solving ``d/dt phi^-1 + D(phi^-1) v = 0``, ``phi^-1(0) = id``.
 
-    Paper 002 eq. (8): RK4 over ``time_steps`` equal steps of unit total time, spatial derivatives by
+    Shen et al. 2019 eq. (8): RK4 over ``time_steps`` equal steps of unit total time, spatial derivatives by
     central differences (one-sided at the border). Written for the displacement ``d = phi^-1 - id``
     (``D(id) v = v``), which keeps world offsets out of float32. For small ``v``, ``d ≈ -v``.
     Returns world units ``(B, ndim, *grid.shape)``.
@@ -197,7 +183,7 @@ class StationaryVelocityField(_VelocityModel):
 
 
 class VectorMomentumSVF(_VelocityModel):
-    """Vector-momentum parametrised SVF (vSVF, paper 002 Sec. 2.2, eqs. 6-8).
+    """Vector-momentum parametrised SVF (vSVF, Shen et al., Networks for Joint Affine and Non-parametric Image Registration, CVPR 2019, Sec. 2.2, eqs. 6-8).
 
     Parameter ``momentum`` ``m`` (world units). The velocity is ``v = K ⋆ m`` with ``K`` a sum of
     normalised Gaussians, ``K = sum_k w_k G_{sigma_k}`` (replicate padding). The map
