@@ -151,7 +151,8 @@ def run_training(config: dict[str, Any], run_dir: Path, threads: int) -> tuple[f
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
     with (run_dir / "log.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in rows]
+    return [{k: (v if k == "stage" else float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in rows]
 
 
 # -- evaluation --------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def evaluate(
     evaluation keeps what it measured; an isolated run that fails leaves its output in ``logs/``.
     """
     from alignkit.evaluate.registry import resolve_method
-    from alignkit.evaluate.report import write_report, write_results
+    from alignkit.evaluate.report import case_truth, write_report, write_results
 
     resolved = [resolve_method(m) for m in methods]
     if not resolved:
@@ -143,6 +143,7 @@ def evaluate(
                     "dataset": str(case.meta.get("dataset", dataset or "")),
                     "case": case.name,
                     "kind": case.kind,
+                    **case_truth(case),  # measured (not given) ground truth is flagged in the tables
                     "method": method.name,
                     "status": "",
                     "seconds": None,

@@ -269,7 +269,9 @@ class Engine:
             if matrix is None:
                 matrix = initial_translation(fixed_t, fixed.grid, moving_t, moving.grid, init)
             if matrix is not None:
-                stages.append(MatrixTransform(matrix.float()).to(self.device))
+                start = MatrixTransform(matrix.float()).to(self.device)
+                start.kind = f"init:{self.config.init}"  # manifests name it by how it was found
+                stages.append(start)
 
         prompts = self._prompts(fixed_labels, moving_labels, fixed_points, moving_points)
         for stage_config in self.config.stages:
