@@ -351,3 +351,28 @@ def test_a_two_stage_model_trains_its_parts_in_stages(tmp_path):
     _save_apply_export(registration, tmp_path, expect_warp=True)
     row = _evaluated(case, f"toy-two-stage:{tmp_path / 'run'}", tmp_path)
     assert np.isfinite(row["nonpositive_jacobian_percent"])
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [2, 3])  # at a stage boundary, and inside the second stage
+def test_resuming_a_staged_run_repeats_the_uninterrupted_one(tmp_path, stop_after):
+    subjects = _subjects(2)
+    train_set = SyntheticAffinePairs(subjects, length=4, magnitude=2.0, rotation=5.0, scaling=0.05)
+    config = _config(method="toy-two-stage", epochs=1, stage_epochs={"affine": 2, "field": 2})
+    whole = train_method(config, tmp_path / "whole", train_set=train_set)
+
+    def stop(epoch, row):
+        if epoch == stop_after:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train_method(config, tmp_path / "cut", train_set=train_set, callbacks=[stop])
+    torch.manual_seed(99)  # the resumed run must not depend on the process's RNG state
+    resumed = train_method(config, tmp_path / "cut", train_set=train_set, resume=True)
+    assert [r["stage"] for r in resumed.history] == ["affine", "affine", "field", "field"]
+    for key, value in whole.method.state_dict().items():
+        assert torch.equal(value, resumed.method.state_dict()[key]), key
+    assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
