@@ -376,3 +376,25 @@ def test_resuming_a_staged_run_repeats_the_uninterrupted_one(tmp_path, stop_afte
     for key, value in whole.method.state_dict().items():
         assert torch.equal(value, resumed.method.state_dict()[key]), key
     assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
+
+
+def test_the_loss_sees_the_epoch_for_per_epoch_weight_schedules(tmp_path):
+    subjects = _subjects(2)
+    train_set = SyntheticAffinePairs(subjects, length=4, magnitude=2.0)
+    from alignkit.methods import build_model
+
+    torch.manual_seed(0)
+    model = build_model("toy-affine", ndim=2, size=(SIZE, SIZE))
+    seen = []
+    original = model.loss
+
+    def recording_loss(batch, output, *, epoch):
+        seen.append((epoch, model.training))
+        return original(batch, output, epoch=epoch)
+
+    model.loss = recording_loss  # type: ignore[method-assign]
+    train_method(_config(method="toy-affine", epochs=3), tmp_path / "run", model=model, train_set=train_set,
+                 val_set=train_set)
+    training_epochs = sorted({epoch for epoch, training in seen if training})
+    assert training_epochs == [1, 2, 3]  # every step knows its epoch (AVSM's eq. 13 weight needs it)
+    assert {epoch for epoch, training in seen if not training} == {0, 1, 2, 3}  # and so does validation
