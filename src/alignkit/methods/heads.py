@@ -86,7 +86,22 @@ def voxel_matrix_transform(matrix: Tensor, grid: Grid, *, kind: str = "affine") 
     return out
 
 
-class LearnedSVF(FieldTransform):
+class _Prediction(FieldTransform):
+    """A frozen predicted field: moved onto another grid (coarse-to-fine refinement levels) it becomes
+    a plain frozen :class:`~alignkit.transforms.DisplacementField` of its displacement."""
+
+    def resampled(self, grid: Grid) -> FieldTransform:
+        from alignkit.transforms import DisplacementField, resample_field
+
+        displacement = self.displacement()
+        out = DisplacementField(grid).to(displacement.device)
+        with torch.no_grad():
+            out.field.copy_(resample_field(displacement, self.grid, grid))
+        out.requires_grad_(False)
+        return out
+
+
+class LearnedSVF(_Prediction):
     """The transform a learned SVF method predicts: a stationary velocity in voxels of the network
     grid ``grid`` (world-placed, the fixed image's field of view), integrated like at training time.
 
@@ -124,20 +139,12 @@ class LearnedSVF(FieldTransform):
         low = self.grid.resized(tuple(self.velocity.shape[2:]))
         return voxel_to_world_vectors(self.velocity, self.grid), low
 
-    def resampled(self, grid: Grid) -> FieldTransform:
-        from alignkit.transforms import DisplacementField, resample_field
-
-        out = DisplacementField(grid).to(self.velocity.device)
-        with torch.no_grad():
-            out.field.copy_(resample_field(self.displacement(), self.grid, grid))
-        out.requires_grad_(False)
-        return out
 
     def extra_repr(self) -> str:
         return f"grid={self.grid!r}, velocity={tuple(self.velocity.shape[2:])}, steps={self.steps}"
 
 
-class LearnedDisplacement(FieldTransform):
+class LearnedDisplacement(_Prediction):
     """A predicted displacement in voxels of the network grid ``grid`` (frozen, like :class:`LearnedSVF`)."""
 
     kind = "displacement"
@@ -153,11 +160,3 @@ class LearnedDisplacement(FieldTransform):
     def displacement(self) -> Tensor:
         return voxel_to_world_vectors(self.voxels, self.grid)
 
-    def resampled(self, grid: Grid) -> FieldTransform:
-        from alignkit.transforms import DisplacementField, resample_field
-
-        out = DisplacementField(grid).to(self.voxels.device)
-        with torch.no_grad():
-            out.field.copy_(resample_field(self.displacement(), self.grid, grid))
-        out.requires_grad_(False)
-        return out

@@ -230,7 +230,42 @@ def random_displacement(
     return scaling_and_squaring(velocity, grid, steps)
 
 
-class SyntheticPairs(PairDataset):
+class _RandomCopies(PairDataset):
+    """Base of pairs made of a subject and a randomly transformed copy of it: ``length`` items (default:
+    the number of subjects; index ``k`` uses subject ``k % n``), redrawn every epoch with
+    ``per_epoch=True`` (online augmentation) or fixed per index (a data set and its warped copy)."""
+
+    #: what the copy shows outside the subject's grid
+    padding: str = "border"
+
+    def __init__(self, subjects: Sequence[Subject], *, length: int | None, per_epoch: bool,
+                 label_ids: Sequence[int] | None, seed: int) -> None:
+        super().__init__(subjects, label_ids=label_ids, seed=seed)
+        self.length = int(length) if length is not None else len(self.subjects)
+        if self.length < 1:
+            raise ConfigError(f"synthetic pairs need length >= 1, got {self.length}")
+        self.per_epoch = bool(per_epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _draw(self, index: int, stream: int) -> tuple[Subject, torch.Generator]:
+        """The item's subject and its own generator (a pure function of seed, epoch and index)."""
+        keys = (self.epoch, index) if self.per_epoch else (index,)
+        return self.subjects[index % len(self.subjects)], item_generator(self.seed, stream, *keys)
+
+    def _copy(self, index: int, subject: Subject, points: Tensor, truth: dict[str, Tensor]) -> dict[str, Any]:
+        """``fixed = subject ∘ points`` (voxel points ``(1, ndim, *size)`` of the network grid)."""
+        fixed = sample_voxels(subject.image[None], points, padding=self.padding)[0]
+        item: dict[str, Any] = {"fixed": fixed, "moving": subject.image, **truth, "index": index}
+        if self.has_labels:
+            labels = self._labels(subject.labels)
+            warped = sample_voxels(labels[None].float(), points, mode="nearest", padding=self.padding)
+            item["fixed_labels"], item["moving_labels"] = warped[0].round().long(), labels
+        return item
+
+
+class SyntheticPairs(_RandomCopies):
     """A subject and a randomly deformed copy of it, with the true field for supervised losses.
 
     ``fixed = moving ∘ (id + flow)``; ``flow`` is :func:`random_displacement`. With
@@ -250,32 +285,17 @@ class SyntheticPairs(PairDataset):
         label_ids: Sequence[int] | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(subjects, label_ids=label_ids, seed=seed)
-        self.length = int(length) if length is not None else len(self.subjects)
-        if self.length < 1:
-            raise ConfigError(f"synthetic pairs need length >= 1, got {self.length}")
+        super().__init__(subjects, length=length, per_epoch=per_epoch, label_ids=label_ids, seed=seed)
         if magnitude < 0:
             raise ConfigError(f"deformation magnitude must be >= 0 voxels, got {magnitude}")
         self.magnitude = float(magnitude)
         self.control = int(control)
-        self.per_epoch = bool(per_epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        subject = self.subjects[index % len(self.subjects)]
-        keys = (self.epoch, index) if self.per_epoch else (index,)
-        generator = item_generator(self.seed, 0xF10, *keys)
+        subject, generator = self._draw(index, 0xF10)
         flow = random_displacement(self.size, generator, magnitude=self.magnitude, control=self.control)
         points = Grid.from_spacing(self.size, 1.0).voxel_points() + flow
-        fixed = sample_voxels(subject.image[None], points, padding="border")[0]
-        item: dict[str, Any] = {"fixed": fixed, "moving": subject.image, "flow": flow[0], "index": index}
-        if self.has_labels:
-            labels = self._labels(subject.labels)
-            warped = sample_voxels(labels[None].float(), points, mode="nearest", padding="border")
-            item["fixed_labels"], item["moving_labels"] = warped[0].round().long(), labels
-        return item
+        return self._copy(index, subject, points, {"flow": flow[0]})
 
 
 def random_voxel_affine(
@@ -307,14 +327,16 @@ def random_voxel_affine(
     return matrix
 
 
-class SyntheticAffinePairs(PairDataset):
+class SyntheticAffinePairs(_RandomCopies):
     """A subject and a randomly affinely transformed copy, with the true matrix (and its field).
 
     ``fixed = moving ∘ M``: ``fixed(p) = moving(M [p; 1])`` with ``M`` from
     :func:`random_voxel_affine` (``magnitude`` is its translation bound in voxels); ``matrix`` and
     ``flow`` (``M p - p``) are in voxels of the network grid. ``per_epoch`` and ``length`` as in
-    :class:`SyntheticPairs`.
+    :class:`SyntheticPairs`; outside the subject the copy is 0.
     """
+
+    padding = "zeros"
 
     def __init__(
         self,
@@ -328,36 +350,18 @@ class SyntheticAffinePairs(PairDataset):
         label_ids: Sequence[int] | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(subjects, label_ids=label_ids, seed=seed)
-        self.length = int(length) if length is not None else len(self.subjects)
-        if self.length < 1:
-            raise ConfigError(f"synthetic pairs need length >= 1, got {self.length}")
+        super().__init__(subjects, length=length, per_epoch=per_epoch, label_ids=label_ids, seed=seed)
         if min(magnitude, rotation, scaling) < 0:
             raise ConfigError("synthetic affine bounds (magnitude, rotation, scaling) must be >= 0")
         self.magnitude, self.rotation, self.scaling = float(magnitude), float(rotation), float(scaling)
-        self.per_epoch = bool(per_epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        subject = self.subjects[index % len(self.subjects)]
-        keys = (self.epoch, index) if self.per_epoch else (index,)
-        generator = item_generator(self.seed, 0xAFF, *keys)
+        subject, generator = self._draw(index, 0xAFF)
         matrix = random_voxel_affine(self.size, generator, rotation=self.rotation, scaling=self.scaling,
                                      translation=self.magnitude)
         identity = Grid.from_spacing(self.size, 1.0).voxel_points(dtype=torch.float64)
         points = apply_matrix(matrix, identity).float()
-        fixed = sample_voxels(subject.image[None], points, padding="zeros")[0]
-        item: dict[str, Any] = {
-            "fixed": fixed, "moving": subject.image, "matrix": matrix.float(),
-            "flow": (points - identity.float())[0], "index": index,
-        }
-        if self.has_labels:
-            labels = self._labels(subject.labels)
-            warped = sample_voxels(labels[None].float(), points, mode="nearest", padding="zeros")
-            item["fixed_labels"], item["moving_labels"] = warped[0].round().long(), labels
-        return item
+        return self._copy(index, subject, points, {"matrix": matrix.float(), "flow": (points - identity.float())[0]})
 
 
 def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
