@@ -84,12 +84,14 @@ def _valid(invalid_path: Path | None, shape: tuple[int, int]) -> np.ndarray | No
 
 
 def _alignkit_flow(first: Path, second: Path, config: str | None) -> np.ndarray:
-    """``alignkit.register(first, second, preset="flow").flow()`` (or with ``config=FILE``)."""
+    """``alignkit.register(first, second, preset="flow").flow()`` (or with ``config=FILE``) in the
+    ``.flo`` layout ``(H, W, 2)``, x then y, that the ground truth and OpenCV use."""
     import alignkit
+    from alignkit.spatial import xy_from_flow
 
     if config:
-        return alignkit.register(str(first), str(second), config=config).flow()
-    return alignkit.register(str(first), str(second), preset="flow").flow()
+        return xy_from_flow(alignkit.register(str(first), str(second), config=config).flow())
+    return xy_from_flow(alignkit.register(str(first), str(second), preset="flow").flow())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,9 +63,9 @@ def warp_raster_by_matrix(moving: np.ndarray, matrix: np.ndarray, shape: tuple[i
 
 
 def warp_raster_by_flow(moving: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """moving(p + flow(p)) with flow (2, H, W) = (x, y) in pixels; NaN outside."""
+    """moving(p + flow(p)) with flow (2, H, W) = (rows, columns) in pixels (alignkit's flow); NaN outside."""
     rows, cols = np.mgrid[0 : flow.shape[1], 0 : flow.shape[2]].astype(np.float64)
-    return ndimage.map_coordinates(moving, [rows + flow[1], cols + flow[0]], order=1, mode="constant", cval=np.nan)
+    return ndimage.map_coordinates(moving, [rows + flow[0], cols + flow[1]], order=1, mode="constant", cval=np.nan)
 
 
 def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -404,7 +404,7 @@ def test_mmflow_crops():
 @pytest.mark.parametrize("name", ["motorcycle", "aloe"])
 def test_stereo_disparity_as_flow(name):
     case = dataset("stereo")[name]
-    assert case.kind == "stereo" and np.all(case.flow[1] == 0) and np.all(case.flow[0] <= 0)
+    assert case.kind == "stereo" and np.all(case.flow[0] == 0) and np.all(case.flow[1] <= 0)  # (rows, columns)
     assert 0.85 < case.valid.mean() < 0.99
     warped, unwarped = photometric_errors(case)
     assert warped < 0.35 * unwarped, (warped, unwarped)
@@ -524,15 +524,15 @@ def test_random_smooth_deformation_flow_reproduces_fixed(photo):
     assert case.kind == "deformable" and case.matrix is None and case.flow.shape == (2, 96, 128)
     assert case.meta["jacobian_min"] > 0.3 and len(case.meta["params"]["centres"]) == 4
     assert 1.0 < np.abs(case.flow).max() < 3.0 + 4 * 5.0
-    # fixed(p) == moving(p + flow(p)) with flow = (x, y) pixels, read by an independent resampler
+    # fixed(p) == moving(p + flow(p)) with flow = (rows, columns) pixels, read by an independent resampler
     expected = warp_raster_by_flow(grey(photo), case.flow)
     inside = np.isfinite(expected)
     assert np.abs(expected - grey(case.fixed))[inside].max() < 1e-4
-    swapped = warp_raster_by_flow(grey(photo), case.flow[::-1].copy())  # (y, x) order would be wrong
+    swapped = warp_raster_by_flow(grey(photo), case.flow[::-1].copy())  # (x, y) order would be wrong
     assert np.nanmean(np.abs(swapped - grey(case.fixed))) > 5 * np.abs(expected - grey(case.fixed))[inside].mean()
     rows, cols = np.mgrid[0:96, 0:128]
-    nearest = grey(atlas_labels)[np.clip(np.rint(rows + case.flow[1]), 0, 95).astype(int),
-                                 np.clip(np.rint(cols + case.flow[0]), 0, 127).astype(int)]
+    nearest = grey(atlas_labels)[np.clip(np.rint(rows + case.flow[0]), 0, 95).astype(int),
+                                 np.clip(np.rint(cols + case.flow[1]), 0, 127).astype(int)]
     core = interior((96, 128), 12)
     assert np.mean(nearest[core] == case.fixed_labels.data[0].numpy()[core]) > 0.99
 
@@ -548,22 +548,22 @@ def test_smooth_deformation_flow_is_in_voxels_of_an_anisotropic_grid():
     assert torch.allclose(resampled.float(), case.fixed.data, atol=1e-5)
 
 
-def test_flow_of_a_permuted_anisotropic_raster_is_in_world_axis_order_and_scores_exactly():
-    """On a raster grid (x = column) with different row and column sizes, Case.flow's x component is
-    in columns and its y component in rows; scoring the true map gives EPE 0, and a 1-column shift
-    gives EPE 1 (the flow convention is shared by the generator and the scorer)."""
+def test_flow_of_a_permuted_anisotropic_raster_is_in_array_axis_order_and_scores_exactly():
+    """On a raster grid (x = column) with different row and column sizes, Case.flow's component 0 is
+    in rows and component 1 in columns (array-axis order, voxels); scoring the true map gives EPE 0,
+    and a 1-column shift gives EPE 1 (the flow convention is shared by the generator and the scorer)."""
     from alignkit.evaluate.method import Prediction
     from alignkit.evaluate.scoring import score_case
 
     swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     grid = Grid.from_spacing((24, 30), (2.0, 0.5), direction=swap)  # rows 2 units, columns 0.5
-    assert grid.world_axis_spacing.tolist() == [0.5, 2.0]  # (x = column, y = row)
+    assert grid.spacing.tolist() == [2.0, 0.5]  # (row, column)
     picture = ndimage.gaussian_filter(np.random.default_rng(2).random(grid.shape), 2.0).astype(np.float32)
     case = random_smooth_deformation(Image(torch.from_numpy(picture)[None], grid), seed=0, amplitude=1.0)
     rows, cols = np.mgrid[0:24, 0:30]
     world = grid.world_points(dtype=torch.float64)[0].numpy()
-    # fixed pixel (row, col) maps to moving pixel (row + flow_y, col + flow_x)
-    expected = np.stack([cols + case.flow[0], rows + case.flow[1]]) * np.array([0.5, 2.0]).reshape(2, 1, 1)
+    # fixed pixel (row, col) maps to moving pixel (row + flow[0], col + flow[1]); world (x, y) = (0.5 col, 2 row)
+    expected = np.stack([cols + case.flow[1], rows + case.flow[0]]) * np.array([0.5, 2.0]).reshape(2, 1, 1)
     true_map = world + (expected - np.stack([cols, rows]) * np.array([0.5, 2.0]).reshape(2, 1, 1))
     assert score_case(case, Prediction(world_map=true_map))["epe"] == pytest.approx(0.0, abs=1e-5)
     one_column = true_map + np.array([0.5, 0.0]).reshape(2, 1, 1)

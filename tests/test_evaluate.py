@@ -56,10 +56,11 @@ def matrix_case(name: str, tx: float, ty: float, shape: tuple[int, int] = (24, 3
 
 
 def flow_case(name: str, u: float, v: float, shape: tuple[int, int] = (20, 24)) -> Case:
-    """A flow case with a constant flow (u, v): the identity's EPE is sqrt(u² + v²) exactly."""
+    """A flow case with a constant flow of u columns (x) and v rows (y): the identity's EPE is
+    sqrt(u² + v²) exactly. ``Case.flow`` is in array-axis order, (rows, columns)."""
     image = Image.from_array(_blobs(shape))
     flow = np.empty((2, *shape), np.float32)
-    flow[0], flow[1] = u, v
+    flow[0], flow[1] = v, u
     return Case(name, fixed=image, moving=image, kind="flow", flow=flow, meta={"dataset": "tiny", "translation": (u, v)})
 
 

@@ -17,7 +17,7 @@ import torch
 import alignkit
 from alignkit.image import Image
 from alignkit.metrics import endpoint_error
-from alignkit.spatial import sample_voxels
+from alignkit.spatial import sample_voxels, xy_from_flow
 
 FRAME = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flow" / "middlebury" / "RubberWhale" / "frame10.png"
 H, W, MARGIN = 128, 160, 8
@@ -40,7 +40,8 @@ def test_flow_preset_recovers_smooth_synthetic_flow() -> None:
     big = torch.from_numpy(rgb[top - MARGIN : top + H + MARGIN, left - MARGIN : left + W + MARGIN]).permute(2, 0, 1)[None]
     flow = _smooth_flow()
 
-    # moving = the crop; fixed(p) = moving(p + flow(p)) -- the Middlebury convention of Registration.flow.
+    # moving = the crop; fixed(p) = moving(p + flow(p)) -- the direction of every flow in alignkit; here
+    # written in the Middlebury (H, W, 2) x-then-y layout.
     rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
     fl = torch.from_numpy(flow)
     voxel = torch.stack([rows + fl[..., 1] + MARGIN, cols + fl[..., 0] + MARGIN])[None]  # (row, col) in `big`
@@ -48,8 +49,9 @@ def test_flow_preset_recovers_smooth_synthetic_flow() -> None:
     moving = big[0, :, MARGIN : MARGIN + H, MARGIN : MARGIN + W].permute(1, 2, 0).numpy()
 
     reg = alignkit.register(Image.from_array(fixed), Image.from_array(moving), preset="flow")
-    estimate = reg.flow()
-    assert estimate.shape == (H, W, 2)
+    found = reg.flow()
+    assert found.shape == (2, H, W)  # alignkit's flow: (rows, columns) first
+    estimate = xy_from_flow(found)  # the metrics' (H, W, 2) x, y layout
     # Pixels whose target p + flow(p) falls outside the moving crop have no data: score the inside.
     valid = np.zeros((H, W), dtype=np.uint8)
     valid[4 : H - 4, 4 : W - 4] = 1

@@ -473,6 +473,32 @@ def test_flo_round_trip_and_errors(tmp_path: Path) -> None:
         write_flo(tmp_path / "b.flo", np.zeros((3, 3)))
 
 
+def test_flo_layout_converts_to_alignkit_flow_on_an_asymmetric_raster(tmp_path: Path) -> None:
+    """A .flo file is (H, W, 2) x then y; alignkit's flow is (2, H, W) rows then columns: the one
+    conversion (alignkit.spatial.xy_from_flow / flow_from_xy) swaps the components and moves them."""
+    from alignkit.errors import ShapeError
+    from alignkit.spatial import flow_from_xy, xy_from_flow
+
+    flow = np.zeros((2, 24, 37), np.float32)
+    flow[0], flow[1] = 2.0, -3.0  # (dy, dx)
+    flow[0, 5, 7] = 9.0  # one pixel, to pin where (row, column) lands
+    xy = xy_from_flow(flow)
+    assert xy.shape == (24, 37, 2) and xy.flags.c_contiguous
+    assert xy[0, 0].tolist() == [-3.0, 2.0] and xy[5, 7].tolist() == [-3.0, 9.0]
+    write_flo(tmp_path / "t.flo", xy)
+    back = flow_from_xy(read_flo(tmp_path / "t.flo"))
+    np.testing.assert_array_equal(back, flow)
+    assert back.dtype == np.float32 and back.flags.c_contiguous
+    as_tensor = xy_from_flow(torch.from_numpy(flow))  # torch in, torch out
+    assert isinstance(as_tensor, torch.Tensor) and torch.equal(flow_from_xy(as_tensor), torch.from_numpy(flow))
+    volume = np.random.default_rng(0).normal(size=(3, 4, 5, 6))  # 3D: (dz, dy, dx) <-> (x, y, z)
+    np.testing.assert_array_equal(xy_from_flow(volume)[1, 2, 3], volume[::-1, 1, 2, 3])
+    with pytest.raises(ShapeError, match="ndim"):
+        xy_from_flow(np.zeros((24, 37, 2)))
+    with pytest.raises(ShapeError, match="ndim"):
+        flow_from_xy(np.zeros((2, 24, 37)))
+
+
 def test_real_flow_files() -> None:
     flo = read_flo(need_data("flow/middlebury/RubberWhale/flow10.flo"))
     from PIL import Image as PILImage

@@ -26,7 +26,7 @@ from alignkit.evaluate.peers import PEERS
 from alignkit.evaluate.peers._common import apply_homogeneous, itk_layout, world_from_pixel, world_points
 from alignkit.evaluate.scoring import score_case
 from alignkit.image import Image
-from alignkit.spatial import Grid, sample_world
+from alignkit.spatial import Grid, sample_world, world_to_voxel_vectors
 
 THREADS = 2
 CROP = 32  # 2D matrix cases are cut from the centre of a larger image (see matrix_case_2d)
@@ -158,7 +158,7 @@ def smooth_case_2d(image: Image, amplitude: float, sigma: float, seed: int = 0, 
     valid = ndimage.binary_dilation(f > 0.1 * f.max(), iterations=3)
     valid[:margin] = valid[-margin:] = False
     valid[:, :margin] = valid[:, -margin:] = False
-    flow = (u / spacing).astype(np.float32)  # voxels of the fixed grid, world-axis order (x, y)
+    flow = world_to_voxel_vectors(displacement, grid)[0].numpy().astype(np.float32)  # alignkit's flow
     return Case("smooth2d", image, moving, kind="deformable", flow=flow, valid=valid)
 
 

@@ -16,7 +16,7 @@ from alignkit.image import Image
 from alignkit.io import read_image
 from alignkit.io.flo import read_flo
 from alignkit.solve import RegistrationConfig, StageConfig
-from alignkit.spatial import Grid, sample_world
+from alignkit.spatial import Grid, flow_from_xy, sample_world, xy_from_flow
 from alignkit.transforms import ComposedTransform, MatrixTransform
 
 
@@ -134,15 +134,85 @@ def test_save_apply_and_flow_convention(brain_slice, tmp_path):
     assert float((again.data - result.warped.data).abs().max()) < 1e-3 * float(moving.data.max()), float((again.data - result.warped.data).abs().max())
     assert manifest["files"] == {"linear": "affine.txt", "warp": "warp.nii.gz"}
 
-    # flow.flo: fixed pixel p samples the moving raster at p + flow(p) (x = column, y = row)
-    flow = read_flo(out / "flow.flo")
+    # result.flow(): fixed pixel p corresponds to the moving point at p + flow(p), written in pixels
+    # of the fixed grid (the grids differ here: 128 px of 2.01 against 256 px of 1), (row, column)
+    # order; flow.flo holds the same numbers as (x = column, y = row)
+    assert not moving.grid.same_as(brain_slice.grid)
+    flow = result.flow()
+    assert flow.shape == (2, *brain_slice.shape) and flow.dtype == np.float32
     rows, cols = 60, 70
-    fixed_world = brain_slice.grid.world_points()[0, :, rows, cols]
     moving_world = result.world_map()[0, :, rows, cols]
-    moving_voxel = (moving.grid.voxel_from_world.float() @ torch.cat([moving_world, torch.ones(1)]))[:2]
+    as_fixed_voxel = (brain_slice.grid.voxel_from_world.float() @ torch.cat([moving_world, torch.ones(1)]))[:2]
     fixed_voxel = torch.tensor([rows, cols], dtype=torch.float32)
-    np.testing.assert_allclose(flow[rows, cols], (moving_voxel - fixed_voxel).flip(0).numpy(), atol=1e-3)
-    del fixed_world
+    np.testing.assert_allclose(flow[:, rows, cols], (as_fixed_voxel - fixed_voxel).numpy(), atol=1e-3)
+    flo = read_flo(out / "flow.flo")
+    np.testing.assert_allclose(flo[rows, cols], flow[::-1, rows, cols], atol=1e-6)
+    np.testing.assert_array_equal(flow_from_xy(flo), flow)
+
+
+def test_flow_means_one_thing_on_an_asymmetric_raster(tmp_path):
+    """A known translation of a 24x37 raster, (dy, dx) = (2, -3): a loader's Case.flow (from a .flo
+    file), a generator's Case.flow, Registration.flow() and the saved flow.flo all agree -- (2, -3) in
+    array-axis order, (x, y) = (-3, 2) in the file -- and the scorer finds EPE 0 between them."""
+    from PIL import Image as PILImage
+
+    from alignkit.data.flow import MiddleburyDataset, StereoDataset
+    from alignkit.data.synthetic import random_smooth_deformation
+    from alignkit.evaluate.method import Prediction
+    from alignkit.evaluate.scoring import score_case
+    from alignkit.io.flo import write_flo
+    from alignkit.registration import Registration
+
+    shape, shift = (24, 37), np.array([2.0, -3.0], np.float32)  # (dy, dx)
+    expected = np.broadcast_to(shift.reshape(2, 1, 1), (2, *shape))
+    texture = (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8)
+    moving = texture[5:29, 5:42]
+    fixed = texture[7:31, 2:39]  # fixed(r, c) = moving(r + 2, c - 3)
+    assert np.array_equal(fixed[:22, 3:], moving[2:, :34])
+
+    # Registration.flow() of the true map (world x = column, y = row on a raster), and flow.flo
+    truth = MatrixTransform(torch.tensor([[1.0, 0.0, -3.0], [0.0, 1.0, 2.0], [0.0, 0.0, 1.0]]))
+    reg = Registration(Image.from_array(fixed.astype(np.float32)), Image.from_array(moving.astype(np.float32)), truth)
+    assert reg.flow().shape == (2, *shape) and reg.flow().dtype == np.float32
+    np.testing.assert_allclose(reg.flow(), expected, atol=1e-5)
+    warped = reg.warped.data[0].numpy()
+    np.testing.assert_allclose(warped[:22, 3:], fixed[:22, 3:], atol=1e-3)  # fixed(p) = moving(p + flow(p))
+    flo = read_flo(reg.save(tmp_path / "out", qc=False) / "flow.flo")
+    assert flo.shape == (*shape, 2)
+    np.testing.assert_allclose(flo, np.broadcast_to([-3.0, 2.0], (*shape, 2)), atol=1e-5)  # x, y
+    np.testing.assert_array_equal(flow_from_xy(flo), reg.flow())
+    np.testing.assert_array_equal(xy_from_flow(reg.flow()), flo)
+
+    # a loader's Case.flow, read from a .flo file written in the file's (x, y) layout
+    seq = tmp_path / "middlebury" / "seq"
+    seq.mkdir(parents=True)
+    PILImage.fromarray(fixed).save(seq / "frame10.png")
+    PILImage.fromarray(moving).save(seq / "frame11.png")
+    write_flo(seq / "flow10.flo", xy_from_flow(np.ascontiguousarray(expected)))
+    case = MiddleburyDataset(tmp_path / "middlebury")["seq"]
+    assert case.flow.shape == (2, *shape) and case.flow.dtype == np.float32
+    np.testing.assert_array_equal(case.flow, expected)
+    world = reg.world_map()[0].double().numpy()
+    assert score_case(case, Prediction(world_map=world))["epe"] == pytest.approx(0.0, abs=1e-5)
+    assert score_case(case, Prediction(world_map=case.fixed.grid.world_points()[0].double().numpy()))["epe"] == \
+        pytest.approx(math.hypot(2.0, 3.0), abs=1e-5)
+
+    # a stereo disparity d = 3 (left(x) = right(x - d)) is the flow (0, -3)
+    stereo = tmp_path / "stereo" / "pair"
+    stereo.mkdir(parents=True)
+    PILImage.fromarray(fixed).save(stereo / "a_left.png")
+    PILImage.fromarray(moving).save(stereo / "a_right.png")
+    np.save(stereo / "a_disp.npy", np.full(shape, 3.0, np.float32))
+    np.testing.assert_array_equal(StereoDataset(tmp_path / "stereo")["pair"].flow,
+                                  np.broadcast_to(np.array([0.0, -3.0], np.float32).reshape(2, 1, 1), (2, *shape)))
+
+    # a generator's Case.flow: a world translation (3, 3) on a grid whose x is minus the column and
+    # y is 1.5 x the row is 2 rows and -3 columns
+    grid = Grid.from_spacing(shape, (1.5, 1.0), direction=torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64))
+    image = Image(torch.from_numpy(moving.astype(np.float32))[None], grid)
+    synthetic = random_smooth_deformation(image, seed=0, translation=(3.0, 3.0), n_gaussians=0)
+    np.testing.assert_allclose(synthetic.flow, expected, atol=1e-5)
+    np.testing.assert_allclose(synthetic.fixed.data[0].numpy()[:22, 3:], fixed[:22, 3:], atol=1e-3)
 
 
 def test_points_follow_the_map(brain_slice):

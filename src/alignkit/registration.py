@@ -25,16 +25,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignkit.errors import ConfigError, InputError
+from alignkit.errors import InputError
 from alignkit.image import Image
 from alignkit.solve import normalize_intensity
 from alignkit.spatial import (
     Grid,
-    apply_matrix,
+    flow_from_world_map,
     jacobian_determinant,
     points_to_tensor,
     sample_world,
     tensor_to_points,
+    xy_from_flow,
 )
 from alignkit.transforms import Transform
 from alignkit.transforms.folder import save_transform
@@ -178,25 +179,20 @@ class Registration:
             return None
         return self.apply(self.moving_labels, labels=True)
 
-    # -- flow (2D) ------------------------------------------------------------------------------
+    # -- flow -----------------------------------------------------------------------------------
     @torch.no_grad()
     def flow(self) -> np.ndarray:
-        """2D only: displacement in pixels on the fixed grid, ``(H, W, 2)`` x then y, Middlebury
-        convention ``fixed(p) ≈ moving(p + flow(p))``; x is the last array axis (the column)."""
-        if self.fixed.ndim != 2:
-            raise ConfigError("flow is defined for 2D registrations only")
-        world = self.world_map()
-        moving_voxel = apply_matrix(self.moving.grid.voxel_from_world, world)[0].cpu()
-        fixed_voxel = self.fixed.grid.voxel_points(dtype=torch.float32)[0]
-        # Both voxel frames are (row, col); moving pixel coordinates are compared with fixed ones,
-        # which assumes the two rasters share a pixel frame (true for photographs and video frames).
-        disp = (moving_voxel - fixed_voxel).flip(0)
-        return disp.permute(1, 2, 0).numpy().astype(np.float32)
+        """The registration as a flow: ``(ndim, *fixed.shape)`` float32, voxels of the fixed grid,
+        array-axis order (``(dy, dx)`` in 2D), ``fixed(p) ≈ moving(p + flow(p))`` -- the one flow of
+        :mod:`alignkit.spatial` (2D and 3D). :func:`alignkit.spatial.xy_from_flow` gives the
+        ``(H, W, 2)`` x-then-y layout of ``flow.flo`` and OpenCV."""
+        return flow_from_world_map(self.world_map(), self.fixed.grid)[0].cpu().numpy().astype(np.float32)
 
     # -- saving ---------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, moving_suffix: str | None = None, qc: bool = True) -> Path:
         """Write warped image(s), ``transform/``, ``metrics.json``, ``qc.png`` (and ``flow.flo`` in
-        2D) into ``directory``. Files appear only once all of them are written."""
+        2D: :meth:`flow` in the file's ``(H, W, 2)`` x-then-y layout) into ``directory``. Files appear
+        only once all of them are written."""
         from alignkit.io import write_image
 
         directory = Path(directory)
@@ -219,7 +215,7 @@ class Registration:
             if self.fixed.ndim == 2:
                 from alignkit.io.flo import write_flo
 
-                write_flo(tmp / "flow.flo", self.flow())
+                write_flo(tmp / "flow.flo", xy_from_flow(self.flow()))  # the file's (H, W, 2) x, y
             if qc:
                 self._write_qc(tmp / "qc.png")
             for entry in tmp.iterdir():

@@ -9,11 +9,13 @@ in one direction and one frame only -- alignkit's (see :mod:`alignkit.spatial`):
 * points and matrices are in the **world frame** of the images (LPS mm for medical images; for a
   2D raster image the world frame *is* the pixel frame, ``x`` = column, ``y`` = row, pixel centres on
   integers), so a 3x3 homography of a photograph pair is in pixels;
-* a dense ``flow`` is in **voxels/pixels on the fixed grid**, components in world-axis order
-  (``x`` then ``y`` for a raster image), each world component divided by the voxel size along that
-  world axis (:attr:`alignkit.spatial.Grid.world_axis_spacing`):
-  ``fixed(p) ≈ moving(p + flow(p))`` (Middlebury's convention). Loaders convert each data set's own convention (e.g. homogr's B → A matrices, stereo
-  disparities ``left(x) = right(x - d)``) into these.
+* a dense ``flow`` is alignkit's one flow (stated in :mod:`alignkit.spatial`): ``(ndim, *fixed_shape)``
+  float32, **voxels of the fixed grid, array-axis order** (``(dy, dx)`` = (row, column) for a raster
+  image), ``fixed(p) ≈ moving(p + flow(p))``. A ``.flo`` file's ``(H, W, 2)`` x-then-y flow becomes
+  one through :func:`alignkit.spatial.flow_from_xy`.
+
+Loaders convert each data set's own convention (e.g. homogr's B → A matrices, ``.flo`` files' (x, y)
+layout, stereo disparities ``left(x) = right(x - d)``) into these.
 
 Most ground truth is *given*: the data set ships it, or a generator drew the transform. A few cases
 have none in their files; for them the truth was *measured* by registration, once, by
@@ -61,7 +63,8 @@ class Case:
     fixed_points, moving_points:
         ``(N, ndim)`` float64 world coordinates; row ``i`` of each is the same anatomical point (TRE).
     flow:
-        ``(ndim, *fixed_shape)`` float32 ground-truth displacement in voxels of the fixed grid.
+        ``(ndim, *fixed_shape)`` float32 ground-truth displacement in voxels of the fixed grid,
+        array-axis order, ``fixed(p) ≈ moving(p + flow(p))`` (the flow of :mod:`alignkit.spatial`).
     valid:
         ``(*fixed_shape)`` bool, where ``flow`` is known (``None``: everywhere).
     occluded:

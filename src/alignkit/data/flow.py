@@ -1,5 +1,8 @@
 """Optical-flow and stereo loaders: Middlebury, MPI-Sintel, the mmflow crops and rectified stereo pairs
 (disparity as a 1D flow). See :mod:`alignkit.data.datasets` for lookup by name.
+
+Every loader converts its files into ``Case.flow``'s one convention (:mod:`alignkit.spatial`):
+``(2, H, W)`` pixels of the fixed frame, array-axis order ``(dy, dx)``, ``fixed(p) ≈ moving(p + flow(p))``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from alignkit.data.base import CaseDataset, read, register, rglob
 from alignkit.data.case import Case
 from alignkit.errors import InputError
 from alignkit.image import Image
+from alignkit.spatial import flow_from_xy
 
 
 def _read_pillow_raster(path: Path) -> Image:
@@ -57,10 +61,12 @@ def _read_pfm(path: Path) -> np.ndarray:
 
 
 def _flow_case_arrays(flow_hw2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(H, W, 2)`` (x, y) flow with NaN unknown -> ``(2, H, W)`` float32 (0 where unknown), valid."""
+    """A ``.flo`` file's ``(H, W, 2)`` (x, y) flow with NaN unknown -> ``Case.flow`` ``(2, H, W)``
+    float32 in array-axis order (``(dy, dx)``, :func:`alignkit.spatial.flow_from_xy`; 0 where
+    unknown) and ``valid``."""
     valid = np.isfinite(flow_hw2).all(axis=-1)
     flow = np.where(valid[..., None], flow_hw2, 0.0).astype(np.float32)
-    return np.ascontiguousarray(np.moveaxis(flow, -1, 0)), valid
+    return flow_from_xy(flow), valid
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,7 +75,8 @@ def _flow_case_arrays(flow_hw2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @register("flow/middlebury")
 class MiddleburyDataset(CaseDataset):
     """Middlebury optical flow with public ground truth: ``<seq>/frame10.png`` (fixed) →
-    ``frame11.png`` (moving), ``flow10.flo`` as ``Case.flow``; unknown flow (> 1e9) is ``valid=False``.
+    ``frame11.png`` (moving), ``flow10.flo`` as ``Case.flow`` (converted from the file's (x, y) layout
+    to array-axis order); unknown flow (> 1e9) is ``valid=False``.
     Checked: warping frame11 by the flow gives a mean |error| of 1.4-4.3 grey levels against 5.7-17.8
     without warping (and 7.8-20.8 with the flow negated)."""
 
@@ -172,7 +179,8 @@ class MmflowCropsDataset(CaseDataset):
 @register("stereo")
 class StereoDataset(CaseDataset):
     """Rectified stereo pairs as 1D registration: left = fixed, right = moving. A disparity ``d`` means
-    ``left(x, y) = right(x - d, y)``, so ``Case.flow = (-d, 0)`` and unknown disparities (inf, or 0 in
+    ``left(x, y) = right(x - d, y)``, so ``Case.flow = (0, -d)`` (array-axis order: no row motion,
+    ``-d`` columns; see :mod:`alignkit.spatial`) and unknown disparities (inf, or 0 in
     an 8-bit PNG) are ``valid=False``; ``kind="stereo"``. Checked: warping the right image by the flow
     gives a mean |error| of 7.3 (motorcycle) / 7.8 (aloe) grey levels, against 45 / 36 with ``+d``
     and 37 / 33 unwarped; aloe's 8-bit ``aloeGT.png`` is in pixels (scale 1: 7.8 against 30-33 at
@@ -233,6 +241,6 @@ class StereoDataset(CaseDataset):
         fixed, moving = read(left), read(right)
         if disp.shape != fixed.shape:
             raise InputError(f"disparity {disp.shape} does not match the left image {fixed.shape}", disp_path)
-        flow = np.stack([-disp, np.zeros_like(disp)]).astype(np.float32)
+        flow = np.stack([np.zeros_like(disp), -disp]).astype(np.float32)  # (rows, columns)
         return Case(name=name, fixed=fixed, moving=moving, kind="stereo", flow=flow, valid=valid,
                     meta=self._meta(fixed=left, moving=right, disparity=disp_path))

@@ -4,7 +4,7 @@ Each generator takes a real :class:`~alignkit.image.Image` (optionally its label
 returns a :class:`~alignkit.data.case.Case` in the contract's direction: the **moving** image is the
 real image and the **fixed** image is the real image resampled through the true fixed → moving map
 ``φ`` (``fixed(x) = real(φ(x))``), so ``Case.matrix`` / ``Case.flow`` map fixed points to moving points
-and ``moving ∘ φ`` reproduces ``fixed``. Intensity generators (:func:`photometric`,
+and ``moving ∘ φ`` reproduces ``fixed`` (``Case.flow`` is a flow as :mod:`alignkit.spatial` defines it). Intensity generators (:func:`photometric`,
 :func:`modality_change`) change the moving image of a case (or of an identity pair) and keep its
 geometry.
 
@@ -38,7 +38,14 @@ from alignkit.data.case import Case
 from alignkit.data.datasets import CaseDataset
 from alignkit.errors import InputError, ShapeError
 from alignkit.image import Image
-from alignkit.spatial import Grid, apply_matrix, gaussian_blur, jacobian_determinant, sample_world
+from alignkit.spatial import (
+    Grid,
+    apply_matrix,
+    gaussian_blur,
+    jacobian_determinant,
+    sample_world,
+    world_to_voxel_vectors,
+)
 
 Seed = int | np.random.Generator | np.random.SeedSequence | Sequence[int] | None
 Range = tuple[float, float]
@@ -256,8 +263,9 @@ def random_smooth_deformation(
     ``translation`` and ``amplitude`` (each component of each bump's shift ``s_k``) in world units
     (pixels for a raster, mm for a volume); ``sigma`` the range of the bumps' standard deviations
     along their random principal axes, as a fraction of the image's mean world extent; centres
-    uniform over the image. ``Case.flow`` is the displacement in voxels of the fixed grid (world
-    component / grid spacing, as :func:`alignkit.evaluate.scoring.score_case` reads it) and
+    uniform over the image. ``Case.flow`` is the displacement as a flow of the fixed grid (voxels,
+    array-axis order: :func:`alignkit.spatial.world_to_voxel_vectors` of the world displacement; see
+    :mod:`alignkit.spatial`) and
     ``meta["jacobian_min"]`` the smallest Jacobian determinant of the map (a bump folds when its
     amplitude exceeds ~1.6 σ; the defaults stay far below).
     """
@@ -279,8 +287,7 @@ def random_smooth_deformation(
     identity = _points(image.grid)
     displacement = gaussian_mixture_displacement(identity, t, shifts, centres, covs)
     world = identity + displacement
-    spacing = image.grid.world_axis_spacing.to(torch.float32).view(1, ndim, *([1] * ndim))
-    flow = (displacement / spacing)[0].numpy()
+    flow = world_to_voxel_vectors(displacement, image.grid)[0].numpy()
     # the map is smooth on the scale of its bumps (σ >= a tenth of the image), so on big volumes every
     # second voxel is enough to find its smallest Jacobian, at an eighth of the cost
     stride = 2 if image.grid.numel > 1 << 21 else 1

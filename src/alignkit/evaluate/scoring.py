@@ -2,7 +2,8 @@
 
 One function for every method, so no tool is judged by its own code: the prediction's map (or
 matrix) is the only thing read from the method. Which metrics are computed depends on the ground
-truth the case carries (labels → Dice/HD95; points → TRE, and PCK in 2D; flow → EPE/Fl, and EPE over
+truth the case carries (labels → Dice/HD95; points → TRE, and PCK in 2D; flow → EPE/Fl of the map's
+flow against ``Case.flow``, both as :mod:`alignkit.spatial` defines a flow, and EPE over
 non-occluded pixels when occlusions are known; matrix → corner error, and success flags in 2D); the
 Jacobian statistics of the map (folds and their severity, Shen et al. 2019 Table 1; SDlogJ) are always
 reported. Inverse consistency (Shen et al. 2019 Fig. 7) needs the backward registration too, so it is not scored
@@ -21,7 +22,14 @@ import torch
 from alignkit.data.case import Case
 from alignkit.errors import ShapeError
 from alignkit.evaluate.method import Prediction
-from alignkit.spatial import Grid, apply_matrix, jacobian_determinant, sample_world
+from alignkit.spatial import (
+    Grid,
+    apply_matrix,
+    flow_from_world_map,
+    jacobian_determinant,
+    sample_world,
+    xy_from_flow,
+)
 
 PCK_THRESHOLDS_PX = (1.0, 3.0, 5.0)
 """PCK@k thresholds in pixels of the moving image (Zampieri et al. 2018 §4 uses absolute pixel thresholds)."""
@@ -111,14 +119,13 @@ def score_case(case: Case, prediction: Prediction) -> dict[str, Any]:
             for k in PCK_THRESHOLDS_PX:
                 scores[f"pck_{k:g}px"] = pck(mapped, case.moving_points, threshold=k * pixel)
     if case.flow is not None:
-        identity = grid.world_points(dtype=torch.float64)
-        # flow in voxels of the fixed grid, world-axis order (x, y): world displacement / voxel size
-        voxel_size = grid.world_axis_spacing.view(1, -1, *([1] * grid.ndim))
-        flow = ((world - identity) / voxel_size)[0].numpy()
+        # both as flows (voxels of the fixed grid, array-axis order; alignkit.spatial), handed to the
+        # metrics in their (H, W, 2) x-then-y layout
+        flow = flow_from_world_map(world, grid)[0].numpy()
         gt = np.asarray(case.flow, dtype=np.float64)
         valid = np.ones(grid.shape, bool) if case.valid is None else np.asarray(case.valid, bool)
         occluded = None if case.occluded is None else np.asarray(case.occluded, bool)
-        stats = flow_error_stats(np.moveaxis(flow, 0, -1), np.moveaxis(gt, 0, -1), valid, occluded)
+        stats = flow_error_stats(xy_from_flow(flow), xy_from_flow(gt), valid, occluded)
         scores.update(epe=stats["epe"], fl_all=stats["fl_all"], px1=stats["1px"], px3=stats["3px"])
         if occluded is not None:
             scores.update(epe_noc=stats["epe_noc"], epe_occ=stats["epe_occ"])

@@ -1,10 +1,12 @@
 """Optical-flow files: Middlebury ``.flo`` (read/write) and KITTI 16-bit PNG flow (read).
 
-Convention: a flow is a numpy array ``(H, W, 2)`` float32 of pixel displacements, component 0 = x
-(along columns), component 1 = y (along rows), from the first frame to the second -- the raster
-convention of :meth:`alignkit.spatial.Grid.raster_2d`, so ``flow[..., ::-1]`` moved to the channel
-axis is a world displacement on that grid. Unknown flow is ``NaN`` (``.flo`` stores it as values
-above 1e9); :func:`flow_valid_mask` gives the validity mask.
+Convention: these functions keep the *files'* layout -- a numpy array ``(H, W, 2)`` float32 of pixel
+displacements, component 0 = x (along columns), component 1 = y (along rows), from the first frame to
+the second: ``first(p) ≈ second(p + flow(p))``. alignkit's own flow (``Case.flow``,
+``Registration.flow()``, training pairs; stated in :mod:`alignkit.spatial`) is ``(2, H, W)`` in
+array-axis order ``(dy, dx)``, same units and direction; :func:`alignkit.spatial.flow_from_xy` and
+:func:`alignkit.spatial.xy_from_flow` are the one conversion between the two. Unknown flow is ``NaN``
+(``.flo`` stores it as values above 1e9); :func:`flow_valid_mask` gives the validity mask.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ PathLike = str | os.PathLike[str]
 
 
 def read_flo(path: PathLike) -> np.ndarray:
-    """Read a Middlebury ``.flo`` file -> ``(H, W, 2)`` float32 (x, y); unknown entries are NaN."""
+    """Read a Middlebury ``.flo`` file -> ``(H, W, 2)`` float32 (x, y); unknown entries are NaN.
+    :func:`alignkit.spatial.flow_from_xy` makes it an alignkit flow ``(2, H, W)``."""
     p = Path(path)
     if not p.is_file():
         raise InputError("file not found", path)
@@ -51,7 +54,8 @@ def read_flo(path: PathLike) -> np.ndarray:
 
 def write_flo(path: PathLike, flow: np.ndarray) -> None:
     """Write ``(H, W, 2)`` (x, y) flow as Middlebury ``.flo``, atomically; NaN/Inf entries are
-    written as unknown (1e10)."""
+    written as unknown (1e10). An alignkit flow ``(2, H, W)`` goes through
+    :func:`alignkit.spatial.xy_from_flow` first."""
     arr = np.asarray(flow, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[2] != 2 or min(arr.shape[:2]) < 1:
         raise InputError(f"flow must be (H, W, 2) with H, W >= 1, got {arr.shape}", path)
@@ -70,7 +74,8 @@ def flow_valid_mask(flow: np.ndarray) -> np.ndarray:
 
 
 def read_kitti_flow(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a KITTI flow PNG -> ``(flow (H, W, 2) float32 (x, y), valid (H, W) bool)``.
+    """Read a KITTI flow PNG -> ``(flow (H, W, 2) float32 (x, y), valid (H, W) bool)``
+    (:func:`alignkit.spatial.flow_from_xy` makes the flow an alignkit flow).
 
     The file is a 16-bit RGB PNG: R = u, G = v stored as ``value * 64 + 2**15``, B = valid flag.
     Decoded values are returned everywhere (as the KITTI devkit does); use ``valid`` to mask them.

@@ -18,8 +18,19 @@ Conventions
 * Frame conversions live in :mod:`alignkit.spatial.frames` and nowhere else: voxel <-> unit
   (``[-1, 1]`` per array axis) <-> ``grid_sample``'s normalised frame (:func:`voxel_to_normalized`,
   the only function that builds ``grid_sample`` grids) <-> pixel (components in reversed array-axis
-  order: OpenCV's ``x = column``) <-> world; pixel flows <-> world maps.
-* Fields predicted by networks are in voxels of their grid, array-axis order
+  order: OpenCV's ``x = column``) <-> world; flows <-> world maps; flows <-> ``.flo`` layout.
+* A **flow** -- the one meaning of the word everywhere in alignkit (``Case.flow``, the ``flow`` of
+  training pairs, :meth:`Registration.flow() <alignkit.registration.Registration.flow>`, the
+  displacement fields networks predict) -- is ``(ndim, *S)`` float32 on the fixed grid of shape
+  ``S``: a displacement **in voxels of the fixed grid**, components in **array-axis order**
+  (``(dy, dx)`` = (row, column) in 2D, ``(dz, dy, dx)`` in 3D), **fixed → moving**:
+  ``fixed(p) ≈ moving(p + flow(p))``, where ``p + flow(p)`` is a moving point written in the fixed
+  grid's voxel coordinates (the moving image read through the world identity).
+  :func:`flow_from_world_map` / :func:`world_map_from_flow` convert it to and from a world map, and
+  world vectors are :func:`voxel_to_world_vectors` of it. Middlebury ``.flo`` files, OpenCV and the
+  flow metrics use ``(H, W, 2)`` with components x (column) then y (row), same units and direction:
+  :func:`xy_from_flow` / :func:`flow_from_xy` are the one conversion to and from that layout.
+* Fields predicted by networks are flows of their own grid
   (:func:`rescale_voxel_displacement` moves them between corner-aligned grids).
 """
 
@@ -27,6 +38,8 @@ from alignkit.spatial.bspline import cubic_bspline, cubic_bspline_taps
 from alignkit.spatial.filters import box_sum, gaussian_blur, gaussian_kernel1d, separable_filter
 from alignkit.spatial.frames import (
     apply_matrix,
+    flow_from_world_map,
+    flow_from_xy,
     homogeneous,
     normalized_from_voxel,
     pixel_flow_from_world_map,
@@ -38,9 +51,11 @@ from alignkit.spatial.frames import (
     voxel_to_normalized,
     voxel_to_world_vectors,
     world_from_pixel,
+    world_map_from_flow,
     world_map_from_pixel_flow,
     world_matrix_from_pixel_matrix,
     world_to_voxel_vectors,
+    xy_from_flow,
 )
 from alignkit.spatial.grid import Grid
 from alignkit.spatial.jacobian import (
@@ -69,6 +84,8 @@ __all__ = [
     "cubic_bspline",
     "cubic_bspline_taps",
     "downsample",
+    "flow_from_world_map",
+    "flow_from_xy",
     "gaussian_blur",
     "gaussian_kernel1d",
     "gaussian_pyramid",
@@ -97,7 +114,9 @@ __all__ = [
     "voxel_to_normalized",
     "voxel_to_world_vectors",
     "world_from_pixel",
+    "world_map_from_flow",
     "world_map_from_pixel_flow",
     "world_matrix_from_pixel_matrix",
     "world_to_voxel_vectors",
+    "xy_from_flow",
 ]

@@ -15,17 +15,27 @@ Frames (for a grid of array shape ``shape``, ``ndim = len(shape)``):
 * **world** -- ``grid.world_from_voxel @ voxel`` (LPS, see :mod:`alignkit.spatial.grid`).
 
 Matrices are homogeneous ``(ndim + 1, ndim + 1)`` and named ``target_from_source``.
+
+A **flow** (the one meaning of the word in alignkit, stated in :mod:`alignkit.spatial`) is
+``(ndim, *S)``: voxels of the fixed grid, array-axis order, ``fixed(p) ≈ moving(p + flow(p))``.
+:func:`flow_from_world_map` / :func:`world_map_from_flow` convert it to and from a world map, and
+:func:`xy_from_flow` / :func:`flow_from_xy` to and from the Middlebury ``.flo`` / OpenCV layout
+``(*S, ndim)`` with components ``(x, y[, z])``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from alignkit.errors import ShapeError
 from alignkit.spatial.grid import Grid
+
+ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
 
 
 def apply_matrix(matrix: Tensor, points: Tensor) -> Tensor:
@@ -162,13 +172,71 @@ def world_matrix_from_pixel_matrix(pixel_matrix: Tensor, fixed_grid: Grid, movin
     return world / world[ndim, ndim]
 
 
+def flow_from_world_map(world_map: Tensor, fixed_grid: Grid) -> Tensor:
+    """World map ``(B, ndim, *fixed_grid.shape)`` (moving world points) -> flow ``(B, ndim, *S)``.
+
+    Convention: the flow of :mod:`alignkit.spatial` -- voxels of the fixed grid, array-axis order,
+    ``fixed(p) ≈ moving(p + flow(p))``: ``p + flow(p)`` is the moving world point ``world_map(p)``
+    written in the fixed grid's voxel coordinates (the moving image is read through the world
+    identity, as on a network grid). Same dtype and device as ``world_map``. Inverse of
+    :func:`world_map_from_flow`.
+    """
+    if tuple(world_map.shape[2:]) != fixed_grid.shape or world_map.shape[1] != fixed_grid.ndim:
+        raise ShapeError(f"world map {tuple(world_map.shape)} does not live on {fixed_grid}: expected "
+                         f"(B, {fixed_grid.ndim}, *{fixed_grid.shape})")
+    voxel = apply_matrix(fixed_grid.voxel_from_world, world_map)
+    return voxel - fixed_grid.voxel_points(dtype=voxel.dtype, device=voxel.device)
+
+
+def world_map_from_flow(flow: Tensor, fixed_grid: Grid) -> Tensor:
+    """Flow ``(B, ndim, *fixed_grid.shape)`` -> world map (moving world points), the inverse of
+    :func:`flow_from_world_map`.
+
+    Convention: see :func:`flow_from_world_map`.
+    """
+    if tuple(flow.shape[2:]) != fixed_grid.shape or flow.shape[1] != fixed_grid.ndim:
+        raise ShapeError(f"flow {tuple(flow.shape)} does not live on {fixed_grid}: expected "
+                         f"(B, {fixed_grid.ndim}, *{fixed_grid.shape})")
+    identity = fixed_grid.voxel_points(dtype=flow.dtype, device=flow.device)
+    return apply_matrix(fixed_grid.world_from_voxel, identity + flow)
+
+
+def xy_from_flow(flow: ArrayT) -> ArrayT:
+    """A flow ``(ndim, *S)`` (array-axis order) -> the Middlebury ``.flo`` / OpenCV layout
+    ``(*S, ndim)``, components ``(x, y[, z])`` (``x`` = last array axis, the column).
+
+    Convention: the one conversion between alignkit's flow (:mod:`alignkit.spatial`) and the files
+    and tools that store ``(H, W, 2)`` x-then-y flows; units (voxels of the fixed grid) and
+    direction (``fixed(p) ≈ moving(p + flow(p))``) are the same in both. numpy in, numpy out
+    (contiguous); torch in, torch out. Inverse of :func:`flow_from_xy`.
+    """
+    if flow.ndim < 2 or flow.shape[0] != flow.ndim - 1:
+        raise ShapeError(f"a flow is (ndim, *spatial) with ndim = number of spatial axes, got {tuple(flow.shape)}")
+    if isinstance(flow, Tensor):
+        return flow.flip(0).movedim(0, -1)
+    return np.ascontiguousarray(np.moveaxis(flow[::-1], 0, -1))
+
+
+def flow_from_xy(xy: ArrayT) -> ArrayT:
+    """The Middlebury ``.flo`` / OpenCV layout ``(*S, ndim)``, components ``(x, y[, z])`` -> a flow
+    ``(ndim, *S)`` in array-axis order; the inverse of :func:`xy_from_flow` (same convention)."""
+    if xy.ndim < 2 or xy.shape[-1] != xy.ndim - 1:
+        raise ShapeError(f"an (x, y[, z]) flow is (*spatial, ndim) with ndim = number of spatial axes, "
+                         f"got {tuple(xy.shape)}")
+    if isinstance(xy, Tensor):
+        return xy.movedim(-1, 0).flip(0)
+    return np.ascontiguousarray(np.moveaxis(xy, -1, 0)[::-1])
+
+
 def world_map_from_pixel_flow(flow: Tensor, fixed_grid: Grid, moving_grid: Grid) -> Tensor:
-    """Pixel flow ``(B, ndim, *fixed_grid.shape)`` -> world map ``(B, ndim, *S)`` (moving world points).
+    """Pixel flow ``(B, ndim, *fixed_grid.shape)`` -> world map ``(B, ndim, *S)`` (moving world points),
+    for tools that measure the flow between the two rasters' own pixel frames (OpenCV on two images).
 
     Convention: ``flow`` is in pixels, components in pixel order (``dx, dy[, dz]``), and fixed
-    pixel ``p`` matches moving pixel ``p + flow(p)`` (Middlebury: ``fixed(p) ≈ moving(p + flow(p))``);
-    the two rasters are assumed to share a pixel frame, as photographs and video frames do.
-    Inverse of :func:`pixel_flow_from_world_map`.
+    pixel ``p`` matches *moving* pixel ``p + flow(p)`` (Middlebury's ``fixed(p) ≈ moving(p + flow(p))``);
+    the two rasters are assumed to share a pixel frame, as photographs and video frames do. When
+    both grids are the same, this is :func:`world_map_from_flow` of :func:`reverse_components`
+    of ``flow`` (alignkit's flow, see :mod:`alignkit.spatial`). Inverse of :func:`pixel_flow_from_world_map`.
     """
     if tuple(flow.shape[2:]) != fixed_grid.shape or flow.shape[1] != fixed_grid.ndim:
         raise ShapeError(f"flow {tuple(flow.shape)} does not live on {fixed_grid}")
@@ -181,7 +249,7 @@ def pixel_flow_from_world_map(world_map: Tensor, fixed_grid: Grid, moving_grid: 
     """World map ``(B, ndim, *fixed_grid.shape)`` -> pixel flow (same layout), the inverse of
     :func:`world_map_from_pixel_flow`.
 
-    Convention: see :func:`world_map_from_pixel_flow`.
+    Convention: see :func:`world_map_from_pixel_flow`; alignkit's own flow is :func:`flow_from_world_map`.
     """
     if tuple(world_map.shape[2:]) != fixed_grid.shape or world_map.shape[1] != fixed_grid.ndim:
         raise ShapeError(f"world map {tuple(world_map.shape)} does not live on {fixed_grid}")

@@ -94,20 +94,6 @@ class Grid:
         return torch.linalg.norm(self.world_from_voxel[: self.ndim, : self.ndim], dim=0)
 
     @property
-    def world_axis_spacing(self) -> Tensor:
-        """Voxel size along each *world* axis (float64, world-axis order): for world axis ``k``, the
-        spacing of the array axis whose direction lies closest to it.
-
-        It converts a world displacement into "voxels, world-axis order" -- the unit of dense flow
-        ground truth (``Case.flow``): on a raster image (x = column) it is ``(column, row)`` spacing,
-        whereas :attr:`spacing` is in array-axis order ``(row, column)``.
-        """
-        linear = self.world_from_voxel[: self.ndim, : self.ndim]
-        directions = linear / self.spacing  # unit column per array axis
-        closest_array_axis = directions.abs().argmax(dim=1)  # for each world axis (row)
-        return self.spacing[closest_array_axis]
-
-    @property
     def numel(self) -> int:
         n = 1
         for s in self.shape:

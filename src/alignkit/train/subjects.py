@@ -42,6 +42,7 @@ from alignkit.spatial import (
     resize_image,
     sample_world,
     tensor_to_points,
+    voxel_to_world_vectors,
 )
 
 PrealignName = Literal["affine", "rigid"]
@@ -331,8 +332,8 @@ def dataset_data(source: str | os.PathLike, *, layout: str | None = None) -> Raw
 def case_truth(case: Any) -> dict[str, Any]:
     """A case's ground truth as training needs it, in world units: ``matrix`` (fixed world → moving
     world, float64) and/or ``displacement`` (world vectors ``(1, ndim, *S)`` on ``grid``, the fixed
-    grid; from ``Case.flow``, voxels in world-axis order) with ``valid`` (``(1, 1, *S)``, where the
-    flow is known)."""
+    grid: :func:`~alignkit.spatial.voxel_to_world_vectors` of ``Case.flow``, a flow as
+    :mod:`alignkit.spatial` defines it) with ``valid`` (``(1, 1, *S)``, where the flow is known)."""
     truth: dict[str, Any] = {}
     if case.matrix is not None:
         truth["matrix"] = torch.as_tensor(case.matrix, dtype=torch.float64)
@@ -342,8 +343,7 @@ def case_truth(case: Any) -> dict[str, Any]:
         valid = torch.isfinite(flow).all(1, keepdim=True) & (flow.abs() < 1e6).all(1, keepdim=True)
         if case.valid is not None:
             valid &= torch.as_tensor(case.valid, dtype=torch.bool)[None, None]
-        spacing = grid.world_axis_spacing.view(1, -1, *([1] * grid.ndim))
-        truth["displacement"] = torch.where(valid, flow, torch.zeros_like(flow)) * spacing
+        truth["displacement"] = voxel_to_world_vectors(torch.where(valid, flow, torch.zeros_like(flow)), grid)
         truth["valid"] = valid
         truth["grid"] = grid
     return truth

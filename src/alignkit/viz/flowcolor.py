@@ -1,7 +1,9 @@
 """Optical-flow colour coding with the Middlebury colour wheel (Baker et al., IJCV 2011).
 
-Convention: a flow is ``(H, W, 2)`` with components ``(x, y)`` = (column, row) displacement in pixels
-(y points *down* the image). The hue encodes the direction and the saturation the magnitude relative
+Convention: the flow is taken in the Middlebury layout ``(H, W, 2)`` with components ``(x, y)`` =
+(column, row) displacement in pixels (y points *down* the image); an alignkit flow ``(2, H, W)``
+(``Case.flow``, ``Registration.flow()``; see :mod:`alignkit.spatial`) goes through
+:func:`alignkit.spatial.xy_from_flow` first. The hue encodes the direction and the saturation the magnitude relative
 to ``max_magnitude``: zero flow is white, ``+x`` red, ``+y`` (down) yellow-orange, ``-x`` cyan,
 ``-y`` blue-violet. Magnitudes beyond ``max_magnitude`` are darkened to 75 %. Unknown pixels (NaN or a
 component above ``1e9``) are black. This reproduces the reference ``computeColor.m`` /
