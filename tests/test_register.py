@@ -215,6 +215,22 @@ def test_flow_means_one_thing_on_an_asymmetric_raster(tmp_path):
     np.testing.assert_allclose(synthetic.fixed.data[0].numpy()[:22, 3:], fixed[:22, 3:], atol=1e-3)
 
 
+def test_flow_of_a_3d_registration_is_in_voxels_of_the_fixed_grid():
+    """Registration.flow() is 3D too: a world translation on an anisotropic volume whose world axes
+    are a permutation of its array axes comes back in voxels, array-axis order."""
+    from alignkit.registration import Registration
+
+    direction = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    grid = Grid.from_spacing((5, 6, 7), (2.0, 1.0, 0.5), direction=direction)  # x = axis 2, z = axis 0
+    image = Image(torch.rand(1, 5, 6, 7), grid)
+    shift = torch.eye(4)
+    shift[:3, 3] = torch.tensor([1.0, -3.0, 4.0])  # world (x, y, z)
+    flow = Registration(image, image, MatrixTransform(shift)).flow()
+    assert flow.shape == (3, 5, 6, 7) and flow.dtype == np.float32
+    expected = np.array([4.0 / 2.0, -3.0 / 1.0, 1.0 / 0.5]).reshape(3, 1, 1, 1)  # (axis 0, 1, 2) in voxels
+    np.testing.assert_allclose(flow, np.broadcast_to(expected, flow.shape), atol=1e-5)
+
+
 def test_points_follow_the_map(brain_slice):
     moving = read_image(_r64())
     result = alignkit.register(brain_slice, moving, config=tiny_config(), seed=0)
