@@ -4,9 +4,9 @@ Each generator takes a real :class:`~alignkit.image.Image` (optionally its label
 returns a :class:`~alignkit.data.case.Case` in the contract's direction: the **moving** image is the
 real image and the **fixed** image is the real image resampled through the true fixed → moving map
 ``φ`` (``fixed(x) = real(φ(x))``), so ``Case.matrix`` / ``Case.flow`` map fixed points to moving points
-and ``moving ∘ φ`` reproduces ``fixed`` (``Case.flow`` is a flow as :mod:`alignkit.spatial` defines it). Intensity generators (:func:`photometric`,
-:func:`modality_change`) change the moving image of a case (or of an identity pair) and keep its
-geometry.
+and ``moving ∘ φ`` reproduces ``fixed`` (``Case.flow`` is a flow as :mod:`alignkit.spatial` defines
+it). Intensity generators (:func:`photometric`, :func:`modality_change`) change the moving image of a
+case (or of an identity pair) and keep its geometry.
 
 * :func:`random_affine` -- rotation, per-axis scale, shear and translation about the image centre;
 * :func:`random_homography` -- the four image corners moved by up to ``corner_displacement`` pixels
