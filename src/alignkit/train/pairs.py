@@ -11,8 +11,9 @@ Items are dicts of CPU tensors (what the default collate stacks):
   get empty maps);
 * ``flow`` (synthetic pairs, and a data set's own cases with a true field): ``(ndim, *size)``
   float32, the true displacement in voxels of the network grid, **array-axis order**, fixed →
-  moving: ``fixed(p) = moving(p + flow(p))`` -- the one meaning of "flow" in training (a case's
-  ``flow_mask`` ``(1, *size)`` says where it is known);
+  moving: ``fixed(p) = moving(p + flow(p))`` -- alignkit's one meaning of "flow" (stated in
+  :mod:`alignkit.spatial`), here on the network grid (a case's ``flow_mask`` ``(1, *size)`` says
+  where it is known);
 * ``matrix`` (synthetic affine pairs, and cases with a true matrix): ``(ndim+1, ndim+1)`` float32,
   fixed network voxels → moving network voxels (homogeneous; a homography's last row is not
   ``[0 ... 0 1]``), the linear counterpart of ``flow``;
