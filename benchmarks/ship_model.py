@@ -149,7 +149,7 @@ def export(run_dir: Path, out: Path) -> dict[str, Any]:
     """Write the shipped checkpoint (float16 weights only) and check it against the run's model."""
     import torch
 
-    from alignkit.train import load
+    from alignkit.methods import load_model as load
     from alignkit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
     state = load_checkpoint(run_dir)
@@ -157,14 +157,17 @@ def export(run_dir: Path, out: Path) -> dict[str, Any]:
         key: value.to(torch.float16) if value.is_floating_point() else value
         for key, value in state["model"].items()
     }
-    save_checkpoint(out, {"method": state["method"], "network": state["network"], "model": model})
+    # the network specs by name (a run of a one-network method written before several networks
+    # were possible stores its one spec as "network")
+    networks = state.get("networks") or {"network": state["network"]}
+    save_checkpoint(out, {"method": state["method"], "networks": networks, "model": model})
     size = out.stat().st_size
     log(f"exported {rel(out)}: {size} bytes ({size / 2**20:.3f} MiB)")
     assert size <= MAX_BYTES, f"{out} is {size} bytes, over the 2 MiB a shipped model may take"
 
     back = load_checkpoint(out)
-    assert set(back) == {"format", "version", "method", "network", "model"}, sorted(back)
-    assert back["method"] == state["method"] and back["network"] == state["network"]
+    assert set(back) == {"format", "version", "method", "networks", "model"}, sorted(back)
+    assert back["method"] == state["method"] and back["networks"] == networks
     assert all(v.dtype == torch.float16 for v in back["model"].values() if v.is_floating_point())
     original, shipped = load(run_dir), load(out)  # load() copies the float16 weights into float32
     assert all(v.dtype == torch.float32 for v in shipped.state_dict().values() if v.is_floating_point())
@@ -172,8 +175,8 @@ def export(run_dir: Path, out: Path) -> dict[str, Any]:
     # one pair on the network grid: the run's two validation subjects, pre-aligned as in training
     fixed, moving = network_pair(run_dir)
     with torch.no_grad():
-        a = original(fixed, moving)["displacement"]
-        b = shipped(fixed, moving)["displacement"]
+        a = original({"fixed": fixed, "moving": moving})["displacement"]
+        b = shipped({"fixed": fixed, "moving": moving})["displacement"]
     diff = (a - b).abs()
     check = {
         "pair": "validation pair on the network grid (fp32 run model vs fp32-cast float16 model)",
