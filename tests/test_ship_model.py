@@ -1,0 +1,54 @@
+"""The shipped model and its card agree (benchmarks/ship_model.py wrote both; nothing is trained here)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.train.checkpoint import load_checkpoint
+
+MODELS = Path(__file__).resolve().parents[1] / "src" / "alignkit" / "methods" / "models"
+CARDS = sorted(MODELS.glob("*.card.json"))
+
+
+def test_there_is_a_shipped_model() -> None:
+    assert (MODELS / "voxelmorph_oasis3d.card.json") in CARDS
+
+
+@pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.name.removesuffix(".card.json"))
+def test_card_matches_its_model(card_path: Path) -> None:
+    card = json.loads(card_path.read_text())
+    name = card_path.name.removesuffix(".card.json")
+    model = MODELS / f"{name}.pt"
+    recipe = MODELS / f"{name}.recipe.json"
+    assert card["name"] == name
+    assert model.is_file() and recipe.is_file()
+    assert card["recipe"].endswith(recipe.name)
+
+    data = model.read_bytes()
+    assert card["file_bytes"] == len(data) <= 2 * 1024 * 1024
+    assert card["file_sha256"] == hashlib.sha256(data).hexdigest()
+
+    state = load_checkpoint(model)
+    assert set(state) == {"format", "version", "method", "networks", "model"}
+    assert state["method"]["name"] == card["method"] == json.loads(recipe.read_text())["method"]
+    config = state["method"]["config"]
+    assert config["ndim"] == card["dimensions"]
+    assert list(config["size"]) == list(card["input_size"])
+    assert config["prealign"] == card["prealignment"]
+    floating = [t for t in state["model"].values() if t.is_floating_point()]
+    assert floating and all(t.dtype == torch.float16 for t in floating)
+    assert sum(t.numel() for t in state["model"].values()) == card["parameters"]
+
+    # the card's scores are on subjects the recipe neither trained nor validated on
+    data_card = card["training_data"]
+    assert data_card["held_out_subjects"]
+    assert not set(data_card["held_out_subjects"]) & set(
+        data_card["training_subjects"] + data_card["validation_subjects"]
+    )
+    for pair in card["held_out"]["pairs"]:
+        assert {pair["fixed"], pair["moving"]} <= set(data_card["held_out_subjects"])
