@@ -9,7 +9,7 @@ A recipe is ``src/alignkit/methods/models/NAME.recipe.json``: an ``alignkit trai
    the tree was dirty), the date and the wall time in ``RUN/ship_train.json``;
 2. exports the run's last checkpoint as ``src/alignkit/methods/models/NAME.pt``: an alignkit
    checkpoint (:func:`alignkit.train.checkpoint.save_checkpoint`) holding only the method record,
-   the network spec and the state dict with every floating tensor cast to float16 (no optimizer,
+   the network specs by name (``networks``) and the state dict with every floating tensor cast to float16 (no optimizer,
    RNG or history), at most 2 MiB; checks that it loads back and that the fp32-cast model predicts
    the same displacement as the run's fp32 model on one pair;
 3. scores it at full resolution on the subjects of the data set that the recipe neither trains on
@@ -196,6 +196,7 @@ def export(run_dir: Path, out: Path) -> dict[str, Any]:
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
         "parameters": int(sum(v.numel() for v in model.values())),
         "ndim": state["method"]["config"].get("ndim"),
+        "stored_keys": sorted(back),
         "run_checkpoint_bytes": find_checkpoint(run_dir).stat().st_size,
         "fp16_check": check,
     }
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         "file": shipped["path"],
         "file_bytes": shipped["bytes"],
         "file_sha256": shipped["sha256"],
-        "storage": "alignkit checkpoint (model.pt container), method record + network spec + float16 state dict",
+        "storage": "alignkit checkpoint (torch .pt container, read by alignkit.train.checkpoint.load_checkpoint)"
+        f" holding {', '.join(shipped['stored_keys'])}; every floating tensor float16",
         "parameters": shipped["parameters"],
         "training_data": {
             **data_provenance(config["dataset"]),
@@ -406,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "fp16_check": shipped["fp16_check"],
         "alignkit_version": package_version("alignkit"),
+        # export and held-out scoring ran here (the same process as training unless --score-only)
+        "scored_commit": git("rev-parse", "--short", "HEAD"),
+        "scored_tree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "scored_alignkit_source": str(Path(importlib.util.find_spec("alignkit").origin).parent),
         "torch": torch.__version__,
         "date": dt.datetime.now(dt.timezone.utc).date().isoformat(),
     }
