@@ -283,6 +283,14 @@ def score(config: dict[str, Any], held_out: list[str], shipped: Path, threads: i
 
 
 # -- 4. the card ------------------------------------------------------------------------------------
+def weights_licence(data_licence: str | None) -> str:
+    """The terms the shipped weights are offered under: those of the training data when it restricts
+    use (NC) or derivatives (SA), else the package's own licence."""
+    if data_licence and any(tag in data_licence for tag in ("NC", "SA")):
+        return f"{data_licence}, as the training data (weights derived from them)"
+    return "Apache-2.0 (the package's licence)"
+
+
 def data_provenance(name: str) -> dict[str, Any]:
     """Source and licence of a data set as its README table row and its licence file state them."""
     root = data_root()
@@ -377,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             "split": f"{len(training) + len(validation) + len(held_out)} subjects in the data set: "
             f"{len(training)} train, {len(validation)} validate, {len(held_out)} held out (scored below)",
         },
+        # trained weights derive from their data: a NonCommercial / ShareAlike data licence carries over
+        "weights_licence": weights_licence(data_provenance(config["dataset"]).get("licence")),
         "recipe": rel(recipe),
         "training_config": state_method,
         "command": f"python benchmarks/ship_model.py --recipe {args.recipe} --threads {trained['threads']}",
