@@ -18,7 +18,7 @@ from alignkit.image import Image
 from alignkit.methods.shipped import MAX_BYTES, get_shipped, shipped_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
-from make_golden import volume  # noqa: E402
+from make_golden import volume
 
 SHIPPED = get_shipped("voxelmorph_oasis3d")
 

@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignkit.errors import ConfigError
-from alignkit.solve.config import FIELD_MODELS, LINEAR_MODELS, RegistrationConfig, StageConfig, load_config_file
+from alignkit.solve.config import (
+    FIELD_MODELS,
+    LINEAR_MODELS,
+    RegistrationConfig,
+    StageConfig,
+    load_config_file,
+)
 
 
 def _brain() -> RegistrationConfig:
