@@ -28,7 +28,7 @@ CLI = {
                                               "--moving-landmarks", "--no-qc", "--output", "--preset", "--refine",
                                               "--similarity", "--transform", "-o"])),
     "train": ([], sorted([*COMMON, "--batch-size", "--config", "--dataset", "--epochs", "--layout", "--lr",
-                          "--method", "--output", "--pairs", "--prealign", "--recipe", "--resume", "--size",
+                          "--init-from", "--method", "--output", "--pairs", "--prealign", "--recipe", "--resume", "--size", "--stage",
                           "--subjects", "--val-subjects", "--workers", "-o"])),
 }
 

@@ -118,6 +118,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     tr.add_argument("--method", help="learned method of `alignkit methods` (default: voxelmorph)")
     tr.add_argument("--recipe", help="train a shipped model again from its committed recipe (e.g. voxelmorph_oasis3d)")
+    tr.add_argument("--stage", help="train only these stages of the method, comma-separated (e.g. affine or vsvf "
+                    "for avsm; default: all)")
+    tr.add_argument("--init-from", help="checkpoint or RUNDIR whose weights start the training (e.g. a trained "
+                    "affine stage under --stage vsvf)")
     tr.add_argument("--dataset", help="data set name (a folder name of the shared data) or a folder of images")
     tr.add_argument("--layout", help="layout of a --dataset folder; 'folder' reads it as a plain folder of images")
     tr.add_argument(
@@ -233,6 +237,7 @@ def _train(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "size": args.size, "lr": args.lr, "pairs": args.pairs,
         "subjects": args.subjects, "val_subjects": args.val_subjects,
         "prealign": args.prealign, "num_workers": args.workers, "device": args.device, "seed": args.seed,
+        "stages": args.stage, "init_from": args.init_from,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.quiet:

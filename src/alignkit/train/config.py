@@ -22,7 +22,10 @@ class TrainConfig:
     16, 16]}``); ``networks`` overrides the specs of several by name (``{"affine": {...}, "field":
     {...}}``); ``method_options`` go to the method (``similarity``, ``regularizer_weight``,
     ``dice_weight`` ...). ``stage_epochs`` sets the epochs of the method's training stages by name
-    (default: each stage's own, else ``epochs``).
+    (default: each stage's own, else ``epochs``); ``stages`` runs only some of them (a name selects
+    that stage and those named ``<name>-...``: ``["affine"]`` runs ``affine-1step`` and ``affine``);
+    ``init_from`` (a checkpoint file or run folder) initialises the weights, e.g. a field stage
+    trained on top of an earlier run's affine network.
     ``pairs="auto"`` trains on the data set's own pairs when it defines them (flow, multimodal),
     else on inter-subject pairs when it has two images or more, else on synthetic deformations.
     ``layout="folder"`` reads ``dataset`` as a plain folder of images (labels ``<stem>_seg``).
@@ -40,6 +43,8 @@ class TrainConfig:
     network: dict[str, Any] = field(default_factory=dict)
     networks: dict[str, dict[str, Any]] = field(default_factory=dict)
     stage_epochs: dict[str, int] = field(default_factory=dict)
+    stages: list[str] | None = None
+    init_from: str | None = None
     dataset: str | None = None
     layout: str | None = None
     subjects: list[str] | None = None
@@ -77,6 +82,10 @@ class TrainConfig:
             self.size = [self.size]
         else:
             self.size = [int(v) for v in self.size]
+        if isinstance(self.stages, str):  # "affine,vsvf" or "all" from a command line
+            self.stages = [v.strip() for v in self.stages.split(",") if v.strip()]
+        if self.stages is not None and (not self.stages or "all" in self.stages):
+            self.stages = None
         for name in ("subjects", "val_subjects"):
             value = getattr(self, name)
             if isinstance(value, str):  # "r27*,r30*" from a command line

@@ -150,6 +150,14 @@ def plan_stages(method: TrainableMethod, config: TrainConfig) -> list[_Stage]:
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{method.method_name}: training stage names repeat: {names}")
+    if config.stages is not None:
+        def selected(name: str) -> bool:
+            return any(name == pick or name.startswith(f"{pick}-") for pick in config.stages or ())
+
+        unknown_picks = [pick for pick in config.stages if not any(n == pick or n.startswith(f"{pick}-") for n in names)]
+        if unknown_picks:
+            raise ConfigError(f"{method.method_name} has no training stage {unknown_picks[0]!r}; its stages: {names}")
+        specs = [s for s in specs if selected(s.name)]
     unknown = sorted(set(config.stage_epochs) - set(names))
     if unknown:
         raise ConfigError(f"stage_epochs names unknown stages {unknown}; {method.method_name}'s stages: {names}")
@@ -380,6 +388,12 @@ def _train(
         method.label_ids = label_ids  # type: ignore[attr-defined]
     if state is not None:
         method.load_state_dict(state["model"])
+    elif cfg.init_from:
+        initial = load_checkpoint(cfg.init_from)
+        if initial.get("method", {}).get("name") != method.method_name:
+            raise ConfigError(f"init_from {cfg.init_from} holds a {initial.get('method', {}).get('name')!r} model, "
+                              f"not {method.method_name!r}")
+        method.load_state_dict(initial["model"])  # float16 (shipped) weights are cast on copy
     method.to(device)
 
     per_rank = len(train_set) // info.world_size  # type: ignore[arg-type]

@@ -1,0 +1,156 @@
+"""AVSM (Shen et al., Networks for Joint Affine and Non-parametric Image Registration, CVPR 2019): the
+affine update rule, identity at initialisation, the symmetry losses, eq. 13's schedule, and a tiny
+model trained in its three stages on affinely and smoothly deformed real brain slices."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import data_path
+
+import alignkit
+from alignkit.image import Image
+from alignkit.io import read_image
+from alignkit.losses import AffineInverseConsistency, InverseConsistency
+from alignkit.methods import build_model, load_model, train_method
+from alignkit.methods.avsm import AVSM, affine_regularizer_weight
+from alignkit.methods.heads import matrix_displacement, voxel_grid
+from alignkit.nets.affine import RecurrentAffineHead
+from alignkit.train import SyntheticAffinePairs, prepare_subject
+
+SIZE = 40
+TINY = {"affine": {"features": [4, 8, 8], "hidden": 16, "pool_size": 2}, "vsvf": {"features": [4, 8, 8]}}
+
+
+def _model(**options) -> AVSM:
+    torch.manual_seed(0)
+    model = build_model("avsm", ndim=2, size=(SIZE, SIZE), networks=TINY, **options)
+    assert isinstance(model, AVSM)
+    return model
+
+
+def test_two_affine_steps_compose_to_the_product_of_their_updates():
+    head = RecurrentAffineHead(ndim=2, features=[4, 8], hidden=8, pool_size=2)
+    updates = [torch.tensor([[[1.05, 0.02, 0.1], [-0.03, 0.98, -0.05]]]),
+               torch.tensor([[[0.97, -0.04, -0.02], [0.01, 1.02, 0.07]]])]
+    calls = iter(updates)
+    head.update = lambda fixed, warped: next(calls)  # type: ignore[method-assign]
+    fixed = moving = torch.rand(1, 1, 16, 16)
+    composed = head(fixed, moving, steps=2)[-1]
+    def h(m):
+        return torch.cat([m[0], torch.tensor([[0.0, 0.0, 1.0]])])
+    torch.testing.assert_close(composed[0], (h(updates[0]) @ h(updates[1]))[:2], atol=1e-6, rtol=0)
+
+
+def test_the_untrained_model_is_the_identity():
+    model = _model().eval()
+    batch = {"fixed": torch.rand(2, 1, SIZE, SIZE), "moving": torch.rand(2, 1, SIZE, SIZE)}
+    with torch.no_grad():
+        out = model(batch)
+    torch.testing.assert_close(out["matrix"], torch.eye(3).expand(2, 3, 3), atol=1e-6, rtol=0)
+    assert float(out["displacement"].abs().max()) < 1e-3
+
+
+def test_symmetry_losses_vanish_for_an_exact_inverse_pair_only():
+    angle = math.radians(6.0)
+    matrix = torch.tensor([[math.cos(angle), -math.sin(angle), 0.05], [math.sin(angle), math.cos(angle), -0.1],
+                           [0.0, 0.0, 1.0]], dtype=torch.float64)
+    inverse = torch.linalg.inv(matrix)
+    affine = AffineInverseConsistency()
+    assert float(affine(matrix, inverse)) < 1e-20 and float(affine(matrix, matrix)) > 1e-3
+    grid = voxel_grid((SIZE, SIZE))
+    scale = torch.diag(torch.tensor([SIZE / 2, SIZE / 2, 1.0], dtype=torch.float64))
+    forward = matrix_displacement((scale @ matrix @ torch.linalg.inv(scale))[None].float(), (SIZE, SIZE))
+    backward = matrix_displacement((scale @ inverse @ torch.linalg.inv(scale))[None].float(), (SIZE, SIZE))
+    dense = InverseConsistency()
+    exact, wrong = float(dense(forward, backward, grid)), float(dense(forward, forward, grid))
+    assert exact < 1e-3 * wrong and wrong > 0.1
+
+
+def test_the_affine_regulariser_weight_follows_eq_13():
+    assert affine_regularizer_weight(0) == pytest.approx(10 * 4 / (4 + 1))
+    weights = [affine_regularizer_weight(n) for n in range(0, 60, 5)]
+    assert all(a > b for a, b in itertools.pairwise(weights)) and weights[-1] < 1e-4
+
+
+class _SameAffine(SyntheticAffinePairs):
+    """Every slice moved by one fixed random affine: a relation a few dozen steps can learn."""
+
+    def _draw(self, index, stream):
+        subject, _ = super()._draw(index, stream)
+        return subject, torch.Generator().manual_seed(7)
+
+
+SLICES = ("r16slice.jpg", "r27slice.jpg", "r30slice.jpg", "r62slice.jpg", "r64slice.jpg", "r85slice.jpg")
+
+
+def test_a_tiny_avsm_trained_in_stages_recovers_the_affine_and_registers(tmp_path):
+    """Trained on four real slices, scored on two others (same affine, unseen anatomy)."""
+    subjects = [prepare_subject(read_image(data_path("brain2d", name)), (SIZE, SIZE), name=name) for name in SLICES]
+    train_set = _SameAffine(subjects[:4], length=16, magnitude=3.0, rotation=8.0, scaling=0.06)
+    val_set = _SameAffine(subjects[4:], length=2, magnitude=3.0, rotation=8.0, scaling=0.06, per_epoch=False)
+    # a few dozen steps instead of the paper's 200 epochs: eq. 13's weight (C_ar) is scaled down with them
+    config = {"method": "avsm", "size": SIZE, "networks": TINY, "batch_size": 4, "lr": 1e-2, "quiet": True,
+              "device": "cpu", "epochs": 1, "stage_epochs": {"affine-1step": 12, "affine": 4, "vsvf": 2},
+              "method_options": {"affine_train_steps": 2, "affine_test_steps": 3, "c_ar": 0.1}}
+    result = train_method(config, tmp_path / "run", train_set=train_set, val_set=val_set)
+    rows = {row["epoch"]: row for row in result.history}
+    assert [row["stage"] for row in result.history] == ["affine-1step"] * 13 + ["affine"] * 4 + ["vsvf"] * 2
+    # the affine stages recover the matrix on unseen slices: its field error (voxels) falls below 40 %
+    assert rows[16]["val_matrix_error"] < 0.4 * rows[0]["val_matrix_error"]
+    assert rows[18]["val_loss"] < rows[16]["val_loss"] + 0.02  # the vSVF stage does not undo it
+
+    model = load_model(tmp_path / "run")
+    assert isinstance(model, AVSM) and model.options["affine_test_steps"] == 3
+    fixed_item = val_set[0]  # an unseen slice and its affinely moved copy
+    fixed = Image.from_array(fixed_item["fixed"][0].numpy())
+    moving = Image.from_array(fixed_item["moving"][0].numpy())
+    registration = alignkit.register(fixed, moving, method="avsm", checkpoint=tmp_path / "run")
+    assert registration.stages == ["affine", "vsvf"]
+    assert registration.metrics["ncc_after"] > registration.metrics["ncc_before"]
+    out = registration.save(tmp_path / "out", moving_suffix=".npy", qc=False)
+    assert (out / "transform" / "affine.txt").is_file() and (out / "transform" / "warp.nii.gz").is_file()
+    refined = alignkit.register(fixed, moving, method="avsm", checkpoint=tmp_path / "run", refine=5)
+    assert refined.stages == ["affine", "vsvf", "svf"] and np.isfinite(refined.metrics["ncc_after"])
+
+
+def test_cli_trains_the_affine_then_the_vsvf_stage_on_top_and_registers(tmp_path, capsys):
+    import json
+
+    from phantoms import phantom
+    from PIL import Image as PILImage
+
+    from alignkit.cli import main
+    from alignkit.train import load_checkpoint
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for k in range(4):
+        PILImage.fromarray(phantom(k).astype(np.uint8)).save(folder / f"s{k}.png")
+    config = tmp_path / "avsm.json"
+    config.write_text(json.dumps({"networks": TINY, "stage_epochs": {"affine-1step": 1, "affine": 1, "vsvf": 1},
+                                  "method_options": {"affine_train_steps": 2, "vsvf_train_steps": 1}}))
+    common = ["train", "--method", "avsm", "--dataset", str(folder), "--size", "32", "--config", str(config),
+              "--device", "cpu", "--quiet"]
+    assert main([*common, "-o", str(tmp_path / "affine"), "--stage", "affine"]) == 0
+    affine_run = load_checkpoint(tmp_path / "affine")
+    assert [row["stage"] for row in affine_run["history"]] == ["affine-1step", "affine-1step", "affine"]
+    assert main([*common, "-o", str(tmp_path / "vsvf"), "--stage", "vsvf", "--init-from", str(tmp_path / "affine")]) == 0
+    vsvf_run = load_checkpoint(tmp_path / "vsvf")
+    assert [row["stage"] for row in vsvf_run["history"]] == ["vsvf", "vsvf"]
+    affine_keys = [k for k in affine_run["model"] if k.startswith("affine.")]
+    assert all(torch.equal(vsvf_run["model"][k], affine_run["model"][k]) for k in affine_keys)  # frozen
+    code = main(["train", "--method", "avsm", "--dataset", str(folder), "-o", str(tmp_path / "bad"), "--stage",
+                 "nonesuch", "--size", "32", "--config", str(config), "--quiet"])
+    assert code == 2 and "no training stage 'nonesuch'" in capsys.readouterr().err
+
+    out = tmp_path / "registered"
+    argv = ["register", str(folder / "s0.png"), str(folder / "s1.png"), "-o", str(out), "--method", "avsm",
+            "--checkpoint", str(tmp_path / "vsvf"), "--quiet", "--no-qc"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "transform" / "manifest.json").read_text())
+    assert manifest["method"] == "avsm" and manifest["stages"] == ["affine", "vsvf"]
