@@ -154,3 +154,75 @@ def test_cli_trains_the_affine_then_the_vsvf_stage_on_top_and_registers(tmp_path
     assert main(argv) == 0
     manifest = json.loads((out / "transform" / "manifest.json").read_text())
     assert manifest["method"] == "avsm" and manifest["stages"] == ["affine", "vsvf"]
+
+
+def test_two_gloo_processes_train_the_model_one_process_trains_and_resume_repeats_it(tmp_path):
+    """Every loss term is a batch mean of per-pair values, so DDP (2 x batch 1) equals one process
+    (batch 2) through all three stages; an interrupted run resumed mid-way repeats the whole run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from phantoms import phantom
+    from PIL import Image as PILImage
+
+    from alignkit.cli import main
+    from alignkit.train import load_checkpoint
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for k in range(4):
+        PILImage.fromarray(phantom(k).astype(np.uint8)).save(folder / f"s{k}.png")
+    config = tmp_path / "avsm.json"
+    config.write_text(json.dumps({"networks": TINY, "val_fraction": 0.25, "lr": 3e-3,
+                                  "stage_epochs": {"affine-1step": 1, "affine": 1, "vsvf": 1},
+                                  "method_options": {"affine_train_steps": 2, "vsvf_train_steps": 1}}))
+
+    def argv(out, batch):
+        return ["train", "--method", "avsm", "--dataset", str(folder), "-o", str(out), "--size", "32", "--config",
+                str(config), "--batch-size", str(batch), "--device", "cpu", "--seed", "3", "--quiet"]
+
+    assert main(argv(tmp_path / "single", 2)) == 0
+    single = load_checkpoint(tmp_path / "single")
+    assert [row["stage"] for row in single["history"]][1:] == ["affine-1step", "affine", "vsvf"]
+
+    class Stop(Exception):
+        pass
+
+    from alignkit.methods import train_method
+    from alignkit.train import TrainConfig
+
+    values = {**json.loads(config.read_text()), "method": "avsm", "dataset": str(folder), "size": 32,
+              "batch_size": 2, "device": "cpu", "seed": 3, "quiet": True}
+
+    def stop(epoch, row):
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_method(TrainConfig.from_dict(values), tmp_path / "cut", callbacks=[stop])
+    train_method(TrainConfig.from_dict(values), tmp_path / "cut", resume=True)
+    resumed = load_checkpoint(tmp_path / "cut")
+    for key, value in single["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "alignkit", *argv(tmp_path / "ddp", 1)]
+    done = subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = load_checkpoint(tmp_path / "ddp")
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, atol=2e-5, rtol=1e-4)
+    initial = _model_like(single)
+    assert any(not torch.equal(value, initial[key]) for key, value in single["model"].items())  # it trained
+
+
+def _model_like(state):
+    """The untrained weights of the model a checkpoint holds (same seed as the CLI run: 3)."""
+    torch.manual_seed(3)
+    config = state["method"]["config"]
+    return build_model("avsm", networks=state["networks"], **config).state_dict()
