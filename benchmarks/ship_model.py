@@ -15,7 +15,9 @@ A recipe is ``src/alignkit/methods/models/NAME.recipe.json``: an ``alignkit trai
 3. scores it at full resolution on the subjects of the data set that the recipe neither trains on
    nor validates on (both directions of every pair of them), through the public API:
    ``alignkit.register(fixed, moving, method=..., checkpoint=NAME.pt, ...)`` against
-   ``alignkit.register(..., transform=PREALIGN)`` (the pre-alignment alone, a pairwise affine):
+   ``alignkit.register(..., transform=PREALIGN)`` (the pre-alignment alone, a pairwise affine; for a
+   recipe without a pre-alignment, e.g. ``avsm`` which learns its own affine, the classical
+   ``transform="affine"``):
    mean Dice (``result.metrics["dice_mean"]``), % non-positive Jacobian determinants, seconds;
 4. writes the card ``src/alignkit/methods/models/NAME.card.json``: every number in it measured by
    this run (or read from the run folder and the data set's own README / licence file).
@@ -23,6 +25,7 @@ A recipe is ``src/alignkit/methods/models/NAME.recipe.json``: an ``alignkit trai
 Prints ONE JSON line on stdout (progress on stderr).
 
     python benchmarks/ship_model.py --recipe voxelmorph_oasis3d --threads 2
+    python benchmarks/ship_model.py --recipe avsm_oasis3d --threads 2
     python benchmarks/ship_model.py --recipe voxelmorph_oasis3d --run-dir RUN --score-only  # re-export, re-score
 """
 
@@ -52,6 +55,8 @@ MODELS = REPO_ROOT / "src" / "alignkit" / "methods" / "models"
 MAX_BYTES = 2 * 1024 * 1024
 #: what the card says the images are (the recipe's data set: T1 MRI, skull-stripped)
 MODALITY = {"brain3d-oasis-trt20": "T1 MRI, skull-stripped"}
+#: the classical baseline a model is scored against when its recipe has no pre-alignment
+BASELINE_TRANSFORM = "affine"
 #: the fp32-cast float16 model must predict the run's displacement to within this (network voxels)
 TOLERANCE_VOXELS = 0.05
 
@@ -141,7 +146,17 @@ def train(recipe: Path, run_dir: Path, threads: int) -> dict[str, Any]:
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
     with (run_dir / "log.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in rows]
+    return [{k: number(v) for k, v in row.items()} for row in rows]
+
+
+def number(value: str | None) -> float | str | None:
+    """A log.csv cell: a number, None when empty, else the text itself (the ``stage`` column)."""
+    if value in ("", None):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 # -- 2. export ------------------------------------------------------------------------------------
@@ -238,13 +253,27 @@ def split(config: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
     return [n for n in used if n not in val], val, [n for n in names if n not in used]
 
 
+def baseline_transform(config: dict[str, Any]) -> str:
+    """The classical transform the model is scored against: the recipe's pre-alignment alone, or the
+    classical affine when the recipe has none (a method that learns its own affine)."""
+    return config.get("prealign") or BASELINE_TRANSFORM
+
+
+def recipe_epochs(config: dict[str, Any]) -> int:
+    """Epochs the recipe asks for: the sum of ``stage_epochs`` when it sets them (a staged method
+    such as avsm), else ``epochs``."""
+    stages = config.get("stage_epochs") or {}
+    return int(sum(stages.values())) if stages else int(config.get("epochs", 10))
+
+
 def score(config: dict[str, Any], held_out: list[str], shipped: Path, threads: int) -> dict[str, Any]:
     import alignkit
     from alignkit.data.datasets import load_dataset
 
     cases = load_dataset(config["dataset"])
+    baseline = baseline_transform(config)
     runs = {
-        f"{config['prealign']} only": {"transform": config["prealign"]},
+        f"{baseline} only": {"transform": baseline},
         config["method"]: {"method": config["method"], "checkpoint": str(shipped)},
     }
     rows, per_run = [], {name: {} for name in runs}
@@ -401,8 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_at_training_start": trained["load_avg_at_start"],
         "train_loop_seconds": round(sum(row["seconds"] or 0.0 for row in epochs), 1),
         "epochs": len(epochs),
-        "recipe_epochs": config["epochs"],
-        "all_recipe_epochs_trained": len(epochs) == config["epochs"],
+        "recipe_epochs": recipe_epochs(config),
+        "epochs_by_stage": {
+            str(name): sum(1 for row in epochs if row.get("stage") == name)
+            for name in dict.fromkeys(row.get("stage") for row in epochs)
+        },
+        "all_recipe_epochs_trained": len(epochs) == recipe_epochs(config),
         "validation_dice": {
             "epoch_0": history[0].get("val_dice") if history else None,
             f"epoch_{int(history[-1]['epoch'])}": history[-1].get("val_dice") if history else None,
@@ -410,7 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         },
         "held_out": {
             "resolution": "full (the 1 mm originals) through alignkit.register, labels warped for Dice",
-            "baseline": f"alignkit.register(..., transform={config['prealign']!r}): the pre-alignment alone",
+            "baseline": f"alignkit.register(..., transform={baseline_transform(config)!r}): "
+            + (
+                "the pre-alignment alone"
+                if config.get("prealign")
+                else "the classical pairwise affine (the model has no pre-alignment: it learns its own affine)"
+            ),
             "model": f"alignkit.register(..., method={config['method']!r}, checkpoint={shipped['path']!r})",
             "threads": held["threads"],
             "pairs": held["pairs"],

@@ -10,8 +10,8 @@ Every shipped model lives in ``alignkit/methods/models/`` as three files:
   <name> -o RUN`` trains it again; ``benchmarks/ship_model.py --recipe <name>`` also exports and scores it);
 * ``<name>.card.json``: training data and licence, command, commit, training time, size, held-out scores.
 
-``alignkit.register(..., method="voxelmorph")`` without a checkpoint uses the shipped model for the
-images' dimension; ``alignkit methods`` lists them with their cards' scores.
+``alignkit.register(..., method="voxelmorph")`` (or ``method="avsm"``) without a checkpoint uses the
+shipped model for the images' dimension; ``alignkit methods`` lists them with their cards' scores.
 """
 
 from __future__ import annotations
@@ -80,6 +80,13 @@ SHIPPED: tuple[ShippedModel, ...] = (
         method="voxelmorph",
         ndim=3,
         summary="3D VoxelMorph, OASIS-TRT-20 skull-stripped T1 brains, 64x64x40 network grid, affine pre-alignment",
+    ),
+    ShippedModel(
+        name="avsm_oasis3d",
+        method="avsm",
+        ndim=3,
+        summary="3D AVSM (learned affine + vSVF), OASIS-TRT-20 skull-stripped T1 brains, 64x64x40 network grid, "
+        "no pre-alignment (native-space pairs)",
     ),
 )
 
