@@ -43,7 +43,7 @@ from alignkit.methods import (
     train_method,
 )
 from alignkit.methods.heads import LearnedDisplacement, matrix_displacement, voxel_matrix_transform
-from alignkit.spatial import sample_world, voxel_matrix_from_unit_matrix
+from alignkit.spatial import apply_matrix, sample_world, voxel_matrix_from_unit_matrix
 from alignkit.train import SyntheticAffinePairs, SyntheticPairs, TrainingStage, prepare_subject
 from alignkit.transforms import ComposedTransform, build_transform
 from alignkit.transforms.folder import load_transform
@@ -148,10 +148,7 @@ class ToyTwoStage(LearnedModel):
             field = self.field(torch.cat([self.warp(moving, affine_only), fixed], 1))
         # moving sampled at A [p + u(p); 1]: the field acts first, then the matrix
         identity = self._identity_on(field)
-        inner = identity + field
-        flat = torch.cat([inner.flatten(2), torch.ones_like(inner.flatten(2)[:, :1])], 1)
-        points = (matrix @ flat)[:, :-1].reshape(inner.shape)
-        displacement = points - identity
+        displacement = apply_matrix(matrix, identity + field) - identity
         return {"matrix": matrix, "field": field, "displacement": displacement,
                 "warped": self.warp(moving, displacement)}
 

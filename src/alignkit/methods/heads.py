@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import ShapeError
-from alignkit.spatial import Grid, resize_field, sample_voxels, voxel_to_world_vectors
+from alignkit.spatial import Grid, apply_matrix, resize_field, sample_voxels, voxel_to_world_vectors
 from alignkit.transforms import FieldTransform, MatrixTransform, Transform, scaling_and_squaring
 
 
@@ -65,12 +65,10 @@ def matrix_displacement(matrix: Tensor, size: Sequence[int]) -> Tensor:
     ndim = len(size)
     if matrix.shape[-2:] != (ndim + 1, ndim + 1):
         raise ShapeError(f"matrix must be (B, {ndim + 1}, {ndim + 1}), got {tuple(matrix.shape)}")
+    matrix = matrix if matrix.dim() == 3 else matrix.unsqueeze(0)
     points = voxel_grid(size).voxel_points(dtype=matrix.dtype, device=matrix.device)  # (1, ndim, *S)
-    flat = points.flatten(2)
-    homogeneous = torch.cat([flat, torch.ones_like(flat[:, :1])], 1).expand(matrix.shape[0], -1, -1)
-    mapped = matrix @ homogeneous
-    mapped = mapped[:, :ndim] / mapped[:, ndim:]
-    return (mapped - flat).reshape(matrix.shape[0], ndim, *size)
+    points = points.expand(matrix.shape[0], *points.shape[1:])
+    return apply_matrix(matrix, points) - points
 
 
 def voxel_matrix_transform(matrix: Tensor, grid: Grid, *, kind: str = "affine") -> Transform:
