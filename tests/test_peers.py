@@ -230,7 +230,8 @@ def _assert_corners(case: Case, method: Method, limit: float, ratio: float = 0.1
 # registry and frames (no registration)
 # ------------------------------------------------------------------------------------------------
 EXPECTED = {
-    "ants:syn", "ants:synquick", "ants:affine", "dipy:syn", "dipy:affine", "sitk:demons", "elastix:bspline",
+    "ants:syn", "ants:synquick", "ants:affine", "ants:syncc", "greedy:affine", "greedy:deformable", "convexadam",
+    "dipy:syn", "dipy:affine", "sitk:demons", "elastix:bspline",
     "elastix:affine", "fireants:greedy", "opencv:farneback", "opencv:dis", "opencv:sift-ransac", "opencv:ecc",
     "kornia:registrator", "kornia:sift-ransac",
 }

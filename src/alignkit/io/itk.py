@@ -20,6 +20,11 @@ Conventions
   transform first" to the *image*; to the *points* the first listed acts first.) This is alignkit's
   ``ComposedTransform([affine, warp])`` -- the ANTs list is alignkit's stage list reversed -- and
   it is *not* ``x' = A x + b; y = x' + u(x')``.
+* **RAS matrices** (PICSL Greedy and c3d_affine_tool ``.mat`` files and Greedy's in-memory matrices;
+  established against Greedy's own reslicing in ``tests/test_peers_greedy.py``): the same
+  fixed -> moving direction, written in RAS, so ``M_lps = F M_ras F`` with ``F = diag(-1, -1, 1[, 1])``
+  (:func:`lps_matrix_from_ras`; 2D flips x and y too). Greedy's warps are ITK images and keep
+  their vectors in LPS like the displacement fields above.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignkit.errors import InputError
+from alignkit.errors import InputError, ShapeError
 from alignkit.io.atomic import atomic_path, full_suffix
 from alignkit.io.images import lps_from_ras_affine, ras_affine_from_grid
 from alignkit.spatial.grid import Grid
@@ -85,6 +90,20 @@ def write_itk_linear(path: PathLike, matrix: Tensor | np.ndarray, *, center: Ten
     )
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="ascii")
+
+
+def lps_matrix_from_ras(matrix: Tensor | np.ndarray) -> np.ndarray:
+    """A ``moving_from_fixed`` homogeneous matrix written in RAS (Greedy, c3d) -> the same map in LPS.
+
+    ``F M F`` with ``F = diag(-1, -1, 1[, 1])``: the conversion is its own inverse, so it also turns
+    an LPS matrix into the RAS one those tools read. 2D matrices ``(3, 3)`` flip both axes.
+    """
+    m = np.asarray(torch.as_tensor(matrix, dtype=torch.float64).detach().cpu().numpy())
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] not in (3, 4):
+        raise ShapeError(f"expected a (3, 3) or (4, 4) homogeneous matrix, got {m.shape}")
+    flip = np.ones(m.shape[0])
+    flip[:2] = -1.0
+    return flip[:, None] * m * flip[None, :]
 
 
 def _import_sitk(path: PathLike) -> Any:

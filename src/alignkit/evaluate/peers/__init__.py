@@ -19,9 +19,11 @@ from functools import partial
 
 from alignkit.evaluate.method import Method
 from alignkit.evaluate.peers.ants import AntsMethod
+from alignkit.evaluate.peers.convexadam import ConvexAdamMethod
 from alignkit.evaluate.peers.dipy import DipyMethod
 from alignkit.evaluate.peers.elastix import ElastixMethod
 from alignkit.evaluate.peers.fireants import FireANTsGreedy
+from alignkit.evaluate.peers.greedy import GreedyMethod
 from alignkit.evaluate.peers.kornia import KorniaRegistrator, KorniaSiftRansac
 from alignkit.evaluate.peers.opencv import OpenCVECC, OpenCVFlow, OpenCVSiftRansac
 from alignkit.evaluate.peers.simpleitk import SimpleITKDemons
@@ -31,6 +33,10 @@ PEERS: dict[str, Callable[..., Method]] = {
     "ants:syn": partial(AntsMethod, "ants:syn"),
     "ants:synquick": partial(AntsMethod, "ants:synquick"),
     "ants:affine": partial(AntsMethod, "ants:affine"),
+    "ants:syncc": partial(AntsMethod, "ants:syncc"),
+    "greedy:affine": partial(GreedyMethod, "greedy:affine"),
+    "greedy:deformable": partial(GreedyMethod, "greedy:deformable"),
+    "convexadam": partial(ConvexAdamMethod, "convexadam"),
     "dipy:syn": partial(DipyMethod, "dipy:syn"),
     "dipy:affine": partial(DipyMethod, "dipy:affine"),
     "sitk:demons": partial(SimpleITKDemons, "sitk:demons"),
@@ -48,9 +54,11 @@ PEERS: dict[str, Callable[..., Method]] = {
 __all__ = [
     "PEERS",
     "AntsMethod",
+    "ConvexAdamMethod",
     "DipyMethod",
     "ElastixMethod",
     "FireANTsGreedy",
+    "GreedyMethod",
     "KorniaRegistrator",
     "KorniaSiftRansac",
     "OpenCVECC",

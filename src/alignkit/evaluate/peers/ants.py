@@ -3,6 +3,9 @@
 * ``ants:syn``       -- ``type_of_transform="SyN"``: ANTsPy's defaults (affine stage with Mattes MI,
   then SyN with Mattes MI, ``reg_iterations=(40, 20, 0)``);
 * ``ants:synquick``  -- ``"antsRegistrationSyNQuick[s]"`` (rigid + affine + SyN, the quick script);
+* ``ants:syncc``     -- ``"SyNCC"``: rigid + affine (Mattes MI), then SyN with cross-correlation
+  (radius 4, ``SyN[0.15,3,0]``, ``2100x1200x1200x20`` iterations; ANTsPy fixes these and
+  ``reg_iterations`` does not change them), as in issue 17's comparison;
 * ``ants:affine``    -- ``"Affine"`` only; the prediction carries the exact matrix.
 
 Images are handed over in memory (``ants.from_numpy`` with the grid's LPS origin, spacing and
@@ -38,6 +41,7 @@ from alignkit.image import Image
 SETTINGS = {
     "ants:syn": "SyN",
     "ants:synquick": "antsRegistrationSyNQuick[s]",
+    "ants:syncc": "SyNCC",
     "ants:affine": "Affine",
 }
 
