@@ -16,7 +16,13 @@ from torch import Tensor
 from alignkit.errors import ConfigError
 from alignkit.spatial.grid import Grid
 from alignkit.transforms.base import ComposedTransform, FieldTransform, Transform, flatten_stages, stage_kinds
-from alignkit.transforms.bspline import BSplineFFD, basis_matrices, control_grid_for, cubic_bspline
+from alignkit.transforms.bspline import (
+    BSplineFFD,
+    ControlPointBSpline,
+    basis_matrices,
+    control_grid_for,
+    cubic_bspline,
+)
 from alignkit.transforms.dense import (
     VSVF_SIGMAS,
     VSVF_TIME_STEPS,
@@ -119,6 +125,7 @@ __all__ = [
     "Affine",
     "BSplineFFD",
     "ComposedTransform",
+    "ControlPointBSpline",
     "DisplacementField",
     "FieldTransform",
     "Homography",

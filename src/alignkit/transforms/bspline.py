@@ -17,6 +17,7 @@ the one kernel alignkit has). It is evaluated separably with one exact
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -24,9 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError, ShapeError
-from alignkit.spatial.bspline import cubic_bspline
+from alignkit.spatial.bspline import cubic_bspline, cubic_bspline_taps
 from alignkit.spatial.grid import Grid
-from alignkit.transforms.base import FieldTransform
+from alignkit.spatial.points import apply_matrix
+from alignkit.transforms.base import FieldTransform, Transform
 
 
 def control_grid_for(grid: Grid, control_spacing: float | Sequence[float]) -> Grid:
@@ -127,3 +129,60 @@ class BSplineFFD(FieldTransform):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid!r}, control_shape={self.control_grid.shape}"
+
+
+class ControlPointBSpline(Transform):
+    """A cubic B-spline displacement on any control lattice, evaluated exactly at each point: ITK's
+    ``BSplineTransform`` (and elastix's), which :class:`BSplineFFD` can only approximate when the
+    lattice is not aligned with the evaluation grid.
+
+    ``y = x + sum_k c_k B3(t - k)`` with ``t = lattice.voxel_from_world @ x`` and ``c``
+    ``(1, ndim, *lattice.shape)`` world displacement vectors (parameter ``coefficients``). As in ITK,
+    a point whose four knots per axis do not all lie on the lattice (``t`` outside ``[1, n - 2)`` on
+    some axis) is not moved. Costs ``4^ndim`` gathers per point.
+    """
+
+    kind = "bspline"
+
+    def __init__(self, lattice: Grid, coefficients: Tensor | None = None) -> None:
+        super().__init__(lattice.ndim)
+        if min(lattice.shape) < 4:
+            raise ShapeError(f"a cubic B-spline lattice needs at least 4 knots per axis, got {lattice.shape}")
+        self.lattice = lattice
+        shape = (1, lattice.ndim, *lattice.shape)
+        if coefficients is None:
+            coefficients = torch.zeros(shape, dtype=torch.get_default_dtype())
+        coefficients = torch.as_tensor(coefficients)
+        if coefficients.dim() == lattice.ndim + 1:
+            coefficients = coefficients.unsqueeze(0)
+        if tuple(coefficients.shape) != shape:
+            raise ShapeError(f"coefficients must be {shape} for {lattice!r}, got {tuple(coefficients.shape)}")
+        self.coefficients = nn.Parameter(coefficients.detach().clone())
+
+    def transform_points(self, world: Tensor) -> Tensor:
+        n = self.ndim
+        if world.dim() < 3 or world.shape[1] != n:
+            raise ShapeError(f"expected points (B, {n}, *S) or (B, {n}, N), got {tuple(world.shape)}")
+        flat = world.reshape(world.shape[0], n, -1)
+        coefficients = self.coefficients.to(world.dtype)
+        # knots in float64: a float32 world coordinate of a large field of view loses the fraction
+        t = apply_matrix(self.lattice.voxel_from_world.to(world.device), flat.double())
+        first, weights, _ = cubic_bspline_taps(t)  # (B, n, N), (B, n, N, 4)
+        weights = weights.to(world.dtype)
+        size = torch.tensor(self.lattice.shape, device=world.device).view(1, n, 1)
+        inside = ((first >= 0) & (first + 3 <= size - 1)).all(dim=1)  # (B, N): ITK's valid region
+        flat_coefficients = coefficients.reshape(n, -1)  # (n, prod(shape)), last lattice axis fastest
+        strides = [int(math.prod(self.lattice.shape[a + 1 :])) for a in range(n)]
+        out = torch.zeros_like(flat)
+        for offsets in itertools.product(range(4), repeat=n):
+            index = torch.zeros_like(first[:, 0])
+            weight = torch.ones_like(flat[:, 0])
+            for a, o in enumerate(offsets):
+                index = index + (first[:, a] + o).clamp(0, self.lattice.shape[a] - 1) * strides[a]
+                weight = weight * weights[:, a, :, o]
+            out = out + weight.unsqueeze(1) * flat_coefficients[:, index].movedim(0, 1)
+        out = torch.where(inside.unsqueeze(1), out, torch.zeros_like(out))
+        return (flat + out).reshape(world.shape)
+
+    def extra_repr(self) -> str:
+        return f"lattice={self.lattice!r}"

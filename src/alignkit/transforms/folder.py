@@ -92,8 +92,9 @@ def save_transform(
     return directory
 
 
-def load_transform(directory: str | Path) -> tuple[ComposedTransform, Grid, dict[str, Any]]:
-    """Read a folder written by :func:`save_transform`: (transform, fixed grid, manifest)."""
+def load_manifest(directory: str | Path) -> tuple[Grid, dict[str, Any]]:
+    """The fixed grid and manifest of a folder written by :func:`save_transform`, without reading
+    its warp."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
@@ -105,7 +106,13 @@ def load_transform(directory: str | Path) -> tuple[ComposedTransform, Grid, dict
     if manifest.get("format") != FORMAT:
         raise InputError("manifest is not an alignkit transform manifest", manifest_path)
     grid_info = manifest["fixed_grid"]
-    fixed_grid = Grid(tuple(grid_info["shape"]), torch.tensor(grid_info["world_from_voxel"], dtype=torch.float64))
+    return Grid(tuple(grid_info["shape"]), torch.tensor(grid_info["world_from_voxel"], dtype=torch.float64)), manifest
+
+
+def load_transform(directory: str | Path) -> tuple[ComposedTransform, Grid, dict[str, Any]]:
+    """Read a folder written by :func:`save_transform`: (transform, fixed grid, manifest)."""
+    directory = Path(directory)
+    fixed_grid, manifest = load_manifest(directory)
     stages: list[Transform] = [MatrixTransform(torch.tensor(manifest["matrix"], dtype=torch.float64).float())]
     warp_name = manifest["files"].get("warp")
     if warp_name:
