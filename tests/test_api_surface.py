@@ -17,7 +17,8 @@ METHODS = ["LearnedMethod", "LearnedModel", "Method", "MethodInfo", "MethodOutpu
            "register_method", "shipped_models", "train_method"]
 COMMON = ["--device", "--help", "--quiet", "--seed", "-h"]
 CLI = {
-    "apply": (["transform_dir", "image"], ["--device", "--help", "--labels", "--output", "--points", "-h", "-o"]),
+    "apply": (["transforms", "image"], ["--device", "--help", "--invert", "--labels", "--output", "--points",
+                                        "--reference", "-h", "-o", "-r"]),
     "demo": ([], sorted([*COMMON, "--dim", "--output", "-o"])),
     "evaluate": ([], sorted([*COMMON, "--dataset", "--layout", "--list", "--method", "--no-isolate", "--output",
                              "--pairs", "--reference", "--threads", "--timeout", "-o"])),

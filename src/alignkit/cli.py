@@ -66,10 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(reg)
 
-    app = sub.add_parser("apply", help="apply a saved transform to an image of the moving space, or to points")
-    app.add_argument("transform_dir", help="the transform/ folder written by `alignkit register`")
-    app.add_argument("image", nargs="?", help="image in the moving space, resampled onto the fixed grid")
+    app = sub.add_parser(
+        "apply", help="apply a saved transform (alignkit's, or ANTs/ITK/Greedy/elastix/FSL files) to an image or points",
+        description="TRANSFORM is the transform/ folder of `alignkit register`, or a chain of files of ANTs, ITK/"
+        "SimpleITK, Greedy, elastix or FSL FLIRT in ANTs' order (as ants.apply_transforms' transformlist: "
+        "e.g. 1Warp.nii.gz 0GenericAffine.mat). Text matrices need their tool named: greedy:FILE or fsl:FILE "
+        "(FLIRT's -ref is --reference, its -in is IMAGE).",
+    )
+    app.add_argument("transforms", nargs="+", metavar="TRANSFORM", help="transform folder or files, ANTs order")
+    app.add_argument("image", nargs="?", help="image in the moving space, resampled onto the fixed grid "
+                     "(the last positional argument)")
     app.add_argument("-o", "--output", required=True, help="output image (or CSV with --points)")
+    app.add_argument("-r", "--reference", help="image whose grid the output takes (the fixed image; default: the "
+                     "alignkit folder's fixed grid, or the grid of a displacement field listed first)")
+    app.add_argument("--invert", action="append", default=[], metavar="TRANSFORM",
+                     help="use the inverse of this TRANSFORM of the chain (repeatable; a field needs its "
+                     "*InverseWarp file next to it)")
     app.add_argument("--labels", action="store_true", help="the image is a label map (nearest neighbour)")
     app.add_argument("--points", help="CSV of fixed-space world points to map into the moving space")
     app.add_argument("--device", default="cpu")
@@ -197,19 +209,34 @@ def _register(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     from alignkit.errors import InputError
     from alignkit.io import read_image, read_points, write_image, write_points
+    from alignkit.io.foreign import split_format
     from alignkit.registration import map_points, resample_image
-    from alignkit.transforms.folder import load_transform
+    from alignkit.transforms.files import default_reference, read_transform_chain
 
-    transform, fixed_grid, _ = load_transform(args.transform_dir)
+    specs = [*args.transforms, *([args.image] if args.image else [])]
+    # the last positional is the IMAGE, except with --points -- where an FSL matrix still needs it (FLIRT's -in)
+    wants_image = not args.points or any(split_format(s)[0] == "fsl" for s in specs[:-1])
+    image_path = specs.pop() if wants_image and len(specs) > 1 else None
+    if wants_image and image_path is None:
+        raise InputError("give the TRANSFORM(s) and then the IMAGE to resample, or --points CSV")
+    names = [{spec, split_format(spec)[1]} for spec in specs]  # --invert FILE also matches fsl:FILE
+    unknown = sorted(set(args.invert) - set().union(*names))
+    if unknown:
+        raise InputError(f"--invert names {', '.join(unknown)}, which is not a TRANSFORM of the chain")
+    invert = [bool(n & set(args.invert)) for n in names]
+    image = read_image(image_path, labels=args.labels) if image_path else None
+    reference = read_image(args.reference).grid if args.reference else None
+    transform = read_transform_chain(specs, invert=invert, fixed=reference, moving=image)
     if args.points:
-        points = read_points(args.points, fixed_grid.ndim)
+        points = read_points(args.points, transform.ndim)
         write_points(args.output, map_points(transform, points))
         return 0
-    if not args.image:
-        raise InputError("give an IMAGE to resample or --points CSV")
-    image = read_image(args.image, labels=args.labels)
-    if image.ndim != fixed_grid.ndim:
-        raise InputError(f"is {image.ndim}D but the transform is {fixed_grid.ndim}D", image.name)
+    assert image is not None  # wants_image holds without --points
+    if image.ndim != transform.ndim:
+        raise InputError(f"is {image.ndim}D but the transform is {transform.ndim}D", image.name)
+    fixed_grid = reference or default_reference(specs, transform, invert=invert)
+    if fixed_grid is None:
+        raise InputError(f"{specs[0]} does not say which grid to resample onto: give --reference FIXED")
     write_image(resample_image(transform, fixed_grid, image, labels=args.labels, device=args.device), args.output)
     return 0
 
