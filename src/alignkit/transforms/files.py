@@ -160,13 +160,12 @@ def read_transform_chain(
     if len(flags) != len(paths):
         raise InputError(f"invert has {len(flags)} flags for {len(paths)} transforms")
     fixed_grid, moving_grid = _grid(fixed), _grid(moving)
-    stages: list[Transform] = []
-    for path, flag in zip(paths, flags):
-        stages.extend(flatten_stages(read_transform(path, invert=flag, fixed=fixed_grid, moving=moving_grid)))
-    ndims = {s.ndim for s in stages}
+    files = [read_transform(path, invert=flag, fixed=fixed_grid, moving=moving_grid) for path, flag in zip(paths, flags)]
+    ndims = {t.ndim for t in files}
     if len(ndims) != 1:
         raise InputError(f"the chain mixes {' and '.join(f'{n}D' for n in sorted(ndims))} transforms")
-    stages.reverse()  # ANTs order -> alignkit's stage order
+    # ANTs order -> alignkit's stage order: the files are reversed, each file's own stages are not
+    stages = [stage for t in reversed(files) for stage in flatten_stages(t)]
     return stages[0] if len(stages) == 1 else ComposedTransform(stages)
 
 
