@@ -5,7 +5,10 @@ and FSL FLIRT against a hand-computed case."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -119,3 +122,275 @@ def test_itk_parsed_without_simpleitk(tmp_path: Path, monkeypatch) -> None:
     for path, tx in written.items():
         pts = points(3)
         np.testing.assert_allclose(ours(read_transform(path), pts), sitk_points(tx, pts), atol=1e-9)
+
+
+def test_itk_composite_text_and_h5_with_field_match_simpleitk(tmp_path: Path) -> None:
+    """A composite lists its transforms in stage order: ITK sends a point through the last first."""
+    sitk = pytest.importorskip("SimpleITK")
+    affine, euler = _sitk_linear("affine3"), _sitk_linear("euler3")
+    text = tmp_path / "composite.txt"
+    sitk.WriteTransform(sitk.CompositeTransform([affine, euler]), str(text))
+    pts = points(3)
+    composite = sitk.CompositeTransform([affine, euler])
+    np.testing.assert_allclose(ours(read_transform(text), pts), sitk_points(composite, pts), atol=1e-9)
+
+    # ANTs' Composite.h5: an affine and a displacement field on an oblique grid
+    rng = np.random.default_rng(1)
+    from scipy.ndimage import gaussian_filter
+
+    u = np.stack([gaussian_filter(rng.normal(size=(14, 12, 10)), 2.0) * 20 for _ in range(3)], axis=-1)
+    field = sitk.GetImageFromArray(u, isVector=True)  # array (z, y, x, 3)
+    field.SetSpacing([4.0, 5.0, 6.0])
+    field.SetOrigin([-20.0, -25.0, -30.0])
+    field.SetDirection(rotation3(0.1, 0.2, -0.1).ravel().tolist())
+    warp = sitk.DisplacementFieldTransform(sitk.Image(field))
+    h5 = tmp_path / "Composite.h5"
+    sitk.WriteTransform(sitk.CompositeTransform([affine, warp]), str(h5))
+    reference = sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Image(field))])
+    # within the field's domain (ITK's field is zero outside it, alignkit's keeps its border value)
+    index = np.random.default_rng(4).uniform(0, 1, size=(50, 3)) * (np.array(field.GetSize()) - 1)
+    inside = np.array([field.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in index])
+    transform = read_transform(h5)
+    assert isinstance(transform, ComposedTransform)
+    assert [type(s) for s in transform.stage_list()] == [MatrixTransform, DisplacementField]
+    np.testing.assert_allclose(ours(transform, inside), sitk_points(reference, inside), atol=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_itk_bspline_matches_simpleitk(tmp_path: Path, ndim: int) -> None:
+    sitk = pytest.importorskip("SimpleITK")
+    image = sitk.Image([30, 26, 20][:ndim], sitk.sitkFloat32)
+    image.SetSpacing([1.5, 2.0, 2.5][:ndim])
+    image.SetOrigin([-10.0, 5.0, -3.0][:ndim])
+    direction = rotation3(0.0, 0.0, 0.3) if ndim == 2 else rotation3(0.2, -0.1, 0.3)
+    image.SetDirection(direction[:ndim, :ndim].ravel().tolist())
+    tx = sitk.BSplineTransformInitializer(image, [4, 5, 3][:ndim])
+    params = np.random.default_rng(2).normal(scale=3.0, size=len(tx.GetParameters()))
+    tx.SetParameters(params.tolist())
+    path = tmp_path / "bspline.txt"
+    sitk.WriteTransform(tx, str(path))
+    transform = read_transform(path)
+    assert isinstance(transform, ControlPointBSpline)
+    # points over the image and beyond it (where ITK leaves them in place)
+    world = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist())
+                      for c in np.random.default_rng(3).uniform(-8, 36, size=(300, ndim))])
+    expected = sitk_points(tx, world)
+    np.testing.assert_allclose(ours(transform, world), expected, atol=1e-6)
+    assert np.abs(expected - world).max() > 1.0  # the spline moves points
+
+
+# ------------------------------------------------------------------------------------------------
+# elastix (transformix computes the reference deformation field)
+# ------------------------------------------------------------------------------------------------
+def _elastix_header(ndim: int, shape: tuple[int, ...], spacing, origin, direction: np.ndarray) -> str:
+    fmt = lambda v: " ".join(repr(float(x)) for x in v)  # noqa: E731
+    return (
+        f"(FixedImageDimension {ndim})\n(MovingImageDimension {ndim})\n"
+        '(FixedInternalImagePixelType "float")\n(MovingInternalImagePixelType "float")\n'
+        f"(Size {' '.join(map(str, shape))})\n(Index {' '.join(['0'] * ndim)})\n(Spacing {fmt(spacing)})\n"
+        # elastix writes direction cosines column by column
+        f"(Origin {fmt(origin)})\n(Direction {fmt(direction.T.ravel())})\n(UseDirectionCosines \"true\")\n"
+        '(ResampleInterpolator "FinalBSplineInterpolator")\n(FinalBSplineInterpolationOrder 3)\n'
+        '(Resampler "DefaultResampler")\n(DefaultPixelValue 0)\n(ResultImageFormat "nii")\n'
+        '(ResultImagePixelType "float")\n(HowToCombineTransforms "Compose")\n'
+    )
+
+
+def _transformix_world(path: Path, ndim: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """(fixed world points of ``grid``, where transformix sends them), both (N, ndim)."""
+    itk = pytest.importorskip("itk")
+    parameters = itk.ParameterObject.New()
+    parameters.ReadParameterFile(str(path))
+    image = itk.image_from_array(np.zeros(grid.shape[::-1], np.float32))
+    field = itk.transformix_deformation_field(image, parameters)
+    u = np.asarray(itk.array_view_from_image(field)).reshape(-1, ndim)  # ITK index order, x fastest
+    world = grid.world_points(dtype=torch.float64)[0].permute(*range(ndim, 0, -1), 0).reshape(-1, ndim).numpy()
+    return world, world + u
+
+
+def _elastix_case(ndim: int) -> tuple[str, Grid]:
+    shape = (12, 10, 8)[:ndim]
+    spacing, origin = (2.0, 1.5, 2.5)[:ndim], (-5.0, 3.0, 1.0)[:ndim]
+    direction = rotation3(0.1, -0.05, 0.2)[:ndim, :ndim] if ndim == 3 else rotation3(0, 0, 0.2)[:2, :2]
+    grid = Grid.from_spacing(shape, spacing, origin, torch.tensor(direction))
+    return _elastix_header(ndim, shape, spacing, origin, direction), grid
+
+
+ELASTIX_LINEAR = {
+    "euler3": (3, '(Transform "EulerTransform")\n(TransformParameters 0.1 -0.2 0.3 1.0 2.0 -3.0)\n'
+                  '(CenterOfRotationPoint 4.0 5.0 6.0)\n(ComputeZYX "false")\n'),
+    "euler3zyx": (3, '(Transform "EulerTransform")\n(TransformParameters 0.1 -0.2 0.3 1.0 2.0 -3.0)\n'
+                     '(CenterOfRotationPoint 4.0 5.0 6.0)\n(ComputeZYX "true")\n'),
+    "euler2": (2, '(Transform "EulerTransform")\n(TransformParameters 0.2 1.0 -2.0)\n(CenterOfRotationPoint 4.0 5.0)\n'),
+    "similarity3": (3, '(Transform "SimilarityTransform")\n(TransformParameters 0.1 -0.05 0.2 1.0 2.0 -3.0 1.1)\n'
+                       '(CenterOfRotationPoint 4.0 5.0 6.0)\n'),
+    "similarity2": (2, '(Transform "SimilarityTransform")\n(TransformParameters 0.9 0.2 1.0 -2.0)\n'
+                       '(CenterOfRotationPoint 4.0 5.0)\n'),
+    "affine3": (3, '(Transform "AffineTransform")\n'
+                   '(TransformParameters 1.05 0.1 0.0 -0.05 0.95 0.02 0.03 0.0 1.1 1.0 2.0 -3.0)\n'
+                   '(CenterOfRotationPoint 4.0 5.0 6.0)\n'),
+    "translation2": (2, '(Transform "TranslationTransform")\n(TransformParameters 1.5 -2.5)\n'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ELASTIX_LINEAR))
+def test_elastix_linear_matches_transformix(tmp_path: Path, name: str) -> None:
+    ndim, body = ELASTIX_LINEAR[name]
+    header, grid = _elastix_case(ndim)
+    path = tmp_path / "TransformParameters.0.txt"
+    count = len(body.split("(TransformParameters ")[1].split(")")[0].split())
+    path.write_text(header + body + f"(NumberOfParameters {count})\n"
+                    '(InitialTransformParametersFileName "NoInitialTransform")\n')
+    assert detect_format(path) == "elastix"
+    world, expected = _transformix_world(path, ndim, grid)
+    transform = read_transform(path)
+    assert isinstance(transform, MatrixTransform)
+    np.testing.assert_allclose(ours(transform, world), expected, atol=1e-4)
+
+
+def _elastix_bspline(ndim: int, seed: int) -> str:
+    size = (7, 6, 5)[:ndim]
+    direction = rotation3(0.05, 0.1, -0.15)[:ndim, :ndim]
+    count = ndim * int(np.prod(size))
+    params = np.random.default_rng(seed).normal(scale=2.0, size=count)
+    fmt = lambda v: " ".join(repr(float(x)) for x in v)  # noqa: E731
+    return (
+        f'(Transform "BSplineTransform")\n(NumberOfParameters {count})\n(TransformParameters {fmt(params)})\n'
+        f"(GridSize {' '.join(map(str, size))})\n(GridIndex {' '.join(['0'] * ndim)})\n"
+        f"(GridSpacing {fmt((6.0, 5.0, 7.0)[:ndim])})\n(GridOrigin {fmt((-14.0, -6.0, -11.0)[:ndim])})\n"
+        f"(GridDirection {fmt(direction.T.ravel())})\n(BSplineTransformSplineOrder 3)\n(UseCyclicTransform \"false\")\n"
+    )
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_elastix_bspline_and_initial_chain_match_transformix(tmp_path: Path, ndim: int) -> None:
+    header, grid = _elastix_case(ndim)
+    affine = tmp_path / "TransformParameters.0.txt"
+    body = ELASTIX_LINEAR["affine3"][1] if ndim == 3 else ELASTIX_LINEAR["similarity2"][1]
+    count = len(body.split("(TransformParameters ")[1].split(")")[0].split())
+    affine.write_text(header + body + f"(NumberOfParameters {count})\n"
+                      '(InitialTransformParametersFileName "NoInitialTransform")\n')
+    bspline = tmp_path / "TransformParameters.1.txt"
+    bspline.write_text(header + _elastix_bspline(ndim, 4) + f'(InitialTransformParametersFileName "{affine}")\n')
+    world, expected = _transformix_world(bspline, ndim, grid)
+    transform = read_transform(bspline)
+    assert [type(s) for s in transform.stage_list()] == [ControlPointBSpline, MatrixTransform]
+    np.testing.assert_allclose(ours(transform, world), expected, atol=1e-4)
+    alone = tmp_path / "bspline_alone.txt"
+    alone.write_text(header + _elastix_bspline(ndim, 4) + '(InitialTransformParametersFileName "NoInitialTransform")\n')
+    world, expected = _transformix_world(alone, ndim, grid)
+    np.testing.assert_allclose(ours(read_transform(alone), world), expected, atol=1e-4)
+    assert np.abs(expected - world).max() > 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# FSL FLIRT: a hand-computed case
+# ------------------------------------------------------------------------------------------------
+def test_fsl_flirt_hand_computed(tmp_path: Path) -> None:
+    """Reference 10x12x8, RAS diag(2, 3, 4) at (10, -20, 5): positive determinant, so FSL flips x
+    (x_fsl = (9 - i) * 2). Input 6x7x9, RAS diag(-1.5, 2, 2.5) at (30, 0, -10): negative, no flip.
+    FLIRT matrix: x_ref = x_in + (4, -3, 2) in scaled voxels.
+
+    Fixed voxel (2, 5, 3): RAS (14, -5, 17) = LPS (-14, 5, 17); ref FSL (14, 15, 12); input FSL
+    (10, 18, 10) = input voxel (10/1.5, 9, 4); RAS (30 - 10, 18, 0) = LPS (-20, -18, 0).
+    Fixed voxel (0, 0, 0): LPS (-10, 20, 5); ref FSL (18, 0, 0); input FSL (14, 3, -2) = voxel
+    (14/1.5, 1.5, -0.8); RAS (16, 3, -12) = LPS (-16, -3, -12)."""
+    import nibabel as nib
+
+    ref_affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    ref_affine[:3, 3] = [10.0, -20.0, 5.0]
+    in_affine = np.diag([-1.5, 2.0, 2.5, 1.0])
+    in_affine[:3, 3] = [30.0, 0.0, -10.0]
+    nib.save(nib.Nifti1Image(np.zeros((10, 12, 8), np.float32), ref_affine), str(tmp_path / "ref.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((6, 7, 9), np.float32), in_affine), str(tmp_path / "in.nii.gz"))
+    flirt = tmp_path / "flirt.mat"
+    flirt.write_text("1 0 0 4\n0 1 0 -3\n0 0 1 2\n0 0 0 1\n")
+    transform = read_transform(f"fsl:{flirt}", fixed=tmp_path / "ref.nii.gz", moving=tmp_path / "in.nii.gz")
+    got = ours(transform, np.array([[-14.0, 5.0, 17.0], [-10.0, 20.0, 5.0]]))
+    np.testing.assert_allclose(got, [[-20.0, -18.0, 0.0], [-16.0, -3.0, -12.0]], atol=1e-9)
+    # the flip is what makes it right: without it the first point lands elsewhere
+    flipped = fsl_from_voxel(Grid((10, 12, 8), torch.tensor(np.diag([-1.0, -1, 1, 1]) @ ref_affine)))
+    assert flipped[0, 0] == -2.0 and flipped[0, 3] == 18.0
+    with pytest.raises(InputError, match="reference"):
+        read_transform(flirt, format="fsl")
+
+
+# ------------------------------------------------------------------------------------------------
+# Greedy (its own reslicing is the reference)
+# ------------------------------------------------------------------------------------------------
+def _image_pair(tmp_path: Path, ndim: int) -> tuple[Path, Path]:
+    """A fixed and a moving image that overlap, on different grids: 3D NIfTI (RAS headers, one of
+    them with a flipped axis); 2D MetaImage (ITK reads a 2D NIfTI's orientation its own way)."""
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(5)
+    paths = []
+    if ndim == 3:
+        fixed_affine = np.diag([1.5, 1.2, 2.0, 1.0])
+        fixed_affine[:3, 3] = [5.0, -3.0, 7.0]
+        moving_affine = np.diag([-1.3, 1.4, 1.6, 1.0])
+        moving_affine[:3, 3] = [36.0, -8.0, 2.0]
+        for name, shape, affine in (("fixed", (20, 17, 14), fixed_affine), ("moving", (24, 22, 18), moving_affine)):
+            data = (gaussian_filter(rng.random(shape), 2.0) * 10).astype(np.float32)
+            nib.save(nib.Nifti1Image(data, affine), str(tmp_path / f"{name}.nii.gz"))
+            paths.append(tmp_path / f"{name}.nii.gz")
+        return paths[0], paths[1]
+    sitk = pytest.importorskip("SimpleITK")
+    for name, shape, spacing, origin, direction in (
+        ("fixed", (40, 34), (1.5, 1.2), (-5.0, 3.0), (1.0, 0.0, 0.0, 1.0)),
+        ("moving", (44, 40), (1.3, 1.4), (50.0, -10.0), (-1.0, 0.0, 0.0, 1.0)),
+    ):
+        image = sitk.GetImageFromArray((gaussian_filter(rng.random(shape), 2.0) * 10).astype(np.float32).T)
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        image.SetDirection(direction)
+        sitk.WriteImage(image, str(tmp_path / f"{name}.mha"))
+        paths.append(tmp_path / f"{name}.mha")
+    return paths[0], paths[1]
+
+
+def _resample(chain, fixed: Path, moving: Path, **kw) -> np.ndarray:
+    from alignkit.io import read_image
+    from alignkit.registration import resample_image
+
+    fixed_image, moving_image = read_image(fixed), read_image(moving)
+    transform = read_transform_chain(chain, fixed=fixed_image, moving=moving_image, **kw)
+    return resample_image(transform, fixed_image.grid, moving_image).data[0].numpy()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_greedy_matrix_and_warp_match_greedy_reslice(tmp_path: Path, ndim: int) -> None:
+    greedy = pytest.importorskip("picsl_greedy")
+    from alignkit.io import read_image
+
+    fixed, moving = _image_pair(tmp_path, ndim)
+    ras = np.eye(ndim + 1)
+    ras[:ndim, :ndim] = rotation3(0, 0, 0.1)[:ndim, :ndim] * 1.05
+    ras[:ndim, ndim] = [2.0, -1.5, 3.0][:ndim]
+    matrix = tmp_path / "affine.mat"
+    np.savetxt(matrix, ras)
+    def tool_execute(command: str) -> None:
+        # in a process of its own: Greedy's ITK finds no image IO once itk-elastix's ITK is loaded
+        script = f"from picsl_greedy import Greedy{ndim}D; Greedy{ndim}D().execute({command!r})"
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+
+    tool = SimpleNamespace(execute=tool_execute)
+    quiet = "-threads 1"
+    assert greedy is not None
+    out = tmp_path / f"affine_out{fixed.name[fixed.name.index('.'):]}"
+    tool.execute(f"-d {ndim} -rf {fixed} -rm {moving} {out} -r {matrix} {quiet}")
+    expected = read_image(out).data[0].numpy()
+    got = _resample([f"greedy:{matrix}"], fixed, moving)
+    inner = (slice(3, -3),) * ndim
+    assert (np.abs(expected[inner]) > 1.0).mean() > 0.5  # the images overlap
+    np.testing.assert_allclose(got[inner], expected[inner], atol=1e-3)
+    if ndim == 2:
+        return
+    warp = tmp_path / "warp.nii.gz"
+    tool.execute(f"-d 3 -i {fixed} {moving} -it {matrix} -n 5x3 -m SSD -s 2vox 1vox -o {warp} {quiet}")
+    tool.execute(f"-d 3 -rf {fixed} -rm {moving} {tmp_path / 'warp_out.nii.gz'} -r {warp} {matrix} {quiet}")
+    expected = read_image(tmp_path / "warp_out.nii.gz").data[0].numpy()
+    got = _resample([warp, f"greedy:{matrix}"], fixed, moving)
+    assert np.abs(_resample([f"greedy:{matrix}"], fixed, moving) - expected)[inner].max() > 0.05  # the warp matters
+    np.testing.assert_allclose(got[inner], expected[inner], atol=1e-3)
