@@ -52,7 +52,8 @@ def test_the_untrained_model_is_the_identity():
     with torch.no_grad():
         out = model(batch)
     torch.testing.assert_close(out["matrix"], torch.eye(3).expand(2, 3, 3), atol=1e-6, rtol=0)
-    assert float(out["displacement"].abs().max()) < 1e-3
+    # the momentum head starts at N(0, 1e-5) in unit-cube coordinates: ~1e-3 voxels of motion
+    assert float(out["displacement"].abs().max()) < 1e-2
 
 
 def test_symmetry_losses_vanish_for_an_exact_inverse_pair_only():
@@ -77,6 +78,25 @@ def test_the_affine_regulariser_weight_follows_eq_13():
     assert all(a > b for a, b in itertools.pairwise(weights)) and weights[-1] < 1e-4
 
 
+def test_intensities_are_clipped_at_the_papers_percentiles():
+    from alignkit.errors import ConfigError
+    from alignkit.spatial import Grid
+    from alignkit.train import TrainConfig
+    from alignkit.train.subjects import to_network_grid
+
+    assert AVSM.intensity_percentiles == (0.1, 99.9)
+    values = torch.linspace(0.0, 1.0, 1001) ** 3  # skewed: the percentiles matter
+    image = values[:1000].reshape(1, 1, 40, 25)
+    grid = Grid.from_spacing((40, 25), 1.0)
+    paper, _ = to_network_grid(image, grid, (40, 25), percentiles=(0.1, 99.9))
+    default, _ = to_network_grid(image, grid, (40, 25))
+    low, high = torch.quantile(image.flatten(), torch.tensor([0.001, 0.999]))
+    torch.testing.assert_close(paper, (image - low) / (high - low), atol=1e-5, rtol=0)
+    assert float((paper - default).abs().max()) > 1e-3
+    with pytest.raises(ConfigError, match="intensity_percentiles"):
+        TrainConfig(intensity_percentiles=[99.0, 1.0])
+
+
 class _SameAffine(SyntheticAffinePairs):
     """Every slice moved by one fixed random affine: a relation a few dozen steps can learn."""
 
@@ -95,14 +115,16 @@ def test_a_tiny_avsm_trained_in_stages_recovers_the_affine_and_registers(tmp_pat
     val_set = _SameAffine(subjects[4:], length=2, magnitude=3.0, rotation=8.0, scaling=0.06, per_epoch=False)
     # a few dozen steps instead of the paper's 200 epochs: eq. 13's weight (C_ar) is scaled down with them
     config = {"method": "avsm", "size": SIZE, "networks": TINY, "batch_size": 4, "lr": 1e-2, "quiet": True,
-              "device": "cpu", "epochs": 1, "stage_epochs": {"affine-1step": 12, "affine": 4, "vsvf": 2},
+              "device": "cpu", "epochs": 1, "stage_epochs": {"affine-1step": 12, "affine": 4, "vsvf": 4},
               "method_options": {"affine_train_steps": 2, "affine_test_steps": 3, "c_ar": 0.1}}
     result = train_method(config, tmp_path / "run", train_set=train_set, val_set=val_set)
     rows = {row["epoch"]: row for row in result.history}
-    assert [row["stage"] for row in result.history] == ["affine-1step"] * 13 + ["affine"] * 4 + ["vsvf"] * 2
+    assert [row["stage"] for row in result.history] == ["affine-1step"] * 13 + ["affine"] * 4 + ["vsvf"] * 4
     # the affine stages recover the matrix on unseen slices: its field error (voxels) falls below 40 %
     assert rows[16]["val_matrix_error"] < 0.4 * rows[0]["val_matrix_error"]
-    assert rows[18]["val_loss"] < rows[16]["val_loss"] + 0.02  # the vSVF stage does not undo it
+    # the vSVF stage registers the smooth part on top (its <m, v> in voxel units instead of the unit
+    # cube's kept the map at the identity: val loss 0.050 -> 0.050; in the unit cube 0.050 -> 0.034)
+    assert rows[20]["val_loss"] < 0.8 * rows[16]["val_loss"]
 
     model = load_model(tmp_path / "run")
     assert isinstance(model, AVSM) and model.options["affine_test_steps"] == 3
@@ -139,6 +161,7 @@ def test_cli_trains_the_affine_then_the_vsvf_stage_on_top_and_registers(tmp_path
     assert main([*common, "-o", str(tmp_path / "affine"), "--stage", "affine"]) == 0
     affine_run = load_checkpoint(tmp_path / "affine")
     assert [row["stage"] for row in affine_run["history"]] == ["affine-1step", "affine-1step", "affine"]
+    assert affine_run["train"]["intensity_percentiles"] == [0.1, 99.9]  # §3, recorded with the run
     assert main([*common, "-o", str(tmp_path / "vsvf"), "--stage", "vsvf", "--init-from", str(tmp_path / "affine")]) == 0
     vsvf_run = load_checkpoint(tmp_path / "vsvf")
     assert [row["stage"] for row in vsvf_run["history"]] == ["vsvf", "vsvf"]

@@ -15,7 +15,8 @@ Shen, Han, Xu, Niethammer, "Networks for Joint Affine and Non-parametric Image R
   level (``output_scale=0.5``) outputs the momentum ``m`` at half resolution; ``v = K ⋆ m`` with the
   multi-Gaussian kernel (σ 0.05…0.25 of the extent, weights 0.067…0.333); the map is advected by RK4
   with 10 time steps on the low-resolution grid and upsampled (the map, not the image). Loss:
-  mk-LNCC + ``λ_vr <m, v>`` (10) + the symmetry loss of eq. 10 (``λ_vs`` 1e-4). Multi-step (eq. 12):
+  mk-LNCC + ``λ_vr <m, v>`` (10) + the symmetry loss of eq. 10 (``λ_vs`` 1e-4), both measured in the
+  unit cube ``[0, 1]^d`` as in the paper (:meth:`AVSM.unit_extent`). Multi-step (eq. 12):
   ``vsvf_train_steps`` (2) in training, ``vsvf_test_steps`` (2, or 3) at test time; each step starts
   from the previous map, and maps are composed so the moving image is interpolated once.
 
@@ -76,6 +77,9 @@ def affine_regularizer_weight(epoch: int, *, c_ar: float = 10.0, k_ar: float = 4
 ))
 class AVSM(LearnedModel):
     """See the module docstring; every option is the paper's value by default."""
+
+    #: §3: intensities clipped to the 0.1 and 99.9 percentiles and scaled to [0, 1]
+    intensity_percentiles = (0.1, 99.9)
 
     @classmethod
     def default_networks(cls, ndim: int) -> dict[str, dict[str, Any]]:
@@ -162,21 +166,33 @@ class AVSM(LearnedModel):
             )
         return self._vsvf_units[low_shape]
 
+    @staticmethod
+    def unit_extent(size: Sequence[int], like: Tensor) -> Tensor:
+        """``(1, ndim, 1, ...)``: the extent of each axis of the network grid in its voxels. The paper
+        (and mermaid) work in the unit cube ``[0, 1]^d``: the momentum, ``<m, v>`` and the symmetry
+        loss are measured there, so their weights (λ_vr 10, λ_vs 1e-4) mean the same at every grid
+        size -- measured in voxels, ``<m, v>`` would be ``(S - 1)^2`` times larger and, at λ_vr = 10,
+        pins the map to the identity."""
+        extent = [max(int(n) - 1, 1) for n in size]
+        return torch.tensor(extent, dtype=like.dtype, device=like.device).view(1, -1, *([1] * len(extent)))
+
     def vsvf_map(self, fixed: Tensor, moving: Tensor, matrix: Tensor) -> tuple[Tensor, list[Tensor]]:
         """``Q`` (voxel points ``(B, ndim, *S)``, before the affine ``matrix``) after the vSVF steps,
-        and each step's ``<m, v>`` per pair. Each step sees ``moving ∘ A ∘ Q`` sampled once."""
+        and each step's ``<m, v>`` per pair (unit cube, :meth:`unit_extent`). Each step sees
+        ``moving ∘ A ∘ Q`` sampled once; the network outputs the momentum in unit-cube coordinates."""
         size = tuple(fixed.shape[2:])
+        extent = self.unit_extent(size, fixed)
         identity = self._identity_on(fixed)
         points = identity.expand(fixed.shape[0], *identity.shape[1:])
         steps = self.options["vsvf_train_steps"] if self.training else self.options["vsvf_test_steps"]
         energies = []
         for _ in range(steps):
             warped = sample_voxels(moving, apply_matrix(matrix, points), padding="border")
-            momentum = self.vsvf(torch.cat([warped, fixed], 1)).float()
+            momentum = self.vsvf(torch.cat([warped, fixed], 1)).float()  # unit cube
             unit = self.vsvf_unit(tuple(momentum.shape[2:]))
-            velocity = unit.smooth(momentum)
+            velocity = unit.smooth(momentum)  # K is linear: the same in either unit
             energies.append((momentum * velocity).sum(1).flatten(1).mean(1))
-            low = unit.integrate(velocity)  # displacement of the advected map, network voxels
+            low = unit.integrate(velocity * extent)  # displacement of the advected map, network voxels
             step = resize_field(low, size)  # the map is upsampled, not the image
             # compose: the new step acts first, Q <- Q(x + d(x))
             points = sample_voxels(points, identity + step, padding="border")
@@ -224,8 +240,11 @@ class AVSM(LearnedModel):
         total = parts["similarity"] + options["lambda_vr"] * parts["momentum_energy"]
         if options["lambda_vs"] > 0 and self.training:
             reverse = self({"fixed": moving, "moving": fixed})
-            grid = voxel_grid(fixed.shape[2:])
-            parts["symmetry"] = self.symmetry(output["displacement"], reverse["displacement"], grid)
+            size = tuple(fixed.shape[2:])
+            extent = self.unit_extent(size, fixed)
+            unit_grid = Grid.from_spacing(size, [1.0 / float(e) for e in extent.flatten()])  # the unit cube
+            parts["symmetry"] = self.symmetry(output["displacement"] / extent, reverse["displacement"] / extent,
+                                              unit_grid)
             total = total + options["lambda_vs"] * parts["symmetry"]
         return total, {k: v.detach() for k, v in parts.items()}
 

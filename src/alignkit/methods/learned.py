@@ -42,6 +42,7 @@ from alignkit.solve.config import LINEAR_MODELS
 from alignkit.solve.presets import resolve_config
 from alignkit.spatial import sample_voxels, sample_world
 from alignkit.train.protocol import TrainingStage
+from alignkit.train.subjects import DEFAULT_PERCENTILES
 from alignkit.transforms import ComposedTransform, Transform, flatten_stages
 
 NetworkSpecs = Mapping[str, Mapping[str, Any]]
@@ -53,6 +54,8 @@ class LearnedModel(nn.Module):
 
     method_name: ClassVar[str] = ""
     info: ClassVar[MethodInfo]
+    #: the intensity percentiles mapped to 0 and 1 on the network grid, in training and inference
+    intensity_percentiles: ClassVar[tuple[float, float]] = DEFAULT_PERCENTILES
 
     def __init__(self, *, networks: Mapping[str, nn.Module], ndim: int, size: Sequence[int]) -> None:
         super().__init__()
@@ -213,8 +216,10 @@ class LearnedModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            fixed_t, grid = to_network_grid(fixed.batch(device=device), fixed.grid, self.size)
-            moving_t, moving_grid = to_network_grid(moving.batch(device=device), moving.grid, self.size)
+            percentiles = self.intensity_percentiles
+            fixed_t, grid = to_network_grid(fixed.batch(device=device), fixed.grid, self.size, percentiles=percentiles)
+            moving_t, moving_grid = to_network_grid(moving.batch(device=device), moving.grid, self.size,
+                                                    percentiles=percentiles)
             world = grid.world_points(device=device)
             if initial is not None:
                 world = initial.to(device).transform_points(world)

@@ -12,6 +12,7 @@ its committed recipe (:mod:`alignkit.methods.shipped`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -51,5 +52,9 @@ def train_method(
 ) -> TrainResult:
     """Train the learned method ``config.method`` (or the given ``model``) with :func:`alignkit.train.train`."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if cfg.intensity_percentiles is None:
+        # the data are normalised as the method's inference will normalise them
+        cls = type(model) if model is not None else learned_class(cfg.method)
+        cfg = dataclasses.replace(cfg, intensity_percentiles=list(cls.intensity_percentiles))
     return train(cfg, out_dir, method=model if model is not None else model_factory(cfg), train_set=train_set,
                  val_set=val_set, resume=resume, callbacks=callbacks)

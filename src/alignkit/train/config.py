@@ -36,6 +36,8 @@ class TrainConfig:
     network unless ``method_options`` says otherwise. ``amp`` (mixed precision) applies on CUDA only;
     None = on when the device is CUDA. ``schedule`` steps per optimisation step: ``cosine`` decays
     to 0 over the run, ``step`` multiplies by ``gamma`` every ``step_epochs`` epochs.
+    ``intensity_percentiles`` (low, high) map to 0 and 1 on the network grid; None = the method's own
+    (:attr:`alignkit.methods.LearnedModel.intensity_percentiles`).
     """
 
     method: str = "voxelmorph"
@@ -52,6 +54,7 @@ class TrainConfig:
     pairs: PairChoice = "auto"
     size: list[int] | int | str = 64  # stored as a list: [64] (every axis) or one value per axis
     prealign: str | None = None
+    intensity_percentiles: list[float] | None = None
     max_pairs: int | None = None
     synthetic_length: int | None = None
     magnitude: float = 3.0
@@ -95,6 +98,11 @@ class TrainConfig:
                 if not value:
                     raise ConfigError(f"{name} must name at least one subject pattern")
             setattr(self, name, value)
+        if self.intensity_percentiles is not None:
+            low, high = (float(v) for v in self.intensity_percentiles)
+            if not 0.0 <= low < high <= 100.0:
+                raise ConfigError(f"intensity_percentiles must be 0 <= low < high <= 100, got {self.intensity_percentiles}")
+            self.intensity_percentiles = [low, high]
         if self.pairs not in get_args(PairChoice):
             raise ConfigError(f"pairs must be one of {', '.join(get_args(PairChoice))}, got {self.pairs!r}")
         if self.schedule not in get_args(ScheduleName):

@@ -94,6 +94,7 @@ def build_datasets(
         return load_subjects(
             config.dataset, config.size, layout=config.layout, prealign=config.prealign,  # type: ignore[arg-type]
             cache_dir=cache_dir, seed=config.seed, include=config.subjects, held_out=config.val_subjects,
+            **({} if config.intensity_percentiles is None else {"percentiles": config.intensity_percentiles}),
         )
 
     # rank 0 fills the pre-alignment cache first; the others then read it instead of re-registering

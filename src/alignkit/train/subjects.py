@@ -52,6 +52,10 @@ _LABEL_MARKERS = ("_seg", "_labels", "_label", "lm")
 
 
 # -- sizes and grids -----------------------------------------------------------------------------
+#: the intensity percentiles mapped to 0 and 1 on the network grid, unless a method asks otherwise
+DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+
+
 def parse_size(value: int | str | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     """``64`` / ``"64"`` / ``"64,80"`` / ``(64, 80)`` → one size per axis (one value is shared)."""
     if value is None:
@@ -76,13 +80,15 @@ def parse_size(value: int | str | Sequence[int] | None, ndim: int) -> tuple[int,
 
 
 def to_network_grid(
-    tensor: Tensor, grid: Grid, size: Sequence[int], *, labels: bool = False
+    tensor: Tensor, grid: Grid, size: Sequence[int], *, labels: bool = False,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> tuple[Tensor, Grid]:
     """``tensor (B, C, *grid.shape)`` on ``grid.resized(size)`` (the same field of view).
 
     Images are smoothed before shrinking (sigma ``0.5 x`` the shrink factor per axis, as the
-    pyramids do, against aliasing), averaged to one channel and normalised to [0, 1]; label maps
-    are read nearest-neighbour and stay integers.
+    pyramids do, against aliasing), averaged to one channel and normalised so that the intensity
+    ``percentiles`` (low, high) map to 0 and 1 (a method may ask for its paper's, e.g. AVSM's 0.1 and
+    99.9); label maps are read nearest-neighbour and stay integers.
     """
     size = tuple(int(s) for s in size)
     if len(size) != grid.ndim:
@@ -99,7 +105,8 @@ def to_network_grid(
     if any(s > 0 for s in sigmas):
         x = gaussian_blur(x, sigmas)
     x = resize_image(x, size)
-    return normalize_intensity(x), net_grid
+    low, high = (float(v) for v in percentiles)
+    return normalize_intensity(x, low, high), net_grid
 
 
 # -- subjects ------------------------------------------------------------------------------------
@@ -122,12 +129,12 @@ class Subject:
 
 def prepare_subject(
     image: Image, size: Sequence[int], *, labels: Image | None = None, points: Tensor | None = None,
-    name: str | None = None,
+    name: str | None = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> Subject:
     """:func:`to_network_grid` applied to an image (and its label map, resampled nearest-neighbour onto
     the image's grid through the world when it lives on another one); ``points`` (N, ndim) world
     landmarks are kept as they are (the network grid spans the same world)."""
-    data, grid = to_network_grid(image.batch(), image.grid, size)
+    data, grid = to_network_grid(image.batch(), image.grid, size, percentiles=percentiles)
     lab = None
     if labels is not None:
         label_data = labels.batch(dtype=None)
@@ -466,6 +473,7 @@ def load_subjects(
     seed: int = 0,
     include: Sequence[str] | None = None,
     held_out: Sequence[str] | None = None,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> SubjectSet:
     """Subjects on their network grids from a data set name/folder (:func:`dataset_data`) or images.
 
@@ -476,7 +484,8 @@ def load_subjects(
     subject, cached in ``cache_dir``): native-space data such as ``brain3d-oasis-trt20`` need it;
     data sets already aligned do not (``brain3d-aseg-pair``, the 2D slices). ``held_out``: patterns
     of validation subjects; the default reference is then the first subject *not* held out, so a
-    validation image never defines the space the network trains in.
+    validation image never defines the space the network trains in. ``percentiles``: the intensity
+    normalisation of :func:`to_network_grid`.
     """
     if isinstance(source, (str, os.PathLike)):
         data = dataset_data(source, layout=layout)
@@ -536,7 +545,7 @@ def load_subjects(
             labels = _resample_into(ref_image, labels, matrix, labels=True) if labels is not None else None
             if points is not None:  # the image now shows point q at the reference's world M^-1 q
                 points = _points_into(matrix, points)
-        subjects.append(prepare_subject(image, sizes, labels=labels, points=points, name=name))
+        subjects.append(prepare_subject(image, sizes, labels=labels, points=points, name=name, percentiles=percentiles))
     truth = None
     if data.case_pairs is not None and data.case_truth is not None and prealign is None:
         # (with a pre-alignment the moving images moved: their truth no longer holds as is)
