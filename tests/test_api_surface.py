@@ -25,7 +25,7 @@ CLI = {
     "methods": ([], ["--help", "-h"]),
     "presets": ([], ["--help", "-h"]),
     "register": (["fixed", "moving"], sorted([*COMMON, "--checkpoint", "--config", "--fixed-labels",
-                                              "--fixed-landmarks", "--method", "--moving-labels",
+                                              "--fixed-landmarks", "--initial-transform", "--method", "--moving-labels",
                                               "--moving-landmarks", "--no-qc", "--output", "--preset", "--refine",
                                               "--similarity", "--transform", "-o"])),
     "train": ([], sorted([*COMMON, "--batch-size", "--config", "--dataset", "--epochs", "--layout", "--lr",

@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from alignkit.errors import InputError, NotInvertibleError
-from alignkit.io.foreign import detect_format, fsl_from_voxel, inverse_warp_path, read_foreign_transform, split_format
+from alignkit.io.foreign import (
+    detect_format,
+    fsl_from_voxel,
+    inverse_warp_path,
+    read_foreign_transform,
+    split_format,
+)
 from alignkit.spatial import Grid
 from alignkit.transforms import ComposedTransform, ControlPointBSpline, DisplacementField, MatrixTransform
 from alignkit.transforms.files import read_transform, read_transform_chain
@@ -116,7 +122,7 @@ def test_itk_parsed_without_simpleitk(tmp_path: Path, monkeypatch) -> None:
             path = tmp_path / f"{name}{suffix}"
             sitk.WriteTransform(tx, str(path))
             written[path] = tx
-    import alignkit.io.foreign as foreign
+    from alignkit.io import foreign
 
     monkeypatch.setattr(foreign, "_sitk_pieces", lambda path: pytest.fail(f"SimpleITK used for {path}"))
     for path, tx in written.items():
@@ -183,7 +189,7 @@ def test_itk_bspline_matches_simpleitk(tmp_path: Path, ndim: int) -> None:
 # elastix (transformix computes the reference deformation field)
 # ------------------------------------------------------------------------------------------------
 def _elastix_header(ndim: int, shape: tuple[int, ...], spacing, origin, direction: np.ndarray) -> str:
-    fmt = lambda v: " ".join(repr(float(x)) for x in v)  # noqa: E731
+    fmt = lambda v: " ".join(repr(float(x)) for x in v)
     return (
         f"(FixedImageDimension {ndim})\n(MovingImageDimension {ndim})\n"
         '(FixedInternalImagePixelType "float")\n(MovingInternalImagePixelType "float")\n'
@@ -217,18 +223,18 @@ def _elastix_case(ndim: int) -> tuple[str, Grid]:
 
 
 ELASTIX_LINEAR = {
-    "euler3": (3, '(Transform "EulerTransform")\n(TransformParameters 0.1 -0.2 0.3 1.0 2.0 -3.0)\n'
-                  '(CenterOfRotationPoint 4.0 5.0 6.0)\n(ComputeZYX "false")\n'),
-    "euler3zyx": (3, '(Transform "EulerTransform")\n(TransformParameters 0.1 -0.2 0.3 1.0 2.0 -3.0)\n'
-                     '(CenterOfRotationPoint 4.0 5.0 6.0)\n(ComputeZYX "true")\n'),
+    "euler3": (3, ('(Transform "EulerTransform")\n(TransformParameters 0.1 -0.2 0.3 1.0 2.0 -3.0)\n'
+                  '(CenterOfRotationPoint 4.0 5.0 6.0)\n(ComputeZYX "false")\n')),
+    "euler3zyx": (3, ('(Transform "EulerTransform")\n(TransformParameters 0.1 -0.2 0.3 1.0 2.0 -3.0)\n'
+                     '(CenterOfRotationPoint 4.0 5.0 6.0)\n(ComputeZYX "true")\n')),
     "euler2": (2, '(Transform "EulerTransform")\n(TransformParameters 0.2 1.0 -2.0)\n(CenterOfRotationPoint 4.0 5.0)\n'),
-    "similarity3": (3, '(Transform "SimilarityTransform")\n(TransformParameters 0.1 -0.05 0.2 1.0 2.0 -3.0 1.1)\n'
-                       '(CenterOfRotationPoint 4.0 5.0 6.0)\n'),
-    "similarity2": (2, '(Transform "SimilarityTransform")\n(TransformParameters 0.9 0.2 1.0 -2.0)\n'
-                       '(CenterOfRotationPoint 4.0 5.0)\n'),
-    "affine3": (3, '(Transform "AffineTransform")\n'
+    "similarity3": (3, ('(Transform "SimilarityTransform")\n(TransformParameters 0.1 -0.05 0.2 1.0 2.0 -3.0 1.1)\n'
+                       '(CenterOfRotationPoint 4.0 5.0 6.0)\n')),
+    "similarity2": (2, ('(Transform "SimilarityTransform")\n(TransformParameters 0.9 0.2 1.0 -2.0)\n'
+                       '(CenterOfRotationPoint 4.0 5.0)\n')),
+    "affine3": (3, ('(Transform "AffineTransform")\n'
                    '(TransformParameters 1.05 0.1 0.0 -0.05 0.95 0.02 0.03 0.0 1.1 1.0 2.0 -3.0)\n'
-                   '(CenterOfRotationPoint 4.0 5.0 6.0)\n'),
+                   '(CenterOfRotationPoint 4.0 5.0 6.0)\n')),
     "translation2": (2, '(Transform "TranslationTransform")\n(TransformParameters 1.5 -2.5)\n'),
 }
 
@@ -253,7 +259,7 @@ def _elastix_bspline(ndim: int, seed: int) -> str:
     direction = rotation3(0.05, 0.1, -0.15)[:ndim, :ndim]
     count = ndim * int(np.prod(size))
     params = np.random.default_rng(seed).normal(scale=2.0, size=count)
-    fmt = lambda v: " ".join(repr(float(x)) for x in v)  # noqa: E731
+    fmt = lambda v: " ".join(repr(float(x)) for x in v)
     return (
         f'(Transform "BSplineTransform")\n(NumberOfParameters {count})\n(TransformParameters {fmt(params)})\n'
         f"(GridSize {' '.join(map(str, size))})\n(GridIndex {' '.join(['0'] * ndim)})\n"
@@ -330,12 +336,22 @@ def _image_pair(tmp_path: Path, ndim: int) -> tuple[Path, Path]:
         fixed_affine = np.diag([1.5, 1.2, 2.0, 1.0])
         fixed_affine[:3, 3] = [5.0, -3.0, 7.0]
         moving_affine = np.diag([-1.3, 1.4, 1.6, 1.0])
-        moving_affine[:3, 3] = [36.0, -8.0, 2.0]
-        for name, shape, affine in (("fixed", (20, 17, 14), fixed_affine), ("moving", (24, 22, 18), moving_affine)):
-            data = (gaussian_filter(rng.random(shape), 2.0) * 10).astype(np.float32)
-            nib.save(nib.Nifti1Image(data, affine), str(tmp_path / f"{name}.nii.gz"))
-            paths.append(tmp_path / f"{name}.nii.gz")
-        return paths[0], paths[1]
+        moving_affine[:3, 3] = [33.0, -6.0, 4.0]
+        moving_data = (gaussian_filter(rng.random((24, 22, 18)), 2.0) * 10).astype(np.float32)
+        moving = tmp_path / "moving.nii.gz"
+        nib.save(nib.Nifti1Image(moving_data, moving_affine), str(moving))
+        # the fixed image shows the same content, shifted and rotated a little: registrations converge
+        from alignkit.io import read_image
+        from alignkit.spatial import sample_world
+
+        image = read_image(moving)
+        fixed_grid = Grid((20, 17, 14), torch.tensor(np.diag([-1.0, -1, 1, 1]) @ fixed_affine))
+        shift = torch.tensor([[1.0, 0.05, 0, 1.5], [-0.05, 1.0, 0, -1.0], [0, 0, 1.0, 0.5], [0, 0, 0, 1.0]])
+        world = torch.einsum("ij,bj...->bi...", shift[:3, :3], fixed_grid.world_points()) + shift[:3, 3].view(1, 3, 1, 1, 1)
+        fixed_data = sample_world(image.batch(), image.grid, world)[0, 0].numpy()
+        fixed = tmp_path / "fixed.nii.gz"
+        nib.save(nib.Nifti1Image(fixed_data, fixed_affine), str(fixed))
+        return fixed, moving
     sitk = pytest.importorskip("SimpleITK")
     for name, shape, spacing, origin, direction in (
         ("fixed", (40, 34), (1.5, 1.2), (-5.0, 3.0), (1.0, 0.0, 0.0, 1.0)),
@@ -348,6 +364,19 @@ def _image_pair(tmp_path: Path, ndim: int) -> tuple[Path, Path]:
         sitk.WriteImage(image, str(tmp_path / f"{name}.mha"))
         paths.append(tmp_path / f"{name}.mha")
     return paths[0], paths[1]
+
+
+def _inside(transform, fixed_grid: Grid, moving_grid: Grid) -> np.ndarray:
+    """Fixed voxels that the transform sends inside the moving image's voxel range, where every
+    tool interpolates alike (at the edge ITK clamps, alignkit blends with the zero padding)."""
+    from alignkit.spatial import apply_matrix
+
+    with torch.no_grad():
+        voxel = apply_matrix(moving_grid.voxel_from_world, transform.double().map_on(fixed_grid, dtype=torch.float64))[0]
+    ok = torch.ones(voxel.shape[1:], dtype=torch.bool)
+    for axis, size in enumerate(moving_grid.shape):
+        ok &= (voxel[axis] >= 0) & (voxel[axis] <= size - 1)
+    return ok.numpy()
 
 
 def _resample(chain, fixed: Path, moving: Path, **kw) -> np.ndarray:
@@ -394,3 +423,236 @@ def test_greedy_matrix_and_warp_match_greedy_reslice(tmp_path: Path, ndim: int) 
     got = _resample([warp, f"greedy:{matrix}"], fixed, moving)
     assert np.abs(_resample([f"greedy:{matrix}"], fixed, moving) - expected)[inner].max() > 0.05  # the warp matters
     np.testing.assert_allclose(got[inner], expected[inner], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# ANTs (ANTsPy writes and applies; small synthetic pair)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ants_run(tmp_path_factory):
+    ants = pytest.importorskip("ants")
+    tmp = tmp_path_factory.mktemp("ants")
+    fixed, moving = _image_pair(tmp, 3)
+    fixed_ants, moving_ants = ants.image_read(str(fixed)), ants.image_read(str(moving))
+    result = ants.registration(
+        fixed_ants, moving_ants, type_of_transform="SyN", outprefix=str(tmp / "ants_"),
+        aff_iterations=(20, 10), aff_shrink_factors=(2, 1), aff_smoothing_sigmas=(1, 0), reg_iterations=(10, 5),
+        random_seed=1,
+    )
+    return fixed, moving, fixed_ants, moving_ants, result
+
+
+def test_ants_registration_files_match_ants_apply_transforms(ants_run) -> None:
+    ants = pytest.importorskip("ants")
+    fixed, moving, fixed_ants, moving_ants, result = ants_run
+    forward = result["fwdtransforms"]  # [1Warp.nii.gz, 0GenericAffine.mat]
+    assert forward[0].endswith("Warp.nii.gz") and forward[1].endswith(".mat")
+    from alignkit.io import read_image
+    from alignkit.registration import resample_image
+
+    fixed_grid, moving_grid = read_image(fixed).grid, read_image(moving).grid
+    expected = ants.apply_transforms(fixed_ants, moving_ants, transformlist=forward).numpy()
+    got = _resample(forward, fixed, moving)
+    inside = _inside(read_transform_chain(forward), fixed_grid, moving_grid)
+    assert inside.sum() > 500
+    assert np.abs(got - _resample(forward[1:], fixed, moving))[inside].max() > 0.05  # the warp matters
+    np.testing.assert_allclose(got[inside], expected[inside], atol=1e-4)
+
+    # the inverse chain, as ANTs gives it, and as alignkit builds it from the forward files
+    inverse = result["invtransforms"]  # [0GenericAffine.mat, 1InverseWarp.nii.gz]
+    expected = ants.apply_transforms(moving_ants, fixed_ants, transformlist=inverse, whichtoinvert=[True, False]).numpy()
+    for chain, flags in ((inverse, [True, False]), (forward[::-1], [True, True])):
+        transform = read_transform_chain(chain, invert=flags)
+        got = resample_image(transform, moving_grid, read_image(fixed)).data[0].numpy()
+        inside = _inside(transform, moving_grid, fixed_grid)
+        assert inside.sum() > 500
+        np.testing.assert_allclose(got[inside], expected[inside], atol=1e-4)
+
+
+def test_ants_points_match_apply_transforms_to_points(ants_run) -> None:
+    """Points go the way of ITK transforms: fixed -> moving with the forward list (within 0.1 voxel)."""
+    ants = pytest.importorskip("ants")
+    import pandas as pd
+
+    fixed, _, fixed_ants, _, result = ants_run
+    rng = np.random.default_rng(7)
+    index = rng.uniform(2, 12, size=(40, 3))
+    from alignkit.io import read_image
+
+    w = read_image(fixed).grid.world_from_voxel.numpy()
+    world = index @ w[:3, :3].T + w[:3, 3]
+    frame = pd.DataFrame(world, columns=["x", "y", "z"])
+    expected = ants.apply_transforms_to_points(3, frame, result["fwdtransforms"])[["x", "y", "z"]].to_numpy()
+    got = ours(read_transform_chain(result["fwdtransforms"]), world)
+    assert np.abs(expected - world).max() > 1.0
+    assert np.abs(got - expected).max() < 0.1 * min(fixed_ants.spacing)
+
+
+def test_inverse_warp_names() -> None:
+    assert inverse_warp_path("out/ants_1Warp.nii.gz").name == "ants_1InverseWarp.nii.gz"
+    assert inverse_warp_path("ants_1InverseWarp.nii.gz").name == "ants_1Warp.nii.gz"
+    assert inverse_warp_path("field.nii.gz") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# alignkit's own export, read back as a folder and as foreign files
+# ------------------------------------------------------------------------------------------------
+def test_alignkit_export_reads_back(tmp_path: Path) -> None:
+    from alignkit.transforms import Affine, StationaryVelocityField
+    from alignkit.transforms.folder import save_transform
+
+    grid = Grid.from_spacing((18, 16, 12), (1.5, 1.2, 2.0), (5.0, -3.0, 7.0), torch.tensor(rotation3(0.2, 0, 0.3)))
+    affine = Affine.from_matrix(torch.tensor([[1.05, 0.1, 0, 2.0], [-0.05, 0.97, 0.02, -1.5], [0, 0.03, 1.02, 3.0],
+                                              [0, 0, 0, 1.0]]))
+    svf = StationaryVelocityField(grid)
+    with torch.no_grad():
+        svf.velocity.copy_(torch.randn(1, 3, *grid.shape) * 0.8)
+    original = ComposedTransform([affine, svf])
+    save_transform(original, grid, tmp_path / "transform")
+    world = grid.world_points(dtype=torch.float64)[0].reshape(3, -1).T.numpy()
+    with torch.no_grad():
+        expected = ours(original.float(), world)
+    folder = read_transform(tmp_path / "transform")
+    files = read_transform_chain([tmp_path / "transform" / "warp.nii.gz", tmp_path / "transform" / "affine.txt"])
+    np.testing.assert_allclose(ours(folder, world), expected, atol=1e-3)
+    np.testing.assert_allclose(ours(files, world), expected, atol=1e-3)
+    with pytest.raises(NotInvertibleError, match="transform"):
+        read_transform(tmp_path / "transform", invert=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors: one line naming the file
+# ------------------------------------------------------------------------------------------------
+def test_unreadable_files_raise_one_line_naming_the_file(tmp_path: Path) -> None:
+    matrix = tmp_path / "affine.mat"
+    matrix.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    cases = {
+        tmp_path / "missing.txt": "not found",
+        matrix: "greedy:FILE or fsl:FILE",
+        tmp_path / "notes.txt": "unknown transform format",
+        tmp_path / "short.txt": "needs 12 parameters",
+        tmp_path / "TransformParameters.0.txt": "not supported",
+        tmp_path / "folder": "no manifest.json",
+    }
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "short.txt").write_text("#Insight Transform File V1.0\n#Transform 0\n"
+                                        "Transform: AffineTransform_double_3_3\nParameters: 1 0 0\nFixedParameters: 0 0 0\n")
+    (tmp_path / "TransformParameters.0.txt").write_text('(Transform "SplineKernelTransform")\n(TransformParameters 1)\n')
+    (tmp_path / "folder").mkdir()
+    for path, needle in cases.items():
+        with pytest.raises(InputError) as info:
+            read_transform(path)
+        message = str(info.value)
+        assert needle in message and str(path) in message and "\n" not in message, message
+    with pytest.raises(NotInvertibleError, match="field.nii.gz"):
+        from alignkit.io import write_displacement_field
+
+        grid = Grid.from_spacing((5, 6, 7))
+        write_displacement_field(tmp_path / "field.nii.gz", torch.zeros(3, 5, 6, 7), grid)
+        read_transform(tmp_path / "field.nii.gz", invert=True)
+    assert split_format("fsl:a.mat") == ("fsl", "a.mat")
+    assert split_format("C:/data/a.mat") == ("auto", "C:/data/a.mat")
+    with pytest.raises(InputError, match="unknown transform format"):
+        read_foreign_transform(matrix, format="flirt")
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+def _cli(argv, capsys) -> tuple[int, str]:
+    from alignkit.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_cli_apply_ants_chain_images_labels_points_and_invert(ants_run, tmp_path: Path, capsys) -> None:
+    ants = pytest.importorskip("ants")
+    import nibabel as nib
+
+    from alignkit.io import read_image, read_points, write_points
+
+    fixed, moving, fixed_ants, moving_ants, result = ants_run
+    forward = result["fwdtransforms"]
+    transform = read_transform_chain(forward)
+    inside = _inside(transform, read_image(fixed).grid, read_image(moving).grid)
+
+    out = tmp_path / "warped.nii.gz"
+    assert _cli(["apply", *forward, moving, "-r", fixed, "-o", out], capsys)[0] == 0
+    expected = ants.apply_transforms(fixed_ants, moving_ants, transformlist=forward).numpy()
+    np.testing.assert_allclose(read_image(out).data[0].numpy()[inside], expected[inside], atol=1e-4)
+    # without --reference the grid of the warp listed first is the fixed grid
+    assert _cli(["apply", *forward, moving, "-o", tmp_path / "noref.nii.gz"], capsys)[0] == 0
+    assert read_image(tmp_path / "noref.nii.gz").grid.same_as(read_image(fixed).grid)
+
+    # label maps: nearest neighbour, as ANTs' nearestNeighbor
+    labels = (np.asarray(nib.load(str(moving)).get_fdata()) > 5.0).astype(np.int16) + 1
+    labels_path = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(labels, nib.load(str(moving)).affine), str(labels_path))
+    assert _cli(["apply", *forward, labels_path, "-r", fixed, "--labels", "-o", tmp_path / "wl.nii.gz"], capsys)[0] == 0
+    expected = ants.apply_transforms(fixed_ants, ants.image_read(str(labels_path)), transformlist=forward,
+                                     interpolator="nearestNeighbor").numpy()
+    got = read_image(tmp_path / "wl.nii.gz", labels=True).data[0].numpy()
+    assert (got[inside] == expected[inside]).mean() > 0.99
+
+    # points, through the forward chain and back through the inverted one
+    pts = np.array([[20.0, -8.0, 15.0], [15.0, -3.0, 20.0], [25.0, -10.0, 18.0]]) * np.array([-1, -1, 1])
+    write_points(tmp_path / "pts.csv", torch.tensor(pts))
+    assert _cli(["apply", *forward, "--points", tmp_path / "pts.csv", "-o", tmp_path / "mapped.csv"], capsys)[0] == 0
+    mapped = read_points(tmp_path / "mapped.csv", 3).numpy()
+    np.testing.assert_allclose(mapped, ours(transform, pts), atol=1e-4)
+    back = forward[::-1]
+    code, err = _cli(["apply", *back, "--invert", back[0], "--invert", back[1], "--points", tmp_path / "mapped.csv",
+                      "-o", tmp_path / "back.csv"], capsys)
+    assert code == 0, err
+    assert np.abs(read_points(tmp_path / "back.csv", 3).numpy() - pts).max() < 0.3  # SyN's inverse is numerical
+
+
+def test_cli_apply_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    fixed, moving = _image_pair(tmp_path, 3)
+    matrix = tmp_path / "affine.mat"
+    matrix.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    for argv, needles in (
+        (["apply", matrix, moving, "-o", tmp_path / "o.nii.gz"], [str(matrix), "greedy:FILE"]),
+        (["apply", f"greedy:{matrix}", moving, "-o", tmp_path / "o.nii.gz"], ["--reference"]),
+        (["apply", f"greedy:{matrix}", moving, "-r", fixed, "--invert", "other.mat", "-o", tmp_path / "o.nii.gz"],
+         ["other.mat"]),
+        (["apply", tmp_path / "nothing.txt", moving, "-o", tmp_path / "o.nii.gz"], ["nothing.txt", "not found"]),
+    ):
+        code, err = _cli(argv, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert all(n in lines[0] for n in needles), lines[0]
+    assert not (tmp_path / "o.nii.gz").exists()
+    # the same matrix named as Greedy's works, inverted too
+    assert _cli(["apply", f"greedy:{matrix}", moving, "-r", fixed, "--invert", matrix, "-o", tmp_path / "o.nii.gz"],
+                capsys)[0] == 0
+
+
+def test_cli_register_initial_transform_is_used_and_recorded(tmp_path: Path, capsys) -> None:
+    import json
+
+    sitk = pytest.importorskip("SimpleITK")
+    fixed, moving = _image_pair(tmp_path, 3)
+    tx = sitk.AffineTransform(3)
+    tx.SetTranslation([1.5, -1.0, 0.5])
+    initial = tmp_path / "0GenericAffine.mat"
+    sitk.WriteTransform(tx, str(initial))
+    config = tmp_path / "fast.json"
+    config.write_text(json.dumps({"stages": [{"transform": "translation", "similarity": "ncc", "levels": [2],
+                                              "iterations": [5]}]}))
+    out = tmp_path / "out"
+    code, err = _cli(["register", fixed, moving, "-o", out, "--config", config, "--initial-transform", initial,
+                      "--quiet", "--no-qc"], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "transform" / "manifest.json").read_text())
+    assert manifest["config"]["initial_transform"]["file"] == str(initial)
+    assert manifest["stages"][0] == "init:file"
+    np.testing.assert_allclose(np.array(manifest["config"]["initial_transform"]["matrix"])[:3, 3], [1.5, -1.0, 0.5])
+    warp = tmp_path / "w.nii.gz"
+    from alignkit.io import write_displacement_field
+
+    write_displacement_field(warp, torch.zeros(3, 4, 4, 4), Grid.from_spacing((4, 4, 4)))
+    code, err = _cli(["register", fixed, moving, "-o", tmp_path / "o2", "--config", config,
+                      "--initial-transform", warp, "--quiet"], capsys)
+    assert code == 2 and "linear" in err and str(warp) in err

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--similarity", choices=["lncc", "mk-lncc", "mi", "mse", "ncc", "charbonnier", "l1"])
     reg.add_argument("--preset", choices=preset_names(), help="tuned configuration (default: brain in 3D, default2d in 2D)")
     reg.add_argument("--config", help="JSON or TOML configuration (a full stage list, or a preset plus options)")
+    reg.add_argument(
+        "--initial-transform", metavar="FILE",
+        help="start from this linear transform (ANTs .mat, ITK .txt/.tfm, elastix TransformParameters, greedy:FILE, "
+        "fsl:FILE with FIXED/MOVING as FLIRT's -ref/-in); the linear stages refine it (--transform svf skips them); "
+        "recorded in the manifest",
+    )
     reg.add_argument("--fixed-labels", help="label map on the fixed grid (Dice in metrics.json)")
     reg.add_argument("--moving-labels", help="label map on the moving grid (also written warped)")
     reg.add_argument("--fixed-landmarks", help="CSV of world points x,y[,z] in the fixed image")
@@ -176,7 +182,7 @@ def _register(args: argparse.Namespace) -> int:
     # only the options given reach the method: each method says which it takes
     options = {key: value for key, value in (
         ("preset", args.preset), ("transform", args.transform), ("similarity", args.similarity),
-        ("config", args.config), ("checkpoint", args.checkpoint),
+        ("config", args.config), ("checkpoint", args.checkpoint), ("initial", args.initial_transform),
     ) if value is not None}
     result = alignkit.register(
         args.fixed,

@@ -4,7 +4,10 @@ Options: ``preset`` (``brain``, ``multimodal``, ``photo``, ``flow``, ``default2d
 in 3D and ``default2d`` in 2D), ``transform`` (a chain such as ``"rigid,affine,svf"``) and
 ``similarity`` overriding the preset's, ``config`` (a :class:`~alignkit.solve.RegistrationConfig`,
 a dict or a JSON/TOML file: a full stage list, or a preset plus options), ``initial`` (a transform
-to start from). Label maps and landmarks are prompt terms when the configuration weights them
+to start from, or a linear transform file of ANTs, ITK, Greedy, elastix or FSL -- see
+:func:`alignkit.transforms.files.read_transform` -- recorded as ``initial_transform`` in the
+description, i.e. in the saved manifest; the stages refine it, so ``transform="svf"`` skips the
+linear ones). Label maps and landmarks are prompt terms when the configuration weights them
 (``dice_weight``, ``landmark_weight``), and are scored either way.
 """
 
@@ -20,7 +23,7 @@ from alignkit.methods.registry import register_method
 from alignkit.registration import Inputs
 from alignkit.solve import Engine, RegistrationConfig
 from alignkit.solve.presets import resolve_config
-from alignkit.transforms import Transform
+from alignkit.transforms import MatrixTransform, Transform
 
 
 @register_method
@@ -44,7 +47,7 @@ class Classical(Method):
         transform: str | list[str] | None = None,
         similarity: str | None = None,
         config: RegistrationConfig | dict[str, Any] | str | os.PathLike | None = None,
-        initial: Transform | None = None,
+        initial: Transform | str | os.PathLike | None = None,
     ) -> None:
         self.preset = preset
         self.transform = transform
@@ -57,10 +60,31 @@ class Classical(Method):
             ndim, preset=self.preset, transform=self.transform, similarity=self.similarity, config=self.config
         )
 
+    def _initial(self, inputs: Inputs) -> tuple[Transform | None, dict[str, Any]]:
+        """The starting transform, read from its file (FLIRT's reference and input are the fixed and
+        moving images), and what the manifest records of it."""
+        if self.initial is None or isinstance(self.initial, Transform):
+            return self.initial, {}
+        from alignkit.errors import InputError
+        from alignkit.transforms.files import read_transform
+
+        source = os.fspath(self.initial)
+        transform = read_transform(source, fixed=inputs.fixed.grid, moving=inputs.moving.grid)
+        if not transform.is_linear:
+            raise InputError("an initial transform must be linear (a matrix); apply deformable ones with "
+                             "`alignkit apply`", source)
+        if transform.ndim != inputs.ndim:
+            raise InputError(f"is {transform.ndim}D but the images are {inputs.ndim}D", source)
+        matrix = transform.matrix().detach().double().cpu()
+        start = MatrixTransform(matrix)
+        start.kind = "init:file"  # manifests name the stage by how it was found, as the engine's init:center
+        return start, {"file": source, "matrix": matrix.tolist()}
+
     def run(
         self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory
     ) -> MethodOutput:
         cfg = self.resolve(inputs.ndim)
+        initial, record = self._initial(inputs)
         engine = Engine(cfg, device=device, seed=seed, progress=progress)
         chain = engine.run(
             inputs.fixed,
@@ -69,16 +93,19 @@ class Classical(Method):
             moving_labels=inputs.moving_labels,
             fixed_points=inputs.fixed_points,
             moving_points=inputs.moving_points,
-            initial=self.initial,
+            initial=initial,
         )
         extra: dict[str, Any] = {}
         if engine.init_info:
             extra["init"] = dict(engine.init_info)
+        description = cfg.to_dict()
+        if record:
+            description["initial_transform"] = record
         return MethodOutput(
             transform=chain,
             name=cfg.name,
             stages=[s.transform for s in cfg.stages],
-            description=cfg.to_dict(),
+            description=description,
             stage_seconds={log.transform: round(log.seconds, 3) for log in engine.logs},
             extra=extra,
         )
