@@ -28,7 +28,7 @@ Per tool (each pinned against the tool itself in ``tests/test_foreign.py``)
   components are LPS as ITK stores them. ANTs' ``*InverseWarp.nii.gz`` is the inverse of the
   ``*Warp.nii.gz`` next to it (:func:`inverse_warp_path`); Greedy's ``-oinv`` file is the same kind.
 * **Greedy** affine: a ``(ndim+1)^2`` text matrix in **RAS** mapping fixed to moving points;
-  ``M_lps = F M_ras F`` with ``F = diag(-1, -1, 1[, 1])`` (as ``c3d_affine_tool -oitk`` converts).
+  ``M_lps = F M_ras F`` with ``F = diag(-1, -1, 1[, 1])`` (:func:`alignkit.io.itk.lps_matrix_from_ras`).
 * **elastix** ``TransformParameters.N.txt``: ITK physical space (LPS), fixed->moving. Euler,
   Similarity, Affine, Translation and (Recursive)BSpline transforms are parsed;
   ``InitialTransformParametersFileName`` chains are followed with ``HowToCombineTransforms Compose``:
@@ -60,8 +60,7 @@ from torch import Tensor
 
 from alignkit.errors import InputError
 from alignkit.io.atomic import full_suffix
-from alignkit.io.images import RAS_FROM_LPS
-from alignkit.io.itk import read_displacement_field
+from alignkit.io.itk import lps_matrix_from_ras, read_displacement_field
 from alignkit.spatial.grid import Grid
 
 PathLike = str | os.PathLike[str]
@@ -463,11 +462,6 @@ def inverse_warp_path(path: PathLike) -> Path | None:
 # ------------------------------------------------------------------------------------------------
 # Greedy
 # ------------------------------------------------------------------------------------------------
-def _flip(n: int) -> np.ndarray:
-    """LPS <-> RAS as an ``(n+1, n+1)`` homogeneous matrix (its own inverse)."""
-    return RAS_FROM_LPS if n == 3 else np.diag([-1.0, -1.0, 1.0])
-
-
 def read_greedy_matrix(path: PathLike) -> list[Piece]:
     """Greedy's (and c3d_affine_tool's) RAS text matrix -> ``[LinearPiece]`` (LPS, fixed->moving);
     a displacement field (``-o warp.nii.gz``) is read as an ITK field."""
@@ -483,8 +477,7 @@ def read_greedy_matrix(path: PathLike) -> list[Piece]:
     n = m.shape[0] - 1
     if not np.allclose(m[n], np.eye(n + 1)[n]):
         raise InputError(f"last row of the Greedy matrix is {m[n].tolist()}, not [0 ... 0 1]", path)
-    f = _flip(n)
-    return [LinearPiece(torch.from_numpy(f @ m @ f))]
+    return [LinearPiece(torch.from_numpy(lps_matrix_from_ras(m)))]
 
 
 # ------------------------------------------------------------------------------------------------
