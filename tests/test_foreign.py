@@ -539,6 +539,12 @@ def test_unreadable_files_raise_one_line_naming_the_file(tmp_path: Path) -> None
                                         "Transform: AffineTransform_double_3_3\nParameters: 1 0 0\nFixedParameters: 0 0 0\n")
     (tmp_path / "TransformParameters.0.txt").write_text('(Transform "SplineKernelTransform")\n(TransformParameters 1)\n')
     (tmp_path / "folder").mkdir()
+    import nibabel as nib
+
+    fnirt = nib.Nifti1Image(np.zeros((4, 5, 6, 3), np.float32), np.eye(4))
+    fnirt.header["intent_code"] = 2006  # FSL_FNIRT_DISPLACEMENT_FIELD: not an ITK field
+    nib.save(fnirt, str(tmp_path / "fnirt_warp.nii.gz"))
+    cases[tmp_path / "fnirt_warp.nii.gz"] = "FNIRT warps are not read"
     for path, needle in cases.items():
         with pytest.raises(InputError) as info:
             read_transform(path)

@@ -425,6 +425,24 @@ def _sitk_grid(image: Any, n: int) -> Grid:
     )
 
 
+#: NIfTI intent codes FSL gives its warps (FNIRT fields and coefficients, TOPUP): 2006 ... 2018
+_FSL_INTENTS = range(2006, 2019)
+
+
+def _refuse_fsl_warp(path: Path) -> None:
+    """FNIRT's warps are NIfTI vector images too, but in FSL's own convention: refuse them rather
+    than read them as ITK fields."""
+    import nibabel as nib
+
+    try:
+        code = int(nib.load(str(path)).header.get("intent_code", 0))
+    except Exception as exc:
+        raise InputError(f"cannot read NIfTI: {' '.join(str(exc).split())}", path) from exc
+    if code in _FSL_INTENTS:
+        raise InputError(f"an FSL warp (NIfTI intent {code}): FNIRT warps are not read; convert it to an ITK "
+                         "displacement field first (wb_command -convert-warpfield -from-fnirt ... -to-itk ...)", path)
+
+
 def read_itk_transform(path: PathLike) -> list[Piece]:
     """Pieces (stage order) of an ITK transform file: text ``.txt``/``.tfm``, MATLAB ``.mat``,
     ``.h5``, or a displacement-field image (``.nii[.gz]``, ``.mha``, ``.nrrd``)."""
@@ -433,6 +451,7 @@ def read_itk_transform(path: PathLike) -> list[Piece]:
         raise InputError("file not found", path)
     suffix = full_suffix(p)
     if suffix in _NIFTI:
+        _refuse_fsl_warp(p)
         u, grid = read_displacement_field(p)
         return [FieldPiece(u, grid, str(p))]
     if suffix in _IMAGE_FIELDS or suffix in (".h5", ".hdf5"):
