@@ -208,7 +208,8 @@ def _transformix_world(path: Path, ndim: int, grid: Grid) -> tuple[np.ndarray, n
     parameters = itk.ParameterObject.New()
     parameters.ReadParameterFile(str(path))
     image = itk.image_from_array(np.zeros(grid.shape[::-1], np.float32))
-    field = itk.transformix_deformation_field(image, parameters)
+    # transformix writes deformationField.nii into its output directory (the working one by default)
+    field = itk.transformix_deformation_field(image, parameters, output_directory=str(path.parent))
     u = np.asarray(itk.array_view_from_image(field)).reshape(-1, ndim)  # ITK index order, x fastest
     world = grid.world_points(dtype=torch.float64)[0].permute(*range(ndim, 0, -1), 0).reshape(-1, ndim).numpy()
     return world, world + u
