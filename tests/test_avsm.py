@@ -249,3 +249,22 @@ def _model_like(state):
     torch.manual_seed(3)
     config = state["method"]["config"]
     return build_model("avsm", networks=state["networks"], **config).state_dict()
+
+
+def test_ablation_switches_skip_a_stage_and_drop_the_vsvf_at_test_time():
+    """What benchmarks/avsm.py's Table 2 rows need: the multi-step affine stage alone on top of an
+    earlier 1-step run (``stage_epochs`` 0 skips a stage) and the affine network alone at test time."""
+    from alignkit.errors import ConfigError
+    from alignkit.train import TrainConfig
+    from alignkit.train.loop import plan_stages
+
+    model = _model(vsvf_test_steps=0)
+    plan = plan_stages(model, TrainConfig(method="avsm", stages=["affine"], stage_epochs={"affine-1step": 0, "affine": 3}))
+    assert [(s.spec.name, s.first_epoch, s.last_epoch) for s in plan] == [("affine", 1, 3)]
+    with pytest.raises(ConfigError, match="skips every"):
+        plan_stages(model, TrainConfig(method="avsm", stages=["vsvf"], stage_epochs={"vsvf": 0}))
+    fixed = Image.from_array(torch.rand(SIZE, SIZE).numpy())
+    transform = model.predict(fixed, Image.from_array(torch.rand(SIZE, SIZE).numpy()))
+    assert transform.kind == "affine" and transform.flat_stages() == [transform]
+    with pytest.raises(ConfigError, match="vsvf_test_steps"):
+        _model(vsvf_test_steps=-1)

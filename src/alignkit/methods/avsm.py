@@ -17,8 +17,8 @@ Shen, Han, Xu, Niethammer, "Networks for Joint Affine and Non-parametric Image R
   with 10 time steps on the low-resolution grid and upsampled (the map, not the image). Loss:
   mk-LNCC + ``λ_vr <m, v>`` (10) + the symmetry loss of eq. 10 (``λ_vs`` 1e-4), both measured in the
   unit cube ``[0, 1]^d`` as in the paper (:meth:`AVSM.unit_extent`). Multi-step (eq. 12):
-  ``vsvf_train_steps`` (2) in training, ``vsvf_test_steps`` (2, or 3) at test time; each step starts
-  from the previous map, and maps are composed so the moving image is interpolated once.
+  ``vsvf_train_steps`` (2) in training, ``vsvf_test_steps`` (2, or 3; 0 = the affine network alone)
+  at test time; each step starts from the previous map, and maps are composed so the moving image is interpolated once.
 
 The prediction is ``y = A(Q(x))``: the vSVF map ``Q`` acts first, then the affine ``A`` -- an ITK
 affine plus an ANTs/ITK displacement field when saved. Conventions of :mod:`alignkit.methods.heads`.
@@ -112,10 +112,11 @@ class AVSM(LearnedModel):
     ) -> None:
         super().__init__(networks=networks, ndim=ndim, size=size)
         for name, value in (("affine_train_steps", affine_train_steps), ("affine_test_steps", affine_test_steps),
-                            ("vsvf_train_steps", vsvf_train_steps), ("vsvf_test_steps", vsvf_test_steps),
-                            ("time_steps", time_steps)):
+                            ("vsvf_train_steps", vsvf_train_steps), ("time_steps", time_steps)):
             if int(value) < 1:
                 raise ConfigError(f"avsm {name} must be >= 1, got {value}")
+        if int(vsvf_test_steps) < 0:
+            raise ConfigError(f"avsm vsvf_test_steps must be >= 0 (0: the affine network alone), got {vsvf_test_steps}")
         for name, value in (("c_ar", c_ar), ("k_ar", k_ar), ("lambda_as", lambda_as), ("lambda_vr", lambda_vr),
                             ("lambda_vs", lambda_vs)):
             if float(value) < 0 or (name == "k_ar" and float(value) == 0):
@@ -220,7 +221,7 @@ class AVSM(LearnedModel):
         points, energies = self.vsvf_map(fixed, moving, matrix)
         identity = self._identity_on(fixed)
         out["field"] = points - identity
-        out["energy"] = torch.stack(energies).sum(0)
+        out["energy"] = torch.stack(energies).sum(0) if energies else fixed.new_zeros(fixed.shape[0])
         out["displacement"] = apply_matrix(matrix, points) - identity
         out["warped"] = self.warp(moving, out["displacement"])
         return out
@@ -254,6 +255,8 @@ class AVSM(LearnedModel):
     def predict_transform(self, grid: Grid, fixed: Tensor, moving: Tensor) -> Transform:
         output = self({"fixed": fixed, "moving": moving})
         affine = voxel_matrix_transform(output["matrix"][0], grid, kind="affine")
+        if self.options["vsvf_test_steps"] == 0:  # the affine network alone (Shen et al.'s Table 2 rows I-V)
+            return affine
         field = LearnedDisplacement(grid, output["field"])
         field.kind = "vsvf"
         return ComposedTransform([affine, field])

@@ -22,7 +22,8 @@ class TrainConfig:
     16, 16]}``); ``networks`` overrides the specs of several by name (``{"affine": {...}, "field":
     {...}}``); ``method_options`` go to the method (``similarity``, ``regularizer_weight``,
     ``dice_weight`` ...). ``stage_epochs`` sets the epochs of the method's training stages by name
-    (default: each stage's own, else ``epochs``); ``stages`` runs only some of them (a name selects
+    (default: each stage's own, else ``epochs``; 0 skips the stage, e.g. the multi-step affine stage
+    alone from an ``init_from`` run); ``stages`` runs only some of them (a name selects
     that stage and those named ``<name>-...``: ``["affine"]`` runs ``affine-1step`` and ``affine``);
     ``init_from`` (a checkpoint file or run folder) initialises the weights, e.g. a field stage
     trained on top of an earlier run's affine network.
@@ -119,8 +120,8 @@ class TrainConfig:
         if self.network and self.networks:
             raise ConfigError("give network (one-network methods) or networks (by name), not both")
         for name, value in self.stage_epochs.items():
-            if int(value) < 1:
-                raise ConfigError(f"stage_epochs[{name!r}] must be >= 1, got {value}")
+            if int(value) < 0:
+                raise ConfigError(f"stage_epochs[{name!r}] must be >= 0 (0 skips it), got {value}")
         self.stage_epochs = {str(k): int(v) for k, v in self.stage_epochs.items()}
 
     def to_dict(self) -> dict[str, Any]:

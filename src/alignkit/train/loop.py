@@ -162,6 +162,9 @@ def plan_stages(method: TrainableMethod, config: TrainConfig) -> list[_Stage]:
     unknown = sorted(set(config.stage_epochs) - set(names))
     if unknown:
         raise ConfigError(f"stage_epochs names unknown stages {unknown}; {method.method_name}'s stages: {names}")
+    specs = [s for s in specs if config.stage_epochs.get(s.name, 1) != 0]
+    if not specs:
+        raise ConfigError(f"{method.method_name}: stage_epochs skips every selected training stage")
     known_networks = set(method.networks())
     plan: list[_Stage] = []
     epoch = 1
