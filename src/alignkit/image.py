@@ -103,10 +103,11 @@ class Image:
         return replace(self, data=data, meta=dict(self.meta))
 
     def grey(self) -> Image:
-        """Mean over channels (RGB photographs -> one channel); single-channel images unchanged."""
+        """Mean over the colour channels (RGB photographs -> one channel; a 2D RGBA image's alpha is
+        left out, see :func:`colour_channels`); single-channel images unchanged."""
         if self.channels == 1:
             return self
-        return self.with_data(self.data.float().mean(dim=0, keepdim=True))
+        return self.with_data(grey_channels(self.data.float().unsqueeze(0))[0])
 
     def check_finite(self) -> None:
         """Raise :class:`InputError` naming the file when the image cannot be registered."""
@@ -119,3 +120,32 @@ class Image:
 
     def __repr__(self) -> str:
         return f"Image({self.name}, channels={self.channels}, {self.grid!r}, dtype={self.data.dtype})"
+
+
+def colour_channels(tensor: Tensor) -> Tensor:
+    """``(B, C, H, W)`` without an alpha channel: a 2D four-channel image is RGBA (the raster
+    convention of PNG, TIFF and ``Image.from_array`` on ``(H, W, 4)``), and alpha is opacity, not
+    brightness -- averaging it in would mix a constant into the luminance. Other shapes unchanged."""
+    if tensor.dim() == 4 and tensor.shape[1] == 4:
+        return tensor[:, :3]
+    return tensor
+
+
+def grey_channels(tensor: Tensor) -> Tensor:
+    """``(B, C, *S)`` -> ``(B, 1, *S)``: the mean of the colour channels (alpha left out)."""
+    if tensor.shape[1] == 1:
+        return tensor
+    return colour_channels(tensor).mean(1, keepdim=True)
+
+
+def common_channels(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
+    """Bring ``fixed (B, Cf, *S)`` and ``moving (B, Cm, *S')`` to one channel layout so a voxel-wise
+    comparison (a similarity, a checkerboard) means something: unchanged when ``Cf == Cm``, else both
+    grey (:func:`grey_channels`) -- grey against RGB, RGB against RGBA, a grey picture stored as RGB
+    against a colour one. The one place where mixed channel counts are reconciled."""
+    if fixed.shape[1] == moving.shape[1]:
+        return fixed, moving
+    fixed_c, moving_c = colour_channels(fixed), colour_channels(moving)
+    if fixed_c.shape[1] == moving_c.shape[1]:  # RGB against RGBA: the colour survives
+        return fixed_c, moving_c
+    return grey_channels(fixed_c), grey_channels(moving_c)

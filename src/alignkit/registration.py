@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import InputError
-from alignkit.image import Image
+from alignkit.image import Image, common_channels
 from alignkit.solve import normalize_intensity
 from alignkit.spatial import (
     Grid,
@@ -232,8 +232,12 @@ class Registration:
         from alignkit.viz import save_qc_figure
 
         world = self.world_map()
-        before = sample_world(self.moving.batch(device=world.device), self.moving.grid, self.fixed.grid.world_points(device=world.device))
         identity = self.fixed.grid.world_points(device=world.device)
+        before = sample_world(self.moving.batch(device=world.device), self.moving.grid, identity)
+        # the panels compare fixed and moving pixel by pixel: a grey fixed against an RGB(A) moving
+        # (a grey picture stored as RGB, a NIR against a colour photo) is shown in grey on both sides
+        fixed_shown, before = common_channels(self.fixed.batch(device=world.device), before)
+        _, after = common_channels(self.fixed.batch(device=world.device), self.warped.batch(device=world.device))
         displacement = (world - identity)[0].cpu().numpy()
         det = jacobian_determinant(world, self.fixed.grid)[0, 0].cpu().numpy()
 
@@ -243,9 +247,9 @@ class Registration:
 
         save_qc_figure(
             path,
-            to_np(self.fixed.batch()),
+            to_np(fixed_shown),
             to_np(before),
-            to_np(self.warped.batch()),
+            to_np(after),
             displacement=displacement,
             jacobian_det=det,
             grid=self.fixed.grid,
@@ -279,8 +283,7 @@ def compute_metrics(
     device = world.device
     fixed_t = normalize_intensity(fixed.batch(device=device))
     moving_t = normalize_intensity(moving.batch(device=device))
-    if fixed_t.shape[1] != moving_t.shape[1]:
-        fixed_t, moving_t = fixed_t.mean(1, keepdim=True), moving_t.mean(1, keepdim=True)
+    fixed_t, moving_t = common_channels(fixed_t, moving_t)
     identity = fixed.grid.world_points(device=device)
     before = sample_world(moving_t, moving.grid, identity)
     after = sample_world(moving_t, moving.grid, world)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import ConfigError
-from alignkit.image import Image
+from alignkit.image import Image, common_channels
 from alignkit.solve.config import RegistrationConfig, StageConfig
 from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
 from alignkit.spatial.points import sample_affine
@@ -245,9 +245,7 @@ class Engine:
         self._feature_fit = None
         fixed_t = normalize_intensity(fixed.batch(device=self.device))
         moving_t = normalize_intensity(moving.batch(device=self.device))
-        if fixed_t.shape[1] != moving_t.shape[1]:
-            # RGB against grey: compare luminance.
-            fixed_t, moving_t = fixed_t.mean(1, keepdim=True), moving_t.mean(1, keepdim=True)
+        fixed_t, moving_t = common_channels(fixed_t, moving_t)  # grey against RGB(A): compare luminance
 
         fixed_grid, moving_grid = fixed.grid, moving.grid
         if self.config.crop_foreground:
