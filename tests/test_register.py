@@ -407,14 +407,17 @@ def test_refinement_that_leaves_the_keypoint_matches_is_dropped() -> None:
     from alignkit.solve import engine as engine_module
 
     class Shifted(engine_module.Engine):
-        def _check_against_features(self, stages):  # type: ignore[no-untyped-def]
+        def _fit_stage(self, cfg, *args, **kwargs):  # type: ignore[no-untyped-def]
             shift = MatrixTransform(torch.tensor([[1.0, 0.0, 12.0], [0.0, 1.0, -9.0], [0.0, 0.0, 1.0]]))
-            return super()._check_against_features([*stages, shift])
+            return ComposedTransform([super()._fit_stage(cfg, *args, **kwargs), shift])
 
     shifted = Shifted(get_preset("photo"), device="cpu", seed=0, progress=None)
     chain = shifted.run(Image(fixed_data, moving.grid), moving)
     assert shifted.init_info["refinement_dropped"] == 1.0
-    assert shifted.init_info["inlier_median_px_refined"] > 10.0
+    for check in shifted.stage_checks:
+        assert not check["kept"] and check["inlier_median_px_end"] > 10.0
+        assert "keypoint inliers" in check["reason"]
+    assert shifted.init_info["inlier_median_px_refined"] < 1.0  # the feature fit is what is returned
     assert len(chain.stage_list()) == 1
 
 

@@ -98,6 +98,8 @@ class Classical(Method):
         extra: dict[str, Any] = {}
         if engine.init_info:
             extra["init"] = dict(engine.init_info)
+        # the never-worse rule's verdict on each stage (kept, or rejected and why) for metrics.json
+        extra["stage_checks"] = [dict(check) for check in engine.stage_checks]
         description = cfg.to_dict()
         if record:
             description["initial_transform"] = record

@@ -116,6 +116,10 @@ def level_factor(factor: float, shape: tuple[int, ...], max_voxels: int = 0) -> 
 #: refinement of a feature start is judged to have left the matches (see ``_check_against_features``)
 FEATURE_TOLERANCE = 3.0
 
+#: a stage whose objective at its finest level ends above its start by more than this (relative to the
+#: start, or absolute below 1) is rejected by the never-worse rule (see ``Engine._judge_stage``)
+OBJECTIVE_TOLERANCE = 1e-5
+
 
 @contextlib.contextmanager
 def _threads_for(voxels: int, device: torch.device) -> Iterator[None]:
@@ -172,6 +176,10 @@ def crop_to_foreground(tensor: Tensor, grid: Grid, *, threshold: float = 0.01, m
     return cropped, Grid(tuple(s.stop - s.start for s in slices), grid.world_from_voxel @ shift)
 
 
+class _Diverged(Exception):
+    """A stage's objective became NaN or infinite: the stage stops and the never-worse rule drops it."""
+
+
 class _Stopper:
     """Stop when the loss has not improved by a relative ``tolerance`` for ``patience`` iterations."""
 
@@ -221,7 +229,10 @@ class Engine:
         self.progress = progress
         self.logs: list[StageLog] = []
         self.init_info: dict[str, Any] = {}
+        #: one record per stage of the last run: kept or rejected by the never-worse rule, and why
+        self.stage_checks: list[dict[str, Any]] = []
         self._feature_fit: Any = None
+        self._diverged: str | None = None
         self._grids_spacing = 1.0
         self._pyramid: dict[tuple[str, float, float | None], tuple[Tensor, Grid]] = {}
 
@@ -243,6 +254,7 @@ class Engine:
             torch.manual_seed(self.seed)
         self._pyramid = {}
         self._feature_fit = None
+        self.init_info, self.stage_checks, self.logs = {}, [], []
         fixed_t = normalize_intensity(fixed.batch(device=self.device))
         moving_t = normalize_intensity(moving.batch(device=self.device))
         fixed_t, moving_t = common_channels(fixed_t, moving_t)  # grey against RGB(A): compare luminance
@@ -272,18 +284,27 @@ class Engine:
                 stages.append(start)
 
         prompts = self._prompts(fixed_labels, moving_labels, fixed_points, moving_points)
+        if self._feature_fit is not None:
+            start = ComposedTransform(stages).transform_points
+            self.init_info["inlier_median_px_features"] = self._inlier_median_px(start)
         for stage_config in self.config.stages:
             prior = ComposedTransform(stages) if stages else None
             started = time.perf_counter()
             log = StageLog(stage_config.transform)
             transform = self._fit_stage(stage_config, fixed_t, fixed.grid, moving_t, moving.grid, prior, prompts, log)
-            log.seconds = time.perf_counter() - started
-            self.logs.append(log)
             for p in transform.parameters():
                 p.requires_grad_(False)
-            stages.append(transform)
+            check = self._judge_stage(stage_config, fixed_t, fixed.grid, moving_t, moving.grid, prior, prompts, transform)
+            log.seconds = time.perf_counter() - started
+            self.logs.append(log)
+            self.stage_checks.append(check)
+            if check["kept"]:
+                stages.append(transform)
         self._pyramid = {}  # free the levels
-        stages = self._check_against_features(stages)
+        if self._feature_fit is not None:
+            self.init_info["inlier_median_px_refined"] = self._inlier_median_px(ComposedTransform(stages).transform_points)
+            if len(stages) == 1:
+                self.init_info["refinement_dropped"] = 1.0
         return ComposedTransform(stages)
 
     # ------------------------------------------------------------------------------------------
@@ -302,25 +323,68 @@ class Engine:
         self._feature_fit = fit
         return fit.matrix
 
-    def _check_against_features(self, stages: list[Transform]) -> list[Transform]:
-        """Keep the intensity refinement only if it still agrees with the keypoint inliers.
+    def _inlier_median_px(self, transform_points: Callable[[Tensor], Tensor]) -> float:
+        """Median distance, in fixed pixels, between the keypoint inliers' matches and where
+        ``transform_points`` carries the fixed inliers."""
+        return float(self._feature_fit.residuals(transform_points).median()) / float(self._grids_spacing)
 
-        Intensity similarity can prefer a wrong alignment that the matches rule out -- e.g. NCC between
-        visible and near-infrared photographs, where vegetation inverts its contrast. The inliers are
-        an independent witness: if the refined transform moves them by more than ``FEATURE_TOLERANCE``
-        median pixels from their matches, the refinement is dropped and the feature fit is returned.
+    @torch.no_grad()
+    def _judge_stage(
+        self,
+        cfg: StageConfig,
+        fixed: Tensor,
+        fixed_grid: Grid,
+        moving: Tensor,
+        moving_grid: Grid,
+        prior: Transform | None,
+        prompts: dict[str, Any],
+        transform: Transform,
+    ) -> dict[str, Any]:
+        """The never-worse rule: keep a fitted stage only if it beats its own starting point.
+
+        1. By the stage's own objective at its finest level: the fitted stage against the same stage
+           at identity (i.e. the chain before it). Coarse-to-fine optimisation can end worse than it
+           began -- a coarse level lands in another basin, a step size diverges -- and then the
+           stage is dropped, as ANTs and elastix keep the best metric value rather than the last.
+        2. By the keypoint inliers of a feature start: intensity similarity can prefer an alignment the
+           matches rule out (NCC between visible and near-infrared photographs, where vegetation
+           inverts its contrast). A stage that leaves the inliers more than ``FEATURE_TOLERANCE``
+           median pixels (or twice the feature fit's own residual) from their matches, and further
+           than the chain before it, is dropped.
+
+        Returns the record written to ``metrics.json`` (``stage_checks``).
         """
-        fit = self._feature_fit
-        if fit is None or len(stages) < 2:
-            return stages
-        spacing = float(self._grids_spacing)
-        refined = float(fit.residuals(ComposedTransform(stages).transform_points).median()) / spacing
-        initial = float(fit.residuals(stages[0].transform_points).median()) / spacing
-        self.init_info.update(inlier_median_px_features=initial, inlier_median_px_refined=refined)
-        if refined > max(FEATURE_TOLERANCE, 2.0 * initial):
-            self.init_info["refinement_dropped"] = 1.0
-            return stages[:1]
-        return stages
+        similarity, regularizer, fold = self._terms(cfg)
+        index = len(cfg.levels) - 1
+        level = self._level(cfg, index, fixed, fixed_grid, moving, moving_grid)
+        identity = self._new_transform(cfg, fixed_grid, level.grid)
+        with _threads_for(level.grid.numel, self.device):
+            start = float(self._objective(cfg, index, level, identity, prior, similarity, regularizer, fold, prompts)())
+            end = float(self._objective(cfg, index, level, transform, prior, similarity, regularizer, fold, prompts)())
+        check: dict[str, Any] = {  # JSON has no NaN: a diverged objective is recorded as null
+            "stage": cfg.transform,
+            "kept": True,
+            "objective_start": start if math.isfinite(start) else None,
+            "objective_end": end if math.isfinite(end) else None,
+        }
+        reasons = []
+        if self._diverged:
+            reasons.append(f"diverged: {self._diverged}")
+        # equal within float32 evaluation noise counts as not worse: a stage that starts at the optimum
+        # (identical images) ends a few 1e-7 above it, and dropping it would only add noise of its own
+        elif not math.isfinite(end) or end > start + OBJECTIVE_TOLERANCE * max(abs(start), 1.0):
+            reasons.append(f"its objective rose from {start:.6g} to {end:.6g} at the finest level")
+        if self._feature_fit is not None and not self._diverged:
+            before = self._inlier_median_px(prior.transform_points if prior is not None else (lambda x: x))
+            chain = ComposedTransform([prior, transform]) if prior is not None else transform
+            after = self._inlier_median_px(chain.transform_points)
+            reference = float(self.init_info.get("inlier_median_px_features", before))
+            check.update(inlier_median_px_start=before, inlier_median_px_end=after)
+            if after > max(FEATURE_TOLERANCE, 2.0 * reference) and after > before:
+                reasons.append(f"it moved the keypoint inliers from {before:.3g} to {after:.3g} px (median) off their matches")
+        if reasons:
+            check.update(kept=False, reason="; ".join(reasons))
+        return check
 
     def _prompts(self, fixed_labels, moving_labels, fixed_points, moving_points) -> dict[str, Any]:
         prompts: dict[str, Any] = {}
@@ -363,6 +427,32 @@ class Engine:
         world = grid_l.world_points(device=self.device)
         return _Level(fixed_l, grid_l, moving_l, moving_grid_l, world)
 
+    def _terms(self, cfg: StageConfig) -> tuple[Any, Any, Any]:
+        """The stage's similarity, regulariser (or None) and fold penalty (or None)."""
+        from alignkit.losses import JacobianFoldPenalty, build_regularizer, build_similarity
+
+        similarity = build_similarity(cfg.similarity, **cfg.similarity_options).to(self.device)
+        regularizer = (
+            build_regularizer(cfg.regularizer, **cfg.regularizer_options).to(self.device)
+            if cfg.regularizer and cfg.regularizer != "energy" and cfg.regularizer_weight > 0
+            else None
+        )
+        fold = JacobianFoldPenalty().to(self.device) if cfg.fold_weight > 0 else None
+        return similarity, regularizer, fold
+
+    def _new_transform(self, cfg: StageConfig, fixed_grid: Grid, level_grid: Grid) -> Transform:
+        """The stage's model at identity: linear ones about the fixed grid's centre, fields on the level."""
+        if cfg.is_linear:
+            return build_transform(
+                cfg.transform,
+                fixed_grid,
+                center=fixed_grid.center_world(),
+                length_scale=float(fixed_grid.extent().mean() / 2),
+                **cfg.transform_options,
+            ).to(self.device)
+        field_grid = level_grid.downsampled(cfg.field_shrink) if cfg.field_shrink > 1 else level_grid
+        return build_transform(cfg.transform, field_grid, **cfg.transform_options).to(self.device)
+
     def _fit_stage(
         self,
         cfg: StageConfig,
@@ -374,40 +464,28 @@ class Engine:
         prompts: dict[str, Any],
         log: StageLog,
     ) -> Transform:
-        from alignkit.losses import JacobianFoldPenalty, build_regularizer, build_similarity
-
-        similarity = build_similarity(cfg.similarity, **cfg.similarity_options).to(self.device)
-        regularizer = (
-            build_regularizer(cfg.regularizer, **cfg.regularizer_options).to(self.device)
-            if cfg.regularizer and cfg.regularizer != "energy" and cfg.regularizer_weight > 0
-            else None
-        )
-        fold = JacobianFoldPenalty().to(self.device) if cfg.fold_weight > 0 else None
-        centre = fixed_grid.center_world()
-        length_scale = float(fixed_grid.extent().mean() / 2)
-
+        similarity, regularizer, fold = self._terms(cfg)
         transform: Transform | None = None
+        self._diverged = None
         bar = self.progress(total=sum(cfg.iterations), desc=f"{cfg.transform:>11}", unit="it") if self.progress else None
         try:
             for index in range(len(cfg.levels)):
                 level = self._level(cfg, index, fixed, fixed_grid, moving, moving_grid)
-                if cfg.is_linear:
-                    if transform is None:
-                        transform = build_transform(
-                            cfg.transform, fixed_grid, center=centre, length_scale=length_scale, **cfg.transform_options
-                        ).to(self.device)
-                else:
+                if transform is None:
+                    transform = self._new_transform(cfg, fixed_grid, level.grid)
+                elif not cfg.is_linear:
+                    if not isinstance(transform, FieldTransform):
+                        raise ConfigError(f"stage {cfg.transform}: expected a field model")
                     field_grid = level.grid.downsampled(cfg.field_shrink) if cfg.field_shrink > 1 else level.grid
-                    if transform is None:
-                        transform = build_transform(cfg.transform, field_grid, **cfg.transform_options).to(self.device)
-                    else:
-                        if not isinstance(transform, FieldTransform):
-                            raise ConfigError(f"stage {cfg.transform}: expected a field model")
-                        transform = transform.resampled(field_grid).to(self.device)
+                    transform = transform.resampled(field_grid).to(self.device)
                 with _threads_for(level.grid.numel, self.device):
-                    losses = self._optimise_level(
-                        cfg, index, level, transform, prior, similarity, regularizer, fold, prompts, bar
-                    )
+                    try:
+                        losses = self._optimise_level(
+                            cfg, index, level, transform, prior, similarity, regularizer, fold, prompts, bar
+                        )
+                    except _Diverged as exc:
+                        self._diverged = str(exc)  # _judge_stage rejects the stage and says why
+                        break
                 log.losses.append(losses)
                 if cfg.field_median > 1 and isinstance(transform, FieldTransform):
                     _median_filter_parameters(transform, cfg.field_median)
@@ -418,24 +496,9 @@ class Engine:
             raise ConfigError("stage has no levels")
         return transform
 
-    def _optimise_level(self, cfg, index: int, level: _Level, transform, prior, similarity, regularizer, fold, prompts, bar) -> list[float]:
-        params = [p for p in transform.parameters() if p.requires_grad]
-        lr = cfg.learning_rate
-        if isinstance(transform, FieldTransform):
-            # Field parameters are in world units: express the step in voxels of the level so one
-            # learning rate serves every resolution and spacing.
-            lr = lr * float(level.grid.spacing.mean())
-        optimiser: torch.optim.Optimizer
-        if cfg.optimizer == "adam":
-            optimiser = torch.optim.Adam(params, lr=lr)
-        elif cfg.optimizer == "sgd":
-            optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
-        else:
-            # max_eval must leave the line search room: its default (1.25 x max_iter = 1) never moves
-            optimiser = torch.optim.LBFGS(
-                params, lr=1.0, max_iter=1, max_eval=10, history_size=20, line_search_fn="strong_wolfe"
-            )
-
+    def _objective(self, cfg, index: int, level: _Level, transform, prior, similarity, regularizer, fold, prompts) -> Callable[[], Tensor]:
+        """The stage's loss at one level as a closure over ``transform``'s current parameters (the
+        optimiser's objective, and the never-worse rule's yardstick)."""
         size = torch.tensor(level.moving.shape[2:], dtype=torch.float32, device=self.device)
         size = size.view(1, -1, *([1] * (level.moving.dim() - 2)))
         voxel_from_world = level.moving_grid.voxel_from_world
@@ -506,6 +569,27 @@ class Engine:
                 )
             return loss
 
+        return objective
+
+    def _optimise_level(self, cfg, index: int, level: _Level, transform, prior, similarity, regularizer, fold, prompts, bar) -> list[float]:
+        params = [p for p in transform.parameters() if p.requires_grad]
+        lr = cfg.learning_rate
+        if isinstance(transform, FieldTransform):
+            # Field parameters are in world units: express the step in voxels of the level so one
+            # learning rate serves every resolution and spacing.
+            lr = lr * float(level.grid.spacing.mean())
+        optimiser: torch.optim.Optimizer
+        if cfg.optimizer == "adam":
+            optimiser = torch.optim.Adam(params, lr=lr)
+        elif cfg.optimizer == "sgd":
+            optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        else:
+            # max_eval must leave the line search room: its default (1.25 x max_iter = 1) never moves
+            optimiser = torch.optim.LBFGS(
+                params, lr=1.0, max_iter=1, max_eval=10, history_size=20, line_search_fn="strong_wolfe"
+            )
+
+        objective = self._objective(cfg, index, level, transform, prior, similarity, regularizer, fold, prompts)
         losses: list[float] = []
         stopper = _Stopper(cfg.tolerance, cfg.patience)
         reductions = 0
@@ -530,11 +614,13 @@ class Engine:
                                 p.grad.copy_(gaussian_blur(p.grad, cfg.gradient_smoothing))
                 optimiser.step()  # type: ignore[call-arg]
             self._post_step(cfg, transform)
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                # stop before the next objective: grid_sample's backward crashes the process (a
+                # segmentation fault, torch 2.x) on NaN sampling coordinates with border padding
+                raise _Diverged(f"a step made the parameters non-finite at level 1/{cfg.levels[index]:g}")
             loss_value = float(value.detach())
             if not math.isfinite(loss_value):
-                raise ConfigError(
-                    f"stage {cfg.transform}: the objective became {loss_value}; lower the learning rate or check the inputs"
-                )
+                raise _Diverged(f"the objective became {loss_value} at level 1/{cfg.levels[index]:g}")
             losses.append(loss_value)
             if bar is not None:
                 bar.update(1)
