@@ -52,6 +52,12 @@ def require(module: str, package: str | None = None) -> None:
         raise MethodUnavailable(f"package {package or module} not installed")
 
 
+def check_device(device: str) -> None:
+    """A torch-based peer asked for CUDA where there is none is unavailable (a skipped row), not an error."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MethodUnavailable(f"device {device!r} requested but CUDA is not available")
+
+
 def set_threads(threads: int | None, *, itk_env: bool = True) -> None:
     """Thread count for torch and, through the environment, for ITK copies not yet started.
 

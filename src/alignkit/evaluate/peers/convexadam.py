@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from alignkit.data.case import Case
-from alignkit.evaluate.method import Method, MethodUnavailable, Prediction
-from alignkit.evaluate.peers._common import apply_homogeneous, require, set_threads
+from alignkit.evaluate.method import Method, Prediction
+from alignkit.evaluate.peers._common import apply_homogeneous, check_device, require, set_threads
 from alignkit.evaluate.peers.greedy import DEFAULTS as GREEDY_DEFAULTS
 from alignkit.evaluate.peers.greedy import GreedySession
 from alignkit.spatial.frames import world_map_from_flow
@@ -72,8 +72,7 @@ class ConvexAdamMethod(Method):
 
     def register(self, case: Case, *, seed: int = 0, device: str = "cpu", threads: int | None = None) -> Prediction:
         set_threads(threads)
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise MethodUnavailable(f"device {device!r} requested but CUDA is not available")
+        check_device(device)
         torch.manual_seed(seed)
         from convexAdam.convex_adam_MIND import convex_adam_pt
 

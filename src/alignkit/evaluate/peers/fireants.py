@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from alignkit.data.case import Case
-from alignkit.evaluate.method import Method, MethodUnavailable, Prediction
+from alignkit.evaluate.method import Method, Prediction
 from alignkit.evaluate.peers._common import (
     ItkLayout,
     apply_homogeneous,
+    check_device,
     itk_layout,
     require,
     set_threads,
@@ -82,8 +83,7 @@ class FireANTsGreedy(Method):
         set_threads(threads)
         import torch
 
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise MethodUnavailable(f"device {device!r} requested but CUDA is not available")
+        check_device(device)
         torch.manual_seed(seed)
         from fireants.io.image import BatchedImages
         from fireants.io.image import Image as FImage

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from alignkit.data.case import Case
-from alignkit.evaluate.method import Method, MethodUnavailable, Prediction
+from alignkit.evaluate.method import Method, Prediction
 from alignkit.evaluate.peers._common import (
+    check_device,
     grey_array,
     joint_unit,
     require,
@@ -43,13 +44,6 @@ def _tensors(case: Case, device: str) -> tuple[Any, Any]:
 
     fixed, moving = joint_unit(grey_array(case.fixed), grey_array(case.moving))
     return torch.from_numpy(fixed)[None, None].to(device), torch.from_numpy(moving)[None, None].to(device)
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise MethodUnavailable(f"device {device!r} requested but CUDA is not available")
 
 
 class KorniaRegistrator(Method):
@@ -75,7 +69,7 @@ class KorniaRegistrator(Method):
 
     def register(self, case: Case, *, seed: int = 0, device: str = "cpu", threads: int | None = None) -> Prediction:
         set_threads(threads, itk_env=False)
-        _check_device(device)
+        check_device(device)
         import torch
         import torch.nn.functional as F
         from kornia.geometry import ImageRegistrator
@@ -119,7 +113,7 @@ class KorniaSiftRansac(Method):
 
     def register(self, case: Case, *, seed: int = 0, device: str = "cpu", threads: int | None = None) -> Prediction:
         set_threads(threads, itk_env=False)
-        _check_device(device)
+        check_device(device)
         import torch
         from kornia.feature import SIFTFeature, get_laf_center, match_snn
         from kornia.geometry import RANSAC
