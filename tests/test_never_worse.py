@@ -127,7 +127,7 @@ def test_feature_start_records_its_model_and_falls_back(monkeypatch):
     assert fit.stats["model"] == 0.0 and fit.stats["fallbacks"] == 0.0
     assert fit.stats["keypoints_fixed"] >= fit.stats["matches"] >= fit.stats["inliers"] >= 12
     # a pure shift: every inlier lands within a pixel of its match
-    assert float(fit.residuals(lambda p: p + torch.tensor([[-2.0], [3.0]]).view(1, 2, 1)).median()) < 1.0
+    assert float(fit.residuals(lambda p: p + torch.tensor([-2.0, 3.0]).view(1, 2, 1)).median()) < 1.0
 
     from alignkit.solve import features
 
@@ -137,3 +137,15 @@ def test_feature_start_records_its_model_and_falls_back(monkeypatch):
     )
     fallen = feature_fit(fixed.batch(), fixed.grid, moving.batch(), moving.grid, model="homography")
     assert fallen.stats["model"] == 1.0 and fallen.stats["fallbacks"] == 1.0
+
+    # and when the affine map is refused too, a similarity (OpenCV's partial affine estimator)
+    calls = []
+
+    def third_time_lucky(pixel, shape):  # type: ignore[no-untyped-def]
+        calls.append(pixel)
+        return None if len(calls) == 3 else "forced"
+
+    monkeypatch.setattr(features, "_well_conditioned", third_time_lucky)
+    similar = feature_fit(fixed.batch(), fixed.grid, moving.batch(), moving.grid, model="homography")
+    assert similar.stats["model"] == 2.0 and similar.stats["fallbacks"] == 2.0
+    assert float(similar.residuals(lambda p: p + torch.tensor([-2.0, 3.0]).view(1, 2, 1)).median()) < 1.0

@@ -138,7 +138,10 @@ def _fit_model(cv2, model: str, pts_f: np.ndarray, pts_m: np.ndarray, threshold_
     if model in ("affine", "similarity"):
         if len(pts_f) < 3:
             return None, None
-        estimate = cv2.estimateAffine2D if model == "affine" else cv2.estimateAffinePartial2D
+        if model == "affine":
+            estimate = cv2.estimateAffine2D
+        else:  # estimateAffinePartial2D takes RANSAC or LMEDS only (OpenCV 5.1 refuses USAC methods)
+            estimate, method = cv2.estimateAffinePartial2D, cv2.RANSAC
         affine, mask = estimate(pts_f, pts_m, method=method, ransacReprojThreshold=threshold_px,
                                 maxIters=10000, confidence=0.999)
         return (None, None) if affine is None else (np.vstack([affine, [0.0, 0.0, 1.0]]), mask)
@@ -204,7 +207,11 @@ def feature_fit(
     pts_m = np.float64([kp_m[m.trainIdx].pt for m in good])
     failures = []
     for tried, name in enumerate(FALLBACKS[model]):
-        pixel, mask = _fit_model(cv2, name, pts_f, pts_m, threshold_px)
+        try:
+            pixel, mask = _fit_model(cv2, name, pts_f, pts_m, threshold_px)
+        except cv2.error as exc:  # an estimator this OpenCV build lacks: try the next model
+            failures.append(f"{name}: {str(exc).strip().splitlines()[-1]}")
+            continue
         if pixel is None or mask is None:
             failures.append(f"{name}: no model fits the {len(good)} matches")
             continue
