@@ -278,7 +278,9 @@ def test_elastix_bspline_and_initial_chain_match_transformix(tmp_path: Path, ndi
     affine.write_text(header + body + f"(NumberOfParameters {count})\n"
                       '(InitialTransformParametersFileName "NoInitialTransform")\n')
     bspline = tmp_path / "TransformParameters.1.txt"
-    bspline.write_text(header + _elastix_bspline(ndim, 4) + f'(InitialTransformParametersFileName "{affine}")\n')
+    # elastix 5 spells the chain's key InitialTransformParameterFileName, elastix 4 ...ParametersFileName
+    key = "InitialTransformParameterFileName" if ndim == 3 else "InitialTransformParametersFileName"
+    bspline.write_text(header + _elastix_bspline(ndim, 4) + f'({key} "{affine}")\n')
     world, expected = _transformix_world(bspline, ndim, grid)
     transform = read_transform(bspline)
     assert [type(s) for s in transform.stage_list()] == [ControlPointBSpline, MatrixTransform]
@@ -674,8 +676,9 @@ def _dice_mean(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def brain_pair(tmp_path_factory):
-    ants = pytest.importorskip("ants")
+def brain_images(tmp_path_factory):
+    """Two OASIS-TRT-20 subjects (01 fixed, 02 moving) and their label maps at 3 mm."""
+    ants = pytest.importorskip("ants", reason="ANTsPy resamples the OASIS brains to 3 mm")
     from conftest import data_path
 
     root = data_path("brain3d-oasis-trt20")
@@ -690,10 +693,57 @@ def brain_pair(tmp_path_factory):
         paths[f"{role}_labels"] = tmp / f"{role}_labels.nii.gz"
         ants.image_write(small, str(paths[role]))
         ants.image_write(small_labels.astype("float32"), str(paths[f"{role}_labels"]))
+    return tmp, paths
+
+
+@pytest.fixture(scope="module")
+def brain_pair(brain_images):
+    ants = pytest.importorskip("ants")
+    tmp, paths = brain_images
     fixed, moving = ants.image_read(str(paths["fixed"])), ants.image_read(str(paths["moving"]))
     result = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(tmp / "ants_"),
                                reg_iterations=(40, 20, 0), random_seed=1)
     return tmp, paths, result
+
+
+def _brain_points(fixed: Path, n: int = 60, seed: int = 7) -> np.ndarray:
+    """(n, 3) LPS world points at random voxels of the fixed brain."""
+    from alignkit.io import read_image
+
+    image = read_image(fixed)
+    voxels = np.argwhere(image.data[0].numpy() > 0)
+    index = voxels[np.random.default_rng(seed).choice(len(voxels), n, replace=False)] + 0.25  # off the lattice
+    w = image.grid.world_from_voxel.numpy()
+    return index @ w[:3, :3].T + w[:3, 3]
+
+
+def _check_against_peer(tmp: Path, paths: dict, chain: list, expected: np.ndarray, expected_labels: np.ndarray,
+                        capsys) -> tuple[float, float]:
+    """``alignkit apply CHAIN`` on the moving brain and its labels: (correlation with ``expected``
+    inside the fixed brain, mean label Dice with ``expected_labels``)."""
+    from alignkit.io import read_image
+
+    out, out_labels = tmp / "alignkit_warped.nii.gz", tmp / "alignkit_labels.nii.gz"
+    code, err = _cli(["apply", *chain, paths["moving"], "-r", paths["fixed"], "-o", out], capsys)
+    assert code == 0, err
+    code, err = _cli(["apply", *chain, paths["moving_labels"], "-r", paths["fixed"], "--labels", "-o", out_labels],
+                     capsys)
+    assert code == 0, err
+    brain = read_image(paths["fixed"]).data[0].numpy() > 0
+    got = read_image(out).data[0].numpy()
+    corr = float(np.corrcoef(got[brain], expected[brain])[0, 1])
+    dice = _dice_mean(read_image(out_labels, labels=True).data[0].numpy(), np.rint(expected_labels).astype(np.int64))
+    return corr, dice
+
+
+def _cli_points(chain: list, world: np.ndarray, tmp: Path, capsys) -> np.ndarray:
+    """``alignkit apply CHAIN --points``: (N, 3) LPS world points mapped fixed -> moving."""
+    from alignkit.io import read_points, write_points
+
+    write_points(tmp / "points.csv", torch.tensor(world))
+    code, err = _cli(["apply", *chain, "--points", tmp / "points.csv", "-o", tmp / "mapped.csv"], capsys)
+    assert code == 0, err
+    return read_points(tmp / "mapped.csv", 3).numpy()
 
 
 @pytest.mark.slow
@@ -756,3 +806,160 @@ def test_real_brains_initial_transform_from_ants_affine(brain_pair, capsys, reco
     record_property("dice_ants_affine_start", scores["initial"])
     # measured: 0.380 from ANTs' affine, 0.382 from the default start (ANTs' affine alone: 0.369)
     assert scores["initial"] >= scores["default"] - 0.005, scores
+
+
+@pytest.mark.slow
+def test_real_brains_ants_points_match_apply_transforms_to_points(brain_pair, capsys, record_property) -> None:
+    """Points in the fixed brain through ANTs' SyN chain: ``alignkit apply --points`` against
+    ``ants.apply_transforms_to_points`` (which takes the forward list fixed -> moving), within 0.1 voxel."""
+    ants = pytest.importorskip("ants")
+    import pandas as pd
+
+    tmp, paths, result = brain_pair
+    forward = result["fwdtransforms"]
+    world = _brain_points(paths["fixed"])
+    frame = pd.DataFrame(world, columns=["x", "y", "z"])
+    expected = ants.apply_transforms_to_points(3, frame, forward)[["x", "y", "z"]].to_numpy()
+    got = _cli_points(forward, world, tmp, capsys)
+    affine_only = _cli_points(forward[1:], world, tmp, capsys)
+    error = float(np.abs(got - expected).max())
+    record_property("ants_points_max_error_mm", error)
+    assert np.abs(expected - affine_only).max() > 1.0  # the warp moves the points
+    assert error < 0.1 * 3.0, error
+
+
+def _greedy_execute(ndim: int, *commands: str) -> None:
+    """Run Greedy commands in a process of their own (Greedy's ITK finds no image IO once
+    itk-elastix's ITK is loaded), one thread."""
+    calls = "; ".join(f"g.execute({c + ' -threads 1'!r})" for c in commands)
+    script = f"from picsl_greedy import Greedy{ndim}D; g = Greedy{ndim}D(); {calls}"
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _write_vtk_points(path: Path, ras: np.ndarray) -> None:
+    """A legacy ASCII VTK poly-data file of vertices (Greedy's ``-rs`` reads and writes RAS meshes)."""
+    lines = ["# vtk DataFile Version 3.0", "points", "ASCII", "DATASET POLYDATA", f"POINTS {len(ras)} double"]
+    lines += [" ".join(repr(float(v)) for v in p) for p in ras]
+    lines += [f"VERTICES {len(ras)} {2 * len(ras)}"] + [f"1 {i}" for i in range(len(ras))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _read_vtk_points(path: Path) -> np.ndarray:
+    words = path.read_text().split("POINTS", 1)[1].split()
+    count = int(words[0])
+    return np.array([float(v) for v in words[2:2 + 3 * count]]).reshape(count, 3)
+
+
+@pytest.mark.slow
+def test_real_brains_greedy_files_through_alignkit_apply(brain_images, capsys, record_property) -> None:
+    """PICSL Greedy's affine (RAS matrix) and deformable warp of the real pair, applied by
+    ``alignkit apply warp greedy:affine`` against Greedy's own ``-rf/-rm`` reslicing (linear for the
+    image, NN for the labels) and its ``-rs`` mesh warping for points (vertices fixed -> moving, RAS)."""
+    pytest.importorskip("picsl_greedy")
+    from alignkit.io import read_image
+
+    tmp, paths = brain_images
+    tmp = tmp / "greedy"
+    tmp.mkdir(exist_ok=True)
+    fixed, moving, labels = paths["fixed"], paths["moving"], paths["moving_labels"]
+    affine, warp = tmp / "affine.mat", tmp / "warp.nii.gz"
+    world = _brain_points(fixed)
+    _write_vtk_points(tmp / "points.vtk", world * np.array([-1.0, -1.0, 1.0]))  # LPS -> RAS
+    _greedy_execute(
+        3,
+        f"-d 3 -a -i {fixed} {moving} -o {affine} -ia-image-centers -dof 12 -n 30x20x10 -m NCC 2x2x2",
+        f"-d 3 -i {fixed} {moving} -it {affine} -o {warp} -n 30x20x10 -m NCC 2x2x2 -s 2vox 1vox",
+        f"-d 3 -rf {fixed} -rm {moving} {tmp / 'greedy_warped.nii.gz'} -ri NN -rm {labels} {tmp / 'greedy_labels.nii.gz'}"
+        f" -rs {tmp / 'points.vtk'} {tmp / 'greedy_points.vtk'} -r {warp} {affine}",
+    )
+    chain = [warp, f"greedy:{affine}"]
+    expected = read_image(tmp / "greedy_warped.nii.gz").data[0].numpy()
+    expected_labels = read_image(tmp / "greedy_labels.nii.gz", labels=True).data[0].numpy()
+    corr, dice = _check_against_peer(tmp, paths, chain, expected, expected_labels, capsys)
+    record_property("greedy_correlation_in_brain", corr)
+    record_property("greedy_label_dice", dice)
+    assert corr > 0.99, corr
+    assert dice > 0.98, dice
+
+    expected_points = _read_vtk_points(tmp / "greedy_points.vtk") * np.array([-1.0, -1.0, 1.0])  # RAS -> LPS
+    got = _cli_points(chain, world, tmp, capsys)
+    error = float(np.abs(got - expected_points).max())
+    record_property("greedy_points_max_error_mm", error)
+    assert np.abs(_cli_points(chain[1:], world, tmp, capsys) - expected_points).max() > 1.0  # the warp matters
+    assert error < 0.1 * 3.0, error
+
+
+def _transformix(parameters: Path, image: Path, order: int) -> np.ndarray:
+    """transformix's resampling of ``image`` (B-spline interpolation of ``order``), as an (x, y, z) array."""
+    itk = pytest.importorskip("itk")
+    parameter_object = itk.ParameterObject.New()
+    parameter_object.ReadParameterFile(str(parameters))  # follows its InitialTransformParameterFileName
+    parameter_object.SetParameter(0, "FinalBSplineInterpolationOrder", str(order))
+    result = itk.transformix_filter(itk.imread(str(image), itk.F), parameter_object, log_to_console=False)
+    return np.asarray(itk.array_from_image(result)).transpose(2, 1, 0)
+
+
+def _transformix_points(parameters: Path, moving: Path, world: np.ndarray, out: Path) -> np.ndarray:
+    """transformix's point mapping (fixed -> moving, ITK physical = LPS) of (N, 3) ``world`` points."""
+    import re
+
+    itk = pytest.importorskip("itk")
+    out.mkdir(exist_ok=True)
+    (out / "inputpoints.txt").write_text(f"point\n{len(world)}\n" + "".join(
+        " ".join(repr(float(v)) for v in p) + "\n" for p in world))
+    parameter_object = itk.ParameterObject.New()
+    parameter_object.ReadParameterFile(str(parameters))
+    transformix = itk.TransformixFilter.New(itk.imread(str(moving), itk.F))
+    transformix.SetTransformParameterObject(parameter_object)
+    transformix.SetFixedPointSetFileName(str(out / "inputpoints.txt"))
+    transformix.SetOutputDirectory(str(out))
+    transformix.SetLogToConsole(False)
+    transformix.Update()
+    found = re.findall(r"OutputPoint = \[([^\]]*)\]", (out / "outputpoints.txt").read_text())
+    return np.array([[float(v) for v in match.split()] for match in found])
+
+
+@pytest.mark.slow
+def test_real_brains_elastix_files_through_alignkit_apply(brain_images, capsys, record_property) -> None:
+    """elastix's affine + B-spline registration of the real pair (TransformParameters.1.txt names
+    .0.txt as its initial transform, elastix 5's ``InitialTransformParameterFileName``), applied by
+    ``alignkit apply`` against transformix: linear interpolation for the image (alignkit's, as ANTs'
+    default; with elastix's default cubic the images differ by interpolation alone), order 0 for the
+    labels, and transformix's point mapping."""
+    itk = pytest.importorskip("itk")
+    if not hasattr(itk, "elastix_registration_method"):
+        pytest.skip("itk-elastix is not installed")
+    tmp, paths = brain_images
+    tmp = tmp / "elastix"
+    tmp.mkdir(exist_ok=True)
+    parameter_object = itk.ParameterObject.New()
+    affine = parameter_object.GetDefaultParameterMap("affine", 2)
+    affine["MaximumNumberOfIterations"] = ["64"]
+    bspline = parameter_object.GetDefaultParameterMap("bspline", 2, 24.0)
+    bspline["MaximumNumberOfIterations"] = ["32"]
+    parameter_object.AddParameterMap(affine)
+    parameter_object.AddParameterMap(bspline)
+    itk.elastix_registration_method(
+        itk.imread(str(paths["fixed"]), itk.F), itk.imread(str(paths["moving"]), itk.F),
+        parameter_object=parameter_object, output_directory=str(tmp), log_to_console=False, number_of_threads=1,
+    )
+    parameters = tmp / "TransformParameters.1.txt"
+    assert "InitialTransformParameterFileName" in parameters.read_text()
+    expected = _transformix(parameters, paths["moving"], 1)
+    expected_labels = _transformix(parameters, paths["moving_labels"], 0)
+    corr, dice = _check_against_peer(tmp, paths, [parameters], expected, expected_labels, capsys)
+    record_property("elastix_correlation_in_brain", corr)
+    record_property("elastix_label_dice", dice)
+    assert corr > 0.99, corr
+    assert dice > 0.98, dice
+
+    world = _brain_points(paths["fixed"])
+    expected_points = _transformix_points(parameters, paths["moving"], world, tmp / "points")
+    assert expected_points.shape == world.shape
+    got = _cli_points([parameters], world, tmp, capsys)
+    error = float(np.abs(got - expected_points).max())
+    record_property("elastix_points_max_error_mm", error)
+    affine_only = _cli_points([tmp / "TransformParameters.0.txt"], world, tmp, capsys)
+    assert np.abs(affine_only - expected_points).max() > 1.0  # the B-spline matters
+    assert error < 0.1 * 3.0, error

@@ -31,7 +31,8 @@ Per tool (each pinned against the tool itself in ``tests/test_foreign.py``)
   ``M_lps = F M_ras F`` with ``F = diag(-1, -1, 1[, 1])`` (:func:`alignkit.io.itk.lps_matrix_from_ras`).
 * **elastix** ``TransformParameters.N.txt``: ITK physical space (LPS), fixed->moving. Euler,
   Similarity, Affine, Translation and (Recursive)BSpline transforms are parsed;
-  ``InitialTransformParametersFileName`` chains are followed with ``HowToCombineTransforms Compose``:
+  ``InitialTransformParameterFileName`` chains (elastix 5's spelling; elastix 4 wrote
+  ``InitialTransformParametersFileName``, read too) are followed with ``HowToCombineTransforms Compose``:
   the initial transform acts on a point first, ``y = T(T_initial(x))``.
 * **FSL FLIRT** ``.mat``: a 4x4 text matrix between *scaled-voxel* coordinates mapping **input
   (moving) to reference (fixed)** points: ``x_ref = M x_in``. A scaled-voxel coordinate is
@@ -620,10 +621,22 @@ def _elastix_piece(params: dict[str, list[str | float]], path: Path) -> Piece:
     return LinearPiece(torch.from_numpy(matrix))
 
 
+#: elastix 5 writes the first spelling; elastix 4 (and older hand-written files) the second
+ELASTIX_INITIAL_KEYS = ("InitialTransformParameterFileName", "InitialTransformParametersFileName")
+
+
+def _elastix_initial(params: dict[str, list[str | float]]) -> str:
+    """The file an elastix transform composes onto, under either spelling, or ``NoInitialTransform``."""
+    for key in ELASTIX_INITIAL_KEYS:
+        if key in params:
+            return _elastix_string(params, key, "NoInitialTransform")
+    return "NoInitialTransform"
+
+
 def read_elastix_parameters(path: PathLike) -> list[Piece]:
     """Pieces (stage order) of an elastix ``TransformParameters.N.txt``, following its
-    ``InitialTransformParametersFileName`` chain (relative names are looked up as given, then next
-    to the file)."""
+    ``InitialTransformParameterFileName`` chain (or elastix 4's ``InitialTransformParametersFileName``;
+    relative names are looked up as given, then next to the file)."""
     pieces: list[Piece] = []
     seen: set[Path] = set()
     current: Path | None = Path(path)
@@ -631,7 +644,7 @@ def read_elastix_parameters(path: PathLike) -> list[Piece]:
         if not current.is_file():
             raise InputError("file not found", current)
         if current.resolve() in seen:
-            raise InputError("elastix InitialTransformParametersFileName chain loops", current)
+            raise InputError("elastix InitialTransformParameterFileName chain loops", current)
         seen.add(current.resolve())
         text = _read_text(current)
         if text is None:
@@ -640,7 +653,7 @@ def read_elastix_parameters(path: PathLike) -> list[Piece]:
         if "Transform" not in params:
             raise InputError("no (Transform ...) entry: not an elastix transform parameter file", current)
         combine = _elastix_string(params, "HowToCombineTransforms", "Compose")
-        initial = _elastix_string(params, "InitialTransformParametersFileName", "NoInitialTransform")
+        initial = _elastix_initial(params)
         if combine != "Compose" and initial != "NoInitialTransform":
             raise InputError(f"HowToCombineTransforms {combine!r} is not supported (Compose is)", current)
         pieces.append(_elastix_piece(params, current))  # acts after its initial transform
