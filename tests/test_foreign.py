@@ -787,25 +787,54 @@ def test_real_brains_ants_files_through_alignkit_apply(brain_pair, capsys, recor
 
 @pytest.mark.slow
 def test_real_brains_initial_transform_from_ants_affine(brain_pair, capsys, record_property) -> None:
+    """``--initial-transform`` with ANTs' affine ends at least as well as the default start, judged by
+    the registration's own objective (NCC at the finest level, as the never-worse rule judges a stage).
+
+    The affine stage runs to convergence ([100, 100] iterations). With [40, 20] it stops at the
+    iteration cap at both levels from either start, so where it ends depends on where it began:
+    over five ANTs affines (ANTsPy's registration differs from run to run even with random_seed=1)
+    mean Dice was 0.3797-0.3884 against 0.3818 from the default start. Converged, every start ended
+    at the same objective (0.025944 to 6 digits); Dice between such equal-objective ends still differs
+    by up to 5e-4 (0.3846-0.3854 against 0.3850), so Dice is recorded, not compared."""
     import json
+
+    from alignkit.solve.engine import OBJECTIVE_TOLERANCE
 
     tmp, paths, result = brain_pair
     affine = result["fwdtransforms"][1]
     config = tmp / "affine.json"
     config.write_text(json.dumps({"stages": [{"transform": "affine", "similarity": "ncc", "levels": [4, 2],
-                                              "iterations": [40, 20]}]}))
-    scores = {}
+                                              "iterations": [100, 100]}]}))
+    scores, objectives = {}, {}
     for name, extra in (("default", []), ("initial", ["--initial-transform", affine])):
         out = tmp / f"reg_{name}"
         code, err = _cli(["register", paths["fixed"], paths["moving"], "-o", out, "--config", config, "--fixed-labels",
                           paths["fixed_labels"], "--moving-labels", paths["moving_labels"], "--quiet", "--no-qc", *extra],
                          capsys)
         assert code == 0, err
-        scores[name] = json.loads((out / "metrics.json").read_text())["dice_mean"]
+        metrics = json.loads((out / "metrics.json").read_text())
+        scores[name] = metrics["dice_mean"]
+        (check,) = metrics["stage_checks"]
+        assert check["kept"], check
+        objectives[name] = check["objective_end"]
+    manifest = json.loads((tmp / "reg_initial" / "transform" / "manifest.json").read_text())
+    assert manifest["stages"][0] == "init:file"
+    # ANTs' affine alone, as alignkit applies it
+    from alignkit.io import read_image
+
+    code, err = _cli(["apply", affine, paths["moving_labels"], "-r", paths["fixed"], "--labels", "-o",
+                      tmp / "ants_affine_labels.nii.gz"], capsys)
+    assert code == 0, err
+    alone = _dice_mean(read_image(paths["fixed_labels"], labels=True).data[0].numpy(),
+                       read_image(tmp / "ants_affine_labels.nii.gz", labels=True).data[0].numpy())
     record_property("dice_default_start", scores["default"])
     record_property("dice_ants_affine_start", scores["initial"])
-    # measured: 0.380 from ANTs' affine, 0.382 from the default start (ANTs' affine alone: 0.369)
-    assert scores["initial"] >= scores["default"] - 0.005, scores
+    record_property("dice_ants_affine_alone", alone)
+    record_property("objective_default_start", objectives["default"])
+    record_property("objective_ants_affine_start", objectives["initial"])
+    # not worse by the objective (float32 evaluation noise: the engine's own tolerance for a tie)
+    assert objectives["initial"] <= objectives["default"] + OBJECTIVE_TOLERANCE * abs(objectives["default"]), objectives
+    assert scores["initial"] > alone, (scores, alone)  # the refinement improves on ANTs' affine
 
 
 @pytest.mark.slow
