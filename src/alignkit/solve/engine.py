@@ -25,7 +25,7 @@ from alignkit.errors import ConfigError
 from alignkit.image import Image, common_channels
 from alignkit.solve.config import RegistrationConfig, StageConfig
 from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
-from alignkit.spatial.points import sample_affine
+from alignkit.spatial.points import homogeneous_grid, sample_affine, sample_projective
 from alignkit.transforms import (
     ComposedTransform,
     FieldTransform,
@@ -534,6 +534,8 @@ class Engine:
         linear_chain = transform.is_linear and (prior is None or prior.is_linear)
         prior_matrix = prior.matrix().to(self.device) if (linear_chain and prior is not None) else None
         field_on_level = isinstance(transform, FieldTransform) and transform.grid.same_as(level.grid)
+        # the level's homogeneous sampling grid, built once rather than at every step
+        base = homogeneous_grid(level.grid.shape, dtype=level.moving.dtype, device=self.device) if linear_chain else None
         uses_energy = isinstance(transform, VectorMomentumSVF) and cfg.regularizer == "energy" and cfg.regularizer_weight > 0
 
         fixed_level = level.fixed
@@ -553,11 +555,11 @@ class Engine:
                 matrix = transform.matrix().double()
                 if prior_matrix is not None:
                     matrix = prior_matrix @ matrix
+                voxel_matrix = voxel_from_world.to(matrix) @ matrix @ level.grid.world_from_voxel.to(matrix)
                 if bool((matrix[ndim, :ndim] == 0).all()):
-                    voxel_matrix = (
-                        voxel_from_world.to(matrix) @ matrix @ level.grid.world_from_voxel.to(matrix)
-                    )
                     return sample_affine(level.moving, voxel_matrix, level.grid.shape)
+                # a homography, or a chain through a projective feature start: one matrix, one division
+                return sample_projective(level.moving, voxel_matrix, level.grid.shape, base=base)
             if field_on_level:
                 # The field lives on the level grid itself: identity + displacement, no resampling.
                 points = level.world + transform.displacement()
