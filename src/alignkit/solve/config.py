@@ -15,7 +15,7 @@ from alignkit.losses.similarity import SimilarityName, build_similarity
 from alignkit.transforms import TransformName
 
 OptimizerName = Literal["adam", "sgd", "lbfgs"]
-InitName = Literal["none", "center", "com", "features"]
+InitName = Literal["none", "center", "com", "features", "dis"]
 #: what the engine can add to a stage's objective: a field regulariser, called
 #: ``regularizer(field, spacing)`` on the model's field, or ``"energy"``, the vector-momentum SVF's
 #: own ``<m, K m>`` (``vsvf`` only). Losses that need more than one field and its spacing (inverse

@@ -58,8 +58,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def tail_quantile(values: Tensor, q: float) -> Tensor:
     """``torch.quantile(values, q, dim=-1, keepdim=True)`` (linear interpolation; the same order
-    statistics, equal up to float32 rounding of the weight) for ``q`` in a tail: the two order statistics around ``q (n - 1)`` come from ``topk`` of the few smallest
-    (or largest) values instead of a full sort -- measured on 3 x 696k pixels, one thread: 0.45 s for
+    statistics, equal up to float32 rounding of the weight) for ``q`` in a tail: the two order
+    statistics around ``q (n - 1)`` come from ``topk`` of the few smallest (or largest) values
+    instead of a full sort -- measured on 3 x 696k pixels, one thread: 0.45 s for
     ``torch.quantile``, 0.02 s this way (a 1 Mpx photo is normalised three times per registration).
     Falls back to ``torch.quantile`` when ``q`` is not in a tail (the reference it is tested against)."""
     count = values.shape[-1]
@@ -416,14 +417,18 @@ class Engine:
         """The never-worse rule: keep a fitted stage only if it beats its own starting point.
 
         1. By the stage's own objective at its finest level: the fitted stage against the same stage
-           at identity (i.e. the chain before it). Coarse-to-fine optimisation can end worse than it
-           began -- a coarse level lands in another basin, a step size diverges -- and then the
-           stage is dropped, as ANTs and elastix keep the best metric value rather than the last.
+           at its start (identity on the chain before it, or the dense DIS start of a flow field).
+           Coarse-to-fine optimisation can end worse than it began -- a coarse level lands in another
+           basin, a step size diverges (non-finite parameters stop the stage) -- and then the stage
+           is dropped, as ANTs and elastix keep the best metric value rather than the last.
         2. By the keypoint inliers of a feature start: intensity similarity can prefer an alignment the
            matches rule out (NCC between visible and near-infrared photographs, where vegetation
            inverts its contrast). A stage that leaves the inliers more than ``FEATURE_TOLERANCE``
            median pixels (or twice the feature fit's own residual) from their matches, and further
            than the chain before it, is dropped.
+        3. By the image corners: a stage that takes the inliers further from their matches and moves
+           a corner of the fixed image by more than ``CORNER_TOLERANCE`` pixels is dropped -- the
+           matches do not support that motion where they are sparsest.
 
         Returns the record written to ``metrics.json`` (``stage_checks``).
         """
