@@ -148,11 +148,14 @@ def _fit_model(cv2, model: str, pts_f: np.ndarray, pts_m: np.ndarray, threshold_
     raise ConfigError(f"feature model must be 'homography', 'affine' or 'similarity', got {model!r}")
 
 
-#: a homography fit gives way to an affine one that keeps at least this fraction of its inliers and
-#: fits the homography's inliers within AFFINE_SLACK_PX of its median residual: a mild perspective
-#: (2e-4 over 256 px) keeps 95 % of the inliers within the 3 px threshold, but not their median
+#: a homography fit gives way to an affine one that keeps at least AFFINE_PREFERRED of its inliers and
+#: fits them with a median residual at most AFFINE_RESIDUAL_RATIO times the homography's. The two extra
+#: parameters of a homography absorb some keypoint noise: on vis-nir pairs (affine truth) the ratio
+#: was 0.76-1.47 (field/0007, field/0013, indoor/0013, forest/0010, forest/0013, forest/0018,
+#: mountain/0014); on the mild perspective of tests/test_register.py (2e-4 over 256 px, which keeps
+#: 95 % of the inliers under the 3 px threshold) it was 1.79
 AFFINE_PREFERRED = 0.95
-AFFINE_SLACK_PX = 0.1
+AFFINE_RESIDUAL_RATIO = 1.6
 
 
 def _median_residual(pixel: np.ndarray, pts_f: np.ndarray, pts_m: np.ndarray, mask: np.ndarray) -> float:
@@ -254,7 +257,7 @@ def feature_fit(
             affine is not None
             and affine_mask is not None
             and int(affine_mask.sum()) >= AFFINE_PREFERRED * inliers
-            and _median_residual(affine, pts_f, pts_m, mask) <= _median_residual(pixel, pts_f, pts_m, mask) + AFFINE_SLACK_PX
+            and _median_residual(affine, pts_f, pts_m, mask) <= AFFINE_RESIDUAL_RATIO * _median_residual(pixel, pts_f, pts_m, mask)
             and _well_conditioned(affine, tuple(fixed_grid.shape)) is None
         ):
             pixel, mask, name, inliers, simpler = affine, affine_mask, "affine", int(affine_mask.sum()), 1.0
