@@ -18,8 +18,8 @@ def test_tail_quantile_matches_torch_quantile(count, kind):
         values = torch.randint(0, 5, (2, 3, count), generator=generator).float()
     for q in (0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.3, 0.5, 0.9, 0.95, 0.99, 0.995, 1.0):
         expected = torch.quantile(values, q, dim=-1, keepdim=True)
-        # the same order statistics; torch.quantile rounds its interpolation weight to float32
-        torch.testing.assert_close(tail_quantile(values, q), expected, rtol=1e-5, atol=1e-6, msg=f"q={q}")
+        # bit for bit: a registration amplifies a last-bit change of the normalisation
+        torch.testing.assert_close(tail_quantile(values, q), expected, rtol=0, atol=0, msg=f"q={q}")
 
 
 def test_normalize_intensity_is_unchanged_by_the_fast_path():
@@ -28,4 +28,4 @@ def test_normalize_intensity_is_unchanged_by_the_fast_path():
     lo = torch.quantile(flat, 0.005, dim=-1, keepdim=True).view(1, 3, 1, 1)
     hi = torch.quantile(flat, 0.995, dim=-1, keepdim=True).view(1, 3, 1, 1)
     reference = ((image - lo) / (hi - lo)).clamp(-0.5, 1.5)
-    torch.testing.assert_close(normalize_intensity(image), reference)
+    torch.testing.assert_close(normalize_intensity(image), reference, rtol=0, atol=0)
