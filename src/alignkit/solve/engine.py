@@ -350,7 +350,16 @@ class Engine:
             self.stage_checks.append(check)
             if check["kept"]:
                 stages.append(transform)
+            elif self._field_start is not None and stage_config is self.config.stages[0]:
+                # the rejected field started from the dense start: keep that start, not nothing
+                start = self._new_transform(stage_config, fixed.grid, fixed.grid)
+                for p in start.parameters():
+                    p.requires_grad_(False)
+                start.kind = "init:dis"
+                stages.append(start)
         self._pyramid = {}  # free the levels
+        if not stages:  # every stage rejected and no start: the identity
+            stages.append(MatrixTransform(torch.eye(fixed.ndim + 1)).to(self.device))
         if self._feature_fit is not None:
             self.init_info["inlier_median_px_refined"] = self._inlier_median_px(ComposedTransform(stages).transform_points)
             if len(stages) == 1:
