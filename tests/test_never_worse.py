@@ -150,3 +150,13 @@ def test_feature_start_records_its_model_and_falls_back(monkeypatch):
     similar = feature_fit(fixed.batch(), fixed.grid, moving.batch(), moving.grid, model="homography")
     assert similar.stats["model"] == 2.0 and similar.stats["fallbacks"] == 2.0
     assert float(similar.residuals(lambda p: p + torch.tensor([-2.0, 3.0]).view(1, 2, 1)).median()) < 1.0
+
+
+def test_every_stage_rejected_without_a_start_gives_the_identity():
+    fixed, moving = _pair()
+    config = _config(5.0)
+    config["init"] = "none"
+    result = alignkit.register(fixed, moving, config=config)
+    assert result.metrics["stage_checks"][0]["kept"] is False
+    identity = fixed.grid.world_points()
+    torch.testing.assert_close(result.world_map().cpu(), identity, rtol=0, atol=1e-4)
