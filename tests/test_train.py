@@ -487,7 +487,8 @@ def test_cli_register_with_a_checkpoint_writes_the_classical_outputs(trained_run
                  "--checkpoint", str(trained_run / "model.pt" if (trained_run / "model.pt").exists() else trained_run)])
     assert code == 0, capsys.readouterr().err
     fast = tmp_path / "fast.json"
-    fast.write_text(json.dumps({"stages": [{"transform": "svf", "levels": [1], "iterations": [2]}]}))
+    # a small step: a stage whose objective rises is rejected by the engine (and would write no warp)
+    fast.write_text(json.dumps({"stages": [{"transform": "svf", "levels": [1], "iterations": [2], "learning_rate": 0.1}]}))
     classical = tmp_path / "classical"
     assert main(["register", str(fixed), str(moving), "-o", str(classical), "--config", str(fast), "--quiet"]) == 0
 
