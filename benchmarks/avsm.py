@@ -190,7 +190,7 @@ def alignkit_rows(cases: list[Any], methods: dict[str, dict[str, Any]], partial:
     return rows
 
 
-def peer_rows(cases: list[Any], peers: list[str], threads: int) -> list[dict[str, Any]]:
+def peer_rows(cases: list[Any], peers: list[str], threads: int, partial: Path | None = None) -> list[dict[str, Any]]:
     from alignkit.evaluate import evaluate
 
     if not peers:
@@ -201,8 +201,11 @@ def peer_rows(cases: list[Any], peers: list[str], threads: int) -> list[dict[str
     for row in rows:
         keep = {k: row.get(k) for k in ("method", "case", "status", "seconds", "dice_mean", "folds", "fold_severity",
                                         "nonpositive_jacobian_percent", "message")}
-        log(f"[avsm] {row['method']} {row['case']}: {row['status']} Dice {row.get('dice_mean')}")
+        log(f"[avsm] {row['method']} {row['case']}: {row['status']} Dice {row.get('dice_mean')}, {row.get('seconds')} s")
         out.append(keep)
+        if partial is not None:
+            with open(partial, "a") as handle:
+                handle.write(json.dumps(keep, default=str) + "\n")
     return out
 
 
@@ -307,7 +310,7 @@ def main() -> None:
 
     partial = Path(args.out).with_suffix(".partial.jsonl") if args.out else None
     rows = alignkit_rows(cases, methods, partial)
-    rows += peer_rows(cases, [p.strip() for p in args.peers.split(",") if p.strip()], args.threads)
+    rows += peer_rows(cases, [p.strip() for p in args.peers.split(",") if p.strip()], args.threads, partial)
     rows += alignkit_rows(cases, slow, partial)
     table = summarize(rows)
     reference = table.get("avsm:avsm", {})
