@@ -52,3 +52,21 @@ def test_train_recipe_names_a_shipped_model(tmp_path, capsys):
     code = main(["train", "--recipe", "nonesuch", "-o", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "unknown shipped model or recipe 'nonesuch'" in err and "voxelmorph_oasis3d" in err
+
+
+def test_option_flags_reach_the_method_and_unknown_ones_are_one_line_errors(tmp_path, capsys):
+    from alignkit.cli import parse_options
+
+    assert parse_options(["mode=fast", "steps=3", "weights=[1, 2]", "max-level=0.5", "flag=true"]) == {
+        "mode": "fast", "steps": 3, "weights": [1, 2], "max_level": 0.5, "flag": True}
+    with pytest.raises(alignkit.ConfigError, match="KEY=VALUE"):
+        parse_options(["novalue"])
+    fixed, moving = tmp_path / "f.npy", tmp_path / "m.npy"
+    np.save(fixed, phantom(0))
+    np.save(moving, phantom(1))
+    for flags, name in ((["--mode", "fast"], "'mode'"), (["--option", "nonesuch=1"], "'nonesuch'"),
+                        (["--max-disparity", "64"], "'max_disparity'")):
+        code = main(["register", str(fixed), str(moving), "-o", str(tmp_path / "o"), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and f"takes no option {name}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, ConfigError
 
 EXIT_USAGE = 2
 
@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument(
         "--refine", type=int, default=0, metavar="K",
         help="refine the learned prediction with K iterations of the classical solver (instance optimisation)",
+    )
+    reg.add_argument("--mode", help="the method's inference mode, where it has several (e.g. fast or accurate for c2f)")
+    reg.add_argument("--tile", type=int, metavar="PX", help="infer in overlapping tiles of PX pixels (large images; "
+                     "methods that tile)")
+    reg.add_argument("--min-disparity", type=float, help="stereo: smallest disparity searched, in pixels")
+    reg.add_argument("--max-disparity", type=float, help="stereo: largest disparity searched, in pixels")
+    reg.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="any other option of the method (`alignkit methods` lists them); VALUE is read as JSON when it "
+        "parses (3, 0.5, true, [1,2]), else as text; repeatable",
     )
     _add_common(reg)
 
@@ -160,6 +170,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--prealign", choices=["affine", "rigid"], help="align every image to the first one first (cached)")
     tr.add_argument("--workers", type=int, help="data-loader worker processes (default: 0)")
     tr.add_argument("--config", help="JSON or TOML training configuration (keys of alignkit.train.TrainConfig)")
+    tr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the method (method_options), VALUE read as JSON when it parses; repeatable")
     tr.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from its last checkpoint")
     tr.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     tr.add_argument("--seed", type=int, help="random seed; CPU runs are repeatable (default: 0)")
@@ -175,6 +187,24 @@ def _version() -> str:
         return "unknown"
 
 
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["mode=fast", "steps=3"]`` → ``{"mode": "fast", "steps": 3}`` (dashes in keys become
+    underscores; values are JSON when they parse, else text)."""
+    import json
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(text)
+        except ValueError:
+            options[key] = text
+    return options
+
+
 def _register(args: argparse.Namespace) -> int:
     import alignkit
 
@@ -183,7 +213,13 @@ def _register(args: argparse.Namespace) -> int:
     options = {key: value for key, value in (
         ("preset", args.preset), ("transform", args.transform), ("similarity", args.similarity),
         ("config", args.config), ("checkpoint", args.checkpoint), ("initial", args.initial_transform),
+        ("mode", args.mode), ("tile", args.tile), ("min_disparity", args.min_disparity),
+        ("max_disparity", args.max_disparity),
     ) if value is not None}
+    for key, value in parse_options(args.option).items():
+        if key in options:
+            raise ConfigError(f"--option {key}=... repeats an option given by its own flag")
+        options[key] = value
     result = alignkit.register(
         args.fixed,
         args.moving,
@@ -273,6 +309,8 @@ def _train(args: argparse.Namespace) -> int:
         "stages": args.stage, "init_from": args.init_from,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
+    if args.option:
+        values["method_options"] = {**values.get("method_options", {}), **parse_options(args.option)}
     if args.quiet:
         values["quiet"] = True
     result = train_method(TrainConfig.from_dict(values), out, resume=args.resume)

@@ -77,6 +77,16 @@ class LearnedModel(nn.Module):
         # the identity map of the training grid, built once per size and device (not per step)
         self._identity: dict[tuple[Any, ...], Tensor] = {}
 
+    @classmethod
+    def training_data(cls, config: Any) -> tuple[Any, Any] | None:
+        """(training pairs, validation pairs or None) that this method makes itself for ``config``
+        (a :class:`~alignkit.train.TrainConfig`) -- e.g. synthetic motion generated on the fly, or
+        patches harvested from a folder -- or None (the default) for the loop's own pairs of
+        ``config.dataset`` (:func:`alignkit.train.loop.build_datasets`). Pair data sets are map-style
+        (``__len__``/``__getitem__`` returning dicts of tensors, items pure functions of (seed, epoch,
+        index), ``set_epoch`` when they change per epoch) with ``ndim`` and ``size`` attributes."""
+        return None
+
     # -- networks -------------------------------------------------------------------------------
     @classmethod
     def default_networks(cls, ndim: int) -> dict[str, dict[str, Any]]:  # pragma: no cover - abstract
@@ -387,16 +397,21 @@ class LearnedMethod(Method):
         )
 
 
-def learned_method(info: MethodInfo):
-    """Class decorator for a :class:`LearnedModel`: names it and registers its :class:`LearnedMethod`."""
+def learned_method(info: MethodInfo, *, runner: type[LearnedMethod] | None = None):
+    """Class decorator for a :class:`LearnedModel`: names it and registers its :class:`LearnedMethod`
+    -- or ``runner``, a :class:`LearnedMethod` subclass with the method's own inference options
+    (``mode``, ``tile`` ...) and steps."""
     if info.kind != "learned":
         raise ConfigError(f"{info.name}: a learned model's method kind is 'learned', not {info.kind!r}")
+    base = runner or LearnedMethod
+    if not issubclass(base, LearnedMethod):
+        raise ConfigError(f"{info.name}: the runner must be a LearnedMethod subclass, not {base.__name__}")
 
     def decorate(cls: type[LearnedModel]) -> type[LearnedModel]:
         cls.method_name = info.name
         cls.info = info
-        runner = type(f"{cls.__name__}Method", (LearnedMethod,), {"info": info, "model_class": cls,
-                                                                  "__doc__": LearnedMethod.__doc__})
+        runner = type(f"{cls.__name__}Method", (base,), {"info": info, "model_class": cls,
+                                                         "__doc__": base.__doc__})
         register_method(runner)
         return cls
 

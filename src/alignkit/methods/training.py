@@ -52,9 +52,14 @@ def train_method(
 ) -> TrainResult:
     """Train the learned method ``config.method`` (or the given ``model``) with :func:`alignkit.train.train`."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    cls = type(model) if model is not None else learned_class(cfg.method)
     if cfg.intensity_percentiles is None:
         # the data are normalised as the method's inference will normalise them
-        cls = type(model) if model is not None else learned_class(cfg.method)
         cfg = dataclasses.replace(cfg, intensity_percentiles=list(cls.intensity_percentiles))
+    if train_set is None:
+        own = cls.training_data(cfg)  # a method that makes its own pairs (synthetic motion, harvests)
+        if own is not None:
+            train_set, made_val = own
+            val_set = made_val if val_set is None else val_set
     return train(cfg, out_dir, method=model if model is not None else model_factory(cfg), train_set=train_set,
                  val_set=val_set, resume=resume, callbacks=callbacks)
