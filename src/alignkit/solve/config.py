@@ -24,7 +24,7 @@ InitName = Literal["none", "center", "com", "features", "dis"]
 StageRegularizerName = Literal["diffusion", "bending", "laplacian", "tv", "energy"]  # FieldRegularizerName + energy
 
 LINEAR_MODELS = ("translation", "rigid", "similarity", "affine", "homography")
-FIELD_MODELS = ("displacement", "svf", "vsvf", "bspline")
+FIELD_MODELS = ("displacement", "svf", "vsvf", "bspline", "disparity")
 
 
 def check_choice(value: object, choices: object, what: str) -> None:

@@ -37,6 +37,7 @@ from alignkit.transforms.dense import (
     voxel_to_world_vectors,
     world_to_voxel_vectors,
 )
+from alignkit.transforms.disparity import DisparityField, epipolar_direction
 from alignkit.transforms.linear import (
     Affine,
     Homography,
@@ -51,7 +52,8 @@ from alignkit.transforms.linear import (
 )
 
 TransformName = Literal[
-    "translation", "rigid", "similarity", "affine", "homography", "displacement", "svf", "vsvf", "bspline"
+    "translation", "rigid", "similarity", "affine", "homography", "displacement", "svf", "vsvf", "bspline",
+    "disparity",
 ]
 
 _LINEAR: dict[str, type[ParametricLinearTransform]] = {
@@ -66,6 +68,7 @@ _FIELD: dict[str, type[FieldTransform]] = {
     "svf": StationaryVelocityField,
     "vsvf": VectorMomentumSVF,
     "bspline": BSplineFFD,
+    "disparity": DisparityField,
 }
 
 
@@ -126,6 +129,7 @@ __all__ = [
     "BSplineFFD",
     "ComposedTransform",
     "ControlPointBSpline",
+    "DisparityField",
     "DisplacementField",
     "FieldTransform",
     "Homography",
@@ -146,6 +150,7 @@ __all__ = [
     "build_transform",
     "control_grid_for",
     "cubic_bspline",
+    "epipolar_direction",
     "flatten_stages",
     "projective_apply",
     "resample_field",
