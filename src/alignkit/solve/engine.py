@@ -1,6 +1,7 @@
 """The iterative engine: any transform model × any objective, multi-scale, stages chained by composition.
 
-For each stage the engine builds a Gaussian pyramid of both images, and at each level minimises
+For each stage the engine builds a Gaussian pyramid of both images (or takes the per-level feature
+images it is given, see :meth:`Engine.run`), and at each level minimises
 
     similarity(moving ∘ prior ∘ T_stage, fixed) + λ · regulariser(T_stage) + prompt terms
 
@@ -12,9 +13,11 @@ resampled twice however many stages ran (Shen et al. 2019 §1).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +254,23 @@ class _Level:
     moving_onehot: Tensor | None = None
 
 
+@dataclass
+class LevelRecord:
+    """One optimised level of one stage, kept when the engine is built with ``keep_levels=True``: what
+    :meth:`Engine.level_energy` needs to evaluate that level's objective again at the optimum -- with
+    other fixed/moving tensors, e.g. feature images that carry an autograd graph (the optimisation
+    layer of :mod:`alignkit.solve.implicit`). ``transform`` is a copy of the model at the level's end
+    (parameters detached), ``prior`` the chain before the stage."""
+
+    stage: int
+    index: int
+    config: StageConfig
+    level: _Level
+    transform: Transform
+    prior: Transform | None
+    prompts: dict[str, Any]
+
+
 class Engine:
     """Fits a :class:`RegistrationConfig` to one pair of images.
 
@@ -265,6 +285,7 @@ class Engine:
         device: str | torch.device | None = None,
         seed: int | None = 0,
         progress: ProgressFactory | None = None,
+        keep_levels: bool = False,
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
@@ -281,6 +302,11 @@ class Engine:
         self._start_grid: Grid | None = None
         self._grids_spacing = 1.0
         self._pyramid: dict[tuple[str, float, float | None], tuple[Tensor, Grid]] = {}
+        #: injected per-level (fixed, fixed grid, moving, moving grid), coarse first (see ``run``)
+        self._features: list[tuple[Tensor, Grid, Tensor, Grid]] | None = None
+        self.keep_levels = keep_levels
+        #: every optimised level of the last run (only with ``keep_levels``), in the order fitted
+        self.level_records: list[LevelRecord] = []
 
     # ------------------------------------------------------------------------------------------
     def run(
@@ -293,9 +319,24 @@ class Engine:
         fixed_points: Tensor | None = None,
         moving_points: Tensor | None = None,
         initial: Transform | None = None,
+        fixed_features: Sequence[Image] | None = None,
+        moving_features: Sequence[Image] | None = None,
     ) -> ComposedTransform:
+        """Register ``moving`` to ``fixed``: the chain of fitted stages (fixed-world -> moving-world points).
+
+        ``fixed_features`` / ``moving_features`` (both or neither; coarse first, one per pyramid level of
+        every stage) replace the intensity pyramid: level ``i`` of each stage compares
+        ``fixed_features[i]`` with ``moving_features[i]`` -- multi-channel images, each on its own
+        world-placed grid (fixed and moving may differ in size, spacing and orientation; nothing is
+        resampled onto the other's grid) -- and are used as given (no normalisation, cropping or
+        grey conversion). The images themselves still place linear models and start them (``init``).
+        This is how learned feature images (Jena et al., Deep Implicit Optimization for Robust and
+        Flexible Image Registration, §3.3: each feature scale feeds one level) are registered.
+        """
         if fixed.ndim != moving.ndim:
             raise ConfigError(f"fixed is {fixed.ndim}D but moving is {moving.ndim}D")
+        self._features = self._check_features(fixed.ndim, fixed_features, moving_features)
+        self.level_records = []
         if self.seed is not None:
             torch.manual_seed(self.seed)
         self._pyramid = {}
@@ -307,7 +348,7 @@ class Engine:
         fixed_t, moving_t = common_channels(fixed_t, moving_t)  # grey against RGB(A): compare luminance
 
         fixed_grid, moving_grid = fixed.grid, moving.grid
-        if self.config.crop_foreground:
+        if self.config.crop_foreground and self._features is None:
             fixed_t, fixed_grid = crop_to_foreground(fixed_t, fixed_grid)
             moving_t, moving_grid = crop_to_foreground(moving_t, moving_grid)
         fixed = Image(fixed_t[0], fixed_grid, path=fixed.path)
@@ -365,6 +406,30 @@ class Engine:
             if len(stages) == 1:
                 self.init_info["refinement_dropped"] = 1.0
         return ComposedTransform(stages)
+
+    def _check_features(
+        self, ndim: int, fixed_features: Sequence[Image] | None, moving_features: Sequence[Image] | None
+    ) -> list[tuple[Tensor, Grid, Tensor, Grid]] | None:
+        if fixed_features is None and moving_features is None:
+            return None
+        if fixed_features is None or moving_features is None:
+            raise ConfigError("give feature images for both fixed and moving, or for neither")
+        if len(fixed_features) != len(moving_features):
+            raise ConfigError(f"{len(fixed_features)} fixed but {len(moving_features)} moving feature levels")
+        for stage in self.config.stages:
+            if len(stage.levels) != len(fixed_features):
+                raise ConfigError(
+                    f"stage {stage.transform} has {len(stage.levels)} levels but {len(fixed_features)} feature "
+                    "levels were given (one feature scale per level, coarse first)"
+                )
+        levels = []
+        for i, (f, m) in enumerate(zip(fixed_features, moving_features)):
+            if f.ndim != ndim or m.ndim != ndim:
+                raise ConfigError(f"feature level {i}: expected {ndim}D feature images, got {f.ndim}D and {m.ndim}D")
+            if f.channels != m.channels:
+                raise ConfigError(f"feature level {i}: fixed has {f.channels} channels but moving has {m.channels}")
+            levels.append((f.batch(device=self.device), f.grid, m.batch(device=self.device), m.grid))
+        return levels
 
     # ------------------------------------------------------------------------------------------
     def _feature_init(self, fixed_t: Tensor, fixed_grid: Grid, moving_t: Tensor, moving_grid: Grid) -> Tensor | None:
@@ -512,6 +577,9 @@ class Engine:
         return self._pyramid[key]
 
     def _level(self, cfg: StageConfig, index: int, fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_grid: Grid) -> _Level:
+        if self._features is not None:  # injected feature images: level i is feature scale i, as given
+            fixed_l, grid_l, moving_l, moving_grid_l = self._features[index]
+            return _Level(fixed_l, grid_l, moving_l, moving_grid_l, grid_l.world_points(device=self.device))
         factor = level_factor(cfg.levels[index], fixed_grid.shape, cfg.max_level_voxels)
         sigma = None if cfg.smoothing is None else cfg.smoothing[index]
         fixed_l, grid_l = self._downsample("fixed", fixed, fixed_grid, factor, sigma)
@@ -592,6 +660,12 @@ class Engine:
                 log.losses.append(losses)
                 if cfg.field_median > 1 and isinstance(transform, FieldTransform):
                     _median_filter_parameters(transform, cfg.field_median)
+                if self.keep_levels:
+                    snapshot = copy.deepcopy(transform)
+                    for p in snapshot.parameters():
+                        p.requires_grad_(False)
+                    stage = next(i for i, s in enumerate(self.config.stages) if s is cfg)
+                    self.level_records.append(LevelRecord(stage, index, cfg, level, snapshot, prior, prompts))
         finally:
             if bar is not None:
                 bar.close()
@@ -675,6 +749,22 @@ class Engine:
             return loss
 
         return objective
+
+    def level_energy(self, record: LevelRecord, fixed: Tensor | None = None, moving: Tensor | None = None,
+                     transform: Transform | None = None) -> Tensor:
+        """The objective of the optimised level ``record`` (see ``keep_levels``), evaluated for
+        ``transform`` (default: the level's optimum) with ``fixed`` / ``moving`` in place of the level's
+        images (same shapes and grids; e.g. feature images that carry a graph): autograd can then
+        differentiate it with respect to the parameters, the images, or both."""
+        level = record.level
+        if fixed is not None or moving is not None:
+            level = dataclasses.replace(
+                level, fixed=level.fixed if fixed is None else fixed, moving=level.moving if moving is None else moving
+            )
+        similarity, regularizer, fold = self._terms(record.config)
+        model = record.transform if transform is None else transform
+        return self._objective(record.config, record.index, level, model, record.prior, similarity, regularizer, fold,
+                               record.prompts)()
 
     def _optimise_level(self, cfg, index: int, level: _Level, transform, prior, similarity, regularizer, fold, prompts, bar) -> list[float]:
         params = [p for p in transform.parameters() if p.requires_grad]
