@@ -123,6 +123,26 @@ def symmetry_pull_field(v: Tensor, symmetry: Symmetry) -> Tensor:
     return _undo_symmetry((v * _signs(symmetry, v))[:, inverse], symmetry)
 
 
+def predict_residual(
+    net: nn.Module, fixed: Tensor, warped: Tensor, *, symmetries: SymmetryGroup | None = None
+) -> Tensor:
+    """``net(fixed, warped)`` as a displacement on ``fixed``'s grid (resized when the network answers
+    on another size); with ``symmetries`` (Zampieri et al. 2018's "accurate"), the mean over
+    :func:`symmetry_group` of the network's answers on the rearranged pair, each mapped back by
+    :func:`symmetry_pull_field` -- 8 evaluations in 2D (``"full"``)."""
+    shape = tuple(fixed.shape[2:])
+    if symmetries is None:
+        r = net(fixed, warped)
+        return r if tuple(r.shape[2:]) == shape else resize_field(r, shape)
+    answers = []
+    for g in symmetry_group(fixed.dim() - 2, symmetries):
+        r = net(apply_symmetry(fixed, g), apply_symmetry(warped, g))
+        target = tuple(apply_symmetry(fixed[:1, :1], g).shape[2:])
+        r = r if tuple(r.shape[2:]) == target else resize_field(r, target)
+        answers.append(symmetry_pull_field(r, g))
+    return torch.stack(answers).mean(dim=0)
+
+
 # -- Zampieri et al. 2018 appendix A.1 ---------------------------------------------------------------------------
 @register_network("pyramid_unet")
 class PyramidUNet(nn.Module):
@@ -378,17 +398,7 @@ class ScaleChain(nn.Module):
         return self.networks[self.fast_index] if mode == "fast" else self.networks[index]
 
     def _residual(self, net: nn.Module, fixed: Tensor, warped: Tensor, mode: ChainMode) -> Tensor:
-        shape = tuple(fixed.shape[2:])
-        if mode != "accurate":
-            r = net(fixed, warped)
-            return r if tuple(r.shape[2:]) == shape else resize_field(r, shape)
-        answers = []
-        for g in symmetry_group(fixed.dim() - 2, self.symmetries):  # type: ignore[arg-type]
-            r = net(apply_symmetry(fixed, g), apply_symmetry(warped, g))
-            target = tuple(apply_symmetry(fixed[:1, :1], g).shape[2:])
-            r = r if tuple(r.shape[2:]) == target else resize_field(r, target)
-            answers.append(symmetry_pull_field(r, g))
-        return torch.stack(answers).mean(dim=0)
+        return predict_residual(net, fixed, warped, symmetries=self.symmetries if mode == "accurate" else None)
 
     def levels(self, fixed: Tensor, moving: Tensor, *, mode: ChainMode | None = None) -> list[Tensor]:
         """The estimate after each level, ``(B, ndim, *level_shape)`` in voxels of that level."""
