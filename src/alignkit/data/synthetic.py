@@ -13,7 +13,8 @@ case (or of an identity pair) and keep its geometry.
   (the 4-point parametrisation used to make homography training pairs, as in 004);
 * :func:`random_smooth_deformation` -- a translation plus a mixture of Gaussian displacement bumps
   with random amplitudes, centres and covariances (001, eq. 3): ``u(x) = t + Σ_k s_k exp(-½ (x -
-  c_k)ᵀ Σ_k⁻¹ (x - c_k))``;
+  c_k)ᵀ Σ_k⁻¹ (x - c_k))``; :func:`random_mixture_field` draws the same family as a bare voxel field
+  bounded in length (the scale-specific training pairs of ``c2f``);
 * :func:`photometric` -- gain, bias, gamma, blur and noise;
 * :func:`modality_change` -- a random non-monotonic remapping of intensities (mutual information
   still finds the alignment, squared differences and correlation do not).
@@ -246,6 +247,58 @@ def gaussian_mixture_displacement(
     return out.reshape(points.shape)
 
 
+def _mixture_parameters(
+    rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, *, translation: float | Range, n_gaussians: int,
+    amplitude: float | Range, sigma: Range,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """001 eq. 3's random parameters over the box ``[lo, hi]``: translation ``t`` (uniform per axis),
+    shifts ``s_k`` (uniform per component), centres ``c_k`` (uniform in the box) and SPD covariances
+    ``Σ_k = Q diag(σ²) Qᵀ`` (random rotation ``Q``, σ uniform in ``sigma`` x the box's mean extent)."""
+    ndim = len(lo)
+    size = float(np.mean(hi - lo))
+    t = np.array([_uniform(rng, translation) for _ in range(ndim)])
+    shifts = np.array([[_uniform(rng, amplitude) for _ in range(ndim)] for _ in range(n_gaussians)]).reshape(-1, ndim)
+    centres = rng.uniform(lo, hi, size=(n_gaussians, ndim))
+    covariances = []
+    for _ in range(n_gaussians):
+        q = _random_orthonormal(rng, ndim)
+        stds = rng.uniform(sigma[0], sigma[1], size=ndim) * size
+        covariances.append(q @ np.diag(stds**2) @ q.T)
+    return t, shifts, centres, np.array(covariances).reshape(-1, ndim, ndim)
+
+
+def random_mixture_field(
+    shape: Sequence[int],
+    *,
+    seed: Seed = 0,
+    max_displacement: float = 2.0,
+    n_gaussians: int | tuple[int, int] = (1, 4),
+    sigma: Range = (0.1, 0.3),
+) -> torch.Tensor:
+    """A displacement field of 001 eq. 3 on a voxel grid of ``shape``: ``(1, ndim, *shape)`` float32,
+    voxels, array-axis order, whose length is at most ``max_displacement`` everywhere.
+
+    The translation and each bump's shift are drawn uniformly in ``±max_displacement`` per component
+    (``n_gaussians`` bumps, or a number drawn uniformly in the inclusive range given), centres
+    uniform over the grid, σ in ``sigma`` x the grid's mean extent along random principal axes; a
+    field that comes out longer than ``max_displacement`` somewhere is scaled down to that bound
+    (the scale-specific task of 001 §3.5: "displacements of at most a few pixels" at one scale)."""
+    if max_displacement <= 0:
+        raise InputError(f"max_displacement must be > 0, got {max_displacement}")
+    rng = _rng(seed)
+    shape = tuple(int(s) for s in shape)
+    count = int(rng.integers(n_gaussians[0], n_gaussians[1] + 1)) if isinstance(n_gaussians, tuple) else int(n_gaussians)
+    if count < 0:
+        raise InputError(f"n_gaussians must be >= 0, got {n_gaussians}")
+    lo, hi = np.zeros(len(shape)), np.array([s - 1.0 for s in shape])
+    t, shifts, centres, covs = _mixture_parameters(rng, lo, hi, translation=max_displacement, n_gaussians=count,
+                                                   amplitude=max_displacement, sigma=sigma)
+    identity = Grid.from_spacing(shape).voxel_points(dtype=torch.float32)
+    field = gaussian_mixture_displacement(identity, t, shifts, centres, covs)
+    longest = float(field.norm(dim=1).max())
+    return field * (max_displacement / longest) if longest > max_displacement else field
+
+
 def random_smooth_deformation(
     image: Image,
     *,
@@ -271,19 +324,10 @@ def random_smooth_deformation(
     """
     if n_gaussians < 0:
         raise InputError(f"n_gaussians must be >= 0, got {n_gaussians}")
-    rng = _rng(seed)
-    ndim = image.ndim
     lo, hi = _world_box(image.grid)
-    size = float(np.mean(hi - lo))
-    t = np.array([_uniform(rng, translation) for _ in range(ndim)])
-    shifts = np.array([[_uniform(rng, amplitude) for _ in range(ndim)] for _ in range(n_gaussians)]).reshape(-1, ndim)
-    centres = rng.uniform(lo, hi, size=(n_gaussians, ndim))
-    covariances = []
-    for _ in range(n_gaussians):
-        q = _random_orthonormal(rng, ndim)
-        stds = rng.uniform(sigma[0], sigma[1], size=ndim) * size
-        covariances.append(q @ np.diag(stds**2) @ q.T)
-    covs = np.array(covariances).reshape(-1, ndim, ndim)
+    t, shifts, centres, covs = _mixture_parameters(_rng(seed), lo, hi, translation=translation,
+                                                   n_gaussians=n_gaussians, amplitude=amplitude, sigma=sigma)
+    ndim = image.ndim
     identity = _points(image.grid)
     displacement = gaussian_mixture_displacement(identity, t, shifts, centres, covs)
     world = identity + displacement
