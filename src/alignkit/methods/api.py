@@ -8,7 +8,8 @@
 
 The steps are the same for every method: read and check the inputs
 (:func:`alignkit.registration.prepare_inputs`), run the method, optionally refine its transform with
-``refine`` iterations of the classical SVF solver ("instance optimisation"), then score and return a
+``refine`` iterations of the classical solver ("instance optimisation"; the SVF stage of the default
+preset, or the deformable stage of the preset the method names in ``refine_preset``), then score and return a
 :class:`~alignkit.registration.Registration`.
 """
 
@@ -35,12 +36,13 @@ from alignkit.transforms import ComposedTransform, Transform, flatten_stages
 REFINE_MAX_VOXELS = 1 << 21
 
 
-def refine_config(ndim: int, iterations: int, *, similarity: str | None = None) -> StageConfig:
-    """The refinement stage: the default preset's SVF stage for ``iterations`` at full resolution,
-    or on at most :data:`REFINE_MAX_VOXELS` voxels."""
+def refine_config(ndim: int, iterations: int, *, similarity: str | None = None, preset: str | None = None) -> StageConfig:
+    """The refinement stage: the last deformable stage of ``preset`` (default: the default preset's SVF
+    stage) for ``iterations`` at full resolution, or on at most :data:`REFINE_MAX_VOXELS` voxels. A
+    method names its preset with a ``refine_preset`` attribute (e.g. the flow networks: ``flow``)."""
     from alignkit.solve.presets import default_preset, get_preset
 
-    template = next(s for s in get_preset(default_preset(ndim)).stages if not s.is_linear)
+    template = [s for s in get_preset(preset or default_preset(ndim)).stages if not s.is_linear][-1]
     stage = copy.deepcopy(template)
     stage.levels, stage.iterations, stage.smoothing = (1.0,), (int(iterations),), None
     stage.max_level_voxels = min(v for v in (template.max_level_voxels, REFINE_MAX_VOXELS) if v > 0)
@@ -103,7 +105,8 @@ def register(
     stage_seconds = dict(output.stage_seconds)
     description = dict(output.description)
     if refine:
-        stage = refine_config(inputs.ndim, int(refine), similarity=getattr(runner, "refine_similarity", None))
+        stage = refine_config(inputs.ndim, int(refine), similarity=getattr(runner, "refine_similarity", None),
+                              preset=getattr(runner, "refine_preset", None))
         config = RegistrationConfig(stages=[stage], init="none", name=f"{name}+refine")
         engine = Engine(config, device=dev, seed=seed, progress=progress)
         refined = engine.run(inputs.fixed, inputs.moving, initial=transform)

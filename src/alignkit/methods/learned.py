@@ -207,10 +207,12 @@ class LearnedModel(nn.Module):
         *,
         initial: Transform | None = None,
         device: str | torch.device | None = None,
+        size: Sequence[int] | None = None,
     ) -> Transform:
         """The fixed → moving transform of a pair of :class:`~alignkit.image.Image` s (world space).
 
-        Both images go through :func:`~alignkit.train.subjects.to_network_grid`; the moving one is then
+        Both images go through :func:`~alignkit.train.subjects.to_network_grid` (of ``size``, default
+        the training :attr:`size`; a fully convolutional network may run at another); the moving one is then
         sampled on the fixed network grid through ``initial`` (e.g. an affine pre-alignment;
         default: the world identity). The returned transform is meant to be composed *after*
         ``initial``: ``y = initial(T(x))``, i.e. ``ComposedTransform([initial, T])``.
@@ -227,8 +229,9 @@ class LearnedModel(nn.Module):
         self.eval()
         try:
             percentiles = self.intensity_percentiles
-            fixed_t, grid = to_network_grid(fixed.batch(device=device), fixed.grid, self.size, percentiles=percentiles)
-            moving_t, moving_grid = to_network_grid(moving.batch(device=device), moving.grid, self.size,
+            size = self.size if size is None else tuple(int(s) for s in size)
+            fixed_t, grid = to_network_grid(fixed.batch(device=device), fixed.grid, size, percentiles=percentiles)
+            moving_t, moving_grid = to_network_grid(moving.batch(device=device), moving.grid, size,
                                                     percentiles=percentiles)
             world = grid.world_points(device=device)
             if initial is not None:
@@ -365,6 +368,11 @@ class LearnedMethod(Method):
                              None if isinstance(source, LearnedModel) else source)
         return learned, None if isinstance(source, LearnedModel) else os.fspath(source)
 
+    def predict_options(self, learned: LearnedModel, inputs: Inputs) -> dict[str, Any]:
+        """Keyword arguments of :meth:`LearnedModel.predict` for this pair (a runner's inference
+        options, e.g. the network grid ``size``); none by default."""
+        return {}
+
     def run(
         self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory
     ) -> MethodOutput:
@@ -382,7 +390,8 @@ class LearnedMethod(Method):
                 stage_seconds[log.transform] = round(log.seconds, 3)
         tic = time.perf_counter()
         prior = ComposedTransform(stages) if stages else None
-        predicted = learned.predict(inputs.fixed, inputs.moving, initial=prior, device=device)
+        predicted = learned.predict(inputs.fixed, inputs.moving, initial=prior, device=device,
+                                    **self.predict_options(learned, inputs))
         stage_seconds[self.info.name] = round(time.perf_counter() - tic, 3)
         stages += flatten_stages(predicted)
         names += [s.kind for s in flatten_stages(predicted)]
