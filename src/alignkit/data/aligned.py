@@ -1,0 +1,368 @@
+"""Aligned multimodal 2D pairs, and the scale-specific training patches of Zampieri et al., "Coarse to
+fine non-rigid registration: a chain of scale-specific neural networks for multimodal image alignment
+with application to remote sensing" (2018), made from them.
+
+Aligned pairs (:func:`aligned_pairs`) are the analogue of the paper's aerial image ↔ cadastral map
+pairs "which visually look already well aligned": two modalities of one scene on one pixel grid.
+
+* ``brain3d-oasis-trt20``: sagittal T1 slices of each subject against their rasterised label map --
+  ``map_kind="edges"`` (label boundaries: 1 where a pixel's DKT/subcortical label differs from a
+  4-neighbour's, the closest thing to a cadastral map) or ``"cortex"`` (binary mask of the cortical
+  labels 1000-2999);
+* ``vis-nir``: NIR (fixed) ↔ grey RGB (moving). Test scenes are brought onto the NIR grid through
+  their ground-truth affine. ``country`` has no ground truth and is *not* aligned well enough to trust
+  as is (gradient-magnitude ECC affine fits on 13 of its pairs moved the image corners by 0.9-19 px),
+  so each ``country`` pair is aligned by such a fit first and kept only when the fit's correlation
+  reaches :data:`COUNTRY_MIN_CORRELATION`;
+* ``multimodal/itk-t1-pd-slices``: the T1 and PD ``Border20`` slices (aligned, within 0.5 px);
+* ``multimodal/ct-mr-2d``: MR ↔ the aligned CT (good to ~2 px), cropped to their common extent.
+
+Images are grey, float32, their intensity percentiles (0.5, 99.5) mapped to [0, 1]; ``valid`` marks
+pixels that hold data (a resampled image's outside is not). Each pair has a ``group`` (subject or scene)
+so training and held-out splits never share one.
+
+:class:`ScalePatchPairs` makes the training pairs of one block of the chain: a patch of
+``size`` pixels *at the block's scale* (a region ``factor`` times larger, Gaussian-downsampled as the
+chain downsamples at inference), its fixed image resampled through a random eq.-3 field of length at
+most ``max_displacement`` pixels at that scale (:func:`alignkit.data.synthetic.random_mixture_field`),
+so the true displacement is known (§3.3, §3.5). The moving (map) patch stays put:
+``moving(x + flow(x)) = fixed(x)``, alignkit's direction.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alignkit.data.datasets import dataset_folder
+from alignkit.data.synthetic import random_mixture_field
+from alignkit.errors import ConfigError, InputError
+from alignkit.spatial import Grid, sample_voxels
+from alignkit.spatial.pyramid import downsample
+
+#: ECC correlation (gradient magnitudes, affine) a ``vis-nir/country`` pair needs to be used
+COUNTRY_MIN_CORRELATION = 0.5
+PERCENTILES = (0.5, 99.5)
+MapKind = str  # "edges" | "cortex"
+SOURCES = ("brain3d-oasis-trt20", "vis-nir", "multimodal/itk-t1-pd-slices", "multimodal/ct-mr-2d")
+
+
+@dataclass(eq=False)
+class AlignedPair:
+    """Two modalities of one scene on one grid: ``fixed``, ``moving`` and ``valid`` are ``(1, H, W)``;
+    ``binary_moving`` when the moving image is a map (0/1)."""
+
+    name: str
+    group: str
+    fixed: Tensor
+    moving: Tensor
+    valid: Tensor
+    binary_moving: bool = False
+    #: pixels outside the image may be read as zero background (brain slices), not as missing data
+    pad_is_background: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.fixed.shape[-2]), int(self.fixed.shape[-1]))
+
+
+def _normalise(array: np.ndarray, mask: np.ndarray | None = None) -> Tensor:
+    values = array[mask] if mask is not None and mask.any() else array
+    lo, hi = np.percentile(values, PERCENTILES)
+    out = np.clip((array - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    return torch.from_numpy(out.astype(np.float32))[None]
+
+
+def _grey(path: Path) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InputError("cannot read image", path)
+    if image.ndim == 3:
+        image = image[..., :3].mean(axis=2)
+    return image.astype(np.float32)
+
+
+def label_edges(labels: np.ndarray) -> np.ndarray:
+    """1 where a pixel's label differs from its right or lower neighbour's (boundaries one pixel thick)."""
+    edges = np.zeros(labels.shape, dtype=bool)
+    edges[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    edges[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    return edges
+
+
+def _oasis(folder: Path, map_kind: MapKind, stride: int) -> list[AlignedPair]:
+    import nibabel as nib
+
+    pairs = []
+    for subject in sorted(p for p in folder.iterdir() if (p / "labels.all.nii.gz").is_file()):
+        t1 = np.asarray(nib.load(subject / "t1weighted_brain.nii.gz").dataobj, dtype=np.float32)
+        labels = np.asarray(nib.load(subject / "labels.all.nii.gz").dataobj).astype(np.int64)
+        brain = t1 > 0
+        lo, hi = np.percentile(t1[brain], PERCENTILES)
+        depth = t1.shape[2]
+        for k in range(int(depth * 0.25), int(depth * 0.75), stride):  # sagittal slices through the hemispheres
+            slab = labels[:, :, k]
+            if brain[:, :, k].mean() < 0.15 or (slab > 0).mean() < 0.03:
+                continue
+            if map_kind == "edges":
+                drawn = label_edges(slab)
+            elif map_kind == "cortex":
+                drawn = (slab >= 1000) & (slab < 3000)
+            else:
+                raise ConfigError(f"map_kind must be 'edges' or 'cortex', got {map_kind!r}")
+            image = np.clip((t1[:, :, k] - lo) / max(hi - lo, 1e-6), 0, 1)
+            pairs.append(AlignedPair(
+                name=f"{subject.name}/x{k:03d}", group=subject.name,
+                fixed=torch.from_numpy(image.astype(np.float32))[None],
+                moving=torch.from_numpy(drawn.astype(np.float32))[None],
+                valid=torch.ones(1, *slab.shape, dtype=torch.bool), binary_moving=True, pad_is_background=True,
+            ))
+    return pairs
+
+
+def _ecc_affine(fixed: np.ndarray, moving: np.ndarray) -> tuple[np.ndarray, float]:
+    """Affine ``W`` (2x3, pixels) with ``moving(W [x; 1]) ≈ fixed(x)`` fitted by OpenCV's ECC on
+    gradient magnitudes at half resolution, and the correlation it reached."""
+    import cv2
+
+    def magnitude(a: np.ndarray) -> np.ndarray:
+        a = cv2.GaussianBlur(cv2.resize(a, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), (0, 0), 1.5)
+        g = np.hypot(cv2.Sobel(a, cv2.CV_32F, 1, 0), cv2.Sobel(a, cv2.CV_32F, 0, 1))
+        return (g - g.mean()) / (g.std() + 1e-6)
+
+    warp = np.eye(2, 3, dtype=np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-5)
+    try:
+        correlation, warp = cv2.findTransformECC(magnitude(fixed), magnitude(moving), warp, cv2.MOTION_AFFINE,
+                                                 criteria, None, 5)
+    except cv2.error:
+        return np.eye(2, 3), float("nan")
+    warp = warp.astype(np.float64)
+    warp[:, 2] *= 2.0  # half-resolution pixels -> pixels (the linear part is scale-free)
+    return warp, float(correlation)
+
+
+def _vis_nir(folder: Path, subsets: Sequence[str] | None) -> list[AlignedPair]:
+    import cv2
+
+    pairs = []
+    for scene_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if subsets is not None and scene_dir.name not in subsets:
+            continue
+        for nir_path in sorted(scene_dir.glob("*_nir.jpg")):
+            stem = nir_path.name[: -len("_nir.jpg")]
+            rgb_path = scene_dir / f"{stem}_rgb.jpg"
+            if not rgb_path.is_file():
+                continue
+            nir, rgb = _grey(nir_path), _grey(rgb_path)
+            npy = scene_dir / f"{stem}_nir.npy"
+            if npy.is_file():  # ground truth: M maps RGB pixels to NIR pixels
+                rgb_to_nir = np.asarray(np.load(npy), dtype=np.float64)
+                flags = cv2.INTER_LINEAR
+                warp = rgb_to_nir
+            else:  # country: measure the residual misalignment, keep the pair only if the fit is good
+                warp, correlation = _ecc_affine(nir, rgb)
+                if not correlation >= COUNTRY_MIN_CORRELATION:
+                    continue
+                flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+            size = (nir.shape[1], nir.shape[0])
+            moved = cv2.warpAffine(rgb, warp, size, flags=flags, borderValue=0)
+            inside = cv2.warpAffine(np.ones_like(rgb), warp, size, flags=flags, borderValue=0) > 0.999
+            valid = torch.from_numpy(inside)[None]
+            pairs.append(AlignedPair(name=f"{scene_dir.name}/{stem}", group=f"{scene_dir.name}/{stem}",
+                                     fixed=_normalise(nir), moving=_normalise(moved, inside), valid=valid))
+    return pairs
+
+
+def aligned_pairs(
+    source: str, *, root: str | Path | None = None, map_kind: MapKind = "edges", slice_stride: int = 8,
+    subsets: Sequence[str] | None = None,
+) -> list[AlignedPair]:
+    """The aligned pairs of one of :data:`SOURCES` (module docstring); ``subsets`` picks ``vis-nir``
+    scene folders (default all), ``slice_stride`` the spacing of the OASIS slices."""
+    folder = dataset_folder(source, root)
+    key = source.replace("\\", "/").strip("/")
+    if key.endswith("brain3d-oasis-trt20"):
+        return _oasis(folder, map_kind, slice_stride)
+    if key.endswith("vis-nir"):
+        return _vis_nir(folder, subsets)
+    if key.endswith("itk-t1-pd-slices"):
+        t1 = _grey(folder / "BrainT1SliceBorder20.png")
+        pd = _grey(folder / "BrainProtonDensitySliceBorder20.png")
+        return [AlignedPair("t1<-pd", "itk-t1-pd", _normalise(t1), _normalise(pd),
+                            torch.ones(1, *t1.shape, dtype=torch.bool), pad_is_background=True)]
+    if key.endswith("ct-mr-2d"):
+        mr = _grey(folder / "mri_2d.tif")
+        ct = _grey(folder / "ct_2d_true.tif")
+        h, w = min(mr.shape[0], ct.shape[0]), min(mr.shape[1], ct.shape[1])
+        return [AlignedPair("mri<-ct_true", "ct-mr", _normalise(mr[:h, :w]), _normalise(ct[:h, :w]),
+                            torch.ones(1, h, w, dtype=torch.bool), pad_is_background=True)]
+    raise ConfigError(f"c2f trains on aligned pairs of {', '.join(SOURCES)} (comma-separated); got {source!r}")
+
+
+def split_pairs(
+    pairs: Sequence[AlignedPair], *, train: Sequence[str] | None, val: Sequence[str] | None, val_fraction: float,
+    seed: int,
+) -> tuple[list[AlignedPair], list[AlignedPair]]:
+    """(training, held-out) pairs. Patterns match a pair's group or name (shell style); without
+    ``val`` patterns a seeded ``val_fraction`` of the groups is held out (never a group on both sides)."""
+    def matches(pair: AlignedPair, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(pair.group, p) or fnmatch.fnmatchcase(pair.name, p) for p in patterns)
+
+    groups = sorted({p.group for p in pairs})
+    if val:
+        held = {g for g in groups if any(matches(p, val) for p in pairs if p.group == g)}
+    else:
+        order = np.random.default_rng(seed).permutation(len(groups))
+        count = round(val_fraction * len(groups)) if len(groups) > 1 else 0
+        held = {groups[i] for i in order[:count]}
+    training = [p for p in pairs if p.group not in held and (not train or matches(p, train))]
+    held_out = [p for p in pairs if p.group in held]
+    if not training:
+        raise ConfigError(f"no aligned pair left to train on (groups: {', '.join(groups)})")
+    return training, held_out
+
+
+def minor_class_fraction(patch: Tensor) -> float:
+    """The share of the smaller class when ``patch`` is split at its mean (0 for a flat patch)."""
+    above = float((patch > patch.mean()).float().mean())
+    return min(above, 1.0 - above)
+
+
+#: ``epoch -> (block factor, warm-up?)``: which block's task an epoch's patches pose
+ScaleOfEpoch = Callable[[int], tuple[int, bool]]
+
+
+class ScalePatchPairs(torch.utils.data.Dataset):
+    """Training pairs for one block of the chain at a time (module docstring). Item ``i`` of epoch
+    ``e`` is a pure function of ``(seed, e, i)`` (held-out sets: of ``(seed, i)`` and the block);
+    ``scale_of_epoch`` says which block's task (shrink factor) an epoch poses and whether it is a
+    warm-up epoch (patches from 4 images only, to overfit them first: §A.4.1).
+
+    Items: ``fixed``, ``moving`` ``(1, size, size)``, ``flow`` ``(2, size, size)`` (pixels of the
+    block's scale, array-axis order) and ``weight`` ``(1, size, size)`` (``edge_weight`` where the map
+    has an edge, else 1). Patches whose minor class is below ``min_minor_class`` are redrawn (up to 20
+    times), as are patches reaching outside an image's data."""
+
+    ndim = 2
+
+    def __init__(
+        self,
+        pairs: Sequence[AlignedPair],
+        *,
+        size: int = 64,
+        length: int = 1000,
+        scale_of_epoch: ScaleOfEpoch = lambda epoch: (1, False),
+        max_displacement: float = 2.0,
+        min_minor_class: float = 0.05,
+        edge_weight: float = 1.0,
+        seed: int = 0,
+        held_out: bool = False,
+        clock: list[int] | None = None,
+    ) -> None:
+        if not pairs:
+            raise ConfigError("ScalePatchPairs needs at least one aligned pair")
+        if size < 16:
+            raise ConfigError(f"patch size must be >= 16 pixels, got {size}")
+        self.pairs = list(pairs)
+        self.size = (int(size), int(size))
+        self.length = int(length)
+        self.scale_of_epoch = scale_of_epoch
+        self.max_displacement = float(max_displacement)
+        self.min_minor_class = float(min_minor_class)
+        self.edge_weight = float(edge_weight)
+        self.seed = int(seed)
+        self.held_out = held_out
+        # one epoch counter shared by a training set and its held-out set: the loop tells the
+        # training set the epoch; validation must pose the same block's task
+        self.clock = clock if clock is not None else [1]
+        self.margin = math.ceil(self.max_displacement) + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.clock[0] = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _region(self, factor: int) -> int:
+        """Full-resolution side of the region that shrinks to ``size + 2 margin`` pixels at ``factor``."""
+        return (self.size[0] + 2 * self.margin - 1) * factor + 1
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        epoch = max(self.clock[0], 1)
+        factor, warmup = self.scale_of_epoch(epoch)
+        key = [self.seed, factor, index] if self.held_out else [self.seed, epoch, index]
+        rng = np.random.default_rng(key)
+        pool = self.pairs
+        if warmup and not self.held_out:
+            pool = [self.pairs[i] for i in np.random.default_rng([self.seed, factor]).permutation(len(pool))[:4]]
+        region = self._region(factor)
+        crop = None
+        for _ in range(20):
+            pair = pool[int(rng.integers(len(pool)))]
+            crop = self._crop(pair, region, rng)
+            if crop is None:
+                continue
+            if minor_class_fraction(crop[1]) >= self.min_minor_class:
+                break
+        if crop is None:
+            raise ConfigError(f"no aligned pair holds a {region}-pixel region of data for the block at scale {factor}")
+        fixed, moving, binary = crop
+        return self._deform(fixed, moving, binary, factor, rng)
+
+    def _crop(self, pair: AlignedPair, region: int, rng: np.random.Generator) -> tuple[Tensor, Tensor, bool] | None:
+        h, w = pair.shape
+        if pair.pad_is_background:  # the region may reach past the image into its zero background
+            top = int(rng.integers(-region // 4, max(h - 3 * region // 4, -region // 4 + 1)))
+            left = int(rng.integers(-region // 4, max(w - 3 * region // 4, -region // 4 + 1)))
+        else:
+            if h < region or w < region:
+                return None
+            top, left = int(rng.integers(0, h - region + 1)), int(rng.integers(0, w - region + 1))
+            if not bool(pair.valid[:, top : top + region, left : left + region].all()):
+                return None
+
+        def cut(image: Tensor) -> Tensor:
+            out = image.new_zeros(1, region, region)
+            t0, l0 = max(top, 0), max(left, 0)
+            t1, l1 = min(top + region, h), min(left + region, w)
+            if t1 > t0 and l1 > l0:
+                out[:, t0 - top : t1 - top, l0 - left : l1 - left] = image[:, t0:t1, l0:l1]
+            return out
+
+        return cut(pair.fixed), cut(pair.moving), pair.binary_moving
+
+    def _deform(self, fixed: Tensor, moving: Tensor, binary: bool, factor: int, rng: np.random.Generator) -> dict[str, Tensor]:
+        region = fixed.shape[-1]
+        grid = Grid.from_spacing((region, region))
+        both = torch.stack([fixed, moving])  # (2, 1, L, L)
+        small, _ = downsample(both, grid, factor)  # the chain's own shrink (blur + corner-aligned resize)
+        fixed_pad, moving_pad = small[:1], small[1:]
+        m, size = self.margin, self.size
+        flow = random_mixture_field(size, seed=rng, max_displacement=self.max_displacement)
+        points = Grid.from_spacing(size).voxel_points() + m + flow
+        out = {
+            "fixed": sample_voxels(fixed_pad, points, padding="border")[0],
+            "moving": moving_pad[0, :, m : m + size[0], m : m + size[1]].contiguous(),
+            "flow": flow[0],
+        }
+        weight = torch.ones(1, *size)
+        if binary and self.edge_weight != 1.0:
+            edges = moving_pad > 0.5
+            boundary = torch.zeros_like(edges)
+            boundary[..., :-1, :] |= edges[..., :-1, :] != edges[..., 1:, :]
+            boundary[..., :, :-1] |= edges[..., :, :-1] != edges[..., :, 1:]
+            # the map's edges where each fixed pixel truly corresponds (x + flow(x))
+            on_edge = sample_voxels(boundary.float(), points, padding="zeros")[0] > 0.25
+            weight = torch.where(on_edge, torch.full_like(weight, self.edge_weight), weight)
+        out["weight"] = weight
+        return out

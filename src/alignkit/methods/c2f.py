@@ -1,0 +1,429 @@
+"""``c2f``: a coarse-to-fine chain of scale-specific networks for dense multimodal 2D alignment.
+
+Zampieri, Charpiat, Girard, Tarabalka, "Coarse to fine non-rigid registration: a chain of
+scale-specific neural networks for multimodal image alignment with application to remote sensing"
+(2018). The whole system, wired from parts that exist elsewhere:
+
+* **block** (appendix A.1): :class:`~alignkit.nets.pyramid.PyramidUNet` -- one convolutional pyramid
+  per modality (5x5x16, 5x5x32, pool, 3x3x32 x2, pool, 3x3x64 x2), the two concatenated at each of
+  the three scales, a decoder of deconvolutions with skip concatenations, a 2-channel displacement
+  in pixels. One block per shrink factor in :data:`BLOCK_FACTORS` (``block1``, ``block2``,
+  ``block4``); coarser levels of the chain use the coarsest block.
+* **task at scale s** (§3.5): each block learns "1-pixel precision for displacements of at most
+  ``max_displacement`` (2) pixels at its own scale" on aligned multimodal pairs deformed by eq. 3
+  (:class:`alignkit.data.aligned.ScalePatchPairs`, through :meth:`C2F.training_data`); loss: the
+  squared distance to the true displacement (``edge_weight`` times more on the map's edges) +
+  ``laplacian_weight`` x eq. 4 (:class:`~alignkit.losses.Laplacian`). One training stage per block
+  (``block1``, ``block2``, ``block4``), trained independently as in §3.6.
+* **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
+  ``min_level`` pixels); at each level the level's moving image is resampled *once* through the
+  current map, the block predicts the residual ``r`` and the map is composed, ``u <- r + u∘(id + r)``
+  (:func:`~alignkit.nets.pyramid.compose_displacements`' rule), never added.
+* **modes** (§3.6-3.7): ``per-scale`` (the scale-specific block at each scale), ``fast`` (the
+  scale-1 block at every scale), ``accurate`` (per-scale, each block's answer averaged over the 8
+  flips/rotations of the pair, each mapped back by :func:`~alignkit.nets.pyramid.symmetry_pull_field`).
+* **large images**: each level runs in overlapping tiles (``tile`` pixels with a ``halo`` of
+  context, only the tile's core kept; tiles start on multiples of 4 so the blocks' pooling grid is
+  the untiled one), so memory is bounded by the tile and time is linear in the number of pixels.
+
+The prediction is a displacement on the fixed image's own grid (full resolution, no network grid),
+a :class:`~alignkit.methods.heads.LearnedDisplacement`; the moving image is first resampled onto that
+grid through the world frames (and a linear pre-alignment, ``transform="affine"``, when asked).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.errors import ConfigError, ShapeError
+from alignkit.image import Image, grey_channels
+from alignkit.losses import Laplacian
+from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
+from alignkit.methods.heads import LearnedDisplacement
+from alignkit.methods.learned import LearnedMethod, LearnedModel, _linear_models, learned_method
+from alignkit.nets.pyramid import predict_residual
+from alignkit.registration import Inputs
+from alignkit.solve import Engine
+from alignkit.solve.engine import normalize_intensity
+from alignkit.solve.presets import resolve_config
+from alignkit.spatial import Grid, rescale_voxel_displacement, sample_voxels, sample_world
+from alignkit.spatial.pyramid import downsample
+from alignkit.train.protocol import TrainingStage
+from alignkit.transforms import ComposedTransform, Transform, flatten_stages
+
+C2FMode = Literal["per-scale", "fast", "accurate"]
+#: shrink factors of the scale-specific blocks (networks ``block1``, ``block2``, ``block4``)
+BLOCK_FACTORS = (1, 2, 4)
+#: tiles start on multiples of this (two 2x2 poolings in a block): tiled = untiled away from seams
+TILE_ALIGN = 4
+
+
+def block_name(factor: int) -> str:
+    return f"block{int(factor)}"
+
+
+def block_spec(ndim: int, width: float = 1.0) -> dict[str, Any]:
+    """The A.1 network (``width`` 1) or a narrower one (``width`` scales every feature count)."""
+    def w(n: int) -> int:
+        return max(2, round(n * width))
+
+    return {"name": "pyramid_unet", "ndim": ndim, "in_channels": 1, "stream_features": [w(32), w(32), w(64)],
+            "first_kernel": 5, "merge_features": [w(32), w(64), w(64)], "decoder_features": [w(64), w(64)],
+            "head_features": w(32)}
+
+
+def chain_factors(shape: Sequence[int], min_level: int) -> list[int]:
+    """``[2^K, ..., 2, 1]``: the largest ``K`` whose level keeps at least ``min_level`` pixels a side."""
+    k = max(0, math.floor(math.log2(max(min(shape), 1) / max(min_level, 1))))
+    return [2**i for i in range(k, -1, -1)]
+
+
+def tiles(shape: Sequence[int], tile: int | None, halo: int) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """``(core, extended)`` slice pairs covering ``shape``: cores of ``tile - 2 halo`` pixels (a
+    multiple of :data:`TILE_ALIGN`), each read with ``halo`` pixels of context; one tile when the
+    image fits in ``tile`` or ``tile`` is None."""
+    shape = tuple(int(s) for s in shape)
+    if tile is None or all(s <= tile for s in shape):
+        whole = tuple(slice(0, s) for s in shape)
+        return [(whole, whole)]
+    core = (tile - 2 * halo) // TILE_ALIGN * TILE_ALIGN
+    if core < TILE_ALIGN:
+        raise ConfigError(f"tile {tile} leaves no core with a halo of {halo} pixels; use a larger tile")
+    per_axis = []
+    for s in shape:
+        spans = []
+        for start in range(0, s, core):
+            stop = min(start + core, s)
+            spans.append((slice(start, stop), slice(max(start - halo, 0), min(stop + halo, s))))
+        per_axis.append(spans)
+    out = []
+    for row in per_axis[0]:
+        for col in per_axis[1]:
+            out.append(((row[0], col[0]), (row[1], col[1])))
+    return out
+
+
+def _offset_slices(core: tuple[slice, ...], ext: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
+
+
+class C2FMethod(LearnedMethod):
+    """Registers a pair with a trained ``c2f`` chain (default: the model shipped with alignkit).
+
+    ``mode``: ``per-scale`` (default), ``fast`` or ``accurate`` (module docstring); ``tile``: level
+    pixels per tile side (default 512; 0 = untiled), ``halo`` the context read around each tile's
+    core (32); ``min_level``: the coarsest level's smallest side in pixels (16); ``transform``: a
+    linear pre-alignment (``affine``, ``rigid,affine``; default none -- c2f is for roughly aligned
+    pairs); ``similarity``: a refinement's similarity (``refine=K``).
+    """
+
+    def __init__(
+        self,
+        *,
+        checkpoint: LearnedModel | str | os.PathLike | None = None,
+        transform: str | list[str] | None = None,
+        similarity: str | None = None,
+        mode: C2FMode = "per-scale",
+        tile: int | None = 512,
+        halo: int = 32,
+        min_level: int = 16,
+    ) -> None:
+        super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
+        if mode not in get_args(C2FMode):
+            raise ConfigError(f"c2f mode must be one of {', '.join(get_args(C2FMode))}, got {mode!r}")
+        tile = None if tile in (None, 0) else int(tile)
+        if tile is not None and tile < 64:
+            raise ConfigError(f"c2f tile must be >= 64 pixels (or 0: untiled), got {tile}")
+        if int(halo) < 0 or int(halo) % TILE_ALIGN:
+            raise ConfigError(f"c2f halo must be a non-negative multiple of {TILE_ALIGN}, got {halo}")
+        if int(min_level) < 8:
+            raise ConfigError(f"c2f min_level must be >= 8 pixels, got {min_level}")
+        self.mode, self.tile, self.halo, self.min_level = mode, tile, int(halo), int(min_level)
+
+    def run(self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory) -> MethodOutput:
+        learned, source = self.model(inputs.ndim, device)
+        assert isinstance(learned, C2F)
+        stage_seconds: dict[str, float] = {}
+        stages: list[Transform] = []
+        names: list[str] = []
+        models = _linear_models(inputs.ndim, self.transform, None)
+        if models:
+            linear = resolve_config(inputs.ndim, transform=models)
+            engine = Engine(linear, device=device, seed=seed, progress=progress)
+            stages = flatten_stages(engine.run(inputs.fixed, inputs.moving))
+            names += [s.transform for s in linear.stages]
+            for log in engine.logs:
+                stage_seconds[log.transform] = round(log.seconds, 3)
+        tic = time.perf_counter()
+        fixed, moving = learned.prepare(inputs.fixed, inputs.moving,
+                                        initial=ComposedTransform(stages) if stages else None, device=device)
+        displacement = learned.align(fixed, moving, mode=self.mode, tile=self.tile, halo=self.halo,
+                                     min_level=self.min_level, progress=progress)
+        predicted = LearnedDisplacement(inputs.fixed.grid, displacement.cpu())
+        predicted.kind = "c2f"
+        stage_seconds["c2f"] = round(time.perf_counter() - tic, 3)
+        stages.append(predicted)
+        names.append("c2f")
+        settings = {"mode": self.mode, "tile": self.tile, "halo": self.halo, "min_level": self.min_level,
+                    "levels": chain_factors(inputs.fixed.grid.shape, self.min_level)}
+        description = {"method": "c2f", "prealign": models, "model": learned.config, "networks": learned.network_specs(),
+                       "checkpoint": source, **settings}
+        extra: dict[str, Any] = {"method": "c2f", "c2f": settings}
+        if source is not None:
+            extra["checkpoint"] = source
+        return MethodOutput(transform=ComposedTransform(stages), name="c2f", stages=names, description=description,
+                            stage_seconds=stage_seconds, extra=extra)
+
+
+@learned_method(MethodInfo(
+    name="c2f",
+    kind="learned",
+    summary="coarse-to-fine chain of scale-specific two-stream networks (each block: 1-pixel precision on "
+    "displacements of at most 2 pixels at its scale), maps composed; multimodal, large 2D images in tiles",
+    ndims=(2,),
+    modalities=("mono", "multi"),
+    case_kinds=("deformable", "affine", "flow"),
+    needs_checkpoint=False,
+    reference="Zampieri, Charpiat, Girard, Tarabalka, Coarse to fine non-rigid registration: a chain of "
+    "scale-specific neural networks for multimodal image alignment with application to remote sensing, 2018",
+), runner=C2FMethod)
+class C2F(LearnedModel):
+    """See the module docstring. ``size`` is the training patch side (pixels at a block's scale)."""
+
+    trained: Tensor
+
+    @classmethod
+    def default_networks(cls, ndim: int) -> dict[str, dict[str, Any]]:
+        if ndim != 2:
+            raise ConfigError(f"c2f registers 2D images, not {ndim}D")
+        return {block_name(f): block_spec(ndim) for f in BLOCK_FACTORS}
+
+    def __init__(
+        self,
+        *,
+        networks: Mapping[str, nn.Module],
+        ndim: int,
+        size: Sequence[int],
+        max_displacement: float = 2.0,
+        laplacian_weight: float = 1.0,
+        edge_weight: float = 1.0,
+        min_minor_class: float = 0.05,
+        warmup: int = 0,
+        map_kind: str = "edges",
+        slice_stride: int = 8,
+    ) -> None:
+        super().__init__(networks=networks, ndim=ndim, size=size)
+        if float(max_displacement) <= 0:
+            raise ConfigError(f"c2f max_displacement must be > 0 pixels, got {max_displacement}")
+        for name, value in (("laplacian_weight", laplacian_weight), ("min_minor_class", min_minor_class),
+                            ("warmup", warmup)):
+            if float(value) < 0:
+                raise ConfigError(f"c2f {name} must be >= 0, got {value}")
+        if float(edge_weight) <= 0:
+            raise ConfigError(f"c2f edge_weight must be > 0, got {edge_weight}")
+        if map_kind not in ("edges", "cortex"):
+            raise ConfigError(f"c2f map_kind must be 'edges' or 'cortex', got {map_kind!r}")
+        self.options = {
+            "max_displacement": float(max_displacement), "laplacian_weight": float(laplacian_weight),
+            "edge_weight": float(edge_weight), "min_minor_class": float(min_minor_class), "warmup": int(warmup),
+            "map_kind": map_kind, "slice_stride": int(slice_stride),
+        }
+        self.laplacian = Laplacian()
+        # which blocks have been trained (a buffer: saved with the weights, restored on resume); an
+        # untrained block answers ~0, so the chain uses the nearest trained one in its place
+        self.register_buffer("trained", torch.zeros(len(BLOCK_FACTORS)))
+
+    # -- training -----------------------------------------------------------------------------------
+    @classmethod
+    def stage_list(cls) -> list[TrainingStage]:
+        # the finest block first: a run cut short still has the block that `fast` uses everywhere
+        return [TrainingStage(block_name(f), networks=(block_name(f),)) for f in BLOCK_FACTORS]
+
+    def training_stages(self) -> list[TrainingStage]:
+        return self.stage_list()
+
+    def set_stage(self, name: str) -> None:
+        super().set_stage(name)
+        self.trained[[block_name(f) for f in BLOCK_FACTORS].index(name)] = 1.0
+
+    @property
+    def stage_factor(self) -> int:
+        return int(self.stage.removeprefix("block"))
+
+    @classmethod
+    def training_data(cls, config: Any) -> tuple[Any, Any]:
+        """Scale-specific patch pairs (:class:`~alignkit.data.aligned.ScalePatchPairs`) from the aligned
+        pairs of ``config.dataset`` (comma-separated sources of :func:`~alignkit.data.aligned.aligned_pairs`),
+        split by subject/scene (``subjects``/``val_subjects`` patterns, else ``val_fraction``); each
+        epoch poses the task of the block its stage trains. ``size`` is the patch side (one value),
+        ``synthetic_length`` the patches per epoch (default 100 batches)."""
+        from types import SimpleNamespace
+
+        from alignkit.data.aligned import ScalePatchPairs, aligned_pairs, split_pairs
+        from alignkit.train.loop import plan_stages
+
+        if not config.dataset:
+            raise ConfigError("c2f trains on aligned pairs: give --dataset (e.g. brain3d-oasis-trt20,vis-nir)")
+        options = dict(config.method_options)
+        sizes = {int(s) for s in config.size}
+        if len(sizes) != 1:
+            raise ConfigError(f"c2f trains on square patches: give one size, got {config.size}")
+        size = sizes.pop()
+        pairs = []
+        for source in str(config.dataset).split(","):
+            pairs += aligned_pairs(source.strip(), map_kind=options.get("map_kind", "edges"),
+                                   slice_stride=int(options.get("slice_stride", 8)))
+        train_pairs, val_pairs = split_pairs(pairs, train=config.subjects, val=config.val_subjects,
+                                             val_fraction=config.val_fraction, seed=config.seed)
+        stand_in = SimpleNamespace(method_name="c2f", training_stages=cls.stage_list,
+                                   networks=lambda: {block_name(f): None for f in BLOCK_FACTORS})
+        plan = plan_stages(stand_in, config)  # the loop's own plan: which epochs train which block
+        warmup = int(options.get("warmup", 0))
+
+        def scale_of_epoch(epoch: int) -> tuple[int, bool]:
+            for stage in plan:
+                if epoch <= stage.last_epoch:
+                    return int(stage.spec.name.removeprefix("block")), epoch - stage.first_epoch < warmup
+            return int(plan[-1].spec.name.removeprefix("block")), False
+
+        common = {"size": size, "scale_of_epoch": scale_of_epoch,
+                  "max_displacement": float(options.get("max_displacement", 2.0)),
+                  "min_minor_class": float(options.get("min_minor_class", 0.05)),
+                  "edge_weight": float(options.get("edge_weight", 1.0)), "seed": config.seed}
+        clock = [1]
+        length = int(config.synthetic_length or 100 * config.batch_size)
+        train_set = ScalePatchPairs(train_pairs, length=length, clock=clock, **common)
+        val_set = (ScalePatchPairs(val_pairs, length=max(config.batch_size, 32), held_out=True, clock=clock, **common)
+                   if val_pairs else None)
+        return train_set, val_set
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        fixed, moving = batch["fixed"].float(), batch["moving"].float()
+        net = getattr(self, self.stage)
+        return {"displacement": net(fixed, moving).float()}
+
+    def loss(self, batch: Mapping[str, Tensor], output: Mapping[str, Tensor], *, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        predicted, truth = output["displacement"], batch["flow"].float()
+        error = ((predicted - truth) ** 2).sum(1, keepdim=True)
+        weight = batch["weight"].float() if "weight" in batch else torch.ones_like(error)
+        parts = {"l2": ((error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)).mean(),
+                 "laplacian": self.laplacian(predicted)}
+        total = parts["l2"] + self.options["laplacian_weight"] * parts["laplacian"]
+        return total, {k: v.detach() for k, v in parts.items()}
+
+    @torch.no_grad()
+    def validation_metrics(self, batch: Mapping[str, Tensor], output: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``epe`` and ``pck1`` (share of pixels within 1 pixel of the truth: the block's task) per pair."""
+        out = super().validation_metrics(batch, output)
+        error = (output["displacement"] - batch["flow"]).norm(dim=1).flatten(1)
+        out["pck1"] = (error <= 1.0).float().mean(1)
+        out["epe_identity"] = batch["flow"].norm(dim=1).flatten(1).mean(1)
+        return out
+
+    # -- inference ----------------------------------------------------------------------------------
+    def block_for(self, factor: int, mode: C2FMode) -> nn.Module:
+        """The block that serves a level shrunk by ``factor``: ``fast``: the scale-1 block; otherwise
+        the block of that factor (the coarsest for coarser levels). An untrained block is replaced by
+        the trained block nearest in scale."""
+        trained = [f for f, t in zip(BLOCK_FACTORS, self.trained.tolist()) if t > 0] or list(BLOCK_FACTORS)
+        want = BLOCK_FACTORS[0] if mode == "fast" else min(int(factor), BLOCK_FACTORS[-1])
+        chosen = min(trained, key=lambda f: (abs(math.log2(f) - math.log2(want)), f))
+        return getattr(self, block_name(chosen))
+
+    def prepare(self, fixed: Image, moving: Image, *, initial: Transform | None = None,
+                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """Both images as ``(1, 1, *fixed.shape)`` grey, normalised tensors on the fixed grid (the moving
+        one resampled there through the world frames and ``initial``)."""
+        if fixed.ndim != 2 or moving.ndim != 2:
+            raise ShapeError(f"c2f registers 2D images; got {fixed.ndim}D and {moving.ndim}D")
+        low, high = self.intensity_percentiles
+        fixed_t = normalize_intensity(grey_channels(fixed.batch(device=device).float()), low, high)
+        moving_t = grey_channels(moving.batch(device=device).float())
+        world = fixed.grid.world_points(device=device)
+        if initial is not None:
+            world = initial.to(device).transform_points(world)
+        if initial is not None or not moving.grid.same_as(fixed.grid):
+            moving_t = sample_world(moving_t, moving.grid, world)
+        return fixed_t, normalize_intensity(moving_t, low, high)
+
+    @torch.no_grad()
+    def align(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        *,
+        mode: C2FMode = "per-scale",
+        tile: int | None = 512,
+        halo: int = 32,
+        min_level: int = 16,
+        progress: ProgressFactory = None,
+    ) -> Tensor:
+        """The chain on ``fixed``, ``moving`` ``(1, 1, H, W)`` (one grid, normalised): the displacement
+        ``(1, 2, H, W)`` in pixels, array-axis order, ``moving ∘ (id + u) ≈ fixed`` (module docstring)."""
+        if mode not in get_args(C2FMode):
+            raise ConfigError(f"c2f mode must be one of {', '.join(get_args(C2FMode))}, got {mode!r}")
+        if fixed.dim() != 4 or fixed.shape[:2] != (1, 1) or moving.shape != fixed.shape:
+            raise ShapeError(f"c2f align: fixed and moving must be (1, 1, H, W) on one grid, got "
+                             f"{tuple(fixed.shape)} and {tuple(moving.shape)}")
+        was_training = self.training
+        self.eval()
+        shape = tuple(fixed.shape[2:])
+        grid = Grid.from_spacing(shape)
+        factors = chain_factors(shape, min_level)
+        symmetries = "full" if mode == "accurate" else None
+        plans = [(f, tiles(grid.downsampled(f).shape if f > 1 else shape, tile, halo)) for f in factors]
+        bar = progress(total=sum(len(p) for _, p in plans), desc="        c2f", unit="tile") if progress else None
+        u: Tensor | None = None
+        try:
+            for factor, level_tiles in plans:
+                fixed_l, level = downsample(fixed, grid, factor)
+                moving_l, _ = downsample(moving, grid, factor)
+                if u is None:
+                    u = fixed_l.new_zeros(1, 2, *level.shape)
+                else:
+                    u = rescale_voxel_displacement(u, level.shape)
+                net = self.block_for(factor, mode)
+                composed = torch.empty_like(u)
+                for core, ext in level_tiles:
+                    origin = torch.tensor([e.start for e in ext], dtype=u.dtype, device=u.device).view(1, 2, 1, 1)
+                    identity = Grid.from_spacing(tuple(e.stop - e.start for e in ext)).voxel_points(
+                        dtype=u.dtype, device=u.device) + origin
+                    current = u[(slice(None), slice(None), *ext)]
+                    # the level's moving image resampled once, through the map so far
+                    warped = sample_voxels(moving_l, identity + current, padding="border")
+                    r = predict_residual(net, fixed_l[(slice(None), slice(None), *ext)], warped, symmetries=symmetries)
+                    # u <- r + u∘(id + r): the map is composed with the residual, not added to it
+                    updated = r + sample_voxels(u, identity + r, padding="border")
+                    composed[(slice(None), slice(None), *core)] = updated[(slice(None), slice(None),
+                                                                           *_offset_slices(core, ext))]
+                    if bar is not None:
+                        bar.update(1)
+                u = composed
+        finally:
+            if bar is not None:
+                bar.close()
+            self.train(was_training)
+        assert u is not None
+        return u
+
+    @torch.no_grad()
+    def predict(self, fixed: Image, moving: Image, *, initial: Transform | None = None,
+                device: str | torch.device | None = None) -> Transform:
+        """The chain (``per-scale``, default tiles) on a pair at the fixed image's full resolution: a
+        :class:`~alignkit.methods.heads.LearnedDisplacement` on ``fixed.grid``, composed after ``initial``."""
+        if device is None:
+            device = next(iter(self.parameters())).device
+        fixed_t, moving_t = self.prepare(fixed, moving, initial=initial, device=device)
+        return self.predict_transform(fixed.grid, fixed_t, moving_t)
+
+    def predict_transform(self, grid: Grid, fixed: Tensor, moving: Tensor) -> Transform:
+        out = LearnedDisplacement(grid, self.align(fixed, moving).cpu())
+        out.kind = "c2f"
+        return out
