@@ -21,6 +21,7 @@ PRESET_KINDS: dict[str, tuple[str, ...]] = {
     "multimodal": ("deformable", "affine"),
     "photo": ("homography", "affine"),
     "flow": ("flow", "stereo", "deformable"),
+    "stereo": ("stereo",),
     "default2d": ("flow", "stereo", "deformable"),
 }
 
@@ -30,6 +31,7 @@ PRESET_NDIMS: dict[str, tuple[int, ...]] = {
     "multimodal": (2, 3),
     "photo": (2,),
     "flow": (2,),
+    "stereo": (2,),
     "default2d": (2,),
 }
 

@@ -15,7 +15,7 @@ from alignkit.losses.similarity import SimilarityName, build_similarity
 from alignkit.transforms import TransformName
 
 OptimizerName = Literal["adam", "sgd", "lbfgs"]
-InitName = Literal["none", "center", "com", "features", "dis"]
+InitName = Literal["none", "center", "com", "features", "dis", "sgm"]
 #: what the engine can add to a stage's objective: a field regulariser, called
 #: ``regularizer(field, spacing)`` on the model's field, or ``"energy"``, the vector-momentum SVF's
 #: own ``<m, K m>`` (``vsvf`` only). Losses that need more than one field and its spacing (inverse
@@ -142,11 +142,20 @@ class RegistrationConfig:
     #: fit on the bounding box of the foreground (plus a margin) when the background is empty,
     #: e.g. skull-stripped MRI: same answer, a third of the voxels
     crop_foreground: bool = True
+    #: options of the start: for ``init="sgm"`` those of :func:`alignkit.stereo.sgm_start`
+    #: (``min_disparity``, ``max_disparity``, ``cost``, ``directions`` ...)
+    init_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("a registration needs at least one stage")
         check_choice(self.init, InitName, "init")
+        if self.init == "sgm":
+            from alignkit.stereo import check_sgm_options
+
+            check_sgm_options(self.init_options)
+        elif self.init_options:
+            raise ConfigError(f"init_options {sorted(self.init_options)} given for init {self.init!r}, which takes none")
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
 
     def to_dict(self) -> dict[str, Any]:

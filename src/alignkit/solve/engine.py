@@ -373,6 +373,8 @@ class Engine:
         elif self.config.init == "dis":
             self._field_start = self._dis_init(fixed_t, fixed.grid, moving_t, moving.grid)
             self._start_grid = fixed.grid
+        elif self.config.init == "sgm":
+            stages.append(self._sgm_init(fixed_t, fixed.grid, moving_t, moving.grid))
 
         prompts = self._prompts(fixed_labels, moving_labels, fixed_points, moving_points)
         if self._feature_fit is not None:
@@ -446,6 +448,15 @@ class Engine:
         self.init_info = {"init": "features", **fit.stats}
         self._feature_fit = fit
         return fit.matrix
+
+    def _sgm_init(self, fixed_t: Tensor, fixed_grid: Grid, moving_t: Tensor, moving_grid: Grid) -> Transform:
+        """Semi-global matching's disparity (a rectified pair: fixed = left, moving = right) as the start
+        the disparity stages refine; options from ``config.init_options`` (:func:`alignkit.stereo.sgm_start`)."""
+        from alignkit.stereo import sgm_start
+
+        start, self.init_info = sgm_start(fixed_t, fixed_grid, moving_t, moving_grid, progress=self.progress,
+                                          **self.config.init_options)
+        return start.to(self.device)
 
     def _dis_init(self, fixed_t: Tensor, fixed_grid: Grid, moving_t: Tensor, moving_grid: Grid) -> Tensor | None:
         """DIS optical flow as the first field's start, or None (zero start) without OpenCV or when the

@@ -76,7 +76,9 @@ class DisparityField(FieldTransform):
         return self.disparity / step
 
     def regularizer_field(self) -> tuple[Tensor, Grid]:
-        return self.disparity, self.grid
+        """The displacement (its off-axis components are zero), so every field regulariser, written
+        for ``(B, ndim, *S)`` fields, applies unchanged."""
+        return self.displacement(), self.grid
 
     def resampled(self, grid: Grid) -> DisparityField:
         """The same disparity on ``grid`` (interpolated, see :func:`resample_field`; the occlusion

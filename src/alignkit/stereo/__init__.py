@@ -1,0 +1,201 @@
+"""Classical stereo matching: a rectified pair's disparity by semi-global matching.
+
+Stereo is one-dimensional registration (the deep-learning registration survey, §2): fixed = left,
+moving = right, ``left(x, y) = right(x - d, y)`` (:mod:`alignkit.transforms.disparity`).
+:func:`match` is the pipeline -- a census or ZNCC cost volume over ``[min_disparity, max_disparity]``
+(:mod:`alignkit.stereo.cost`), semi-global aggregation along 8 (or 4) directions, winner-take-all
+with parabola sub-pixel refinement, a 3x3 median, the left-right consistency check marking occluded
+and mismatched pixels, which are then filled from the background along their row
+(:mod:`alignkit.stereo.sgm`). The ``stereo`` preset of the classical method starts the engine from
+it and refines the disparity variationally (robust data term, TV smoothness).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from alignkit.errors import ConfigError, ShapeError
+from alignkit.stereo.cost import CostName, census_signature, cost_volume, grey
+from alignkit.stereo.sgm import aggregate, fill_invalid, left_right_check, right_volume, winner_take_all
+from alignkit.transforms.disparity import DisparityField
+
+#: without ``max_disparity`` the search covers this fraction of the image width: 0.2 spans KITTI (up
+#: to ~230 px at 1242) and the Middlebury pairs at full and reduced sizes (motorcycle 60 / 741, aloe
+#: 211 / 1282)
+DEFAULT_RANGE_FRACTION = 0.2
+
+#: cost volumes are at most this many entries (float32: 256 MB); a bigger search is matched on an
+#: image shrunk by powers of two and the disparity scaled back (the engine's refinement then works
+#: at full resolution)
+MAX_VOLUME = 1 << 26
+
+
+def default_disparity_range(width: int, min_disparity: float | None = None,
+                            max_disparity: float | None = None) -> tuple[int, int]:
+    """``(min, max)`` integer search range: the given bounds (rounded outwards), else 0 and
+    :data:`DEFAULT_RANGE_FRACTION` of ``width``."""
+    low = 0 if min_disparity is None else math.floor(float(min_disparity))
+    high = math.ceil(DEFAULT_RANGE_FRACTION * width) if max_disparity is None else math.ceil(float(max_disparity))
+    if high <= low:
+        raise ConfigError(f"max_disparity ({high}) must exceed min_disparity ({low})")
+    if high - low >= width:
+        raise ConfigError(f"a disparity range of {high - low} px does not fit an image {width} px wide")
+    return low, high
+
+
+@dataclass
+class StereoMatch:
+    """The result of :func:`match`, on the left image's grid, in its pixels.
+
+    ``disparity`` is dense (rejected pixels filled); ``raw`` is before the filling; ``occluded``
+    marks the pixels the left-right check rejected; ``scale`` the shrink factor the volume was
+    matched at (1 = full resolution)."""
+
+    disparity: Tensor
+    raw: Tensor
+    occluded: Tensor
+    min_disparity: int
+    max_disparity: int
+    scale: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _median3(disparity: Tensor) -> Tensor:
+    padded = F.pad(disparity[None, None], (1, 1, 1, 1), mode="replicate")
+    return padded.unfold(2, 3, 1).unfold(3, 3, 1).reshape(*disparity.shape, 9).median(-1).values
+
+
+def _shrink(image: Tensor, factor: int) -> Tensor:
+    if factor == 1:
+        return image
+    return F.avg_pool2d(image[None, None], factor, ceil_mode=True)[0, 0]
+
+
+def match(
+    left: Tensor | np.ndarray,
+    right: Tensor | np.ndarray,
+    *,
+    min_disparity: float | None = None,
+    max_disparity: float | None = None,
+    cost: CostName = "census",
+    window: int | tuple[int, int] | None = None,
+    p1: float = 0.05,
+    p2: float = 0.6,
+    tau: float = 0.05,
+    directions: int = 8,
+    lr_tolerance: float = 1.0,
+    max_volume: int = MAX_VOLUME,
+    volume: Tensor | None = None,
+    progress=None,
+) -> StereoMatch:
+    """Disparity of a rectified pair by semi-global matching (module docstring).
+
+    ``left``/``right``: ``(H, W)`` or ``(C, H, W)`` arrays of one size (colour is averaged to grey,
+    intensities are rescaled to [0, 1] by their joint range). The range defaults to
+    :func:`default_disparity_range`. ``volume`` replaces the matching cost by a given ``(D, H, W)``
+    volume over the same range (a learned cost, :mod:`alignkit.methods.stereo_net`).
+    """
+    left_g, right_g = grey(left), grey(right)
+    if left_g.shape != right_g.shape:
+        raise ConfigError(f"a rectified pair has images of one size; got {tuple(left_g.shape)} and {tuple(right_g.shape)}")
+    low_all = float(torch.minimum(left_g.min(), right_g.min()))
+    span = max(float(torch.maximum(left_g.max(), right_g.max())) - low_all, 1e-6)
+    left_g, right_g = (left_g - low_all) / span, (right_g - low_all) / span
+    height, width = left_g.shape
+    low, high = default_disparity_range(width, min_disparity, max_disparity)
+    factor = 1
+    if volume is None:
+        while (high - low) / factor * (height / factor) * (width / factor) > max_volume and factor < 16:
+            factor *= 2
+    times: dict[str, float] = {}
+    started = time.perf_counter()
+    left_s, right_s = _shrink(left_g, factor), _shrink(right_g, factor)
+    low_s, high_s = math.floor(low / factor), math.ceil(high / factor)
+    disparities = np.arange(low_s, high_s + 1)
+    if volume is None:
+        volume = cost_volume(left_s, right_s, disparities, cost=cost, window=window)
+    elif volume.shape != (len(disparities), height, width):
+        raise ConfigError(f"a given cost volume must be {(len(disparities), height, width)}, got {tuple(volume.shape)}")
+    times["cost"] = time.perf_counter() - started
+    started = time.perf_counter()
+    aggregated = aggregate(volume, left_s, p1=p1, p2=p2, tau=tau, directions=directions, progress=progress)
+    times["aggregate"] = time.perf_counter() - started
+    started = time.perf_counter()
+    disparity, _ = winner_take_all(aggregated, low_s)
+    disparity_right, _ = winner_take_all(right_volume(aggregated, low_s), low_s)
+    disparity = _median3(disparity)
+    occluded = left_right_check(disparity, _median3(disparity_right), lr_tolerance)
+    filled = _median3(fill_invalid(disparity, occluded))
+    if factor > 1:
+        def grow(t: Tensor, mode: str) -> Tensor:
+            return F.interpolate(t[None, None].float(), scale_factor=factor, mode=mode)[0, 0, :height, :width]
+
+        filled, disparity = grow(filled, "bilinear") * factor, grow(disparity, "bilinear") * factor
+        occluded = grow(occluded, "nearest") > 0.5
+    times["select"] = time.perf_counter() - started
+    return StereoMatch(disparity=filled, raw=disparity, occluded=occluded, min_disparity=low, max_disparity=high,
+                       scale=factor, seconds=times)
+
+
+#: the options of :func:`match` a configuration may set (``RegistrationConfig.init_options``)
+SGM_OPTIONS = ("min_disparity", "max_disparity", "cost", "window", "p1", "p2", "tau", "directions", "lr_tolerance",
+               "max_volume")
+
+
+def check_sgm_options(options: dict) -> None:
+    """Raise a one-line :class:`ConfigError` for an option :func:`match` does not take or a bad value."""
+    unknown = sorted(set(options) - set(SGM_OPTIONS))
+    if unknown:
+        raise ConfigError(f"init 'sgm' takes no option(s) {unknown}; its options: {', '.join(SGM_OPTIONS)}")
+    if options.get("cost", "census") not in ("census", "zncc"):
+        raise ConfigError(f"unknown matching cost {options['cost']!r}; choose census or zncc")
+    if options.get("directions", 8) not in (4, 8):
+        raise ConfigError(f"SGM aggregates along 4 or 8 directions, got {options['directions']}")
+    low, high = options.get("min_disparity"), options.get("max_disparity")
+    if low is not None and high is not None and float(high) <= float(low):
+        raise ConfigError(f"max_disparity ({high}) must exceed min_disparity ({low})")
+
+
+def sgm_start(
+    fixed: Tensor, fixed_grid, moving: Tensor, moving_grid, *, progress=None, **options
+) -> tuple[DisparityField, dict[str, float]]:
+    """The engine's ``init="sgm"``: :func:`match` on a rectified pair given as ``(1, C, H, W)`` tensors
+    on their grids (fixed = left, moving = right, the same raster), as a :class:`DisparityField` on the
+    fixed grid carrying the left-right check's ``occluded`` mask, named ``init:sgm``; and the record
+    ``init_info`` keeps (range, occluded share, matching scale, seconds)."""
+    if fixed_grid.ndim != 2 or tuple(fixed_grid.shape) != tuple(moving_grid.shape):
+        raise ShapeError(f"stereo matching needs a rectified 2D pair of one size; got {tuple(fixed_grid.shape)} "
+                         f"and {tuple(moving_grid.shape)}")
+    check_sgm_options(options)
+    result = match(fixed[0].detach().cpu(), moving[0].detach().cpu(), progress=progress, **options)
+    start = DisparityField.from_pixels(result.disparity, fixed_grid, occluded=result.occluded)
+    start.requires_grad_(False)
+    start.kind = "init:sgm"
+    info = {"init": "sgm", "min_disparity": float(result.min_disparity), "max_disparity": float(result.max_disparity),
+            "occluded_fraction": float(result.occluded.float().mean()), "matching_scale": float(result.scale),
+            **{f"sgm_{k}_seconds": round(v, 3) for k, v in result.seconds.items()}}
+    return start, info
+
+
+__all__ = [
+    "DEFAULT_RANGE_FRACTION",
+    "MAX_VOLUME",
+    "SGM_OPTIONS",
+    "StereoMatch",
+    "census_signature",
+    "check_sgm_options",
+    "cost_volume",
+    "default_disparity_range",
+    "fill_invalid",
+    "left_right_check",
+    "match",
+    "sgm_start",
+    "winner_take_all",
+]
