@@ -6,6 +6,13 @@ moving points. Every writer is atomic (:func:`atomic_path`); every reader failur
 """
 
 from alignkit.io.atomic import atomic_path, full_suffix
+from alignkit.io.disparity import (
+    read_disparity,
+    read_kitti_disparity,
+    read_pfm,
+    write_kitti_disparity,
+    write_pfm,
+)
 from alignkit.io.flo import flow_valid_mask, read_flo, read_kitti_flow, write_flo
 from alignkit.io.images import read_image, write_image
 from alignkit.io.itk import (
@@ -20,15 +27,20 @@ __all__ = [
     "atomic_path",
     "flow_valid_mask",
     "full_suffix",
+    "read_disparity",
     "read_displacement_field",
     "read_flo",
     "read_image",
     "read_itk_linear",
+    "read_kitti_disparity",
     "read_kitti_flow",
+    "read_pfm",
     "read_points",
     "write_displacement_field",
     "write_flo",
     "write_image",
     "write_itk_linear",
+    "write_kitti_disparity",
+    "write_pfm",
     "write_points",
 ]

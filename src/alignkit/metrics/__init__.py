@@ -13,6 +13,7 @@ convention, success rates) and :mod:`~alignkit.metrics.descriptors` (the matchin
 
 from alignkit.metrics.consistency import inverse_consistency_error
 from alignkit.metrics.descriptors import descriptor_ap, descriptor_map
+from alignkit.metrics.disparity import disparity_errors
 from alignkit.metrics.distance import (
     average_surface_distance,
     hausdorff_distance,
@@ -41,6 +42,7 @@ __all__ = [
     "descriptor_ap",
     "descriptor_map",
     "dice_per_label",
+    "disparity_errors",
     "endpoint_error",
     "fl_all",
     "flow_error_stats",
