@@ -65,7 +65,7 @@ def test_option_flags_reach_the_method_and_unknown_ones_are_one_line_errors(tmp_
     np.save(fixed, phantom(0))
     np.save(moving, phantom(1))
     for flags, name in ((["--mode", "fast"], "'mode'"), (["--option", "nonesuch=1"], "'nonesuch'"),
-                        (["--max-disparity", "64"], "'max_disparity'")):
+                        (["--method", "voxelmorph", "--max-disparity", "64"], "'max_disparity'")):
         code = main(["register", str(fixed), str(moving), "-o", str(tmp_path / "o"), *flags])
         err = capsys.readouterr().err
         assert code == 2 and f"takes no option {name}" in err and err.count("\n") == 1, err

@@ -6,7 +6,9 @@ fixed-world points to moving-world points, so ``warped = moving ∘ transform``)
 (method, stage kinds, a JSON-safe description) and the metrics. Every method in
 :mod:`alignkit.methods` -- classical optimisation, learned, learned per pair -- returns this same
 object, so the warped image, the ``transform/`` folder (ITK affine + ANTs/ITK displacement field),
-``metrics.json``, ``qc.png`` and ``flow.flo`` are written by the same code.
+``metrics.json``, ``qc.png`` and ``flow.flo`` are written by the same code. A stereo registration (a
+chain with a :class:`~alignkit.transforms.DisparityField` stage) also writes ``disparity.pfm``,
+``disparity.png`` (KITTI 16-bit) and ``occlusion.png``, and its QC figure shows the disparity.
 
 This module sits below ``train/`` and ``methods/``: both import it, it imports neither.
 """
@@ -37,7 +39,7 @@ from alignkit.spatial import (
     tensor_to_points,
     xy_from_flow,
 )
-from alignkit.transforms import Transform
+from alignkit.transforms import DisparityField, Transform, flatten_stages
 from alignkit.transforms.folder import save_transform
 
 ImageLike = Image | str | os.PathLike | np.ndarray | Tensor
@@ -188,6 +190,23 @@ class Registration:
         ``(H, W, 2)`` x-then-y layout of ``flow.flo`` and OpenCV."""
         return flow_from_world_map(self.world_map(), self.fixed.grid)[0].cpu().numpy().astype(np.float32)
 
+    # -- stereo ---------------------------------------------------------------------------------
+    @property
+    def is_stereo(self) -> bool:
+        """Whether the transform has a disparity stage (the ``stereo`` preset, ``stereo-net``)."""
+        return self.fixed.ndim == 2 and any(isinstance(s, DisparityField) for s in flatten_stages(self.transform))
+
+    @torch.no_grad()
+    def disparity(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The left (fixed) image's disparity ``(H, W)`` float32 pixels, ``left(x) = right(x - d)``
+        (minus the column component of :meth:`flow`, so it is defined for any 2D registration), and
+        the occlusion mask a stage carries (the left-right check's; None when no stage has one)."""
+        if self.fixed.ndim != 2:
+            raise InputError("a disparity is defined for 2D image pairs")
+        occluded = next((s.occluded.cpu().numpy().astype(bool) for s in flatten_stages(self.transform)
+                         if isinstance(s, DisparityField) and s.occluded is not None), None)
+        return -self.flow()[-1], occluded
+
     # -- saving ---------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, moving_suffix: str | None = None, qc: bool = True) -> Path:
         """Write warped image(s), ``transform/``, ``metrics.json``, ``qc.png`` (and ``flow.flo`` in
@@ -216,6 +235,8 @@ class Registration:
                 from alignkit.io.flo import write_flo
 
                 write_flo(tmp / "flow.flo", xy_from_flow(self.flow()))  # the file's (H, W, 2) x, y
+            if self.is_stereo:
+                self._write_stereo(tmp)
             if qc:
                 self._write_qc(tmp / "qc.png")
             for entry in tmp.iterdir():
@@ -226,6 +247,20 @@ class Registration:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
+
+    def _write_stereo(self, directory: Path) -> None:
+        """``disparity.pfm`` (float, Middlebury), ``disparity.png`` (KITTI: ``d * 256``, 0 where the
+        disparity is not positive) and, when a stage carries one, ``occlusion.png`` (255 = rejected by
+        the left-right check and filled)."""
+        from PIL import Image as PILImage
+
+        from alignkit.io.disparity import write_kitti_disparity, write_pfm
+
+        disparity, occluded = self.disparity()
+        write_pfm(directory / "disparity.pfm", disparity)
+        write_kitti_disparity(directory / "disparity.png", disparity)
+        if occluded is not None:
+            PILImage.fromarray((occluded * 255).astype(np.uint8)).save(directory / "occlusion.png")
 
     @torch.no_grad()
     def _write_qc(self, path: Path) -> None:
@@ -254,6 +289,7 @@ class Registration:
             jacobian_det=det,
             grid=self.fixed.grid,
             title=f"alignkit {self.name or self.method}: {self.moving.name} → {self.fixed.name}",
+            **(dict(zip(("disparity", "occluded"), self.disparity())) if self.is_stereo else {}),
         )
 
 

@@ -1,13 +1,14 @@
 """``classical``: the multi-scale optimisation engine with its presets, as a registered method.
 
-Options: ``preset`` (``brain``, ``multimodal``, ``photo``, ``flow``, ``default2d``; default ``brain``
+Options: ``preset`` (``brain``, ``multimodal``, ``photo``, ``flow``, ``stereo``, ``default2d``; default ``brain``
 in 3D and ``default2d`` in 2D), ``transform`` (a chain such as ``"rigid,affine,svf"``) and
 ``similarity`` overriding the preset's, ``config`` (a :class:`~alignkit.solve.RegistrationConfig`,
 a dict or a JSON/TOML file: a full stage list, or a preset plus options), ``initial`` (a transform
 to start from, or a linear transform file of ANTs, ITK, Greedy, elastix or FSL -- see
 :func:`alignkit.transforms.files.read_transform` -- recorded as ``initial_transform`` in the
 description, i.e. in the saved manifest; the stages refine it, so ``transform="svf"`` skips the
-linear ones). Label maps and landmarks are prompt terms when the configuration weights them
+linear ones), ``min_disparity``/``max_disparity`` (the search range of the ``stereo`` preset's
+semi-global matching, pixels; default 0 and a fifth of the width). Label maps and landmarks are prompt terms when the configuration weights them
 (``dice_weight``, ``landmark_weight``), and are scored either way.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from alignkit.errors import ConfigError
 from alignkit.methods.base import Method, MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.registry import register_method
 from alignkit.registration import Inputs
@@ -34,7 +36,7 @@ class Classical(Method):
         name="classical",
         kind="optimisation",
         summary="multi-scale optimisation of any transform chain (rigid, affine, homography, SVF, "
-        "B-spline ...) under any similarity; presets brain, multimodal, photo, flow, default2d",
+        "B-spline, disparity ...) under any similarity; presets brain, multimodal, photo, flow, stereo, default2d",
         ndims=(2, 3),
         modalities=("mono", "multi"),
         case_kinds=("deformable", "affine", "homography", "flow", "stereo"),
@@ -48,17 +50,28 @@ class Classical(Method):
         similarity: str | None = None,
         config: RegistrationConfig | dict[str, Any] | str | os.PathLike | None = None,
         initial: Transform | str | os.PathLike | None = None,
+        min_disparity: float | None = None,
+        max_disparity: float | None = None,
     ) -> None:
         self.preset = preset
+        self.disparity_range = {k: float(v) for k, v in (("min_disparity", min_disparity),
+                                                         ("max_disparity", max_disparity)) if v is not None}
         self.transform = transform
         self.similarity = similarity
         self.config = config
         self.initial = initial
 
     def resolve(self, ndim: int) -> RegistrationConfig:
-        return resolve_config(
+        config = resolve_config(
             ndim, preset=self.preset, transform=self.transform, similarity=self.similarity, config=self.config
         )
+        if self.disparity_range:
+            if config.init != "sgm":
+                raise ConfigError(f"min_disparity/max_disparity set the stereo search range; the configuration "
+                                  f"{config.name!r} does not start from stereo matching (use preset='stereo')")
+            config.init_options = {**config.init_options, **self.disparity_range}
+            RegistrationConfig.__post_init__(config)
+        return config
 
     def _initial(self, inputs: Inputs) -> tuple[Transform | None, dict[str, Any]]:
         """The starting transform, read from its file (FLIRT's reference and input are the fixed and

@@ -19,6 +19,8 @@ Conventions
 * Overlay colours: fixed in magenta, moving in green; aligned structures turn grey/white.
 * Jacobian panel: diverging colormap centred at 1 (blue = shrinking, red = growing); folds
   (``det <= 0``) painted bright green. The title gives the percent of folding voxels in the volume.
+* Disparity panel (stereo, 2D): the left image's disparity in pixels with the ``turbo`` colormap
+  between its 1st and 99th percentiles (near = red), occluded pixels (the left-right check's) dark.
 * Matplotlib is used through ``Figure`` + ``FigureCanvasAgg`` only: no pyplot, no global state.
 """
 
@@ -165,6 +167,25 @@ def _write_atomically(fig: Figure, path: Path, dpi: int) -> None:
         raise
 
 
+def _draw_disparity(fig: Figure, ax: Axes, disparity: np.ndarray, occluded: Any | None, aspect: float) -> None:
+    finite = disparity[np.isfinite(disparity)]
+    lo, hi = np.percentile(finite, [1.0, 99.0]) if finite.size else (0.0, 1.0)
+    shown = np.ma.masked_invalid(disparity)
+    if occluded is not None:
+        shown = np.ma.masked_where(_as_array(occluded, "occluded").astype(bool), shown)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["turbo"].copy()
+    cmap.set_bad((0.1, 0.1, 0.1))
+    image = ax.imshow(shown, cmap=cmap, vmin=float(lo), vmax=float(max(hi, lo + 1e-3)), aspect=aspect,
+                      interpolation="nearest")
+    share = "" if occluded is None else f", {100.0 * float(np.mean(_as_array(occluded, 'occluded') > 0)):.1f}% occluded"
+    ax.set_title(f"disparity (px){share}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+
+
 def save_qc_figure(
     path: str | os.PathLike[str],
     fixed: Any,
@@ -177,12 +198,15 @@ def save_qc_figure(
     grid: Grid | None = None,
     rgb: bool | None = None,
     dpi: int = 100,
+    disparity: Any | None = None,
+    occluded: Any | None = None,
 ) -> Path:
     """Write one PNG summarising a registration (see the module docstring for every convention).
 
     Panels per view: checkerboard fixed/moving before and after, colour overlay before and after,
     then -- when given -- the deformed grid (``displacement``) and the Jacobian determinant map
-    (``jacobian_det``, ``(*S)``). ``rgb`` forces (``True``) or forbids (``False``) reading a
+    (``jacobian_det``, ``(*S)``) and the coloured disparity (``disparity`` ``(H, W)`` pixels, 2D, with
+    an optional ``occluded`` mask). ``rgb`` forces (``True``) or forbids (``False``) reading a
     ``(H, W, 3)`` array as a colour image; by default a 3-axis array whose last axis is 3 or 4 is
     colour unless ``displacement``/``jacobian_det`` say the images are 3D. The file is written to a
     temporary name in the same folder and moved into place (``os.replace``). Returns the path.
@@ -262,6 +286,12 @@ def save_qc_figure(
         panels.append("grid")
     if det is not None:
         panels.append("jacobian")
+    disp_px = None
+    if disparity is not None:
+        disp_px = _squeeze_to(_as_array(disparity, "disparity"), 2, "disparity")
+        if ndim != 2 or disp_px.shape != tuple(spatial):
+            raise ShapeError(f"disparity must be {tuple(spatial)} (2D images only), got {disp_px.shape}")
+        panels.append("disparity")
     if ndim == 2:
         ncols = min(4, len(panels))
         nrows = math.ceil(len(panels) / ncols)
@@ -298,6 +328,8 @@ def save_qc_figure(
                 _draw_grid(ax, fixed_grey, disp_rc, aspect)
             elif name == "jacobian" and det_slice is not None:
                 _draw_jacobian(fig, ax, det_slice, aspect, span, fold_pct)
+            elif name == "disparity" and disp_px is not None:
+                _draw_disparity(fig, ax, disp_px, occluded, aspect)
             if label and c == 0:
                 ax.set_ylabel(label, fontsize=9)
     # fixed margins instead of tight_layout: it would draw the whole figure once more
