@@ -24,6 +24,8 @@ Papers (cited in the modules by first author and year):
   (:class:`RecurrentAffineHead`) and §2.2 (:class:`UNet`);
 * Jena, Chaudhari and Gee, Deep Implicit Optimization for Robust and Flexible Image Registration,
   2024, §4.2 / Fig. 9: :class:`LKUNet`, :class:`FeatureEncoder`;
+* Dosovitskiy et al., FlowNet: Learning Optical Flow with Convolutional Networks, ICCV 2015, and Ilg
+  et al., FlowNet 2.0, CVPR 2017: :class:`FlowNetS`, :class:`FlowNetC`, :class:`FlowNetStack`;
 * Dong et al., Learning to Align Images using Weak Geometric Supervision, 3DV 2018, §4.4 / §5.3:
   :class:`SiameseDescriptor`, :class:`PseudoSiameseDescriptor`.
 """
@@ -52,6 +54,7 @@ from alignkit.nets.blocks import (
 )
 from alignkit.nets.correlation import Correlation, correlation, correlation_displacements
 from alignkit.nets.descriptors import PseudoSiameseDescriptor, SiameseDescriptor
+from alignkit.nets.flownet import FlowDecoder, FlowNetC, FlowNetS, FlowNetStack
 from alignkit.nets.pyramid import (
     PyramidUNet,
     ScaleChain,
@@ -77,6 +80,10 @@ __all__ = [
     "Downsample",
     "Encoder",
     "FeatureEncoder",
+    "FlowDecoder",
+    "FlowNetC",
+    "FlowNetS",
+    "FlowNetStack",
     "LKUNet",
     "LargeKernelBlock",
     "LargeKernelStage",
