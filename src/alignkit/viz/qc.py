@@ -175,8 +175,7 @@ def _draw_disparity(fig: Figure, ax: Axes, disparity: np.ndarray, occluded: Any 
         shown = np.ma.masked_where(_as_array(occluded, "occluded").astype(bool), shown)
     import matplotlib
 
-    cmap = matplotlib.colormaps["turbo"].copy()
-    cmap.set_bad((0.1, 0.1, 0.1))
+    cmap = matplotlib.colormaps["turbo"].with_extremes(bad=(0.1, 0.1, 0.1))
     image = ax.imshow(shown, cmap=cmap, vmin=float(lo), vmax=float(max(hi, lo + 1e-3)), aspect=aspect,
                       interpolation="nearest")
     share = "" if occluded is None else f", {100.0 * float(np.mean(_as_array(occluded, 'occluded') > 0)):.1f}% occluded"
