@@ -50,7 +50,7 @@ def render_stereo_pair(
     rng: np.random.Generator,
     max_disparity: float = 24.0,
     layers: int = 3,
-    slant: float = 0.05,
+    slant: float = 0.02,
 ) -> StereoPair:
     """Render a pair of ``shape`` (H, W) from ``photo`` (``(H0, W0)`` or ``(C, H0, W0)``, at least
     ``shape`` plus the largest disparity wide) with ``layers`` foreground layers over a back plane

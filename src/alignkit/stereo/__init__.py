@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +85,7 @@ def match(
     *,
     min_disparity: float | None = None,
     max_disparity: float | None = None,
-    cost: CostName = "census",
+    cost: CostName | Callable[[Tensor, Tensor, np.ndarray], Tensor] = "census",
     window: int | tuple[int, int] | None = None,
     p1: float = 0.05,
     p2: float = 0.6,
@@ -92,15 +93,16 @@ def match(
     directions: int = 8,
     lr_tolerance: float = 1.0,
     max_volume: int = MAX_VOLUME,
-    volume: Tensor | None = None,
     progress=None,
 ) -> StereoMatch:
     """Disparity of a rectified pair by semi-global matching (module docstring).
 
     ``left``/``right``: ``(H, W)`` or ``(C, H, W)`` arrays of one size (colour is averaged to grey,
     intensities are rescaled to [0, 1] by their joint range). The range defaults to
-    :func:`default_disparity_range`. ``volume`` replaces the matching cost by a given ``(D, H, W)``
-    volume over the same range (a learned cost, :mod:`alignkit.methods.stereo_net`).
+    :func:`default_disparity_range`. ``cost`` is ``"census"``, ``"zncc"`` or a callable
+    ``(left (H, W), right (H, W), disparities) -> (D, H, W)`` volume in [0, 1] (a learned cost,
+    :mod:`alignkit.methods.stereo_net`), called on the images as matched (shrunk when the volume
+    would exceed ``max_volume`` entries).
     """
     left_g, right_g = grey(left), grey(right)
     if left_g.shape != right_g.shape:
@@ -111,18 +113,19 @@ def match(
     height, width = left_g.shape
     low, high = default_disparity_range(width, min_disparity, max_disparity)
     factor = 1
-    if volume is None:
-        while (high - low) / factor * (height / factor) * (width / factor) > max_volume and factor < 16:
-            factor *= 2
+    while (high - low) / factor * (height / factor) * (width / factor) > max_volume and factor < 16:
+        factor *= 2
     times: dict[str, float] = {}
     started = time.perf_counter()
     left_s, right_s = _shrink(left_g, factor), _shrink(right_g, factor)
     low_s, high_s = math.floor(low / factor), math.ceil(high / factor)
     disparities = np.arange(low_s, high_s + 1)
-    if volume is None:
+    if callable(cost):
+        volume = cost(left_s, right_s, disparities)
+        if tuple(volume.shape) != (len(disparities), *left_s.shape):
+            raise ShapeError(f"a cost callable must return {(len(disparities), *left_s.shape)}, got {tuple(volume.shape)}")
+    else:
         volume = cost_volume(left_s, right_s, disparities, cost=cost, window=window)
-    elif volume.shape != (len(disparities), height, width):
-        raise ConfigError(f"a given cost volume must be {(len(disparities), height, width)}, got {tuple(volume.shape)}")
     times["cost"] = time.perf_counter() - started
     started = time.perf_counter()
     aggregated = aggregate(volume, left_s, p1=p1, p2=p2, tau=tau, directions=directions, progress=progress)
@@ -147,6 +150,23 @@ def match(
 #: the options of :func:`match` a configuration may set (``RegistrationConfig.init_options``)
 SGM_OPTIONS = ("min_disparity", "max_disparity", "cost", "window", "p1", "p2", "tau", "directions", "lr_tolerance",
                "max_volume")
+
+
+def occlusion_from_disparity(disparity: Tensor | np.ndarray, valid: Tensor | np.ndarray | None = None,
+                             tolerance: float = 0.5) -> np.ndarray:
+    """``(H, W)`` bool: left pixels whose match is hidden in the right image by a nearer point, or
+    falls outside it, judged from a (ground-truth) left disparity alone: pixel ``x`` is occluded
+    when some ``x' > x`` on its row lands left of it, ``x' - d(x') < x - d(x) - tolerance`` (a point
+    further right that lands further left is nearer and hides it). Unknown pixels (``valid`` False
+    or not finite) hide nothing."""
+    d = np.asarray(disparity.detach().cpu() if isinstance(disparity, Tensor) else disparity, dtype=np.float64)
+    known = np.isfinite(d) if valid is None else (np.asarray(valid, dtype=bool) & np.isfinite(d))
+    columns = np.arange(d.shape[1], dtype=np.float64)[None, :]
+    target = np.where(known, columns - np.where(known, d, 0.0), np.inf)
+    # the smallest landing column strictly to the right of each pixel (reverse running minimum)
+    right_min = np.minimum.accumulate(target[:, ::-1], axis=1)[:, ::-1]
+    further = np.concatenate([right_min[:, 1:], np.full((d.shape[0], 1), np.inf)], axis=1)
+    return known & ((further < target - tolerance) | (target < 0))
 
 
 def check_sgm_options(options: dict) -> None:
@@ -196,6 +216,7 @@ __all__ = [
     "fill_invalid",
     "left_right_check",
     "match",
+    "occlusion_from_disparity",
     "sgm_start",
     "winner_take_all",
 ]
