@@ -66,6 +66,7 @@ from alignkit.nets.pyramid import (
     warp_voxels,
 )
 from alignkit.nets.registry import NETWORKS, build_network, network_config, register_network
+from alignkit.nets.stereo import MatchingFeatures
 from alignkit.nets.unet import Decoder, Encoder, FeatureEncoder, LKUNet, UNet
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "LKUNet",
     "LargeKernelBlock",
     "LargeKernelStage",
+    "MatchingFeatures",
     "Norm",
     "PseudoSiameseDescriptor",
     "PyramidUNet",
