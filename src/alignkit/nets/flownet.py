@@ -272,7 +272,10 @@ class FlowNetC(_FlowNetBase):
     A tower of ``correlation_level`` encoder levels, shared by both frames (``in_channels`` each); the
     correlation layer (``max_displacement`` voxels of that level, ``stride``, ``patch_size``; FlowNet:
     level 3, 20 px with stride 2 at 1/8 resolution) concatenated with a 1x1 convolution of the first
-    frame's features to ``redirect`` channels; a 3x3 convolution to ``features[correlation_level - 1]``
+    frame's features to ``redirect`` channels (``normalize_features``: the tower's features are
+    normalised per channel -- zero mean, unit variance over the image -- before the correlation, a
+    departure from FlowNet that makes the cost volume informative from the first steps of a short
+    training); a 3x3 convolution to ``features[correlation_level - 1]``
     (FlowNet's conv3_1); the remaining levels as in :class:`FlowNetS`; the decoder's skips below the
     correlation level are the first frame's tower features. Flows per level, coarsest first."""
 
@@ -288,6 +291,7 @@ class FlowNetC(_FlowNetBase):
         stride: int = 1,
         patch_size: int = 1,
         redirect: int = 32,
+        normalize_features: bool = True,
         decoder: Sequence[int] | None = None,
         output_level: int = 2,
         activation: Activation = "leaky_relu",
@@ -296,6 +300,7 @@ class FlowNetC(_FlowNetBase):
         self.ndim = check_ndim(ndim)
         features, kernels = _check_widths(features, kernels)
         self.levels = len(features)
+        self.normalize_features = bool(normalize_features)
         if not 1 <= correlation_level < self.levels:
             raise ConfigError(f"correlation_level must lie in 1..{self.levels - 1}, got {correlation_level}")
         self.in_channels = int(in_channels)
@@ -328,7 +333,8 @@ class FlowNetC(_FlowNetBase):
         self.config: dict[str, Any] = plain({
             "ndim": ndim, "in_channels": in_channels, "features": features, "kernels": kernels,
             "correlation_level": correlation_level, "max_displacement": max_displacement, "stride": stride,
-            "patch_size": patch_size, "redirect": redirect, "decoder": decoder, "output_level": output_level,
+            "patch_size": patch_size, "redirect": redirect, "normalize_features": normalize_features,
+            "decoder": decoder, "output_level": output_level,
             "activation": activation,
         })
 
@@ -345,7 +351,13 @@ class FlowNetC(_FlowNetBase):
             x = stage(x)
             skips[level] = x[: first.shape[0]]
         a, b = x[: first.shape[0]], x[first.shape[0]:]
-        cost = self.correlation_activation(self.correlation(a, b))
+        if self.normalize_features:
+            # zero mean, unit variance per channel and image: the cost volume is then a normalised
+            # cross-correlation of feature maps, informative even before the tower has learned much
+            fa, fb = (F.instance_norm(f.float()) for f in (a, b))
+        else:
+            fa, fb = a, b
+        cost = self.correlation_activation(self.correlation(fa, fb))
         x = self.merge(torch.cat([cost, self.redirect(a)], dim=1))
         skips[self.correlation_level] = x
         for level, stage in enumerate(self.encoder, start=self.correlation_level + 1):
