@@ -97,10 +97,11 @@ def census_transform(image: Tensor, window: int = 7) -> Tensor:
 
 
 def census_distance(a: Tensor, b: Tensor) -> Tensor:
-    """UnFlow's soft Hamming distance of two census transforms: ``Σ (Δ^2 / (0.1 + Δ^2))`` over the
-    neighbours, ``(B, 1, *S)``."""
+    """UnFlow's soft Hamming distance of two census transforms, ``Δ^2 / (0.1 + Δ^2)`` per neighbour,
+    **averaged** over the neighbours (UnFlow sums them; the mean keeps the loss weights independent of
+    the window size), ``(B, 1, *S)`` in [0, 1)."""
     diff = (a - b) ** 2
-    return (diff / (0.1 + diff)).sum(1, keepdim=True)
+    return (diff / (0.1 + diff)).mean(1, keepdim=True)
 
 
 def charbonnier(x: Tensor, *, eps: float = 1e-3, alpha: float = 0.45) -> Tensor:
@@ -152,7 +153,7 @@ class UnsupervisedFlowLoss(nn.Module):
     """
 
     def __init__(self, *, census_weight: float = 1.0, charbonnier_weight: float = 0.0, census_window: int = 7,
-                 smoothness_weight: float = 0.5, edge_constant: float = 10.0, consistency_weight: float = 0.2,
+                 smoothness_weight: float = 0.1, edge_constant: float = 10.0, consistency_weight: float = 0.02,
                  alpha1: float = 0.01, alpha2: float = 0.5, occlusion: bool = True) -> None:
         super().__init__()
         weights = {"census_weight": census_weight, "charbonnier_weight": charbonnier_weight,

@@ -85,7 +85,7 @@ class FlowNetModel(LearnedModel):
 
     * ``unsupervised`` (False): train with the unsupervised loss instead of the end-point error (the
       data then need no ground truth); ``census_weight`` (1), ``charbonnier_weight`` (0),
-      ``smoothness_weight`` (0.5), ``edge_constant`` (10), ``consistency_weight`` (0.2),
+      ``smoothness_weight`` (0.1), ``edge_constant`` (10), ``consistency_weight`` (0.02),
       ``occlusion`` (True: forward-backward masks) are its terms, ``frames_include_scored`` (False)
       whether the unlabelled pairs may include those the data set scores;
     * ``level_weights``: the multi-scale EPE weights, finest first (FlowNet's 0.32 ... 0.005);
@@ -103,9 +103,9 @@ class FlowNetModel(LearnedModel):
         level_weights: Sequence[float] = FLOWNET_LEVEL_WEIGHTS,
         census_weight: float = 1.0,
         charbonnier_weight: float = 0.0,
-        smoothness_weight: float = 0.5,
+        smoothness_weight: float = 0.1,
         edge_constant: float = 10.0,
-        consistency_weight: float = 0.2,
+        consistency_weight: float = 0.02,
         occlusion: bool = True,
         frames_include_scored: bool = False,
         max_motion: float = 12.0,
