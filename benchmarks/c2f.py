@@ -1,0 +1,247 @@
+"""c2f (Zampieri et al., "Coarse to fine non-rigid registration: a chain of scale-specific neural networks
+for multimodal image alignment ...") against classical multimodal registration, on held-out aligned
+multimodal pairs deformed by eq. 3 with fixed seeds; and its time and memory against image side.
+
+Accuracy (``--pairs``): aligned pairs that the shipped recipe neither trains nor validates on --
+OASIS-TRT-20 ``subject11``/``subject12`` sagittal T1 slices against their label edges, VIS-NIR
+``mountain`` scenes (NIR against RGB brought onto it by the ground-truth affine), the ITK T1/PD
+slices and the CT/MR slices -- each with its fixed (first) image resampled through an eq.-3 field
+(:func:`alignkit.data.synthetic.random_mixture_field`: translation + 1-4 Gaussian bumps, at most
+``--max-displacement`` px, seed ``[--seed, k]``), so the true displacement is known. Scores on the
+pixels whose true correspondence lies inside the image and, where the image has a zero background
+(brains, CT/MR, T1/PD), within 4 px of content: PCK at 1..20 px (share of pixels within t px) and
+EPE (mean end-point error, px). Methods in the same run: ``c2f`` in each ``--modes`` (the shipped model or
+``--checkpoint``), ``alignkit:multimodal``, ``ants:syn`` (Mattes MI) and ``elastix:bspline`` (MI)
+where installed, and ``identity`` (no registration).
+
+Timing (``--sizes``): one VIS-NIR pair resized to ``side x side`` and deformed alike, c2f in
+``--time-modes`` in a fresh process per size (peak RSS of that process), seconds and pixels/s.
+
+Prints ONE JSON line (progress on stderr)::
+
+    python benchmarks/c2f.py --threads 2
+    python benchmarks/c2f.py --checkpoint RUN --pairs 4 --sizes 512,1024 --peers none   # a reduced run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit, log, set_threads
+
+THRESHOLDS = list(range(1, 21))
+PEERS = ("alignkit:multimodal", "ants:syn", "elastix:bspline")
+
+
+def held_out_pairs(count: int) -> list[Any]:
+    """Aligned pairs outside the shipped recipe's training and validation subjects/scenes."""
+    from alignkit.data.aligned import aligned_pairs
+
+    oasis = [p for p in aligned_pairs("brain3d-oasis-trt20", slice_stride=24) if p.group in ("subject11", "subject12")]
+    mountain = aligned_pairs("vis-nir", subsets=["mountain"])
+    single = aligned_pairs("multimodal/itk-t1-pd-slices") + aligned_pairs("multimodal/ct-mr-2d")
+    chosen = oasis[: max(1, count // 3)] + mountain[: max(1, count // 3)] + single
+    return chosen[: max(count, 1)] if count < len(chosen) else chosen
+
+
+def deformed_case(pair: Any, seed: list[int], max_displacement: float) -> tuple[Any, Any]:
+    """(Case, scoring mask): fixed = the pair's first image through an eq.-3 field, moving = the second."""
+    import numpy as np
+    import torch
+
+    from alignkit.data.case import Case
+    from alignkit.data.synthetic import random_mixture_field
+    from alignkit.image import Image
+    from alignkit.spatial import Grid, gaussian_blur, sample_voxels
+
+    shape = pair.shape
+    grid = Grid.from_spacing(shape)
+    flow = random_mixture_field(shape, seed=np.random.default_rng(seed), max_displacement=max_displacement)
+    points = grid.voxel_points() + flow
+    fixed = sample_voxels(pair.fixed[None], points, padding="zeros")[0]
+    inside = torch.ones(shape, dtype=torch.bool)
+    for axis, size in enumerate(shape):
+        inside &= (points[0, axis] >= 0) & (points[0, axis] <= size - 1)
+    inside &= sample_voxels(pair.valid[None].float(), points, padding="zeros")[0, 0] > 0.999
+    if pair.pad_is_background:  # zero background: score where there is content within ~4 px
+        content = gaussian_blur((fixed + pair.moving)[None].clamp(0, 1), 4.0)[0, 0] > 0.02
+        inside &= content
+    case = Case(name=pair.name, fixed=Image(fixed, grid), moving=Image(pair.moving.clone(), grid), kind="deformable",
+                flow=flow[0].numpy())
+    return case, inside.numpy()
+
+
+def scores(predicted_voxels: Any, truth: Any, mask: Any) -> dict[str, Any]:
+    import numpy as np
+
+    error = np.linalg.norm(predicted_voxels - truth, axis=0)[mask]
+    return {"epe": float(error.mean()), "pck": [float((error <= t).mean()) for t in THRESHOLDS]}
+
+
+def run_c2f(case: Any, mode: str, checkpoint: str | None, tile: int) -> tuple[Any, float]:
+    import alignkit
+
+    options: dict[str, Any] = {"mode": mode, "tile": tile}
+    if checkpoint:
+        options["checkpoint"] = checkpoint
+    started = time.perf_counter()
+    result = alignkit.register(case.fixed, case.moving, method="c2f", **options)
+    seconds = time.perf_counter() - started
+    return result.world_map().cpu().numpy()[0], seconds
+
+
+def run_peer(case: Any, name: str, seed: int, threads: int) -> tuple[Any, float]:
+    from alignkit.evaluate.registry import resolve_method
+
+    method = resolve_method(name)
+    method.check_available()
+    prediction = method.register(case, seed=seed, threads=threads)
+    world = prediction.world_map
+    if world is None:
+        import numpy as np
+
+        from alignkit.evaluate.peers._common import apply_homogeneous, world_points
+        world = apply_homogeneous(np.asarray(prediction.matrix), world_points(case.fixed.grid))
+    return world, float(prediction.seconds)
+
+
+def accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    pairs = held_out_pairs(args.pairs)
+    methods = ["identity"] + [f"c2f:{m}" for m in args.modes.split(",") if m] + \
+        [p for p in (PEERS if args.peers == "all" else args.peers.split(",")) if p and p != "none"]
+    per_method: dict[str, dict[str, Any]] = {m: {"errors": [], "seconds": [], "status": "ok"} for m in methods}
+    per_pair = []
+    for k, pair in enumerate(pairs):
+        case, mask = deformed_case(pair, [args.seed, k], args.max_displacement)
+        grid = case.fixed.grid
+        identity = grid.voxel_points()[0].numpy()
+        truth = identity + case.flow
+        row: dict[str, Any] = {"pair": pair.name, "shape": list(pair.shape), "scored_pixels": int(mask.sum())}
+        for name in methods:
+            if per_method[name]["status"] != "ok":
+                continue
+            try:
+                if name == "identity":
+                    voxels, seconds = identity, 0.0
+                elif name.startswith("c2f:"):
+                    world, seconds = run_c2f(case, name[4:], args.checkpoint, args.tile)
+                    voxels = world  # world = voxels on these grids (Grid.from_spacing, unit spacing)
+                else:
+                    world, seconds = run_peer(case, name, args.seed, args.threads)
+                    voxels = np.asarray(world)
+            except Exception as exc:  # noqa: BLE001 -- a peer that is not installed or fails: reported, not fatal
+                per_method[name]["status"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                log(name, per_method[name]["status"])
+                continue
+            s = scores(np.asarray(voxels, dtype=np.float64), truth, mask)
+            errors = np.linalg.norm(np.asarray(voxels) - truth, axis=0)[mask]
+            per_method[name]["errors"].append(errors)
+            per_method[name]["seconds"].append(seconds)
+            row[name] = {"epe": round(s["epe"], 3), "pck5": round(s["pck"][4], 4), "seconds": round(seconds, 2)}
+            log(f"{pair.name:>22} {name:>20}: EPE {s['epe']:.3f} PCK@1 {s['pck'][0]:.3f} PCK@5 {s['pck'][4]:.3f} "
+                f"({seconds:.1f} s)")
+        per_pair.append(row)
+    summary = {}
+    for name, record in per_method.items():
+        if not record["errors"]:
+            summary[name] = {"status": record["status"]}
+            continue
+        # pixel-weighted over pairs would let the big VIS-NIR images dominate: each pair counts once
+        pcks = np.array([[float((e <= t).mean()) for t in THRESHOLDS] for e in record["errors"]])
+        summary[name] = {"status": record["status"], "pairs": len(record["errors"]),
+                         "epe": float(np.mean([e.mean() for e in record["errors"]])),
+                         "pck": dict(zip([str(t) for t in THRESHOLDS], pcks.mean(0).round(4).tolist())),
+                         "seconds_mean": float(np.mean(record["seconds"]))}
+    return {"methods": summary, "pairs": per_pair}
+
+
+def time_one(side: int, mode: str, checkpoint: str | None, tile: int, seed: int) -> dict[str, Any]:
+    import cv2
+    import torch
+
+    from alignkit.data.aligned import AlignedPair, aligned_pairs
+    from alignkit.evaluate.worker import peak_rss_mb
+
+    base = aligned_pairs("vis-nir", subsets=["mountain"])[0]
+
+    def resized(t: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(cv2.resize(t[0].numpy(), (side, side), interpolation=cv2.INTER_LINEAR))[None]
+
+    pair = AlignedPair("big", "big", resized(base.fixed), resized(base.moving), torch.ones(1, side, side, dtype=torch.bool))
+    case, _ = deformed_case(pair, [seed, side], 8.0)
+    before = peak_rss_mb()
+    _, seconds = run_c2f(case, mode, checkpoint, tile)
+    return {"side": side, "mode": mode, "pixels": side * side, "seconds": seconds,
+            "pixels_per_second": side * side / seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}
+
+
+def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import subprocess
+
+    rows = []
+    for mode in [m for m in args.time_modes.split(",") if m]:
+        for side in [int(s) for s in args.sizes.split(",") if s]:
+            out = Path(args.scratch) / f"c2f_time_{mode}_{side}.json"
+            cmd = [sys.executable, __file__, "--time-one", str(side), "--time-modes", mode, "--tile", str(args.tile),
+                   "--seed", str(args.seed), "--result", str(out)]
+            if args.checkpoint:
+                cmd += ["--checkpoint", args.checkpoint]
+            started = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0 or not out.is_file():
+                rows.append({"side": side, "mode": mode, "status": "error",
+                             "error": " | ".join(proc.stderr.strip().splitlines()[-3:])})
+            else:
+                rows.append(json.loads(out.read_text()) | {"process_seconds": time.perf_counter() - started})
+            log("timing", rows[-1])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="c2f run folder or checkpoint (default: the shipped model)")
+    parser.add_argument("--modes", default="fast,per-scale,accurate")
+    parser.add_argument("--peers", default="all", help="comma-separated peers, 'all' or 'none'")
+    parser.add_argument("--pairs", type=int, default=7, help="held-out pairs (OASIS, mountain, then T1/PD, CT/MR)")
+    parser.add_argument("--max-displacement", type=float, default=12.0)
+    parser.add_argument("--sizes", default="512,1024,2048,3500,5000")
+    parser.add_argument("--time-modes", default="per-scale")
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--scratch", default=os.environ.get("TMPDIR", "/tmp"))
+    parser.add_argument("--time-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help="also write the JSON line here")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.time_one:
+        Path(args.result).write_text(json.dumps(time_one(args.time_one, args.time_modes, args.checkpoint, args.tile,
+                                                         args.seed)))
+        return
+    started = time.perf_counter()
+    payload: dict[str, Any] = {"benchmark": "c2f", "threads": args.threads, "checkpoint": args.checkpoint or "shipped",
+                               "max_displacement": args.max_displacement, "seed": args.seed, "tile": args.tile}
+    if args.pairs > 0:
+        payload["accuracy"] = accuracy(args)
+    if args.sizes:
+        payload["timing"] = timing(args)
+    payload["wall_seconds"] = time.perf_counter() - started
+    emit(payload, args.out)
+
+
+if __name__ == "__main__":
+    main()
