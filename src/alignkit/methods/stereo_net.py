@@ -220,7 +220,8 @@ class StereoNet(LearnedModel):
     def training_data(cls, config: Any) -> tuple[Dataset, Dataset]:
         """Synthetic layered pairs (``config.synthetic_length`` per epoch, default 64) plus, when
         ``config.dataset`` names stereo pairs, as many random crops of them as ``config.max_pairs``
-        (default: a quarter of the synthetic count); validation: 16 held-out synthetic pairs."""
+        (default: a quarter of the synthetic count); validation: held-out synthetic pairs (a sixth of the
+        synthetic count, at least 8)."""
         from alignkit.data.synthetic_stereo import training_photographs
 
         size = list(config.size) if isinstance(config.size, (list, tuple)) else [config.size]
@@ -235,7 +236,8 @@ class StereoNet(LearnedModel):
         photos = training_photographs()
         train = StereoPairs(photos, size, synthetic=synthetic, max_disparity=max_disparity, cases=cases,
                             real_crops=crops, seed=config.seed)
-        validation = StereoPairs(photos, size, synthetic=16, max_disparity=max_disparity, seed=config.seed + 10_000)
+        validation = StereoPairs(photos, size, synthetic=max(8, synthetic // 6), max_disparity=max_disparity,
+                                 seed=config.seed + 10_000)
         return train, validation
 
     # -- training -------------------------------------------------------------------------------
@@ -286,19 +288,22 @@ class StereoNet(LearnedModel):
 
     @torch.no_grad()
     def validation_metrics(self, batch: Mapping[str, Tensor], output: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``bad2``: per pair, the share of its valid pixels whose winner-take-all disparity of the
-        network's cost alone (no aggregation) is off by more than 2 px -- the matching cost's own
-        quality, before SGM."""
+        """Per pair, the share of its valid pixels off by more than 2 px: ``bad2`` after the whole
+        pipeline (SGM, sub-pixel winner-take-all, left-right filling: what inference returns) and
+        ``wta_bad2`` of the network's cost alone (winner-take-all, no aggregation)."""
         disparities = np.arange(0, int(np.ceil(self.options["max_disparity"])) + 1)
-        scores = []
+        scores: dict[str, list[float]] = {"bad2": [], "wta_bad2": []}
         for k in range(output["left_features"].shape[0]):
             volume = self.features.cost_volume(output["left_features"][k : k + 1], output["right_features"][k : k + 1],
-                                               disparities)
-            best = volume.argmin(0).float()
-            valid = batch["valid"][k, 0]
-            wrong = (best - batch["disparity"][k, 0]).abs() > 2
-            scores.append(float(wrong[valid].float().mean()) if bool(valid.any()) else float("nan"))
-        return {"bad2": torch.tensor(scores, dtype=torch.float64)}
+                                               disparities).cpu()
+            valid = batch["valid"][k, 0].cpu()
+            truth = batch["disparity"][k, 0].cpu()
+            result = match(batch["fixed"][k, 0].cpu(), batch["moving"][k, 0].cpu(), min_disparity=0,
+                           max_disparity=float(disparities[-1]), cost=lambda *_, v=volume: v, **self.sgm_options())
+            for name, estimate in (("bad2", result.disparity), ("wta_bad2", volume.argmin(0).float())):
+                wrong = (estimate - truth).abs() > 2
+                scores[name].append(float(wrong[valid].float().mean()) if bool(valid.any()) else float("nan"))
+        return {name: torch.tensor(values, dtype=torch.float64) for name, values in scores.items()}
 
     # -- inference ------------------------------------------------------------------------------
     def sgm_options(self) -> dict[str, float]:
