@@ -290,6 +290,9 @@ class Registration:
             grid=self.fixed.grid,
             title=f"alignkit {self.name or self.method}: {self.moving.name} → {self.fixed.name}",
             **(dict(zip(("disparity", "occluded"), self.disparity())) if self.is_stereo else {}),
+            # a deformable 2D registration (optical flow, a field) also shows its flow in the colour wheel
+            **({"flow": self.flow()} if self.fixed.ndim == 2 and not self.is_stereo and not self.transform.is_linear
+               else {}),
         )
 
 

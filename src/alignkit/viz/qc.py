@@ -21,6 +21,9 @@ Conventions
   (``det <= 0``) painted bright green. The title gives the percent of folding voxels in the volume.
 * Disparity panel (stereo, 2D): the left image's disparity in pixels with the ``turbo`` colormap
   between its 1st and 99th percentiles (near = red), occluded pixels (the left-right check's) dark.
+* Flow panel (2D): the registration's flow (alignkit's ``(2, H, W)``, pixels, array-axis order) in
+  the Middlebury colour wheel (:func:`alignkit.viz.flow_to_color`: hue = direction, saturation =
+  length up to the largest one, named in the title), with the wheel as an inset legend.
 * Matplotlib is used through ``Figure`` + ``FigureCanvasAgg`` only: no pyplot, no global state.
 """
 
@@ -185,6 +188,22 @@ def _draw_disparity(fig: Figure, ax: Axes, disparity: np.ndarray, occluded: Any 
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
 
 
+def _draw_flow(ax: Axes, flow_rc: np.ndarray, aspect: float) -> None:
+    from alignkit.spatial import xy_from_flow
+    from alignkit.viz.flowcolor import colorwheel_legend, flow_to_color
+
+    xy = xy_from_flow(flow_rc)
+    finite = np.all(np.isfinite(xy), axis=-1)
+    largest = float(np.hypot(xy[..., 0], xy[..., 1])[finite].max(initial=0.0))
+    ax.imshow(flow_to_color(xy, max_magnitude=largest if largest > 0 else None), aspect=aspect, interpolation="nearest")
+    ax.set_title(f"flow (colour wheel, max {largest:.2f} px)", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    inset = ax.inset_axes((0.78, 0.0, 0.22, 0.22))
+    inset.imshow(colorwheel_legend(65))
+    inset.set_axis_off()
+
+
 def save_qc_figure(
     path: str | os.PathLike[str],
     fixed: Any,
@@ -199,13 +218,15 @@ def save_qc_figure(
     dpi: int = 100,
     disparity: Any | None = None,
     occluded: Any | None = None,
+    flow: Any | None = None,
 ) -> Path:
     """Write one PNG summarising a registration (see the module docstring for every convention).
 
     Panels per view: checkerboard fixed/moving before and after, colour overlay before and after,
     then -- when given -- the deformed grid (``displacement``) and the Jacobian determinant map
     (``jacobian_det``, ``(*S)``) and the coloured disparity (``disparity`` ``(H, W)`` pixels, 2D, with
-    an optional ``occluded`` mask). ``rgb`` forces (``True``) or forbids (``False``) reading a
+    an optional ``occluded`` mask) and the colour-wheel flow (``flow`` ``(2, H, W)``, alignkit's flow in pixels,
+    2D). ``rgb`` forces (``True``) or forbids (``False``) reading a
     ``(H, W, 3)`` array as a colour image; by default a 3-axis array whose last axis is 3 or 4 is
     colour unless ``displacement``/``jacobian_det`` say the images are 3D. The file is written to a
     temporary name in the same folder and moved into place (``os.replace``). Returns the path.
@@ -291,6 +312,12 @@ def save_qc_figure(
         if ndim != 2 or disp_px.shape != tuple(spatial):
             raise ShapeError(f"disparity must be {tuple(spatial)} (2D images only), got {disp_px.shape}")
         panels.append("disparity")
+    flow_rc = None
+    if flow is not None:
+        flow_rc = _squeeze_to(_as_array(flow, "flow"), 3, "flow")
+        if ndim != 2 or flow_rc.shape != (2, *spatial):
+            raise ShapeError(f"flow must be {(2, *spatial)} (2D images only, array-axis order), got {flow_rc.shape}")
+        panels.append("flow")
     if ndim == 2:
         ncols = min(4, len(panels))
         nrows = math.ceil(len(panels) / ncols)
@@ -329,6 +356,8 @@ def save_qc_figure(
                 _draw_jacobian(fig, ax, det_slice, aspect, span, fold_pct)
             elif name == "disparity" and disp_px is not None:
                 _draw_disparity(fig, ax, disp_px, occluded, aspect)
+            elif name == "flow" and flow_rc is not None:
+                _draw_flow(ax, flow_rc, aspect)
             if label and c == 0:
                 ax.set_ylabel(label, fontsize=9)
     # fixed margins instead of tight_layout: it would draw the whole figure once more
