@@ -251,7 +251,9 @@ class ScalePatchPairs(torch.utils.data.Dataset):
     Items: ``fixed``, ``moving`` ``(1, size, size)``, ``flow`` ``(2, size, size)`` (pixels of the
     block's scale, array-axis order) and ``weight`` ``(1, size, size)`` (``edge_weight`` where the map
     has an edge, else 1). Patches whose minor class is below ``min_minor_class`` are redrawn (up to 20
-    times), as are patches reaching outside an image's data."""
+    times), as are patches reaching outside an image's data. ``mono_fraction`` of the training
+    patches (never the held-out ones) pair the fixed modality with itself: c2f serves one-modality
+    pairs too, and plain shifts are the easier half of the task to learn first."""
 
     ndim = 2
 
@@ -265,6 +267,7 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         max_displacement: float = 2.0,
         min_minor_class: float = 0.05,
         edge_weight: float = 1.0,
+        mono_fraction: float = 0.0,
         seed: int = 0,
         held_out: bool = False,
         clock: list[int] | None = None,
@@ -280,6 +283,9 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         self.max_displacement = float(max_displacement)
         self.min_minor_class = float(min_minor_class)
         self.edge_weight = float(edge_weight)
+        if not 0.0 <= mono_fraction <= 1.0:
+            raise ConfigError(f"mono_fraction must be in [0, 1], got {mono_fraction}")
+        self.mono_fraction = float(mono_fraction)
         self.seed = int(seed)
         self.held_out = held_out
         # one epoch counter shared by a training set and its held-out set: the loop tells the
@@ -317,6 +323,8 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         if crop is None:
             raise ConfigError(f"no aligned pair holds a {region}-pixel region of data for the block at scale {factor}")
         fixed, moving, binary = crop
+        if self.mono_fraction > 0 and not self.held_out and rng.random() < self.mono_fraction:
+            moving, binary = fixed, False  # a one-modality pair: the block sees plain shifts too
         return self._deform(fixed, moving, binary, factor, rng)
 
     def _crop(self, pair: AlignedPair, region: int, rng: np.random.Generator) -> tuple[Tensor, Tensor, bool] | None:

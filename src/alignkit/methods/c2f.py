@@ -223,6 +223,7 @@ class C2F(LearnedModel):
         edge_weight: float = 1.0,
         min_minor_class: float = 0.05,
         warmup: int = 0,
+        mono_fraction: float = 0.0,
         map_kind: str = "edges",
         slice_stride: int = 8,
     ) -> None:
@@ -240,6 +241,7 @@ class C2F(LearnedModel):
         self.options = {
             "max_displacement": float(max_displacement), "laplacian_weight": float(laplacian_weight),
             "edge_weight": float(edge_weight), "min_minor_class": float(min_minor_class), "warmup": int(warmup),
+            "mono_fraction": float(mono_fraction),
             "map_kind": map_kind, "slice_stride": int(slice_stride),
         }
         self.laplacian = Laplacian()
@@ -303,7 +305,8 @@ class C2F(LearnedModel):
         common = {"size": size, "scale_of_epoch": scale_of_epoch,
                   "max_displacement": float(options.get("max_displacement", 2.0)),
                   "min_minor_class": float(options.get("min_minor_class", 0.05)),
-                  "edge_weight": float(options.get("edge_weight", 1.0)), "seed": config.seed}
+                  "edge_weight": float(options.get("edge_weight", 1.0)),
+                  "mono_fraction": float(options.get("mono_fraction", 0.0)), "seed": config.seed}
         clock = [1]
         length = int(config.synthetic_length or 100 * config.batch_size)
         train_set = ScalePatchPairs(train_pairs, length=length, clock=clock, **common)
