@@ -91,6 +91,13 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="3D AVSM (learned affine + vSVF), OASIS-TRT-20 skull-stripped T1 brains, 64x64x40 network grid, "
         "no pre-alignment (native-space pairs)",
     ),
+    ShippedModel(
+        name="c2f_multimodal2d",
+        method="c2f",
+        ndim=2,
+        summary="2D c2f chain (half-width A.1 blocks at scales 1, 2, 4), OASIS-TRT-20 T1 slices <-> label edges "
+        "and VIS-NIR scenes, eq.-3 deformations of at most 2 px per scale; full resolution, tiled",
+    ),
 )
 
 
