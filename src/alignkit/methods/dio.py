@@ -136,7 +136,8 @@ class DIOMethod(LearnedMethod):
     the linear pre-alignment before it (``affine``, ``rigid,affine``, ``none``; default: the model's
     training pre-alignment); ``dice_weight`` / ``landmark_weight``: weights of label and landmark
     prompts added to the solver's objective when the pair comes with label maps / landmarks
-    (``--fixed-labels`` ...; 0 = only scored). ``feature_spacing``: the world spacing each image is
+    (``--fixed-labels`` ... ``--option dice_weight=1``); 0 (the default) = they are only scored, as
+    with every other method, so an evaluation never feeds the labels it scores to the solver. ``feature_spacing``: the world spacing each image is
     resampled to (on its own grid) before the network; default: the model's. ``checkpoint``: a run
     folder or checkpoint file; default: the shipped model. ``similarity``: a refinement's (``refine=K``).
     """
@@ -152,8 +153,8 @@ class DIOMethod(LearnedMethod):
         iterations: int | Sequence[int] | None = None,
         learning_rate: float | None = None,
         optimizer: str = "adam",
-        dice_weight: float = 1.0,
-        landmark_weight: float = 1.0,
+        dice_weight: float = 0.0,
+        landmark_weight: float = 0.0,
         feature_spacing: float | None = None,
         similarity: str | None = None,
     ) -> None:

@@ -92,6 +92,13 @@ SHIPPED: tuple[ShippedModel, ...] = (
         "no pre-alignment (native-space pairs)",
     ),
     ShippedModel(
+        name="dio_oasis3d",
+        method="dio",
+        ndim=3,
+        summary="3D DIO (LKU features, 8 channels at 1/4, 1/2, 1 of a 64x64x40 grid), OASIS-TRT-20 skull-stripped T1 "
+        "brains, affine pre-alignment; the solver's transform chosen at test time",
+    ),
+    ShippedModel(
         name="c2f_multimodal2d",
         method="c2f",
         ndim=2,
