@@ -105,6 +105,13 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="2D c2f chain (half-width A.1 blocks at scales 1, 2, 4), OASIS-TRT-20 T1 slices <-> label edges "
         "and VIS-NIR scenes, eq.-3 deformations of at most 2 px per scale; full resolution, tiled",
     ),
+    ShippedModel(
+        name="stereo_net_synthetic2d",
+        method="stereo-net",
+        ndim=2,
+        summary="2D stereo-net (MC-CNN-fast matching cost for SGM), synthetic layered scenes from scikit-image "
+        "photographs + the Middlebury motorcycle pair; benchmarks/ship_stereo_net.py",
+    ),
 )
 
 
