@@ -16,6 +16,7 @@ from alignkit.data.base import CaseDataset, read, register, rglob
 from alignkit.data.case import Case
 from alignkit.errors import InputError
 from alignkit.image import Image
+from alignkit.io.disparity import read_pfm
 from alignkit.spatial import flow_from_xy
 
 
@@ -42,22 +43,6 @@ def _read_mask(path: Path) -> np.ndarray:
             return np.asarray(opened.convert("L")) > 127
     except OSError as exc:
         raise InputError(f"cannot read mask: {exc}", path) from exc
-
-
-def _read_pfm(path: Path) -> np.ndarray:
-    """A PFM float image ``(H, W[, 3])``, rows top to bottom (the file stores them bottom-up)."""
-    with open(path, "rb") as fh:
-        header = fh.readline().strip()
-        if header not in (b"PF", b"Pf"):
-            raise InputError("not a PFM file", path)
-        width, height = (int(v) for v in fh.readline().split())
-        scale = float(fh.readline())
-        data = np.fromfile(fh, dtype="<f4" if scale < 0 else ">f4")
-    channels = 3 if header == b"PF" else 1
-    if data.size != width * height * channels:
-        raise InputError(f"corrupt PFM: {data.size} values for {width}x{height}x{channels}", path)
-    shape = (height, width, channels) if channels == 3 else (height, width)
-    return np.flipud(data.reshape(shape)).astype(np.float32)
 
 
 def _flow_case_arrays(flow_hw2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +209,7 @@ class StereoDataset(CaseDataset):
             disp = np.asarray(loaded[loaded.files[0]] if suffix == ".npz" else loaded, dtype=np.float32)
             valid = np.isfinite(disp)
         elif suffix == ".pfm":
-            disp = _read_pfm(path)
+            disp = read_pfm(path)
             valid = np.isfinite(disp)
         else:  # 8-bit PNG: 0 = unknown
             from PIL import Image as PILImage
