@@ -103,6 +103,7 @@ def solver_config(
     dice_weight: float = 0.0,
     landmark_weight: float = 0.0,
     steps: int = 5,
+    field_smoothing: float = 1.0,
 ) -> RegistrationConfig:
     """The engine configuration DIO registers feature images with: one stage of ``transform``, one
     level per feature scale, no intensity start (``init="none"``: the features are registered as
@@ -115,13 +116,17 @@ def solver_config(
         raise ConfigError(f"unknown transform {transform!r}; choose one of {', '.join(FIELD_MODELS + LINEAR_MODELS)}")
     options: dict[str, Any] = {"steps": int(steps)} if transform == "svf" else {}
     if learning_rate is None:
-        learning_rate = 0.01 if linear else 0.5
+        learning_rate = 0.01 if linear else 0.2
     stage = StageConfig(
         transform=transform, similarity=similarity, levels=tuple(2.0 ** (levels - 1 - k) for k in range(levels)),
         iterations=tuple(iterations), optimizer=optimizer, learning_rate=learning_rate,
         regularizer=None if linear or regularizer in (None, "none") else regularizer,
         regularizer_weight=0.0 if linear or regularizer in (None, "none") else float(regularizer_weight),
         transform_options=options, tolerance=1e-5, patience=10, lr_reductions=0,
+        # Adam's steps do not shrink with the gradient: where the features agree (background) a field
+        # would random-walk; smoothing it after each step (the brain preset's field_smoothing, demons'
+        # diffusion-like regularisation) keeps those voxels with their neighbours
+        field_smoothing=0.0 if linear else float(field_smoothing),
     )
     return RegistrationConfig(stages=[stage], init="none", crop_foreground=False, dice_weight=float(dice_weight),
                               landmark_weight=float(landmark_weight), name="dio")
@@ -244,7 +249,9 @@ class DIO(LearnedModel):
     ``ncc`` or ``mse``) and ``image_weight``, ``dice_weight``, ``level_weights`` (one per feature
     level, coarse first; default 1 each): the training loss; ``label_ids``: the Dice labels (set from
     the data); ``prealign``: the data's linear pre-alignment; ``feature_spacing``: the world spacing of
-    the network grid at inference (None: each image is resized to ``size``, as in training).
+    the network grid at inference (None: each image is resized to ``size``, as in training);
+    ``normalize_features``: remove each channel's mean and divide by the root mean square (per image and
+    level).
     """
 
     @classmethod
@@ -274,6 +281,7 @@ class DIO(LearnedModel):
         label_ids: Sequence[int] | None = None,
         prealign: str | None = None,
         feature_spacing: float | None = None,
+        normalize_features: bool = True,
     ) -> None:
         super().__init__(networks=networks, ndim=ndim, size=size)
         from alignkit.losses import DiceLoss, build_similarity
@@ -304,6 +312,7 @@ class DIO(LearnedModel):
             "image_weight": float(image_weight), "dice_weight": float(dice_weight), "level_weights": weights,
             "label_ids": None if label_ids is None else [int(v) for v in label_ids], "prealign": prealign,
             "feature_spacing": None if feature_spacing is None else float(feature_spacing),
+            "normalize_features": bool(normalize_features),
         }
         self.solver()  # check the solver options now, not at the first step
         self.similarity = build_similarity(image_similarity, **({"window": int(window)} if image_similarity == "lncc" else {}))
@@ -339,6 +348,14 @@ class DIO(LearnedModel):
         if image.dim() != self.ndim + 2 or image.shape[1] != 1:
             raise ShapeError(f"dio features: expected (B, 1, *spatial) with {self.ndim} spatial axes, got {tuple(image.shape)}")
         maps = [m.float() for m in self.features(image)]
+        if self.options["normalize_features"]:
+            # one scale per image and level (root mean square over channels and voxels): the solver's
+            # objective is then O(1) whatever scale the network drifts to, so one regulariser weight
+            # and one step size serve an untrained and a trained network (an untrained one's features
+            # differ by ~1e-7 in MSE, and Adam's scale-free steps then only grow the regulariser)
+            # (channel means removed first: an untrained network's maps are mostly its biases)
+            maps = [m - m.mean(dim=tuple(range(2, m.dim())), keepdim=True) for m in maps]
+            maps = [m / m.pow(2).mean(dim=tuple(range(1, m.dim())), keepdim=True).add(1e-12).sqrt() for m in maps]
         return maps, [feature_grid(grid, level, m.shape[2:]) for level, m in zip(self.levels, maps)]
 
     def network_grid(self, grid: Grid, spacing: float | None = None) -> Grid:
