@@ -69,3 +69,30 @@ def test_feature_cost_volume_is_one_minus_cosine_over_two():
     inner = volume[:, 2:-2, 8:-5]  # away from the padded border and the roll's wrap-around
     assert float(inner[3].abs().max()) < 1e-5 and bool((inner.argmin(0) == 3).float().mean() > 0.95)
     assert float(volume.min()) >= -1e-6 and float(volume.max()) <= 1 + 1e-6
+
+
+def test_the_shipped_model_runs_without_a_checkpoint(tmp_path):
+    from alignkit.cli import main
+    from alignkit.methods.shipped import MAX_BYTES, get_shipped, shipped_for
+
+    shipped = get_shipped("stereo_net_synthetic2d")
+    assert shipped.available(), "the shipped model file is missing (benchmarks/ship_stereo_net.py writes it)"
+    assert shipped.path().stat().st_size <= MAX_BYTES and shipped_for("stereo-net", 2) == shipped
+    card = shipped.card()
+    assert card["method"] == "stereo-net" and shipped.recipe()["method"] == "stereo-net"
+    assert card["scores"]["aloe"]["role"] == "held out"
+    from PIL import Image as PILImage
+
+    from alignkit.data.synthetic_stereo import training_photographs
+
+    pair = render_stereo_pair(training_photographs()[3], (72, 104), rng=np.random.default_rng(5), max_disparity=14)
+    left, right = tmp_path / "l.png", tmp_path / "r.png"
+    for path, array in ((left, pair.left), (right, pair.right)):
+        PILImage.fromarray(np.clip(array.transpose(1, 2, 0), 0, 255).astype(np.uint8)).save(path)
+    assert main(["register", str(left), str(right), "--method", "stereo-net", "--max-disparity", "14", "-o",
+                 str(tmp_path / "out"), "--quiet"]) == 0
+    from alignkit.io import read_pfm
+
+    disparity = read_pfm(tmp_path / "out" / "disparity.pfm")
+    errors = disparity_errors(disparity, pair.disparity, mask=~pair.occluded)
+    assert errors["bad2"] < 0.25, errors
