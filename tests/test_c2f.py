@@ -21,7 +21,7 @@ from alignkit.data.aligned import (
 from alignkit.data.synthetic import random_mixture_field
 from alignkit.errors import ConfigError
 from alignkit.methods import build_model
-from alignkit.methods.c2f import C2F, block_spec, chain_factors, tiles
+from alignkit.methods.c2f import C2F, block_spec, chain_factors
 from alignkit.nets import register_network
 from alignkit.nets.pyramid import (
     ScaleChain,
@@ -29,6 +29,7 @@ from alignkit.nets.pyramid import (
     predict_residual,
     symmetry_group,
     symmetry_push_field,
+    tile_slices,
 )
 from alignkit.spatial import Grid, sample_voxels
 from tests.conftest import data_path
@@ -210,7 +211,7 @@ def test_tiled_equals_untiled_away_from_seams():
     fixed, moving = pair.fixed[None], torch.roll(pair.moving, (2, -1), (1, 2))[None]
     whole = model.align(fixed, moving, tile=None)
     tiled = model.align(fixed, moving, tile=128, halo=32)
-    assert len(tiles(fixed.shape[2:], 128, 32)) > 1
+    assert len(tile_slices(fixed.shape[2:], 128, 32)) > 1
     difference = (whole - tiled).norm(dim=1)
     assert float(whole.norm(dim=1).mean()) > 0.05  # the blocks do answer something
     assert float(difference.max()) < 0.02 and float(difference.mean()) < 1e-3
@@ -219,13 +220,13 @@ def test_tiled_equals_untiled_away_from_seams():
 def test_tiles_cover_once_and_start_aligned():
     shape = (301, 190)
     cover = torch.zeros(shape)
-    for core, ext in tiles(shape, 128, 32):
+    for core, ext in tile_slices(shape, 128, 32):
         cover[core] += 1
         assert all(e.start % 4 == 0 for e in ext)
         assert all(e.start <= c.start and e.stop >= c.stop for c, e in zip(core, ext))
     assert torch.equal(cover, torch.ones(shape))
     with pytest.raises(ConfigError):
-        tiles(shape, 64, 32)
+        tile_slices(shape, 64, 32)
 
 
 def test_fast_uses_scale1_block_and_untrained_blocks_fall_back():

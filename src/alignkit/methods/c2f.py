@@ -48,23 +48,18 @@ from alignkit.losses import Laplacian
 from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.heads import LearnedDisplacement
 from alignkit.methods.learned import LearnedMethod, LearnedModel, _linear_models, learned_method
-from alignkit.nets.pyramid import predict_residual
+from alignkit.nets.pyramid import TILE_ALIGN, ScaleChain
 from alignkit.registration import Inputs
 from alignkit.solve import Engine
 from alignkit.solve.engine import normalize_intensity
 from alignkit.solve.presets import resolve_config
-from alignkit.spatial import Grid, rescale_voxel_displacement, sample_voxels, sample_world
-from alignkit.spatial.pyramid import downsample
+from alignkit.spatial import Grid, sample_world
 from alignkit.train.protocol import TrainingStage
 from alignkit.transforms import ComposedTransform, Transform, flatten_stages
 
 C2FMode = Literal["per-scale", "fast", "accurate"]
 #: shrink factors of the scale-specific blocks (networks ``block1``, ``block2``, ``block4``)
 BLOCK_FACTORS = (1, 2, 4)
-#: tiles start on multiples of this (two 2x2 poolings in a block): tiled = untiled away from seams
-TILE_ALIGN = 4
-
-
 def block_name(factor: int) -> str:
     return f"block{int(factor)}"
 
@@ -90,35 +85,6 @@ def chain_factors(shape: Sequence[int], min_level: int) -> list[int]:
     """``[2^K, ..., 2, 1]``: the largest ``K`` whose level keeps at least ``min_level`` pixels a side."""
     k = max(0, math.floor(math.log2(max(min(shape), 1) / max(min_level, 1))))
     return [2**i for i in range(k, -1, -1)]
-
-
-def tiles(shape: Sequence[int], tile: int | None, halo: int) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
-    """``(core, extended)`` slice pairs covering ``shape``: cores of ``tile - 2 halo`` pixels (a
-    multiple of :data:`TILE_ALIGN`), each read with ``halo`` pixels of context; one tile when the
-    image fits in ``tile`` or ``tile`` is None."""
-    shape = tuple(int(s) for s in shape)
-    if tile is None or all(s <= tile for s in shape):
-        whole = tuple(slice(0, s) for s in shape)
-        return [(whole, whole)]
-    core = (tile - 2 * halo) // TILE_ALIGN * TILE_ALIGN
-    if core < TILE_ALIGN:
-        raise ConfigError(f"tile {tile} leaves no core with a halo of {halo} pixels; use a larger tile")
-    per_axis = []
-    for s in shape:
-        spans = []
-        for start in range(0, s, core):
-            stop = min(start + core, s)
-            spans.append((slice(start, stop), slice(max(start - halo, 0), min(stop + halo, s))))
-        per_axis.append(spans)
-    out = []
-    for row in per_axis[0]:
-        for col in per_axis[1]:
-            out.append(((row[0], col[0]), (row[1], col[1])))
-    return out
-
-
-def _offset_slices(core: tuple[slice, ...], ext: tuple[slice, ...]) -> tuple[slice, ...]:
-    return tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
 
 
 class C2FMethod(LearnedMethod):
@@ -382,46 +348,15 @@ class C2F(LearnedModel):
         if fixed.dim() != 4 or fixed.shape[:2] != (1, 1) or moving.shape != fixed.shape:
             raise ShapeError(f"c2f align: fixed and moving must be (1, 1, H, W) on one grid, got "
                              f"{tuple(fixed.shape)} and {tuple(moving.shape)}")
+        factors = chain_factors(tuple(fixed.shape[2:]), min_level)
+        chain = ScaleChain(networks=[self.block_for(f, mode) for f in factors], factors=factors, combine="compose",
+                           mode="accurate" if mode == "accurate" else "standard", symmetries="full")
         was_training = self.training
         self.eval()
-        shape = tuple(fixed.shape[2:])
-        grid = Grid.from_spacing(shape)
-        factors = chain_factors(shape, min_level)
-        symmetries = "full" if mode == "accurate" else None
-        plans = [(f, tiles(grid.downsampled(f).shape if f > 1 else shape, tile, halo)) for f in factors]
-        bar = progress(total=sum(len(p) for _, p in plans), desc="        c2f", unit="tile") if progress else None
-        u: Tensor | None = None
         try:
-            for factor, level_tiles in plans:
-                fixed_l, level = downsample(fixed, grid, factor)
-                moving_l, _ = downsample(moving, grid, factor)
-                if u is None:
-                    u = fixed_l.new_zeros(1, 2, *level.shape)
-                else:
-                    u = rescale_voxel_displacement(u, level.shape)
-                net = self.block_for(factor, mode)
-                composed = torch.empty_like(u)
-                for core, ext in level_tiles:
-                    origin = torch.tensor([e.start for e in ext], dtype=u.dtype, device=u.device).view(1, 2, 1, 1)
-                    identity = Grid.from_spacing(tuple(e.stop - e.start for e in ext)).voxel_points(
-                        dtype=u.dtype, device=u.device) + origin
-                    current = u[(slice(None), slice(None), *ext)]
-                    # the level's moving image resampled once, through the map so far
-                    warped = sample_voxels(moving_l, identity + current, padding="border")
-                    r = predict_residual(net, fixed_l[(slice(None), slice(None), *ext)], warped, symmetries=symmetries)
-                    # u <- r + u∘(id + r): the map is composed with the residual, not added to it
-                    updated = r + sample_voxels(u, identity + r, padding="border")
-                    composed[(slice(None), slice(None), *core)] = updated[(slice(None), slice(None),
-                                                                           *_offset_slices(core, ext))]
-                    if bar is not None:
-                        bar.update(1)
-                u = composed
+            return chain(fixed, moving, tile=tile, halo=halo, progress=progress)
         finally:
-            if bar is not None:
-                bar.close()
             self.train(was_training)
-        assert u is not None
-        return u
 
     @torch.no_grad()
     def predict(self, fixed: Image, moving: Image, *, initial: Transform | None = None,

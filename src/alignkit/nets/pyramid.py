@@ -310,6 +310,34 @@ class PyramidUNet(nn.Module):
         return self.out(self.head(x))
 
 
+#: tiles start on multiples of this (two 2x poolings in a PyramidUNet): tiled = untiled away from seams
+TILE_ALIGN = 4
+#: ``(core, extended)`` slices of one tile
+Tile = tuple[tuple[slice, ...], tuple[slice, ...]]
+
+
+def tile_slices(shape: Sequence[int], tile: int | None, halo: int) -> list[Tile]:
+    """``(core, extended)`` slice tuples covering ``shape`` once: cores of ``tile - 2 halo`` voxels per
+    axis (rounded down to a multiple of :data:`TILE_ALIGN`), each read with ``halo`` voxels of context
+    (clipped at the border). One tile when ``tile`` is None or the grid fits in it. Every extended
+    tile starts on a multiple of :data:`TILE_ALIGN`, so a network that pools twice sees the pooling
+    grid of the untiled image."""
+    shape = tuple(int(s) for s in shape)
+    if tile is None or all(s <= tile for s in shape):
+        whole = tuple(slice(0, s) for s in shape)
+        return [(whole, whole)]
+    if halo < 0 or halo % TILE_ALIGN:
+        raise ConfigError(f"tile halo must be a non-negative multiple of {TILE_ALIGN}, got {halo}")
+    core = (tile - 2 * halo) // TILE_ALIGN * TILE_ALIGN
+    if core < TILE_ALIGN:
+        raise ConfigError(f"tile {tile} leaves no core with a halo of {halo} voxels; use a larger tile")
+    spans = [
+        [(slice(a, min(a + core, s)), slice(max(a - halo, 0), min(a + core + halo, s))) for a in range(0, s, core)]
+        for s in shape
+    ]
+    return [(tuple(c for c, _ in combo), tuple(e for _, e in combo)) for combo in itertools.product(*spans)]
+
+
 @register_network("scale_chain")
 class ScaleChain(nn.Module):
     """Chain of scale-specific networks, coarse to fine (Zampieri et al. 2018 §3.6, Fig. 4).
@@ -400,8 +428,24 @@ class ScaleChain(nn.Module):
     def _residual(self, net: nn.Module, fixed: Tensor, warped: Tensor, mode: ChainMode) -> Tensor:
         return predict_residual(net, fixed, warped, symmetries=self.symmetries if mode == "accurate" else None)
 
-    def levels(self, fixed: Tensor, moving: Tensor, *, mode: ChainMode | None = None) -> list[Tensor]:
-        """The estimate after each level, ``(B, ndim, *level_shape)`` in voxels of that level."""
+    def levels(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        *,
+        mode: ChainMode | None = None,
+        tile: int | None = None,
+        halo: int = 32,
+        progress: Any = None,
+    ) -> list[Tensor]:
+        """The estimate after each level, ``(B, ndim, *level_shape)`` in voxels of that level.
+
+        ``tile``: run each level in tiles of at most ``tile`` voxels a side with ``halo`` voxels of
+        context (:func:`tile_slices`; only each tile's core is kept), so the networks' memory is
+        bounded by the tile whatever the image size. Each tile reads the level's moving image once,
+        through the current map, and composes its residual with the whole level's map (the map,
+        not the image, is carried between levels). ``progress``: a tqdm-like factory, one step per
+        tile."""
         mode = self.mode if mode is None else check_choice(mode, ChainMode, "chain mode")  # type: ignore[assignment]
         ndim = fixed.dim() - 2
         if ndim not in (2, 3) or fixed.shape[0] != moving.shape[0] or fixed.shape[2:] != moving.shape[2:]:
@@ -410,21 +454,47 @@ class ScaleChain(nn.Module):
                 "must be (B, C, *S) on one grid"
             )
         grid = Grid.from_spacing(tuple(fixed.shape[2:]))
+        shapes = [grid.downsampled(f).shape if f > 1 else grid.shape for f in self.factors]
+        plans = [tile_slices(shape, tile, halo) for shape in shapes]
+        bar = progress(total=sum(len(p) for p in plans), desc="scale chain", unit="tile") if progress else None
         u: Tensor | None = None
         out = []
-        for index, factor in enumerate(self.factors):
-            fixed_l, level_grid = downsample(fixed, grid, factor)
-            moving_l, _ = downsample(moving, grid, factor)
-            if u is None:
-                u = fixed_l.new_zeros(fixed.shape[0], ndim, *level_grid.shape)
-            else:
-                u = rescale_voxel_displacement(u, level_grid.shape)
-            warped = warp_voxels(moving_l, u, padding=self.padding)
-            r = self._residual(self.network_for(index, mode), fixed_l, warped, mode)  # type: ignore[arg-type]
-            u = compose_displacements(u, r) if self.combine == "compose" else u + r
-            out.append(u)
+        all_channels = (slice(None), slice(None))
+        try:
+            for index, (factor, plan) in enumerate(zip(self.factors, plans)):
+                fixed_l, level_grid = downsample(fixed, grid, factor)
+                moving_l, _ = downsample(moving, grid, factor)
+                if u is None:
+                    u = fixed_l.new_zeros(fixed.shape[0], ndim, *level_grid.shape)
+                else:
+                    u = rescale_voxel_displacement(u, level_grid.shape)
+                net = self.network_for(index, mode)
+                updated = torch.empty_like(u)
+                for core, ext in plan:
+                    origin = torch.tensor([e.start for e in ext], dtype=u.dtype, device=u.device)
+                    identity = voxel_identity(tuple(e.stop - e.start for e in ext), like=u) + origin.view(
+                        1, ndim, *([1] * ndim))
+                    current = u[(*all_channels, *ext)]
+                    warped = sample_voxels(moving_l, identity + current, padding=self.padding)
+                    r = self._residual(net, fixed_l[(*all_channels, *ext)], warped, mode)  # type: ignore[arg-type]
+                    if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
+                        new = r + sample_voxels(u, identity + r, padding="border")
+                    else:
+                        new = current + r
+                    inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
+                    updated[(*all_channels, *core)] = new[(*all_channels, *inner)]
+                    if bar is not None:
+                        bar.update(1)
+                u = updated
+                out.append(u)
+        finally:
+            if bar is not None:
+                bar.close()
         return out
 
-    def forward(self, fixed: Tensor, moving: Tensor, *, mode: ChainMode | None = None) -> Tensor:
-        u = self.levels(fixed, moving, mode=mode)[-1]
+    def forward(
+        self, fixed: Tensor, moving: Tensor, *, mode: ChainMode | None = None, tile: int | None = None,
+        halo: int = 32, progress: Any = None,
+    ) -> Tensor:
+        u = self.levels(fixed, moving, mode=mode, tile=tile, halo=halo, progress=progress)[-1]
         return rescale_voxel_displacement(u, tuple(fixed.shape[2:]))
