@@ -195,17 +195,21 @@ def contrastive_loss(
     negative_b: Tensor,
     *,
     margin: float = 1.0,
-    positive_weight: Tensor | None = None,
+    positive_inside: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Dong et al. 2018 eqs. (1)/(3)/(5) on unit descriptors ``(n, D)``: the mean squared distance of the
     positive pairs plus the mean hinge ``max(0, margin - d^2)`` of the negative pairs. Zero exactly
     when every positive pair coincides and every negative pair is at least ``sqrt(margin)`` apart.
-    ``positive_weight (n,)`` (0/1) drops pairs whose correspondence left the image."""
+
+    ``positive_inside (n,)`` (bool) marks the positive pairs whose correspondence lies inside the
+    other image; the others count as the largest squared distance of unit descriptors, 4 -- dropping
+    them instead would let a homography lower the loss by carrying the keypoints out of the image
+    (measured: it ran away to a zero loss).
+    """
     d_pos = (positive_a - positive_b).pow(2).sum(1)
     d_neg = (negative_a - negative_b).pow(2).sum(1)
-    if positive_weight is None:
-        pos = d_pos.mean()
-    else:
-        pos = (d_pos * positive_weight).sum() / positive_weight.sum().clamp_min(1.0)
+    if positive_inside is not None:
+        d_pos = torch.where(positive_inside, d_pos, torch.full_like(d_pos, 4.0))
+    pos = d_pos.mean()
     neg = F.relu(margin - d_neg).mean() if d_neg.numel() else d_pos.new_zeros(())
     return pos + neg, {"positive": pos.detach(), "negative": neg.detach()}
