@@ -49,37 +49,41 @@ def _step_penalty(image: Tensor, dy: int, dx: int, p1: int, p2: int, tau: float)
 def _aggregate_lines(lines: Tensor, penalties: Tensor, total: Tensor, p1: int, shift: int, backwards: bool) -> None:
     """Add ``L_r`` to ``total`` for one direction walking along the first axis of ``lines``
     ``(N, D, M)`` int16 (``backwards``: from the last line), the predecessor of line position ``m``
-    being ``m - shift`` on the previous line. In-place on preallocated buffers: a step is ~8 tensor
-    operations on ``(D, M)``."""
+    being ``m - shift`` on the previous line. In-place on two alternating preallocated lines and
+    views of them (no copy of the predecessor for a diagonal's shift): a step is ~8 tensor operations
+    on ``(D, M)``."""
     count = lines.shape[0]
     order = range(count - 1, -1, -1) if backwards else range(count)
-    previous = torch.empty_like(lines[0])
-    moved = torch.zeros_like(previous)
-    best = torch.empty_like(previous)
-    plus = torch.empty_like(previous)
+    buffers = (torch.empty_like(lines[0]), torch.empty_like(lines[0]))
+    best_line = torch.empty_like(lines[0])
+    plus_line = torch.empty_like(lines[0])
+    # positions whose predecessor m - shift exists, the predecessors' positions, and the rest (which
+    # start the path afresh: L = C there)
+    if shift > 0:
+        here, there, fresh = slice(shift, None), slice(None, -shift), slice(None, shift)
+    elif shift < 0:
+        here, there, fresh = slice(None, shift), slice(-shift, None), slice(shift, None)
+    else:
+        here, there, fresh = slice(None), slice(None), None
     for step, index in enumerate(order):
-        current = lines[index]
+        current, out = lines[index], buffers[step % 2]
         if step == 0:
-            previous.copy_(current)
+            out.copy_(current)
             total[index] += current
             continue
-        source = previous
-        if shift:
-            # where m - shift leaves the image the path starts afresh: a zero predecessor gives L = C
-            if shift > 0:
-                moved[:, shift:] = previous[:, :-shift]
-            else:
-                moved[:, :shift] = previous[:, -shift:]
-            source = moved
+        source = buffers[(step - 1) % 2][:, there]
+        best, plus = best_line[:, here], plus_line[:, here]
         lowest = source.amin(0, keepdim=True)
         torch.add(source, p1, out=plus)
-        best.copy_(source)
-        torch.minimum(best[:-1], plus[1:], out=best[:-1])
+        torch.minimum(source[:-1], plus[1:], out=best[:-1])
+        best[-1] = source[-1]
         torch.minimum(best[1:], plus[:-1], out=best[1:])
-        torch.minimum(best, lowest + penalties[index], out=best)
+        torch.minimum(best, lowest + penalties[index][here], out=best)
         best.sub_(lowest)
-        torch.add(current, best, out=previous)
-        total[index] += previous
+        torch.add(current[:, here], best, out=out[:, here])
+        if fresh is not None:
+            out[:, fresh] = current[:, fresh]
+        total[index] += out
 
 
 def aggregate(
