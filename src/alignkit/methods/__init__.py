@@ -13,7 +13,17 @@ are a model plus a loss (:mod:`alignkit.methods.learned`) trained by the loop of
 (:func:`train_method`); shipped models and their cards are in :mod:`alignkit.methods.shipped`.
 """
 
-from alignkit.methods import avsm, c2f, classical, dio, flownet, stereo_net, voxelmorph, weak_homography  # noqa: F401  (registers the built-in methods)
+from alignkit.methods import (  # noqa: F401  (registers the built-in methods)
+    avsm,
+    c2f,
+    classical,
+    descriptor_ransac,
+    dio,
+    flownet,
+    stereo_net,
+    voxelmorph,
+    weak_homography,
+)
 from alignkit.methods.api import register
 from alignkit.methods.base import Method, MethodInfo, MethodOutput
 from alignkit.methods.learned import LearnedMethod, LearnedModel, build_model, learned_method, load_model
