@@ -112,6 +112,13 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="2D stereo-net (MC-CNN-fast matching cost for SGM), synthetic layered scenes from scikit-image "
         "photographs + the Middlebury motorcycle pair; benchmarks/ship_stereo_net.py",
     ),
+    ShippedModel(
+        name="descriptor_visnir2d",
+        method="learned-descriptor-ransac",
+        ndim=2,
+        summary="2D pseudo-siamese patch descriptor trained on VIS-NIR 'country' patches harvested by weak-homography "
+        "(no ground truth); SIFT keypoints + MAGSAC++; benchmarks/ship_descriptor.py",
+    ),
 )
 
 
