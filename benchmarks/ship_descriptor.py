@@ -128,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also save the JSON line here")
+    parser.add_argument("--target-dir", help="write the model and card here (default: the package's models folder)")
     args = parser.parse_args(argv)
-    models = REPO_ROOT / "src" / "alignkit" / "methods" / "models"
-    recipe = json.loads((models / f"{args.recipe}.recipe.json").read_text())
+    recipes = REPO_ROOT / "src" / "alignkit" / "methods" / "models"
+    recipe = json.loads((recipes / f"{args.recipe}.recipe.json").read_text())
+    models = Path(args.target_dir) if args.target_dir else recipes
+    models.mkdir(parents=True, exist_ok=True)
     target = models / f"{args.recipe}.pt"
     run = Path(args.run_dir)
     exported = export(run, target)
