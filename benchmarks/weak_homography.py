@@ -85,7 +85,7 @@ def part_b(args: argparse.Namespace, evaluate: Any) -> dict[str, Any]:
     from alignkit.data.datasets import load_dataset
 
     result: dict[str, Any] = {}
-    sets = [("vis-nir", None)] + ([] if args.no_homogr else [("homography/homogr", None)])
+    sets = ([] if args.no_visnir else [("vis-nir", None)]) + ([] if args.no_homogr else [("homography/homogr", None)])
     for dataset, _ in sets:
         data = load_dataset(dataset, root=args.data)
         names = _visnir_names(data, args.visnir_per_subset) if dataset == "vis-nir" else list(data.names)
@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="b,c,a", help="which parts, comma-separated (b, c, a)")
     parser.add_argument("--visnir-per-subset", type=int, default=0, help="pairs per vis-nir subset in b (0: all 20)")
     parser.add_argument("--no-homogr", action="store_true", help="leave the homogr pairs out of b")
+    parser.add_argument("--no-visnir", action="store_true", help="leave the vis-nir pairs out of b")
     parser.add_argument("--methods-b", default=",".join(PEERS_B), help="methods of part b")
     parser.add_argument("--perturb-pairs", type=int, default=8, help="vis-nir pairs of parts c and a")
     parser.add_argument("--perturbations", default="0,0.025,0.05,0.075,0.1", help="start shifts, fractions of the size")
