@@ -182,6 +182,19 @@ def render_scene(layers: Sequence[FlowLayer], size: Sequence[int], *, edge: floa
     return {"frame1": frames[0], "frame2": frames[1], "flow": flow, "occluded": occluded, "layer": top}
 
 
+def reverse_scene(layers: Sequence[FlowLayer]) -> list[FlowLayer]:
+    """The same scene played backwards (frame 2 first): each layer placed where it is in frame 2 and
+    moved by the inverse motion, so :func:`render_scene` of it gives the backward flow and occlusion
+    (frame 2 → frame 1; per-layer gains are dropped)."""
+    out = []
+    for layer in layers:
+        inverse = torch.linalg.inv(layer.motion)
+        out.append(FlowLayer(texture=layer.texture, texture_from_local=layer.texture_from_local,
+                             local_from_image=layer.local_from_image @ inverse, motion=inverse,
+                             exponent=layer.exponent, harmonics=layer.harmonics))
+    return out
+
+
 # -- random scenes ------------------------------------------------------------------------------------
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return float(low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64))

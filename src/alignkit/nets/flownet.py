@@ -42,6 +42,7 @@ from alignkit.errors import ConfigError, ShapeError
 from alignkit.nets.blocks import (
     Activation,
     ConvBlock,
+    Norm,
     check_ndim,
     conv_nd,
     conv_transpose_nd,
@@ -114,12 +115,12 @@ class _Level(nn.Sequential):
     ``extra_from`` on, a 3x3 convolution at that level (conv3_1 ... conv6_1)."""
 
     def __init__(self, *, ndim: int, in_channels: int, out_channels: int, kernel: int, extra: bool,
-                 activation: Activation) -> None:
+                 activation: Activation, norm: Norm = "none") -> None:
         layers: list[nn.Module] = [ConvBlock(ndim=ndim, in_channels=in_channels, out_channels=out_channels,
-                                             kernel_size=kernel, stride=2, activation=activation)]
+                                             kernel_size=kernel, stride=2, activation=activation, norm=norm)]
         if extra:
             layers.append(ConvBlock(ndim=ndim, in_channels=out_channels, out_channels=out_channels,
-                                    activation=activation))
+                                    activation=activation, norm=norm))
         super().__init__(*layers)
 
 
@@ -220,7 +221,8 @@ class FlowNetS(_FlowNetBase):
     coarsest first (module docstring). ``features[l-1]`` is the width of encoder level ``l``
     (``len(features)`` halvings), ``kernels`` their first convolution's size (FlowNet: 7, 5, 5, 3, 3,
     3); levels from ``extra_from`` on have a second, 3x3 convolution. ``decoder`` widths default to
-    half the encoder's; the decoder stops at ``output_level`` (FlowNet: 2, a quarter of the input)."""
+    half the encoder's; the decoder stops at ``output_level`` (FlowNet: 2, a quarter of the input).
+    ``norm`` normalises the encoder's convolutions (FlowNet: none)."""
 
     def __init__(
         self,
@@ -233,6 +235,7 @@ class FlowNetS(_FlowNetBase):
         decoder: Sequence[int] | None = None,
         output_level: int = 2,
         activation: Activation = "leaky_relu",
+        norm: Norm = "none",
     ) -> None:
         super().__init__()
         self.ndim = check_ndim(ndim)
@@ -243,7 +246,7 @@ class FlowNetS(_FlowNetBase):
         channels = self.in_channels
         for level, (width, kernel) in enumerate(zip(features, kernels), start=1):
             self.encoder.append(_Level(ndim=ndim, in_channels=channels, out_channels=width, kernel=kernel,
-                                       extra=level >= extra_from, activation=activation))
+                                       extra=level >= extra_from, activation=activation, norm=norm))
             channels = width
         widths = _decoder_widths([in_channels, *features], None if decoder is None else [0, *decoder])
         self.decoder = FlowDecoder(ndim=ndim, skip_channels=[in_channels, *features], decoder=widths,
@@ -251,6 +254,7 @@ class FlowNetS(_FlowNetBase):
         self.config: dict[str, Any] = plain({
             "ndim": ndim, "in_channels": in_channels, "features": features, "kernels": kernels,
             "extra_from": extra_from, "decoder": decoder, "output_level": output_level, "activation": activation,
+            "norm": norm,
         })
 
     def forward(self, *inputs: Tensor, prior: Mapping[int, Tensor] | None = None) -> list[Tensor]:
@@ -295,6 +299,7 @@ class FlowNetC(_FlowNetBase):
         decoder: Sequence[int] | None = None,
         output_level: int = 2,
         activation: Activation = "leaky_relu",
+        norm: Norm = "none",
     ) -> None:
         super().__init__()
         self.ndim = check_ndim(ndim)
@@ -310,7 +315,7 @@ class FlowNetC(_FlowNetBase):
         for level in range(1, correlation_level + 1):
             width, kernel = features[level - 1], kernels[level - 1]
             self.tower.append(_Level(ndim=ndim, in_channels=channels, out_channels=width, kernel=kernel, extra=False,
-                                     activation=activation))
+                                     activation=activation, norm=norm))
             channels = width
         self.correlation = Correlation(max_displacement=max_displacement, stride=stride, patch_size=patch_size)
         self.redirect = ConvBlock(ndim=ndim, in_channels=channels, out_channels=redirect, kernel_size=1,
@@ -318,13 +323,13 @@ class FlowNetC(_FlowNetBase):
         self.correlation_activation = make_activation(activation)
         merged = self.correlation.out_channels(ndim) + redirect
         self.merge = ConvBlock(ndim=ndim, in_channels=merged, out_channels=features[correlation_level - 1],
-                               activation=activation)
+                               activation=activation, norm=norm)
         self.encoder = nn.ModuleList()
         channels = features[correlation_level - 1]
         for level in range(correlation_level + 1, self.levels + 1):
             width, kernel = features[level - 1], kernels[level - 1]
             self.encoder.append(_Level(ndim=ndim, in_channels=channels, out_channels=width, kernel=kernel, extra=True,
-                                       activation=activation))
+                                       activation=activation, norm=norm))
             channels = width
         skip_channels = [2 * in_channels, *features]
         widths = _decoder_widths(skip_channels, None if decoder is None else [0, *decoder])
@@ -335,7 +340,7 @@ class FlowNetC(_FlowNetBase):
             "correlation_level": correlation_level, "max_displacement": max_displacement, "stride": stride,
             "patch_size": patch_size, "redirect": redirect, "normalize_features": normalize_features,
             "decoder": decoder, "output_level": output_level,
-            "activation": activation,
+            "activation": activation, "norm": norm,
         })
 
     def forward(self, first: Tensor, second: Tensor, *, prior: Mapping[int, Tensor] | None = None) -> list[Tensor]:
