@@ -45,7 +45,8 @@ SCORES = ("dice_mean", "hd95_mean", "nonpositive_jacobian_percent", "folds")
 
 
 # -- the two-squares toy ---------------------------------------------------------------------------
-def toy(steps: int, test_pairs: int, seed: int, lr: float, gradient: str) -> dict[str, Any]:
+def toy(steps: int, test_pairs: int, seed: int, lr: float, gradient: str, *, features: list[int] | None = None,
+        normalize: bool = False) -> dict[str, Any]:
     import torch
 
     from alignkit.data.squares import TwoSquares
@@ -60,9 +61,10 @@ def toy(steps: int, test_pairs: int, seed: int, lr: float, gradient: str) -> dic
     config = {
         "method": "dio", "epochs": 1, "lr": lr, "schedule": "constant", "device": "cpu", "quiet": True,
         "seed": seed, "size": list(size),
-        "network": feature_network("unet", ndim=2, channels=8, features=[16, 32, 32, 32], levels=[2, 1]),
+        "network": feature_network("unet", ndim=2, channels=8, features=features or [16, 32, 32], levels=[2, 1]),
         "method_options": {"transform": "affine", "iterations": iterations, "learning_rate": solver_lr,
-                           "image_weight": 0.0, "dice_weight": 1.0, "gradient": gradient},
+                           "image_weight": 0.0, "dice_weight": 1.0, "gradient": gradient,
+                           "normalize_features": normalize},
     }
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run:
@@ -101,6 +103,7 @@ def toy(steps: int, test_pairs: int, seed: int, lr: float, gradient: str) -> dic
                 "non_overlapping": sum(off) / max(len(off), 1)}
 
     return {"benchmark": "dio_two_squares", "steps": steps, "test_pairs": test_pairs, "image": list(size),
+            "network": config["network"], "normalize_features": normalize,
             "square": square, "gradient": gradient, "lr": lr, "solver": {"transform": "affine", "iterations": iterations},
             "overlapping_pairs": sum(overlap), "success_rate": {k: rates(v) for k, v in hits.items()},
             "success": "fixed square centre mapped within 1.5 px of its match", "train_seconds": train_seconds}
@@ -276,6 +279,8 @@ def main() -> None:
     parser.add_argument("--test-pairs", type=int, default=40, help="toy: pairs registered after training")
     parser.add_argument("--lr", type=float, default=1e-3, help="toy: Adam step of the feature network")
     parser.add_argument("--gradient", default="jfb", choices=["jfb", "ift"], help="toy: gradient through the solver")
+    parser.add_argument("--features", help="toy: U-Net widths, e.g. 16,32,32")
+    parser.add_argument("--normalize", action="store_true", help="toy: standardise the feature maps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dio", action="append", default=[], help="brain: NAME=RUN, a trained dio run (repeatable)")
     parser.add_argument("--transforms", default="svf,displacement", help="brain: dio's test-time transform models")
@@ -295,7 +300,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     if args.toy:
-        payload = toy(args.steps, args.test_pairs, args.seed, args.lr, args.gradient)
+        widths = [int(v) for v in args.features.split(",")] if args.features else None
+        payload = toy(args.steps, args.test_pairs, args.seed, args.lr, args.gradient, features=widths,
+                      normalize=args.normalize)
     else:
         payload = brain(args)
     payload["total_seconds"] = time.perf_counter() - started
