@@ -400,8 +400,11 @@ class DIO(LearnedModel):
         for b in range(fixed.shape[0]):
             out = layer(Image(fixed[b], grid), Image(moving[b], grid), [m[b : b + 1] for m in fixed_maps], grids,
                         [m[b : b + 1] for m in moving_maps], grids)
-            for optimum in out.levels:
-                per_level[optimum.index].append(optimum.map(world) - world)
+            found: dict[int, Tensor] = {optimum.index: optimum.map(world) - world for optimum in out.levels}
+            last = torch.zeros_like(world)  # a level the solver stopped before (it diverged) keeps the coarser result
+            for k in range(len(self.levels)):
+                last = found.get(k, last)
+                per_level[k].append(last)
         displacements = [torch.cat(d) for d in per_level]  # network-grid voxels (world = voxel here)
         return {"displacement": displacements[-1], "level_displacements": displacements,
                 "warped": self.warp(moving, displacements[-1])}
