@@ -119,6 +119,13 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="2D pseudo-siamese patch descriptor trained on VIS-NIR 'country' patches harvested by weak-homography "
         "(no ground truth); SIFT keypoints + MAGSAC++; benchmarks/ship_descriptor.py",
     ),
+    ShippedModel(
+        name="flownet_c_synthetic2d",
+        method="flownet-c",
+        ndim=2,
+        summary="2D narrow FlowNetC, synthetic FlyingChairs-style pairs from scikit-image photographs (64x64 crops); "
+        "runs at the frames' own resolution; benchmarks/ship_flownet.py",
+    ),
 )
 
 
