@@ -322,10 +322,10 @@ class C2F(LearnedModel):
         low, high = self.intensity_percentiles
         fixed_t = normalize_intensity(grey_channels(fixed.batch(device=device).float()), low, high)
         moving_t = grey_channels(moving.batch(device=device).float())
-        world = fixed.grid.world_points(device=device)
-        if initial is not None:
-            world = initial.to(device).transform_points(world)
-        if initial is not None or not moving.grid.same_as(fixed.grid):
+        if initial is not None or not moving.grid.same_as(fixed.grid):  # else the grids coincide: no resampling
+            world = fixed.grid.world_points(device=device)
+            if initial is not None:
+                world = initial.to(device).transform_points(world)
             moving_t = sample_world(moving_t, moving.grid, world)
         return fixed_t, normalize_intensity(moving_t, low, high)
 
