@@ -112,12 +112,13 @@ def test_vectorised_sgm_matches_the_pixel_by_pixel_reference():
     np.testing.assert_allclose(fast.numpy().astype(np.float64), reference, atol=1e-6)
 
 
-def test_sgm_recovers_a_piecewise_planar_disparity(planar_pair):
+@pytest.mark.parametrize(("cost", "bad2"), [("census", 0.02), ("zncc", 0.05)])  # measured 0.008 and 0.023
+def test_sgm_recovers_a_piecewise_planar_disparity(planar_pair, cost, bad2):
     pair = planar_pair
-    result = match(pair.left, pair.right, max_disparity=22)
+    result = match(pair.left, pair.right, max_disparity=22, cost=cost)
     visible = ~pair.occluded
     errors = disparity_errors(result.disparity, pair.disparity, mask=visible)
-    assert errors["epe"] < 0.5 and errors["bad2"] < 0.02, errors
+    assert errors["epe"] < 0.5 and errors["bad2"] < bad2, errors
 
 
 def test_stereo_preset_recovers_the_planar_disparity_below_half_a_pixel(planar_pair):
