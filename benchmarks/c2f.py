@@ -20,7 +20,7 @@ Timing (``--sizes``): one VIS-NIR pair resized to ``side x side`` and deformed a
 Prints ONE JSON line (progress on stderr)::
 
     python benchmarks/c2f.py --threads 2
-    python benchmarks/c2f.py --checkpoint RUN --pairs 4 --sizes 512,1024 --peers none   # a reduced run
+    python benchmarks/c2f.py --checkpoint RUN --oasis 1 --mountain 1 --sizes 512,1024 --peers none   # reduced
 """
 
 from __future__ import annotations
@@ -41,15 +41,18 @@ THRESHOLDS = list(range(1, 21))
 PEERS = ("alignkit:multimodal", "ants:syn", "elastix:bspline")
 
 
-def held_out_pairs(count: int) -> list[Any]:
-    """Aligned pairs outside the shipped recipe's training and validation subjects/scenes."""
+def held_out_pairs(oasis_count: int, mountain_count: int) -> list[Any]:
+    """Aligned pairs outside the shipped recipe's training and validation subjects/scenes: the first
+    ``oasis_count`` slices of subjects 11-12 (every 24th), the first ``mountain_count`` VIS-NIR mountain
+    scenes, the ITK T1/PD and the CT/MR slices."""
     from alignkit.data.aligned import aligned_pairs
 
     oasis = [p for p in aligned_pairs("brain3d-oasis-trt20", slice_stride=24) if p.group in ("subject11", "subject12")]
-    mountain = aligned_pairs("vis-nir", subsets=["mountain"])
+    # one slice per subject first, then the next ones
+    oasis = sorted(oasis, key=lambda p: (oasis.index(p) - [q.group for q in oasis].index(p.group), p.group))
+    mountain = aligned_pairs("vis-nir", subsets=["mountain"]) if mountain_count else []
     single = aligned_pairs("multimodal/itk-t1-pd-slices") + aligned_pairs("multimodal/ct-mr-2d")
-    chosen = oasis[: max(1, count // 3)] + mountain[: max(1, count // 3)] + single
-    return chosen[: max(count, 1)] if count < len(chosen) else chosen
+    return oasis[:oasis_count] + mountain[:mountain_count] + single
 
 
 def deformed_case(pair: Any, seed: list[int], max_displacement: float) -> tuple[Any, Any]:
@@ -116,8 +119,8 @@ def run_peer(case: Any, name: str, seed: int, threads: int) -> tuple[Any, float]
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    pairs = held_out_pairs(args.pairs)
-    methods = ["identity"] + [f"c2f:{m}" for m in args.modes.split(",") if m] + \
+    pairs = held_out_pairs(args.oasis, args.mountain)
+    methods = ["identity"] + [f"c2f:{m}" for m in args.modes.split(",") if m and m != "none"] + \
         [p for p in (PEERS if args.peers == "all" else args.peers.split(",")) if p and p != "none"]
     per_method: dict[str, dict[str, Any]] = {m: {"errors": [], "seconds": [], "status": "ok"} for m in methods}
     per_pair = []
@@ -212,7 +215,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="c2f run folder or checkpoint (default: the shipped model)")
     parser.add_argument("--modes", default="fast,per-scale,accurate")
     parser.add_argument("--peers", default="all", help="comma-separated peers, 'all' or 'none'")
-    parser.add_argument("--pairs", type=int, default=7, help="held-out pairs (OASIS, mountain, then T1/PD, CT/MR)")
+    parser.add_argument("--oasis", type=int, default=2, help="held-out OASIS slices (subjects 11, 12)")
+    parser.add_argument("--mountain", type=int, default=2, help="held-out VIS-NIR mountain scenes")
+    parser.add_argument("--no-accuracy", action="store_true", help="timing only")
     parser.add_argument("--max-displacement", type=float, default=12.0)
     parser.add_argument("--sizes", default="512,1024,2048,3500,5000")
     parser.add_argument("--time-modes", default="per-scale")
@@ -235,7 +240,7 @@ def main() -> None:
     started = time.perf_counter()
     payload: dict[str, Any] = {"benchmark": "c2f", "threads": args.threads, "checkpoint": args.checkpoint or "shipped",
                                "max_displacement": args.max_displacement, "seed": args.seed, "tile": args.tile}
-    if args.pairs > 0:
+    if not args.no_accuracy:
         payload["accuracy"] = accuracy(args)
     if args.sizes:
         payload["timing"] = timing(args)
