@@ -14,7 +14,10 @@ scale-specific neural networks for multimodal image alignment with application t
   (:class:`alignkit.data.aligned.ScalePatchPairs`, through :meth:`C2F.training_data`); loss: the
   squared distance to the true displacement (``edge_weight`` times more on the map's edges) +
   ``laplacian_weight`` x eq. 4 (:class:`~alignkit.losses.Laplacian`). One training stage per block
-  (``block1``, ``block2``, ``block4``), trained independently as in §3.6.
+  (``block1``, ``block2``, ``block4``), trained independently as in §3.6. The paper's training
+  tricks are options: ``edge_weight`` (loss multiplier on the map's edges), ``min_minor_class``
+  (patches whose minor class is under 5 % are redrawn), ``warmup`` (first epochs of each block on 4
+  images); ``mono_fraction`` adds one-modality patches (ours: the blocks learn plain shifts first).
 * **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
   ``min_level`` pixels); at each level the level's moving image is resampled *once* through the
   current map, the block predicts the residual ``r`` and the map is composed, ``u <- r + u∘(id + r)``
