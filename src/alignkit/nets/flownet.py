@@ -51,8 +51,8 @@ from alignkit.nets.blocks import (
     match_size,
 )
 from alignkit.nets.correlation import Correlation
+from alignkit.nets.pyramid import warp_voxels
 from alignkit.nets.registry import as_network, network_config, plain, register_network
-from alignkit.spatial import sample_voxels, voxel_identity
 
 #: flows enter a stacked network's input multiplied by this (FlowNet 2.0 feeds flows scaled down, so
 #: that tens of pixels do not dominate image intensities in [0, 1])
@@ -79,13 +79,6 @@ def downsample_flow(flow: Tensor, factor: int) -> Tensor:
     ndim = flow.dim() - 2
     pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[ndim]
     return pool(flow, factor, factor) / float(factor)
-
-
-def warp_by_flow(image: Tensor, flow: Tensor) -> Tensor:
-    """``image ∘ (id + flow)`` on the flow's grid (bilinear, border values outside): the second frame
-    brought onto the first by a flow in voxels, array-axis order -- the differentiable warp of §2.3."""
-    identity = voxel_identity(flow.shape[2:], like=flow)
-    return sample_voxels(image, identity + flow, padding="border")
 
 
 def pad_to_multiple(tensor: Tensor, multiple: int) -> tuple[Tensor, tuple[int, ...]]:
@@ -375,7 +368,7 @@ class FlowNetC(_FlowNetBase):
 class FlowNetStack(_FlowNetBase):
     """FlowNet 2.0 stacking (Ilg et al. 2017; §2.3): ``first`` (a :class:`FlowNetC` or
     :class:`FlowNetS` spec or module) estimates the flow; the second frame is warped by it
-    (:func:`warp_by_flow`); ``second`` (a :class:`FlowNetS` with ``in_channels = 3 c + ndim + 1``)
+    (:func:`alignkit.nets.warp_voxels`); ``second`` (a :class:`FlowNetS` with ``in_channels = 3 c + ndim + 1``)
     sees ``[first frame, second frame, warped second frame, flow x 0.1, brightness error]`` and refines:
     its decoder adds its residuals to the first network's flows at each level (the first network's
     levels must include the second's). ``forward`` returns the second network's flows; with
@@ -417,7 +410,7 @@ def stacked_flows(first_net: nn.Module, second_net: FlowNetS, first: Tensor, sec
     if first_flows is None:
         first_flows = first_net(first, second)
     flow = first_net.full_resolution(first_flows)
-    warped = warp_by_flow(second, flow)
+    warped = warp_voxels(second, flow)  # the differentiable (bilinear) warp of §2.3
     error = (first - warped).abs().sum(1, keepdim=True)
     # the first network's flows as the prior of each of the second's levels
     top = first_net.decoder.top
