@@ -27,10 +27,11 @@ CLI = {
     "register": (["fixed", "moving"], sorted([*COMMON, "--checkpoint", "--config", "--fixed-labels",
                                               "--fixed-landmarks", "--initial-transform", "--method", "--moving-labels",
                                               "--moving-landmarks", "--no-qc", "--output", "--preset", "--refine",
-                                              "--similarity", "--transform", "-o"])),
+                                              "--similarity", "--transform", "-o", "--mode", "--tile",
+                                              "--min-disparity", "--max-disparity", "--option"])),
     "train": ([], sorted([*COMMON, "--batch-size", "--config", "--dataset", "--epochs", "--layout", "--lr",
                           "--init-from", "--method", "--output", "--pairs", "--prealign", "--recipe", "--resume", "--size", "--stage",
-                          "--subjects", "--val-subjects", "--workers", "-o"])),
+                          "--subjects", "--val-subjects", "--workers", "-o", "--option"])),
 }
 
 
