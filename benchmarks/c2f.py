@@ -15,7 +15,9 @@ EPE (mean end-point error, px). Methods in the same run: ``c2f`` in each ``--mod
 where installed, and ``identity`` (no registration).
 
 Timing (``--sizes``): one VIS-NIR pair resized to ``side x side`` and deformed alike, c2f in
-``--time-modes`` in a fresh process per size (peak RSS of that process), seconds and pixels/s.
+``--time-modes`` in a fresh process per size (peak RSS of that process): wall seconds, CPU seconds of
+the process (on a shared machine the wall time depends on the share of the cores it got; the CPU
+time measures the work) and pixels per CPU second.
 
 Prints ONE JSON line (progress on stderr)::
 
@@ -38,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, log, set_threads
 
 THRESHOLDS = list(range(1, 21))
+#: CPU seconds of each c2f registration of this process: on a shared machine, what the work cost
+#: whatever share of the cores the process got (wall seconds are reported beside it)
+CPU_SECONDS: list[float] = []
 PEERS = ("alignkit:multimodal", "ants:syn", "elastix:bspline")
 
 
@@ -95,9 +100,10 @@ def run_c2f(case: Any, mode: str, checkpoint: str | None, tile: int) -> tuple[An
     options: dict[str, Any] = {"mode": mode, "tile": tile}
     if checkpoint:
         options["checkpoint"] = checkpoint
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = alignkit.register(case.fixed, case.moving, method="c2f", **options)
     seconds = time.perf_counter() - started
+    CPU_SECONDS.append(time.process_time() - cpu)
     return result.world_map().cpu().numpy()[0], seconds
 
 
@@ -184,8 +190,9 @@ def time_one(side: int, mode: str, checkpoint: str | None, tile: int, seed: int)
     case, _ = deformed_case(pair, [seed, side], 8.0)
     before = peak_rss_mb()
     _, seconds = run_c2f(case, mode, checkpoint, tile)
-    return {"side": side, "mode": mode, "pixels": side * side, "seconds": seconds,
-            "pixels_per_second": side * side / seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}
+    return {"side": side, "mode": mode, "pixels": side * side, "seconds": seconds, "cpu_seconds": CPU_SECONDS[-1],
+            "pixels_per_cpu_second": side * side / CPU_SECONDS[-1], "peak_rss_mb": peak_rss_mb(),
+            "rss_before_mb": before, "load_average": os.getloadavg()[0]}
 
 
 def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
