@@ -157,6 +157,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
             per_method[name]["errors"].append(errors)
             per_method[name]["seconds"].append(seconds)
             row[name] = {"epe": round(s["epe"], 3), "pck5": round(s["pck"][4], 4), "seconds": round(seconds, 2)}
+            if name.startswith("c2f:"):
+                row[name]["cpu_seconds"] = round(CPU_SECONDS[-1], 2)
             log(f"{pair.name:>22} {name:>20}: EPE {s['epe']:.3f} PCK@1 {s['pck'][0]:.3f} PCK@5 {s['pck'][4]:.3f} "
                 f"({seconds:.1f} s)")
         per_pair.append(row)
