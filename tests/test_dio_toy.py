@@ -37,14 +37,15 @@ def test_two_squares_overlap_as_asked():
 @pytest.mark.slow  # ~2-4 min on one core: a few hundred training steps through the solver
 def test_dio_features_recover_what_intensities_cannot():
     """Intensity MSE has no gradient when the squares do not overlap, so the affine solver stays put on
-    those pairs; DIO features trained for 300 steps (Dice loss through the solver layer) let the same
-    solver recover the shift on some non-overlapping pairs too. Measured (one core, this seed): intensity
-    1.00 / 0.10 on the 20 overlapping / 20 non-overlapping test pairs, DIO 0.75 / 0.30 -- a short
-    training helps where intensities cannot, but does not yet match intensities where they can."""
+    those pairs; DIO features trained for 300 steps (Dice loss through the solver layer, exact implicit
+    gradient: the affine has 6 parameters, so conjugate gradient is cheap) let the same solver recover
+    the shift on non-overlapping pairs too. Measured (one core, this seed): intensity 1.00 / 0.10 on the
+    20 overlapping / 20 non-overlapping test pairs, DIO 0.90 / 0.40 (with Jacobian-free backprop
+    instead: 0.75 / 0.30)."""
     from dio import toy
 
-    result = toy(steps=300, test_pairs=40, seed=0, lr=1e-3, gradient="jfb")
+    result = toy(steps=300, test_pairs=40, seed=0, lr=1e-3, gradient="ift")
     rates = result["success_rate"]
     assert rates["intensity"]["overlapping"] >= 0.8
     assert rates["intensity"]["non_overlapping"] <= 0.35
-    assert rates["dio"]["non_overlapping"] >= rates["intensity"]["non_overlapping"] + 0.15
+    assert rates["dio"]["non_overlapping"] >= rates["intensity"]["non_overlapping"] + 0.2
