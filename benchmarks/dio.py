@@ -15,7 +15,9 @@ at test time (Table 2), ``alignkit:brain`` (the same solver on intensities), ``v
 (``--peers``, default ``greedy:deformable,ants:syn``). Columns: mean Dice over all labels, HD95,
 % non-positive Jacobians, folds, seconds (network + optimisation). With ``--anisotropic`` the same
 pairs resampled to 1x1x3 mm and cropped by ``--crop`` voxels per side in-plane are scored too, and
-each method's drop is reported (Table 4 in spirit).
+each method's drop is reported (Table 4 in spirit). ``--resample S`` (a reduced configuration for a
+CPU budget, labelled in the output) registers the pairs at S mm isotropic, and the anisotropic ones at
+S x S x 3S mm.
 
     python benchmarks/dio.py --toy --steps 300 --threads 1
     python benchmarks/dio.py --brain --dio lku=runs/dio_lku --dio unet=runs/dio_unet --anisotropic --threads 1
@@ -32,6 +34,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +113,11 @@ def toy(steps: int, test_pairs: int, seed: int, lr: float, gradient: str, *, fea
 
 
 # -- OASIS-TRT-20 ----------------------------------------------------------------------------------
-def anisotropic_case(case: Any, spacing_z: float, crop: int) -> Any:
-    """``case`` with both images and label maps resampled to ``spacing_z`` along the last array axis
-    (Gaussian pre-smoothing for the images, nearest for labels) and ``crop`` voxels cut off each side
-    of the other axes (grids moved so world positions are unchanged)."""
+def resampled_case(case: Any, spacing: Sequence[float], crop: int = 0, tag: str = "") -> Any:
+    """``case`` with both images and label maps resampled to ``spacing`` per array axis over the same
+    field of view (Gaussian pre-smoothing of the images, sigma half the shrink factor; nearest for
+    labels) and ``crop`` voxels cut off each side of every axis but the last (grids moved so world
+    positions are unchanged)."""
     import torch
 
     from alignkit.image import Image
@@ -121,15 +125,14 @@ def anisotropic_case(case: Any, spacing_z: float, crop: int) -> Any:
 
     def convert(image: Any, labels: bool) -> Any:
         grid = image.grid
-        extent = float(grid.extent()[-1])
-        shape = (*grid.shape[:-1], max(2, round(extent / spacing_z) + 1))
+        shape = tuple(max(2, round(float(e) / s) + 1) for e, s in zip(grid.extent(), spacing))
         new = grid.resized(shape)
         data = image.batch(dtype=torch.float32)
         if labels:
             data = resize_image(data, shape, mode="nearest").round()
         else:
-            factor = (grid.shape[-1] - 1) / (shape[-1] - 1)
-            data = resize_image(gaussian_blur(data, [0.0] * (grid.ndim - 1) + [0.5 * factor]), shape)
+            factors = [(n - 1) / (m - 1) for n, m in zip(grid.shape, shape)]
+            data = resize_image(gaussian_blur(data, [0.5 * f if f > 1 else 0.0 for f in factors]), shape)
         slices = [slice(crop, n - crop) for n in shape[:-1]] + [slice(None)]
         data = data[(slice(None), slice(None), *slices)]
         shift = torch.eye(grid.ndim + 1, dtype=torch.float64)
@@ -137,9 +140,9 @@ def anisotropic_case(case: Any, spacing_z: float, crop: int) -> Any:
         cropped = Grid(tuple(data.shape[2:]), new.world_from_voxel @ shift)
         return Image(data[0].to(image.data.dtype) if labels else data[0], cropped)
 
+    label = tag or "x".join(f"{s:g}" for s in spacing) + "mm" + (f"-crop{crop}" if crop else "")
     return dataclasses.replace(
-        case, name=f"{case.name}@1x1x{spacing_z:g}mm-crop{crop}", fixed=convert(case.fixed, False),
-        moving=convert(case.moving, False),
+        case, name=f"{case.name}@{label}", fixed=convert(case.fixed, False), moving=convert(case.moving, False),
         fixed_labels=None if case.fixed_labels is None else convert(case.fixed_labels, True),
         moving_labels=None if case.moving_labels is None else convert(case.moving_labels, True),
     )
@@ -202,7 +205,7 @@ def peer_rows(cases: list[Any], peers: list[str], threads: int, partial: Path | 
 def summarize(rows: list[dict[str, Any]], suffix: str | None) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(row["method"] for row in rows):
-        mine = [r for r in rows if r["method"] == name and ((suffix is None) == ("@" not in r["case"]))]
+        mine = [r for r in rows if r["method"] == name and ((suffix is None) == ("crop" not in r["case"]))]
         ok = [r for r in mine if r["status"] == "ok"]
         if not mine:
             continue
@@ -239,8 +242,11 @@ def brain(args: argparse.Namespace) -> dict[str, Any]:
 
     dataset = load_dataset(DATASET)
     cases = [dataset[name.strip()] for name in args.cases.split(",") if name.strip()]
-    if args.anisotropic:
-        cases += [anisotropic_case(c, 3.0, args.crop) for c in list(cases)]
+    base = args.resample or 1.0
+    if args.resample:  # a reduced, labelled configuration: the pairs at an isotropic coarser spacing
+        cases = [resampled_case(c, (base,) * 3, tag=f"iso{base:g}mm") for c in cases]
+    if args.anisotropic:  # in-plane spacing kept, 3x thicker slices, cropped in-plane
+        cases += [resampled_case(c, (base, base, 3 * base), args.crop) for c in list(cases)]
     methods: dict[str, dict[str, Any]] = {}
     training: dict[str, Any] = {}
     for spec in args.dio:
@@ -290,6 +296,8 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="brain: case names of the data set")
     parser.add_argument("--anisotropic", action="store_true", help="brain: also the pairs at 1x1x3 mm, cropped")
     parser.add_argument("--crop", type=int, default=16, help="brain: in-plane voxels cut off each side")
+    parser.add_argument("--resample", type=float, help="brain: register the pairs resampled to this isotropic "
+                        "spacing (mm) -- a reduced configuration for a CPU budget; 1x1x3 becomes s x s x 3s")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="also save the JSON line here")
     args = parser.parse_args()
@@ -305,6 +313,7 @@ def main() -> None:
                       normalize=args.normalize)
     else:
         payload = brain(args)
+        payload["resample_mm"] = args.resample
     payload["total_seconds"] = time.perf_counter() - started
     emit(payload, args.out)
 
