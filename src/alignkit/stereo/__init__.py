@@ -23,8 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.errors import ConfigError, ShapeError
+from alignkit.stereo import compiled
 from alignkit.stereo.cost import CostName, census_signature, cost_volume, grey
-from alignkit.stereo.sgm import aggregate, fill_invalid, left_right_check, right_volume, winner_take_all
+from alignkit.stereo.sgm import (
+    COST_LEVELS,
+    aggregate,
+    check_penalties,
+    fill_invalid,
+    left_right_check,
+    quantise,
+    right_volume,
+    step_penalties,
+    winner_take_all,
+)
 from alignkit.transforms.disparity import DisparityField
 
 #: without ``max_disparity`` the search covers this fraction of the image width: 0.2 spans KITTI (up
@@ -93,6 +104,7 @@ def match(
     directions: int = 8,
     lr_tolerance: float = 1.0,
     max_volume: int = MAX_VOLUME,
+    backend: str = "auto",
     progress=None,
 ) -> StereoMatch:
     """Disparity of a rectified pair by semi-global matching (module docstring).
@@ -102,8 +114,16 @@ def match(
     :func:`default_disparity_range`. ``cost`` is ``"census"``, ``"zncc"`` or a callable
     ``(left (H, W), right (H, W), disparities) -> (D, H, W)`` volume in [0, 1] (a learned cost,
     :mod:`alignkit.methods.stereo_net`), called on the images as matched (shrunk when the volume
-    would exceed ``max_volume`` entries).
+    would exceed ``max_volume`` entries). ``backend``: ``"torch"`` (the vectorised reference),
+    ``"numba"`` (the compiled kernels of :mod:`alignkit.stereo.compiled`, same integers; ``pip
+    install alignkit[fast]``) or ``"auto"`` (numba when installed).
     """
+    if backend not in ("auto", "torch", "numba"):
+        raise ConfigError(f"unknown stereo backend {backend!r}; choose auto, torch or numba")
+    if backend == "numba" and not compiled.available():
+        raise ConfigError("the numba stereo backend needs numba: pip install 'alignkit[fast]'")
+    use_compiled = backend == "numba" or (backend == "auto" and compiled.available())
+    check_penalties(p1, p2, directions)
     left_g, right_g = grey(left), grey(right)
     if left_g.shape != right_g.shape:
         raise ConfigError(f"a rectified pair has images of one size; got {tuple(left_g.shape)} and {tuple(right_g.shape)}")
@@ -120,22 +140,42 @@ def match(
     left_s, right_s = _shrink(left_g, factor), _shrink(right_g, factor)
     low_s, high_s = math.floor(low / factor), math.ceil(high / factor)
     disparities = np.arange(low_s, high_s + 1)
-    if callable(cost):
-        volume = cost(left_s, right_s, disparities)
-        if tuple(volume.shape) != (len(disparities), *left_s.shape):
-            raise ShapeError(f"a cost callable must return {(len(disparities), *left_s.shape)}, got {tuple(volume.shape)}")
+    if use_compiled and cost == "census":
+        size = (7, 9) if window is None else ((window, window) if isinstance(window, int) else tuple(window))
+        signatures = census_signature(left_s, size), census_signature(right_s, size)  # type: ignore[arg-type]
+        volume_hwd = compiled.census_cost(*signatures, low_s, len(disparities), size[0] * size[1] - 1, COST_LEVELS)
     else:
-        volume = cost_volume(left_s, right_s, disparities, cost=cost, window=window)
+        if callable(cost):
+            volume = cost(left_s, right_s, disparities)
+            if tuple(volume.shape) != (len(disparities), *left_s.shape):
+                raise ShapeError(f"a cost callable must return {(len(disparities), *left_s.shape)}, "
+                                 f"got {tuple(volume.shape)}")
+        else:
+            volume = cost_volume(left_s, right_s, disparities, cost=cost, window=window)
+        if use_compiled:
+            volume_hwd = quantise(volume).permute(1, 2, 0).contiguous().numpy()
+            del volume
     times["cost"] = time.perf_counter() - started
     started = time.perf_counter()
-    aggregated = aggregate(volume, left_s, p1=p1, p2=p2, tau=tau, directions=directions, progress=progress)
-    times["aggregate"] = time.perf_counter() - started
-    started = time.perf_counter()
-    disparity, _ = winner_take_all(aggregated, low_s)
-    disparity_right, _ = winner_take_all(right_volume(aggregated, low_s), low_s)
-    disparity = _median3(disparity)
-    occluded = left_right_check(disparity, _median3(disparity_right), lr_tolerance)
-    filled = _median3(fill_invalid(disparity, occluded))
+    if use_compiled:
+        steps = step_penalties(left_s, p1, p2, tau, directions)
+        total = compiled.aggregate(volume_hwd, [p.numpy() for _, p in steps], [r for r, _ in steps],
+                                   round(p1 * COST_LEVELS))
+        del volume_hwd
+        times["aggregate"] = time.perf_counter() - started
+        started = time.perf_counter()
+        disparity_np, disparity_right_np = compiled.select(total, low_s)
+        disparity, disparity_right = torch.from_numpy(disparity_np), torch.from_numpy(disparity_right_np)
+    else:
+        aggregated = aggregate(volume, left_s, p1=p1, p2=p2, tau=tau, directions=directions, progress=progress)
+        times["aggregate"] = time.perf_counter() - started
+        started = time.perf_counter()
+        disparity, _ = winner_take_all(aggregated, low_s)
+        disparity_right, _ = winner_take_all(right_volume(aggregated, low_s), low_s)
+    median = (lambda t: torch.from_numpy(compiled.median3(t.numpy()))) if use_compiled else _median3
+    disparity = median(disparity)
+    occluded = left_right_check(disparity, median(disparity_right), lr_tolerance)
+    filled = median(fill_invalid(disparity, occluded))
     if factor > 1:
         def grow(t: Tensor, mode: str) -> Tensor:
             return F.interpolate(t[None, None].float(), scale_factor=factor, mode=mode)[0, 0, :height, :width]
@@ -149,7 +189,7 @@ def match(
 
 #: the options of :func:`match` a configuration may set (``RegistrationConfig.init_options``)
 SGM_OPTIONS = ("min_disparity", "max_disparity", "cost", "window", "p1", "p2", "tau", "directions", "lr_tolerance",
-               "max_volume")
+               "max_volume", "backend")
 
 
 def occlusion_from_disparity(disparity: Tensor | np.ndarray, valid: Tensor | np.ndarray | None = None,

@@ -86,6 +86,28 @@ def _aggregate_lines(lines: Tensor, penalties: Tensor, total: Tensor, p1: int, s
         total[index] += out
 
 
+def check_penalties(p1: float, p2: float, directions: int) -> None:
+    """One-line :class:`ConfigError` for SGM settings :func:`aggregate` cannot use."""
+    if directions not in (4, 8):
+        raise ConfigError(f"SGM aggregates along 4 or 8 directions, got {directions}")
+    if not 0 <= p1 <= p2:
+        raise ConfigError(f"SGM needs 0 <= P1 <= P2, got P1={p1}, P2={p2}")
+    if p2 > 16:
+        raise ConfigError(f"SGM P2 is in units of the cost's range [0, 1]; {p2} would overflow the sums")
+
+
+def quantise(cost: Tensor) -> Tensor:
+    """A cost in [0, 1] as int16 in units of ``1 / COST_LEVELS`` (the aggregation's arithmetic)."""
+    return torch.round(cost.clamp(0, 1) * COST_LEVELS).to(torch.int16)
+
+
+def step_penalties(image: Tensor, p1: float, p2: float, tau: float, directions: int) -> list[tuple[tuple[int, int], Tensor]]:
+    """``[((dy, dx), P2 (H, W) int16), ...]`` of each path direction, in :func:`aggregate`'s units."""
+    p1_q, p2_q = round(p1 * COST_LEVELS), round(p2 * COST_LEVELS)
+    steps = DIRECTIONS_8 if directions == 8 else DIRECTIONS_4
+    return [((dy, dx), _step_penalty(image, dy, dx, p1_q, p2_q, tau)) for dy, dx in steps]
+
+
 def aggregate(
     cost: Tensor,
     image: Tensor,
@@ -99,13 +121,8 @@ def aggregate(
     """``S = sum_r L_r`` ``(D, H, W)`` of a cost volume in [0, 1] (module docstring), as int16 in
     units of ``1 / COST_LEVELS``. ``image`` is the grey left image ``(H, W)`` scaled to [0, 1] (for
     the adaptive ``P2``); ``p1``/``p2`` are in the cost's units; ``directions`` 4 or 8."""
-    if directions not in (4, 8):
-        raise ConfigError(f"SGM aggregates along 4 or 8 directions, got {directions}")
-    if not 0 <= p1 <= p2:
-        raise ConfigError(f"SGM needs 0 <= P1 <= P2, got P1={p1}, P2={p2}")
-    if p2 > 16:
-        raise ConfigError(f"SGM P2 is in units of the cost's range [0, 1]; {p2} would overflow the sums")
-    quantised = torch.round(cost.clamp(0, 1) * COST_LEVELS).to(torch.int16)
+    check_penalties(p1, p2, directions)
+    quantised = quantise(cost)
     p1_q, p2_q = round(p1 * COST_LEVELS), round(p2 * COST_LEVELS)
     along_columns = quantised.permute(2, 0, 1).contiguous()  # (W, D, H): horizontal and diagonal paths
     along_rows = quantised.permute(1, 0, 2).contiguous()  # (H, D, W): vertical paths

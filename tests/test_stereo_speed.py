@@ -1,0 +1,92 @@
+"""The compiled (numba) path of semi-global matching agrees with the torch/numpy reference (issue 16)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alignkit.errors import ConfigError
+from alignkit.stereo import compiled, match
+from alignkit.stereo.cost import census_signature, cost_volume
+from alignkit.stereo.sgm import (
+    COST_LEVELS,
+    aggregate,
+    quantise,
+    right_volume,
+    step_penalties,
+    winner_take_all,
+)
+
+needs_numba = pytest.mark.skipif(not compiled.available(), reason="numba not installed (pip install alignkit[fast])")
+
+
+def _pair(seed: int = 0, size: tuple[int, int] = (48, 72)) -> tuple[np.ndarray, np.ndarray]:
+    from alignkit.data.synthetic_stereo import render_stereo_pair, training_photographs
+
+    rng = np.random.default_rng(seed)
+    pair = render_stereo_pair(training_photographs()[seed % 3], size, rng=rng, max_disparity=12, layers=3)
+    return pair.left, pair.right
+
+
+def _grey01(image: np.ndarray) -> torch.Tensor:
+    from alignkit.stereo.cost import grey
+
+    g = grey(image)
+    return (g - g.min()) / (g.max() - g.min())
+
+
+@needs_numba
+def test_census_cost_equals_quantised_reference() -> None:
+    left, right = (_grey01(x) for x in _pair())
+    disparities = np.arange(-3, 15)
+    reference = quantise(cost_volume(left, right, disparities, cost="census")).permute(1, 2, 0).numpy()
+    ours = compiled.census_cost(census_signature(left), census_signature(right), -3, len(disparities), 62, COST_LEVELS)
+    np.testing.assert_array_equal(ours, reference)
+
+
+@needs_numba
+@pytest.mark.parametrize("directions", [4, 8])
+def test_aggregation_and_selection_equal_reference(directions: int) -> None:
+    left, right = (_grey01(x) for x in _pair(1))
+    disparities = np.arange(0, 13)
+    volume = cost_volume(left, right, disparities, cost="zncc")
+    reference = aggregate(volume, left, p1=0.05, p2=0.6, tau=0.05, directions=directions)
+    steps = step_penalties(left, 0.05, 0.6, 0.05, directions)
+    ours = compiled.aggregate(quantise(volume).permute(1, 2, 0).numpy(), [p.numpy() for _, p in steps],
+                              [r for r, _ in steps], round(0.05 * COST_LEVELS))
+    np.testing.assert_array_equal(ours, reference.permute(1, 2, 0).numpy())
+    left_d, right_d = compiled.select(ours, 0)
+    np.testing.assert_allclose(left_d, winner_take_all(reference, 0)[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(right_d, winner_take_all(right_volume(reference, 0), 0)[0].numpy(), atol=1e-5)
+
+
+@needs_numba
+def test_median_equals_reference() -> None:
+    from alignkit.stereo import _median3
+
+    image = torch.from_numpy(np.random.default_rng(3).normal(size=(17, 23)).astype(np.float32))
+    np.testing.assert_array_equal(compiled.median3(image.numpy()), _median3(image).numpy())
+
+
+@needs_numba
+@pytest.mark.parametrize("cost", ["census", "learned"])
+def test_match_backends_agree(cost: str) -> None:
+    """The whole matcher, census and a callable (learned-style) cost: same disparities, same occlusions."""
+    left, right = _pair(2)
+
+    def learned(left_g: torch.Tensor, right_g: torch.Tensor, disparities: np.ndarray) -> torch.Tensor:
+        return cost_volume(left_g, right_g, disparities, cost="zncc")
+
+    chosen = "census" if cost == "census" else learned
+    reference = match(left, right, min_disparity=-2, max_disparity=14, cost=chosen, backend="torch")
+    ours = match(left, right, min_disparity=-2, max_disparity=14, cost=chosen, backend="numba")
+    np.testing.assert_allclose(ours.raw.numpy(), reference.raw.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours.disparity.numpy(), reference.disparity.numpy(), atol=1e-5)
+    assert torch.equal(ours.occluded, reference.occluded)
+
+
+def test_unknown_backend_is_a_config_error() -> None:
+    left, right = _pair(0, (24, 40))
+    with pytest.raises(ConfigError, match="backend"):
+        match(left, right, max_disparity=8, backend="cuda-magic")
