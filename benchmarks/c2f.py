@@ -2,10 +2,10 @@
 for multimodal image alignment ...") against classical multimodal registration, on held-out aligned
 multimodal pairs deformed by eq. 3 with fixed seeds; and its time and memory against image side.
 
-Accuracy (``--pairs``): aligned pairs that the shipped recipe neither trains nor validates on --
-OASIS-TRT-20 ``subject11``/``subject12`` sagittal T1 slices against their label edges, VIS-NIR
-``mountain`` scenes (NIR against RGB brought onto it by the ground-truth affine), the ITK T1/PD
-slices and the CT/MR slices -- each with its fixed (first) image resampled through an eq.-3 field
+Accuracy: aligned pairs that the shipped recipe does not train on -- OASIS-TRT-20 ``subject11``/
+``subject12`` sagittal T1 slices against their label edges (the recipe's validation subjects: logged,
+never used to choose weights), VIS-NIR ``mountain`` scenes (NIR against RGB brought onto it by the
+ground-truth affine; never seen), the ITK T1/PD slices and the CT/MR slices (never seen) -- each with its fixed (first) image resampled through an eq.-3 field
 (:func:`alignkit.data.synthetic.random_mixture_field`: translation + 1-4 Gaussian bumps, at most
 ``--max-displacement`` px, seed ``[--seed, k]``), so the true displacement is known. Scores on the
 pixels whose true correspondence lies inside the image and, where the image has a zero background

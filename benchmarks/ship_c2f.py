@@ -146,8 +146,11 @@ def main() -> None:
         "storage": "alignkit checkpoint (method, networks, model; every floating tensor float16)",
         "training_data": [DATA[s] | {"name": s} for s in str(config["dataset"]).split(",")],
         "split": {"train": config.get("subjects"), "validate": config.get("val_subjects"),
-                  "held_out_for_scores": ["subject11", "subject12 (OASIS slices)", "vis-nir/mountain",
-                                          "ITK T1/PD slices", "CT/MR slices"]},
+                  "scored_on": ["OASIS subject11, subject12 slices", "vis-nir/mountain", "ITK T1/PD slices",
+                                "CT/MR slices"],
+                  "note": "no scored pair was trained on; OASIS subjects 10-12 (and vis-nir/field) were the run's "
+                          "validation subjects, logged each epoch but never used to choose weights (the last "
+                          "epoch ships); mountain, T1/PD and CT/MR were never seen"},
         "weights_licence": "CC BY-NC-SA 3.0 (derived from OASIS-TRT-20 among others; non-commercial)",
         "recipe": f"src/alignkit/methods/models/{NAME}.recipe.json",
         "training": {**last_scores(run), **trained, "note": args.runs_note or None},
