@@ -139,6 +139,9 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         for name in methods:
             if per_method[name]["status"] != "ok":
                 continue
+            if name == "c2f:accurate" and args.accurate_max_pixels and case.fixed.grid.numel > args.accurate_max_pixels:
+                row[name] = "not run (more pixels than --accurate-max-pixels)"
+                continue
             try:
                 if name == "identity":
                     voxels, seconds = identity, 0.0
@@ -233,6 +236,8 @@ def main() -> None:
     parser.add_argument("--oasis", type=int, default=2, help="held-out OASIS slices (subjects 11, 12)")
     parser.add_argument("--mountain", type=int, default=2, help="held-out VIS-NIR mountain scenes")
     parser.add_argument("--no-accuracy", action="store_true", help="timing only")
+    parser.add_argument("--accurate-max-pixels", type=int, default=0,
+                        help="run c2f:accurate only on pairs of at most this many pixels (0: all)")
     parser.add_argument("--max-displacement", type=float, default=12.0)
     parser.add_argument("--sizes", default="512,1024,2048,3500,5000")
     parser.add_argument("--time-modes", default="per-scale")
