@@ -21,6 +21,7 @@ from alignkit.methods import (  # noqa: F401  (registers the built-in methods)
     dio,
     flownet,
     stereo_net,
+    stereo_volume,
     voxelmorph,
     weak_homography,
 )

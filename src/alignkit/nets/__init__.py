@@ -67,6 +67,7 @@ from alignkit.nets.pyramid import (
 )
 from alignkit.nets.registry import NETWORKS, build_network, network_config, register_network
 from alignkit.nets.stereo import MatchingFeatures
+from alignkit.nets.stereo_volume import CostVolumeStereo
 from alignkit.nets.unet import Decoder, Encoder, FeatureEncoder, LKUNet, UNet
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "BlockKind",
     "ConvBlock",
     "Correlation",
+    "CostVolumeStereo",
     "Decoder",
     "DoubleConv",
     "DownMode",
