@@ -276,8 +276,8 @@ class FlowNetSimple(_SingleFlowNet):
     name="flownet-c",
     summary="FlowNetCorr: a shared feature tower, the correlation layer (cost volume), aggregation and a "
     "multi-scale decoder; trained on synthetic FlyingChairs-style motion, optionally fine-tuned without "
-    "ground truth; a narrow model ships",
-    needs_checkpoint=False,
+    "ground truth (recipe flownet_c_synthetic2d)",
+    needs_checkpoint=True,
     reference=f"{_FLOWNET}; {_UNFLOW}",
     **_INFO,
 ), runner=FlowNetRunner)

@@ -120,6 +120,10 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="2D pseudo-siamese patch descriptor trained on VIS-NIR 'country' patches harvested by weak-homography "
         "(no ground truth); SIFT keypoints + MAGSAC++; benchmarks/ship_descriptor.py",
     ),
+    # A recipe only, for now: trained by it on one CPU thread of a shared machine (6 x 2000 synthetic pairs,
+    # 45 min), the narrow FlowNetC scored a mean EPE of 3.98 px on Middlebury and 8.89 on the Sintel samples
+    # (benchmarks/ship_flownet.py), worse than no motion at all (zero flow: 2.53 / 9.05) and than Farneback (0.52 / 2.70),
+    # so its weights do not ship until a longer run beats Farneback.
     ShippedModel(
         name="flownet_c_synthetic2d",
         method="flownet-c",
