@@ -101,7 +101,7 @@ def test_contrastive_loss_zero_when_separated_and_positive_otherwise():
 
 def test_conditioned_homography_round_trip_and_identity():
     grid = Grid.raster_2d((300, 400))
-    frame = ConditionedHomography.frame_of(grid)
+    frame = ConditionedHomography.frame_of(grid, 0.5)  # the method's default frame_scale
     assert torch.allclose(ConditionedHomography(frame, torch.eye(3, dtype=torch.float64)).theta,
                           torch.zeros(8, dtype=torch.float64))
     start = torch.tensor([[1.05, 0.1, 12.0], [-0.08, 0.97, -7.0], [3e-5, -1e-5, 1.0]], dtype=torch.float64)
