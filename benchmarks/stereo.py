@@ -11,9 +11,13 @@ Methods (every one given the same disparity range ``[0, ndisp]``):
 
 * ``alignkit:stereo`` -- ``alignkit.register(left, right, preset="stereo", min_disparity=0,
   max_disparity=ndisp)``: census SGM (8 paths) + left-right check + variational refinement;
-* ``alignkit:sgm`` -- :func:`alignkit.stereo.match` alone (the preset's start, no refinement);
+* ``alignkit:sgm`` -- :func:`alignkit.stereo.match` alone (the preset's start, no refinement), with the
+  compiled kernels when numba is installed (``backend="auto"``);
+* ``alignkit:sgm-torch`` -- the same with ``backend="torch"`` (the vectorised reference path);
 * ``stereo-net`` -- ``alignkit.register(..., method="stereo-net", checkpoint=CKPT, ...)`` when
   ``--stereo-net CKPT`` is given (or the shipped model, with ``--stereo-net shipped``);
+* ``stereo-volume`` -- ``alignkit.register(..., method="stereo-volume", checkpoint=CKPT, ...)`` when
+  ``--stereo-volume CKPT`` is given (repeatable as ``NAME=CKPT`` to compare several runs);
 * ``opencv:sgbm`` / ``opencv:sgbm-hh`` -- ``cv2.StereoSGBM`` as OpenCV's ``stereo_match.py`` sample
   sets it (blockSize 5, P1 = 8·3·5², P2 = 32·3·5², uniquenessRatio 10, speckle window 100 / range 32,
   disp12MaxDiff 1) in its default 5-path mode and in the full 8-path ``MODE_HH``; negative output = hole;
@@ -23,7 +27,9 @@ Methods (every one given the same disparity range ``[0, ndisp]``):
 Pairs: ``stereo/motorcycle`` at its size (741×500, ndisp 64) and ``stereo/aloe`` at **half**
 resolution (641×555 of 1282×1110, images area-averaged, ground truth halved, ndisp 112) to keep the
 CPU time sane; ``--full-aloe`` runs it at full size (ndisp 224). One thread everywhere
-(torch, OpenCV) unless ``--threads``.
+(torch, OpenCV) unless ``--threads``. One-time costs are paid before the timers: alignkit's lazy
+imports and the loading of numba's cached kernels (a tiny ``match`` and ``register`` on a 32x48 crop);
+their seconds are reported as ``warmup_seconds``.
 
     python benchmarks/stereo.py [--data DIR] [--stereo-net CKPT|shipped] [--methods a,b] [--out FILE]
 """
@@ -44,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, emit, log, set_threads
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
-METHODS = ("alignkit:stereo", "alignkit:sgm", "stereo-net", "opencv:sgbm", "opencv:sgbm-hh", "opencv:bm", "opencv:dis")
+METHODS = ("alignkit:stereo", "alignkit:sgm", "alignkit:sgm-torch", "stereo-net", "opencv:sgbm", "opencv:sgbm-hh",
+           "opencv:bm", "opencv:dis")
 
 
 def load_pairs(data: Path, full_aloe: bool) -> list[dict[str, Any]]:
@@ -78,12 +85,36 @@ def load_pairs(data: Path, full_aloe: bool) -> list[dict[str, Any]]:
     return pairs
 
 
-def run_method(method: str, pair: dict[str, Any], stereo_net: str | None) -> tuple[np.ndarray, np.ndarray | None, float]:
+def warm_up(pair: dict[str, Any]) -> float:
+    """Pay one-time costs outside the timers (lazy imports, numba's cached kernels); its seconds."""
+    import alignkit
+    from alignkit.image import Image
+    from alignkit.stereo import match
+
+    started = time.perf_counter()
+    crop = [pair[k][:32, :48, ::-1].astype(np.float32) for k in ("left", "right")]
+    match(crop[0].transpose(2, 0, 1), crop[1].transpose(2, 0, 1), min_disparity=0, max_disparity=8)
+    alignkit.register(Image.from_array(crop[0]), Image.from_array(crop[1]), preset="stereo", min_disparity=0,
+                      max_disparity=8)
+    return time.perf_counter() - started
+
+
+def run_method(method: str, pair: dict[str, Any], stereo_net: str | None,
+               volumes: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray | None, float]:
     """(disparity (H, W), predicted mask or None, seconds) of one method on one pair."""
     import cv2
 
     left, right, ndisp = pair["left"], pair["right"], int(pair["ndisp"])
     rgb_left, rgb_right = left[..., ::-1].astype(np.float32), right[..., ::-1].astype(np.float32)
+    if method.startswith("stereo-volume"):
+        import alignkit
+        from alignkit.image import Image
+
+        started = time.perf_counter()
+        result = alignkit.register(Image.from_array(rgb_left), Image.from_array(rgb_right), method="stereo-volume",
+                                   checkpoint=(volumes or {})[method], min_disparity=0, max_disparity=ndisp)
+        disparity, _ = result.disparity()
+        return disparity, None, time.perf_counter() - started
     if method in ("alignkit:stereo", "stereo-net"):
         import alignkit
         from alignkit.image import Image
@@ -95,11 +126,13 @@ def run_method(method: str, pair: dict[str, Any], stereo_net: str | None) -> tup
                                    max_disparity=ndisp, **options)
         disparity, _ = result.disparity()
         return disparity, None, time.perf_counter() - started
-    if method == "alignkit:sgm":
+    if method in ("alignkit:sgm", "alignkit:sgm-torch"):
         from alignkit.stereo import match
 
+        backend = "torch" if method.endswith("-torch") else "auto"
         started = time.perf_counter()
-        out = match(rgb_left.transpose(2, 0, 1), rgb_right.transpose(2, 0, 1), min_disparity=0, max_disparity=ndisp)
+        out = match(rgb_left.transpose(2, 0, 1), rgb_right.transpose(2, 0, 1), min_disparity=0, max_disparity=ndisp,
+                    backend=backend)
         return out.disparity.numpy(), None, time.perf_counter() - started
     grey_left, grey_right = cv2.cvtColor(left, cv2.COLOR_BGR2GRAY), cv2.cvtColor(right, cv2.COLOR_BGR2GRAY)
     if method.startswith("opencv:sgbm"):
@@ -133,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "stereo-net"))
     parser.add_argument("--stereo-net", default=None, help="a stereo-net checkpoint (file or run folder), or 'shipped'")
+    parser.add_argument("--stereo-volume", action="append", default=[],
+                        help="a stereo-volume checkpoint, or NAME=CKPT (repeatable; scored as stereo-volume[:NAME])")
     parser.add_argument("--full-aloe", action="store_true")
     parser.add_argument("--pairs", default=None, help="comma-separated pair names (default: all)")
     parser.add_argument("--threads", type=int, default=1)
@@ -156,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.stereo_net and "stereo-net" not in methods:
         methods.append("stereo-net")
+    volumes: dict[str, str] = {}
+    for spec in args.stereo_volume:
+        name, _, path = spec.rpartition("=")
+        volumes[f"stereo-volume:{name}" if name else "stereo-volume"] = path
+    methods += [m for m in volumes if m not in methods]
+    from alignkit.stereo import compiled
+
+    warmup = round(warm_up(pairs[0]), 3)
     results: dict[str, Any] = {}
     for pair in pairs:
         gt = pair["gt"]
@@ -164,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "note": pair["note"]}
         for method in methods:
             log(f"{pair['name']}: {method}")
-            disparity, predicted, seconds = run_method(method, pair, args.stereo_net)
+            disparity, predicted, seconds = run_method(method, pair, args.stereo_net, volumes)
             scores = disparity_errors(disparity, gt, predicted=predicted)
             nonocc = disparity_errors(disparity, gt, predicted=predicted, mask=visible)
             rows[method] = {**{k: round(v, 4) for k, v in scores.items() if k != "pixels"},
@@ -175,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         if base and ours:
             rows["ratios_vs_opencv_sgbm"] = {"bad2": round(ours["bad2"] / max(base["bad2"], 1e-9), 3),
                                              "seconds": round(ours["seconds"] / max(base["seconds"], 1e-9), 2)}
-            sgm = rows.get("alignkit:sgm")
-            if sgm:
-                rows["ratios_vs_opencv_sgbm"]["sgm_seconds"] = round(sgm["seconds"] / max(base["seconds"], 1e-9), 2)
+            for name, key in (("alignkit:sgm", "sgm_seconds"), ("alignkit:sgm-torch", "sgm_torch_seconds")):
+                if rows.get(name):
+                    rows["ratios_vs_opencv_sgbm"][key] = round(rows[name]["seconds"] / max(base["seconds"], 1e-9), 2)
+            hh = rows.get("opencv:sgbm-hh")
+            if hh:
+                rows["ratios_vs_opencv_sgbm_hh"] = {
+                    name: round(rows[name]["seconds"] / max(hh["seconds"], 1e-9), 2)
+                    for name in ("alignkit:stereo", "alignkit:sgm", "alignkit:sgm-torch") if rows.get(name)}
         results[pair["name"]] = rows
-    emit({"benchmark": "stereo", "threads": args.threads, "stereo_net": args.stereo_net,
+    emit({"benchmark": "stereo", "threads": args.threads, "stereo_net": args.stereo_net, "stereo_volume": volumes,
+          "numba": compiled.available(), "warmup_seconds": warmup,
           "commit": os.popen(f"git -C {REPO_ROOT} rev-parse --short HEAD").read().strip(), "pairs": results}, args.out)
     return 0
 

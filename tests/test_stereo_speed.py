@@ -62,6 +62,13 @@ def test_aggregation_and_selection_equal_reference(directions: int) -> None:
 
 
 @needs_numba
+@pytest.mark.parametrize("window", [(7, 9), (5, 5)])
+def test_census_signature_equals_reference(window) -> None:
+    image = _grey01(_pair(4)[0])
+    np.testing.assert_array_equal(compiled.census_signature(image.numpy(), window), census_signature(image, window))
+
+
+@needs_numba
 def test_median_equals_reference() -> None:
     from alignkit.stereo import _median3
 

@@ -142,7 +142,8 @@ def match(
     disparities = np.arange(low_s, high_s + 1)
     if use_compiled and cost == "census":
         size = (7, 9) if window is None else ((window, window) if isinstance(window, int) else tuple(window))
-        signatures = census_signature(left_s, size), census_signature(right_s, size)  # type: ignore[arg-type]
+        census_signature(left_s[:1, :1], size)  # type: ignore[arg-type]  # checks the window
+        signatures = tuple(compiled.census_signature(image.numpy(), size) for image in (left_s, right_s))  # type: ignore[arg-type]
         volume_hwd = compiled.census_cost(*signatures, low_s, len(disparities), size[0] * size[1] - 1, COST_LEVELS)
     else:
         if callable(cost):

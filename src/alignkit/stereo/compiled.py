@@ -87,6 +87,34 @@ def _census_cost(sig_left, sig_right, low, count, bits, levels, out):
                     out[y, x, k] = outside
 
 
+@_jit
+def _census_signature(image, rows, cols, out):
+    height, width = image.shape
+    half_r, half_c = rows // 2, cols // 2
+    for y in range(height):
+        for x in range(width):
+            centre = image[y, x]
+            signature = np.uint64(0)
+            bit = np.uint64(0)
+            for dy in range(rows):
+                yy = min(max(y + dy - half_r, 0), height - 1)  # edge-replicated, as the reference pads
+                for dx in range(cols):
+                    if dy == half_r and dx == half_c:
+                        continue
+                    if image[yy, min(max(x + dx - half_c, 0), width - 1)] < centre:
+                        signature |= np.uint64(1) << bit
+                    bit += np.uint64(1)
+            out[y, x] = signature
+
+
+def census_signature(image: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` uint64 census signatures, as :func:`alignkit.stereo.cost.census_signature` (which
+    checks the window)."""
+    out = np.empty(image.shape, np.uint64)
+    _compiled()._census_signature(np.ascontiguousarray(image, dtype=np.float32), int(window[0]), int(window[1]), out)
+    return out
+
+
 def census_cost(sig_left: np.ndarray, sig_right: np.ndarray, min_disparity: int, count: int, bits: int,
                 levels: int) -> np.ndarray:
     """``(H, W, D)`` int16 census cost in units of ``1 / levels`` of its range (the reference's
