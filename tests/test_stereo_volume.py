@@ -78,7 +78,6 @@ def tiny_run(tmp_path_factory):
 def test_brief_training_lowers_the_held_out_error(tiny_run):
     _, result = tiny_run
     first, last = result.history[0], result.history[-1]
-    print(first, last)
     assert last["val_epe"] < first["val_epe"], (first, last)
 
 
