@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for dataset, items in cases.items():
         for case in items:
+            print(f"{dataset} {case.name}", file=sys.stderr, flush=True)  # progress
             for label, model in models.items():
                 for refine in sorted({0, args.refine}):
                     started = time.perf_counter()
