@@ -214,7 +214,7 @@ def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
         for side in [int(s) for s in args.sizes.split(",") if s]:
             out = Path(args.scratch) / f"c2f_time_{mode}_{side}.json"
             cmd = [sys.executable, __file__, "--time-one", str(side), "--time-modes", mode, "--tile", str(args.tile),
-                   "--seed", str(args.seed), "--result", str(out)]
+                   "--seed", str(args.seed), "--threads", str(args.threads), "--result", str(out)]
             if args.checkpoint:
                 cmd += ["--checkpoint", args.checkpoint]
             started = time.perf_counter()
