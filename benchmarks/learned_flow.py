@@ -27,7 +27,8 @@ EPE of each method divided by Farneback's and by the classical preset's, per dat
 
 Usage::
 
-    python benchmarks/learned_flow.py --model flownet-c=RUN_C [--model ...] [--refine 20] [--threads 2]
+    python benchmarks/learned_flow.py --model flownet-c=RUN_C [--model ...] [--refine 20] [--refine-models flownet-c]
+        [--threads 2]
         [--datasets flow/middlebury,flow/sintel,flow/mmflow-crops] [--no-classical] [--max-cases N]
 
 If no flow data is found the script prints ``{"skipped": ...}`` and exits 0.
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", default=[], metavar="LABEL=RUNDIR",
                         help="a trained flow model (run folder or checkpoint) and its label")
     parser.add_argument("--refine", type=int, default=20, help="refinement iterations of the +refine rows (0: none)")
+    parser.add_argument("--refine-models", default=None,
+                        help="comma-separated model labels that get a +refine row (default: every model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--max-cases", type=int, default=None, help="at most this many cases per data set")
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in items:
             print(f"{dataset} {case.name}", file=sys.stderr, flush=True)  # progress
             for label, model in models.items():
-                for refine in sorted({0, args.refine}):
+                refined = args.refine_models is None or label in args.refine_models.split(",")
+                for refine in sorted({0, args.refine if refined else 0}):
                     started = time.perf_counter()
                     result = alignkit.register(case.fixed, case.moving, method=model.method_name, checkpoint=model,
                                                refine=refine, seed=0)
