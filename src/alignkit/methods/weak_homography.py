@@ -18,6 +18,14 @@ over):
   -- patches at least ``negative_distance`` pixels from the start's correspondence -- are drawn once
   per level and stay fixed (§4.3).
 
+What we added to the paper, each for a failure seen on real pairs: half of the negatives lie near the
+correspondence (``negative_distance`` to ``near_radius`` times it; uniform ones alone left the descriptor
+blind to misalignments of a few pixels); the homography is frozen for the first ``warmup`` fraction of a
+level's steps (an untrained network sent it tens of pixels away); its rate is given in level pixels
+(``homography_learning_rate`` / (frame_scale · size)^2 in the parameters) and a step is clipped at
+``homography_max_step`` level pixels; a positive whose correspondence leaves the image counts as the
+largest distance instead of being dropped (dropping let the homography escape to a zero loss).
+
 Start (``start``): ``"auto"`` uses the SIFT + MAGSAC++ fit of :func:`alignkit.solve.features.feature_fit`
 (the ``photo`` preset's start) when it is trusted and has at least ``min_inliers`` inliers -- and then
 runs only the finest ``feature_levels`` pyramid levels --, else the identity; ``"identity"`` (the paper's protocol); ``"features"`` (an error when no fit is trusted);
@@ -29,11 +37,12 @@ by the same loss on held-out keypoints with the level's final network, and the l
 The result is a :class:`~alignkit.transforms.MatrixTransform` from fixed-world to moving-world points,
 like the ``photo`` preset's homography stage.
 
-Defaults were chosen for seconds-to-tens-of-seconds per pair on one CPU core (measured in
-``benchmarks/weak_homography.py``): levels from about 200 pixels on the long side to the full
-image (at most ``max_size``); 150 iterations per level and 250 at the finest; 1500 keypoints per
-image. About 50 ms per iteration on one busy core (the network's forward and backward passes on
-192 patches dominate), i.e. ~30 s for a 900 x 768 pair.
+Defaults were chosen for seconds-to-tens-of-seconds per pair on one CPU core: levels from about 200
+pixels on the long side to the full image (at most ``max_size``), 150 iterations per level and 250 at
+the finest, 1500 keypoints per image; after a trusted SIFT start only the finest level runs. Measured
+on a 900 x 768 vis-nir pair, one thread, load average ~1.5: 66 ms per iteration (the network's forward
+and backward passes on 192 patches take 35 ms of it), 43 s for three levels (650 iterations then);
+on the loaded shared machine of ``benchmarks/README.md`` 65 s (finest level only) to 155 s per pair.
 """
 
 from __future__ import annotations
