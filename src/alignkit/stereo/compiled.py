@@ -131,7 +131,6 @@ def _aggregate_direction(cost, penalty, dy, dx, p1, total):
     height, width, count = cost.shape
     rows = np.empty((2, width, count), np.int16)  # path costs of the previous and the current row
     lowest = np.empty((2, width), np.int16)  # their minima over d
-    best = np.empty(count, np.int16)
     row_order = range(height) if dy >= 0 else range(height - 1, -1, -1)
     for step_y, y in enumerate(row_order):
         here, there = step_y % 2, (step_y + 1) % 2
@@ -152,21 +151,25 @@ def _aggregate_direction(cost, penalty, dy, dx, p1, total):
             previous_low = lowest[there if dy != 0 else here, px]
             jump = np.int16(previous_low + penalty[y, x])
             step = np.int16(p1)
-            for k in range(count):
-                value = source[k]
-                if k > 0 and source[k - 1] + step < value:
-                    value = np.int16(source[k - 1] + step)
-                if k < count - 1 and source[k + 1] + step < value:
-                    value = np.int16(source[k + 1] + step)
-                value = min(value, jump)
-                best[k] = np.int16(cost[y, x, k] + value - previous_low)
-            low = np.int16(32767)
-            for k in range(count):
-                value = best[k]
-                rows[here, x, k] = value
-                total[y, x, k] += value
+            out, into, here_cost = rows[here, x], total[y, x], cost[y, x]
+            # d = 0 and d = D - 1 have one neighbour; the inner loop has no branch (vectorisable);
+            # a path's costs never alias: the predecessor is another pixel (count >= 2 disparities)
+            value = np.int16(here_cost[0] + min(min(source[0], np.int16(source[1] + step)), jump) - previous_low)
+            out[0] = value
+            into[0] += value
+            low = value
+            for k in range(1, count - 1):
+                neighbour = np.int16(min(source[k - 1], source[k + 1]) + step)
+                value = np.int16(here_cost[k] + min(min(source[k], neighbour), jump) - previous_low)
+                out[k] = value
+                into[k] += value
                 low = min(low, value)
-            lowest[here, x] = low
+            last = count - 1
+            value = np.int16(here_cost[last] + min(min(source[last], np.int16(source[last - 1] + step)), jump)
+                             - previous_low)
+            out[last] = value
+            into[last] += value
+            lowest[here, x] = min(low, value)
 
 
 def aggregate(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: int) -> np.ndarray:
