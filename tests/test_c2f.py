@@ -300,3 +300,20 @@ def test_c2f_refuses_3d_and_bad_options():
     with pytest.raises(ConfigError):
         get_method("c2f").create(halo=30)
     assert np.isfinite(chain_factors((5000, 5000), 16)[0]) and chain_factors((5000, 5000), 16)[0] == 256
+
+
+def test_shipped_model_registers_out_of_the_box():
+    """``--method c2f`` with no checkpoint uses the model shipped in the package (<= 2 MiB, float16,
+    with its recipe and card)."""
+    import alignkit
+    from alignkit.methods.shipped import MAX_BYTES, get_shipped, shipped_for
+
+    shipped = get_shipped("c2f_multimodal2d")
+    assert shipped.available() and shipped.path().stat().st_size <= MAX_BYTES
+    assert shipped_for("c2f", 2) == shipped
+    assert shipped.card()["method"] == "c2f" and shipped.recipe()["method"] == "c2f"
+    folder = data_path("multimodal", "itk-t1-pd-slices")
+    result = alignkit.register(folder / "BrainT1SliceBorder20.png", folder / "BrainProtonDensitySliceBorder20.png",
+                               method="c2f")
+    assert result.metrics["checkpoint"] == str(shipped.path())
+    assert torch.isfinite(result.transform.stages[-1].voxels).all()
