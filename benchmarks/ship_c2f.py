@@ -94,8 +94,8 @@ def export(run: Path, out: Path) -> dict[str, Any]:
     if difference > TOLERANCE_PX:
         raise SystemExit(f"the float16 model differs from the run's by {difference:.4f} px > {TOLERANCE_PX}")
     return {"file_bytes": size, "file_sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-            "parameters": sum(v.numel() for k, v in state["model"].items() if v.is_floating_point()
-                              and "running" not in k),
+            # trainable parameters, as every card counts them (not batch-norm statistics or constants)
+            "parameters": sum(p.numel() for p in load_model(out).parameters()),
             "fp16_check": {"pair": "ITK T1/PD Border20 slices, mode fast", "max_difference_px": difference,
                            "max_displacement_px": float(ua.norm(dim=1).max()), "tolerance_px": TOLERANCE_PX}}
 
@@ -153,6 +153,8 @@ def main() -> None:
                           "epoch ships); mountain, T1/PD and CT/MR were never seen"},
         "weights_licence": "CC BY-NC-SA 3.0 (derived from OASIS-TRT-20 among others; non-commercial)",
         "recipe": f"src/alignkit/methods/models/{NAME}.recipe.json",
+        "command": "python benchmarks/ship_c2f.py" + (f" --run {args.run}" if args.run else "")
+        + f" --threads {args.threads}",
         "training": {**last_scores(run), **trained, "note": args.runs_note or None},
         "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "src")),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -133,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.recipe,
         "method": "stereo-net",
         "summary": "MC-CNN-fast matching cost (4 x 3x3 conv, 32 features, 9x9 patches) for semi-global matching",
-        "data": {
+        "dimensions": 2,
+        "parameters": exported["parameters"],
+        "file": exported["path"],
+        "file_bytes": exported["bytes"],
+        "file_sha256": exported["sha256"],
+        "training_data": {
             "synthetic": "rectified pairs rendered from scikit-image's sample photographs with a random depth "
                          "layering (alignkit.data.synthetic_stereo.training_photographs; the licence of each "
                          "is in its skimage.data docstring: public domain or CC0 for most, none stated for "
@@ -143,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             "held_out": "stereo/aloe (Middlebury 2006 'Aloe', as shipped in OpenCV's samples)",
         },
         "weights_licence": "as the training data allow: research and benchmarking use",
-        "recipe": recipe,
+        "recipe": f"src/alignkit/methods/models/{args.recipe}.recipe.json",
+        "training_config": recipe,
         "command": f"python benchmarks/ship_stereo_net.py --recipe {args.recipe} --threads {args.threads}",
+        "commit": training.get("commit"),
         "training": training,
         "final_epoch": final,
         "export": exported,
