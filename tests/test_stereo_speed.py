@@ -72,8 +72,11 @@ def test_census_signature_equals_reference(window) -> None:
 def test_median_equals_reference() -> None:
     from alignkit.stereo import _median3
 
-    image = torch.from_numpy(np.random.default_rng(3).normal(size=(17, 23)).astype(np.float32))
-    np.testing.assert_array_equal(compiled.median3(image.numpy()), _median3(image).numpy())
+    rng = np.random.default_rng(3)
+    for shape in ((17, 23), (1, 6), (3, 3)):
+        for image in (rng.normal(size=shape), np.round(rng.normal(size=shape) * 2)):  # the second with ties
+            image = torch.from_numpy(image.astype(np.float32))
+            np.testing.assert_array_equal(compiled.median3(image.numpy()), _median3(image).numpy())
 
 
 @needs_numba

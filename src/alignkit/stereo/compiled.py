@@ -241,24 +241,33 @@ def select(total: np.ndarray, min_disparity: int) -> tuple[np.ndarray, np.ndarra
 @_jit
 def _median3(image, out):
     height, width = image.shape
-    window = np.empty(9, np.float32)
     for y in range(height):
+        above, below = max(y - 1, 0), min(y + 1, height - 1)  # edge-replicated, as the reference pads
         for x in range(width):
-            n = 0
-            for dy in range(-1, 2):
-                yy = min(max(y + dy, 0), height - 1)  # edge-replicated, as the reference pads
-                for dx in range(-1, 2):
-                    window[n] = image[yy, min(max(x + dx, 0), width - 1)]
-                    n += 1
-            # insertion sort of 9 values: the median is the 5th
-            for i in range(1, 9):
-                value = window[i]
-                j = i - 1
-                while j >= 0 and window[j] > value:
-                    window[j + 1] = window[j]
-                    j -= 1
-                window[j + 1] = value
-            out[y, x] = window[4]
+            left, right = max(x - 1, 0), min(x + 1, width - 1)
+            p0, p1, p2 = image[above, left], image[above, x], image[above, right]
+            p3, p4, p5 = image[y, left], image[y, x], image[y, right]
+            p6, p7, p8 = image[below, left], image[below, x], image[below, right]
+            # the 19-exchange median-of-9 network (Paeth, Graphics Gems; Devillard's opt_med9): branch-free
+            p1, p2 = min(p1, p2), max(p1, p2)
+            p4, p5 = min(p4, p5), max(p4, p5)
+            p7, p8 = min(p7, p8), max(p7, p8)
+            p0, p1 = min(p0, p1), max(p0, p1)
+            p3, p4 = min(p3, p4), max(p3, p4)
+            p6, p7 = min(p6, p7), max(p6, p7)
+            p1, p2 = min(p1, p2), max(p1, p2)
+            p4, p5 = min(p4, p5), max(p4, p5)
+            p7, p8 = min(p7, p8), max(p7, p8)
+            p0, p3 = min(p0, p3), max(p0, p3)
+            p5, p8 = min(p5, p8), max(p5, p8)
+            p4, p7 = min(p4, p7), max(p4, p7)
+            p3, p6 = min(p3, p6), max(p3, p6)
+            p1, p4 = min(p1, p4), max(p1, p4)
+            p2, p5 = min(p2, p5), max(p2, p5)
+            p4, p7 = min(p4, p7), max(p4, p7)
+            p4, p2 = min(p4, p2), max(p4, p2)
+            p6, p4 = min(p6, p4), max(p6, p4)
+            out[y, x] = min(p4, p2)
 
 
 def median3(image: np.ndarray) -> np.ndarray:
