@@ -79,12 +79,15 @@ def _census_cost(sig_left, sig_right, low, count, bits, levels, out):
     for y in range(height):
         for x in range(width):
             reference = sig_left[y, x]
-            for k in range(count):
-                source = x - (low + k)
-                if 0 <= source < width:
-                    out[y, x, k] = table[_popcount64(reference ^ sig_right[y, source])]
-                else:
-                    out[y, x, k] = outside
+            # the disparities whose match x - d lies inside the right image, without a branch per d
+            first = min(max(x - low - (width - 1), 0), count)
+            last = min(max(x - low, -1), count - 1)
+            for k in range(first):
+                out[y, x, k] = outside
+            for k in range(first, last + 1):
+                out[y, x, k] = table[_popcount64(reference ^ sig_right[y, x - low - k])]
+            for k in range(max(last + 1, first), count):
+                out[y, x, k] = outside
 
 
 @_jit
