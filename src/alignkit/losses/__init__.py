@@ -30,6 +30,13 @@ from alignkit.losses.similarity import (
     SimilarityName,
     build_similarity,
 )
+from alignkit.losses.unsupervised_flow import (
+    UnsupervisedFlowLoss,
+    census_transform,
+    edge_aware_smoothness,
+    forward_backward_occlusion,
+    multiscale_epe,
+)
 
 __all__ = [
     "L1",
@@ -52,7 +59,12 @@ __all__ = [
     "RegularizerName",
     "SimilarityName",
     "TotalVariation",
+    "UnsupervisedFlowLoss",
     "build_regularizer",
     "build_similarity",
+    "census_transform",
+    "edge_aware_smoothness",
+    "forward_backward_occlusion",
+    "multiscale_epe",
     "one_hot",
 ]
