@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
+from alignkit.data.synthetic_flow import SeededItems
 from alignkit.errors import ConfigError, InputError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".tif", ".tiff", ".bmp")
@@ -90,7 +90,7 @@ def _grey_frame(path: Path, percentiles: Sequence[float] | None) -> Tensor:
     return data[0]
 
 
-class FrameCropPairs(Dataset):
+class FrameCropPairs(SeededItems):
     """Random crops ``size`` of unlabelled frame pairs (module docstring): items ``fixed``/``moving``
     ``(1, H, W)`` and ``index``; ``length`` items per epoch (``per_epoch=False``: the same ones every
     epoch, for validation). ``flip`` mirrors both frames along a random set of axes and ``swap``
@@ -120,22 +120,11 @@ class FrameCropPairs(Dataset):
             self.names.append(f"{first} -> {Path(second).name}")
         if not self.frames:
             raise ConfigError(f"no frame pair is at least {size} pixels large")
-        self.length, self.seed, self.per_epoch = int(length), int(seed), bool(per_epoch)
+        super().__init__(length=length, seed=seed, per_epoch=per_epoch)
         self.flip, self.swap = bool(flip), bool(swap)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from alignkit.train.pairs import item_generator
-
-        if not 0 <= index < self.length:
-            raise IndexError(index)
-        generator = item_generator(self.seed, self.epoch if self.per_epoch else 0, index)
+        generator = self.generator(index)
         k = int(torch.randint(len(self.frames), (), generator=generator))
         first, second = self.frames[k]
         corner = [int(torch.randint(s - c + 1, (), generator=generator)) for s, c in zip(first.shape[1:], self.size)]

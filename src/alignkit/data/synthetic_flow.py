@@ -341,7 +341,33 @@ def synthetic_flow_pair(
     return out
 
 
-class SyntheticFlowPairs(Dataset):
+class SeededItems(Dataset):
+    """A map-style data set of ``length`` random items, item ``i`` of epoch ``e`` drawn from its own
+    generator ``item_generator(seed, e, i)`` (``per_epoch=False``: epoch 0 always, the same items every
+    epoch) -- what the training loop's determinism needs (:mod:`alignkit.train.pairs`)."""
+
+    def __init__(self, *, length: int, seed: int, per_epoch: bool) -> None:
+        if length < 1:
+            raise ConfigError(f"length must be >= 1, got {length}")
+        self.length, self.seed, self.per_epoch = int(length), int(seed), bool(per_epoch)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def generator(self, index: int) -> torch.Generator:
+        """Item ``index``'s generator (IndexError outside the data set)."""
+        from alignkit.train.pairs import item_generator
+
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return item_generator(self.seed, self.epoch if self.per_epoch else 0, index)
+
+
+class SyntheticFlowPairs(SeededItems):
     """Training pairs from :func:`synthetic_flow_pair`: item ``i`` of epoch ``e`` is drawn from
     ``item_generator(seed, e, i)`` (``per_epoch=True``; a fixed set of ``length`` pairs with
     ``per_epoch=False``, e.g. for validation with another ``seed``).
@@ -372,32 +398,18 @@ class SyntheticFlowPairs(Dataset):
             size = size * 2
         if len(size) != 2 or min(size) < 16:
             raise ConfigError(f"synthetic flow pairs are 2D with sides >= 16 pixels, got size {size}")
-        if length < 1:
-            raise ConfigError(f"length must be >= 1, got {length}")
+        super().__init__(length=length, seed=seed, per_epoch=per_epoch)
         self.size = size
-        self.length = int(length)
-        self.seed = int(seed)
-        self.per_epoch = bool(per_epoch)
         self.photometric = bool(photometric)
         self.percentiles = None if percentiles is None else tuple(float(v) for v in percentiles)
         self.texture_names = tuple(textures)
         self.scene = dict(scene)
         random_scene(torch.Generator().manual_seed(0), [torch.zeros(1, 8, 8)], size, **self.scene)  # check options
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from alignkit.solve.engine import normalize_intensity
-        from alignkit.train.pairs import item_generator
 
-        if not 0 <= index < self.length:
-            raise IndexError(index)
-        generator = item_generator(self.seed, self.epoch if self.per_epoch else 0, index)
+        generator = self.generator(index)
         pair = synthetic_flow_pair(generator, self.size, textures=photo_textures(self.texture_names),
                                    photometric=self.photometric, **self.scene)
         fixed, moving = pair["frame1"], pair["frame2"]
