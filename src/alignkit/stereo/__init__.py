@@ -8,6 +8,10 @@ with parabola sub-pixel refinement, a 3x3 median, the left-right consistency che
 and mismatched pixels, which are then filled from the background along their row
 (:mod:`alignkit.stereo.sgm`). The ``stereo`` preset of the classical method starts the engine from
 it and refines the disparity variationally (robust data term, TV smoothness).
+
+With numba installed (``pip install 'alignkit[fast]'``) :func:`match` runs the compiled kernels of
+:mod:`alignkit.stereo.compiled` (``backend="auto"``; the same integers as the torch/numpy reference,
+``backend="torch"``, which stays the path without numba).
 """
 
 from __future__ import annotations
@@ -161,7 +165,7 @@ def match(
     if use_compiled:
         steps = step_penalties(left_s, p1, p2, tau, directions)
         total = compiled.aggregate(volume_hwd, [p.numpy() for _, p in steps], [r for r, _ in steps],
-                                   round(p1 * COST_LEVELS))
+                                   round(p1 * COST_LEVELS), progress=progress)
         del volume_hwd
         times["aggregate"] = time.perf_counter() - started
         started = time.perf_counter()

@@ -175,14 +175,22 @@ def _aggregate_direction(cost, penalty, dy, dx, p1, total):
             lowest[here, x] = min(low, value)
 
 
-def aggregate(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: int) -> np.ndarray:
+def aggregate(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: int, progress=None) -> np.ndarray:
     """``S = sum_r L_r`` ``(H, W, D)`` int16 of a quantised ``(H, W, D)`` int16 cost, ``penalties[i]``
     ``(H, W)`` int16 being the P2 of the step into each pixel along ``directions[i]`` ``(dy, dx)``
     (:func:`alignkit.stereo.sgm._step_penalty`)."""
     cost = np.ascontiguousarray(cost, dtype=np.int16)
     total = np.zeros_like(cost)
-    for (dy, dx), penalty in zip(directions, penalties, strict=True):
-        _compiled()._aggregate_direction(cost, np.ascontiguousarray(penalty, dtype=np.int16), int(dy), int(dx), int(p1), total)
+    bar = progress(total=len(directions), desc="  sgm", unit="path") if progress else None
+    try:
+        for (dy, dx), penalty in zip(directions, penalties, strict=True):
+            _compiled()._aggregate_direction(cost, np.ascontiguousarray(penalty, dtype=np.int16), int(dy), int(dx),
+                                             int(p1), total)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return total
 
 
