@@ -73,7 +73,7 @@ def block_spec(ndim: int, width: float = 1.0) -> dict[str, Any]:
     With batch normalisation after every convolution: A.1 names none, and without one the blocks
     stayed at the null answer (the local minimum of §A.4.1) on our CPU budgets: 500 steps of a
     half-width A.1 block on OASIS/VIS-NIR patches left the held-out field error at the identity's
-    (1.186 vs 1.185 px); 250 steps of a quarter-width block on the T1 slice did not move it (1.212 vs
+    (1.193 vs 1.185 px after 500 steps); 250 steps of a quarter-width block on the T1 slice did not move it (1.212 vs
     1.215) without normalisation and brought it to 0.970 with it. In eval mode the
     statistics are fixed, so tiled inference stays equal to untiled."""
     def w(n: int) -> int:
