@@ -125,8 +125,8 @@ SHIPPED: tuple[ShippedModel, ...] = (
     ),
     # A recipe only, for now: trained by it on one CPU thread of a shared machine (6 x 2000 synthetic pairs,
     # 45 min), the narrow FlowNetC scored a mean EPE of 3.98 px on Middlebury and 8.89 on the Sintel samples
-    # (benchmarks/ship_flownet.py), worse than no motion at all (zero flow: 2.53 / 9.05) and than Farneback (0.52 / 2.70),
-    # so its weights do not ship until a longer run beats Farneback.
+    # (benchmarks/ship_flownet.py): worse than no motion at all on Middlebury (zero flow: 2.53), barely better on
+    # Sintel (9.05), far behind Farneback (0.52 / 2.70), so its weights do not ship until a longer run beats Farneback.
     ShippedModel(
         name="flownet_c_synthetic2d",
         method="flownet-c",
