@@ -124,7 +124,7 @@ def test_2d_against_3d(pair, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["constant", "nan"])
 def test_unusable_image(pair, tmp_path, capsys, kind):
-    fixed, _, config = pair
+    _, _, config = pair
     data = np.full((8, 9, 10), 3.0, dtype=np.float32)
     if kind == "nan":
         data = np.random.rand(8, 9, 10).astype(np.float32)

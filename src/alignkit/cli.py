@@ -183,7 +183,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("alignkit")
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to read the metadata means "unknown"
         return "unknown"
 
 

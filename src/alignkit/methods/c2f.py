@@ -50,15 +50,13 @@ from alignkit.image import Image, grey_channels
 from alignkit.losses import Laplacian
 from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.heads import LearnedDisplacement
-from alignkit.methods.learned import LearnedMethod, LearnedModel, _linear_models, learned_method
+from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
 from alignkit.nets.pyramid import TILE_ALIGN, ScaleChain
 from alignkit.registration import Inputs
-from alignkit.solve import Engine
 from alignkit.solve.engine import normalize_intensity
-from alignkit.solve.presets import resolve_config
 from alignkit.spatial import Grid, sample_world
 from alignkit.train.protocol import TrainingStage
-from alignkit.transforms import ComposedTransform, Transform, flatten_stages
+from alignkit.transforms import ComposedTransform, Transform
 
 C2FMode = Literal["per-scale", "fast", "accurate"]
 #: shrink factors of the scale-specific blocks (networks ``block1``, ``block2``, ``block4``)
@@ -126,17 +124,8 @@ class C2FMethod(LearnedMethod):
     def run(self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory) -> MethodOutput:
         learned, source = self.model(inputs.ndim, device)
         assert isinstance(learned, C2F)
-        stage_seconds: dict[str, float] = {}
-        stages: list[Transform] = []
-        names: list[str] = []
-        models = _linear_models(inputs.ndim, self.transform, None)
-        if models:
-            linear = resolve_config(inputs.ndim, transform=models)
-            engine = Engine(linear, device=device, seed=seed, progress=progress)
-            stages = flatten_stages(engine.run(inputs.fixed, inputs.moving))
-            names += [s.transform for s in linear.stages]
-            for log in engine.logs:
-                stage_seconds[log.transform] = round(log.seconds, 3)
+        models, stages, names, stage_seconds = self.prealign(
+            inputs, None, device=device, seed=seed, progress=progress)
         tic = time.perf_counter()
         fixed, moving = learned.prepare(inputs.fixed, inputs.moving,
                                         initial=ComposedTransform(stages) if stages else None, device=device)

@@ -37,12 +37,11 @@ from alignkit.errors import ConfigError, ShapeError
 from alignkit.image import Image
 from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.heads import voxel_grid
-from alignkit.methods.learned import LearnedMethod, LearnedModel, _linear_models, learned_method
+from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
 from alignkit.registration import Inputs
 from alignkit.solve import Engine, RegistrationConfig, StageConfig
 from alignkit.solve.config import FIELD_MODELS, LINEAR_MODELS
 from alignkit.solve.implicit import GradientMode, OptimisationLayer
-from alignkit.solve.presets import resolve_config
 from alignkit.spatial import Grid, resize_image
 from alignkit.transforms import ComposedTransform, Transform, flatten_stages
 
@@ -177,17 +176,8 @@ class DIOMethod(LearnedMethod):
     def run(self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory) -> MethodOutput:
         learned, source = self.model(inputs.ndim, device)
         assert isinstance(learned, DIO)
-        stage_seconds: dict[str, float] = {}
-        names: list[str] = []
-        stages: list[Transform] = []
-        models = _linear_models(inputs.ndim, self.transform, learned.config.get("prealign"))
-        if models:
-            linear = resolve_config(inputs.ndim, transform=models)
-            engine = Engine(linear, device=device, seed=seed, progress=progress)
-            stages = flatten_stages(engine.run(inputs.fixed, inputs.moving))
-            names += [s.transform for s in linear.stages]
-            for log in engine.logs:
-                stage_seconds[log.transform] = round(log.seconds, 3)
+        models, stages, names, stage_seconds = self.prealign(
+            inputs, learned.config.get("prealign"), device=device, seed=seed, progress=progress)
         prior = ComposedTransform(stages) if stages else None
         tic = time.perf_counter()
         with torch.no_grad():

@@ -373,14 +373,17 @@ class LearnedMethod(Method):
         options, e.g. the network grid ``size``); none by default."""
         return {}
 
-    def run(
-        self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory
-    ) -> MethodOutput:
-        learned, source = self.model(inputs.ndim, device)
-        stage_seconds: dict[str, float] = {}
-        names: list[str] = []
+    def prealign(
+        self, inputs: Inputs, default: str | None, *, device: torch.device, seed: int | None,
+        progress: ProgressFactory,
+    ) -> tuple[list[str], list[Transform], list[str], dict[str, float]]:
+        """The linear pre-alignment (``transform``, else ``default``, e.g. the model's recorded
+        ``prealign``) by the classical engine: (models, stages, stage names, stage seconds); no
+        stages when there is none."""
+        models = _linear_models(inputs.ndim, self.transform, default)
         stages: list[Transform] = []
-        models = _linear_models(inputs.ndim, self.transform, learned.config.get("prealign"))
+        names: list[str] = []
+        stage_seconds: dict[str, float] = {}
         if models:
             linear = resolve_config(inputs.ndim, transform=models)
             engine = Engine(linear, device=device, seed=seed, progress=progress)
@@ -388,6 +391,14 @@ class LearnedMethod(Method):
             names += [s.transform for s in linear.stages]
             for log in engine.logs:
                 stage_seconds[log.transform] = round(log.seconds, 3)
+        return models, stages, names, stage_seconds
+
+    def run(
+        self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory
+    ) -> MethodOutput:
+        learned, source = self.model(inputs.ndim, device)
+        models, stages, names, stage_seconds = self.prealign(
+            inputs, learned.config.get("prealign"), device=device, seed=seed, progress=progress)
         tic = time.perf_counter()
         prior = ComposedTransform(stages) if stages else None
         predicted = learned.predict(inputs.fixed, inputs.moving, initial=prior, device=device,
