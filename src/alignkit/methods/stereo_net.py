@@ -41,7 +41,7 @@ from alignkit.errors import ConfigError, InputError
 from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
 from alignkit.registration import Inputs
-from alignkit.stereo import match, occlusion_from_disparity
+from alignkit.stereo import check_rectified_pair, match, occlusion_from_disparity
 from alignkit.stereo.cost import grey
 from alignkit.transforms import ComposedTransform, DisparityField, Transform
 
@@ -149,9 +149,7 @@ class StereoNetMethod(LearnedMethod):
     def run(self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory) -> MethodOutput:
         import time
 
-        if inputs.ndim != 2 or tuple(inputs.fixed.shape) != tuple(inputs.moving.shape):
-            raise InputError(f"stereo-net needs a rectified 2D pair of one size; got {tuple(inputs.fixed.shape)} "
-                             f"and {tuple(inputs.moving.shape)}")
+        check_rectified_pair(inputs.fixed.shape, inputs.moving.shape, "stereo-net", error=InputError)
         learned, source = self.model(2, device)
         assert isinstance(learned, StereoNet)
         started = time.perf_counter()

@@ -44,7 +44,7 @@ from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
 from alignkit.methods.stereo_net import StereoNet, normalise_pair
 from alignkit.registration import Inputs
-from alignkit.stereo import default_disparity_range
+from alignkit.stereo import check_rectified_pair, default_disparity_range
 from alignkit.stereo.sgm import left_right_check
 from alignkit.transforms import ComposedTransform, DisparityField, Transform
 
@@ -66,9 +66,7 @@ class StereoVolumeMethod(LearnedMethod):
         self.min_disparity, self.max_disparity = min_disparity, max_disparity
 
     def run(self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory) -> MethodOutput:
-        if inputs.ndim != 2 or tuple(inputs.fixed.shape) != tuple(inputs.moving.shape):
-            raise InputError(f"stereo-volume needs a rectified 2D pair of one size; got {tuple(inputs.fixed.shape)} "
-                             f"and {tuple(inputs.moving.shape)}")
+        check_rectified_pair(inputs.fixed.shape, inputs.moving.shape, "stereo-volume", error=InputError)
         learned, source = self.model(2, device)
         assert isinstance(learned, StereoVolume)
         started = time.perf_counter()

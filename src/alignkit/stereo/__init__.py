@@ -228,6 +228,14 @@ def check_sgm_options(options: dict) -> None:
         raise ConfigError(f"max_disparity ({high}) must exceed min_disparity ({low})")
 
 
+def check_rectified_pair(fixed_shape, moving_shape, who: str = "stereo matching", *,
+                         error: type[Exception] = ShapeError) -> None:
+    """One-line ``error`` unless the two rasters are a rectified 2D pair of one size (the left
+    image's row ``y`` matches the right image's row ``y``)."""
+    if len(tuple(fixed_shape)) != 2 or tuple(fixed_shape) != tuple(moving_shape):
+        raise error(f"{who} needs a rectified 2D pair of one size; got {tuple(fixed_shape)} and {tuple(moving_shape)}")
+
+
 def sgm_start(
     fixed: Tensor, fixed_grid, moving: Tensor, moving_grid, *, progress=None, **options
 ) -> tuple[DisparityField, dict[str, float]]:
@@ -235,9 +243,7 @@ def sgm_start(
     on their grids (fixed = left, moving = right, the same raster), as a :class:`DisparityField` on the
     fixed grid carrying the left-right check's ``occluded`` mask, named ``init:sgm``; and the record
     ``init_info`` keeps (range, occluded share, matching scale, seconds)."""
-    if fixed_grid.ndim != 2 or tuple(fixed_grid.shape) != tuple(moving_grid.shape):
-        raise ShapeError(f"stereo matching needs a rectified 2D pair of one size; got {tuple(fixed_grid.shape)} "
-                         f"and {tuple(moving_grid.shape)}")
+    check_rectified_pair(fixed_grid.shape, moving_grid.shape)
     check_sgm_options(options)
     result = match(fixed[0].detach().cpu(), moving[0].detach().cpu(), progress=progress, **options)
     start = DisparityField.from_pixels(result.disparity, fixed_grid, occluded=result.occluded)
@@ -255,6 +261,7 @@ __all__ = [
     "SGM_OPTIONS",
     "StereoMatch",
     "census_signature",
+    "check_rectified_pair",
     "check_sgm_options",
     "cost_volume",
     "default_disparity_range",
