@@ -14,7 +14,9 @@ from alignkit.losses.regularizers import RegularizerName, build_regularizer
 from alignkit.losses.similarity import SimilarityName, build_similarity
 from alignkit.transforms import TransformName
 
-OptimizerName = Literal["adam", "sgd", "lbfgs"]
+#: ``greedy``: PICSL Greedy's update of a dense field (:mod:`alignkit.solve.greedy`), for
+#: ``displacement`` and ``svf`` stages; the others minimise the objective over any model's parameters
+OptimizerName = Literal["adam", "sgd", "lbfgs", "greedy"]
 InitName = Literal["none", "center", "com", "features", "dis", "sgm"]
 #: what the engine can add to a stage's objective: a field regulariser, called
 #: ``regularizer(field, spacing)`` on the model's field, or ``"energy"``, the vector-momentum SVF's
@@ -25,6 +27,8 @@ StageRegularizerName = Literal["diffusion", "bending", "laplacian", "tv", "energ
 
 LINEAR_MODELS = ("translation", "rigid", "similarity", "affine", "homography")
 FIELD_MODELS = ("displacement", "svf", "vsvf", "bspline", "disparity")
+#: the dense models whose field the greedy update moves directly
+GREEDY_MODELS = ("displacement", "svf")
 
 
 def check_choice(value: object, choices: object, what: str) -> None:
@@ -61,6 +65,15 @@ class StageConfig:
     levels: tuple[float, ...] = (4, 2, 1)
     iterations: tuple[int, ...] = (100, 50, 25)
     smoothing: tuple[float | None, ...] | None = None
+    #: ``"greedy"`` (displacement and svf stages; :mod:`alignkit.solve.greedy`): PICSL Greedy's
+    #: update instead of a gradient optimiser. Its settings are the fields below read Greedy's way:
+    #: ``gradient_smoothing`` is sigma_pre and ``field_smoothing`` sigma_post (Greedy's ``-s``, voxels
+    #: of the level), ``learning_rate`` the largest displacement of one update in voxels of the level
+    #: (Greedy's ``-e``), ``iterations`` its schedule (``-n``); the step is halved on a plateau like
+    #: the learning rate of the others. An ``svf`` stage adds the updates to its velocity (Greedy's
+    #: ``-sv``), with the squarings chosen so that no voxel folds (``steps="auto"``, unless
+    #: ``transform_options`` fixes them). The smoothings are its regularisation: ``regularizer``, ``fold_weight`` and
+    #: ``field_shrink`` stay at their defaults.
     optimizer: OptimizerName = "adam"
     learning_rate: float = 1e-2
     tolerance: float = 1e-5
@@ -113,6 +126,19 @@ class StageConfig:
         if self.smoothing is not None and len(self.smoothing) != len(self.levels):
             raise ConfigError(f"stage {self.transform}: smoothing needs one sigma per level")
         check_choice(self.optimizer, OptimizerName, "optimizer")
+        if self.optimizer == "greedy":
+            if self.transform not in GREEDY_MODELS:
+                raise ConfigError(
+                    f"stage {self.transform}: optimizer 'greedy' updates a dense field ({', '.join(GREEDY_MODELS)}); "
+                    "use adam, sgd or lbfgs for this model"
+                )
+            if self.regularizer_weight > 0 or self.fold_weight > 0 or self.field_shrink != 1:
+                raise ConfigError(
+                    f"stage {self.transform}: optimizer 'greedy' is regularised by its smoothings (gradient_smoothing, "
+                    "field_smoothing); leave regularizer_weight and fold_weight at 0 and field_shrink at 1"
+                )
+            if self.learning_rate <= 0:
+                raise ConfigError(f"stage {self.transform}: the greedy step (learning_rate, voxels) must be > 0")
         if self.field_median < 0 or (self.field_median > 0 and self.field_median % 2 == 0):
             raise ConfigError(f"field_median must be 0 (off) or an odd window, got {self.field_median}")
         if self.max_level_voxels < 0:

@@ -27,6 +27,8 @@ from torch import Tensor
 from alignkit.errors import ConfigError
 from alignkit.image import Image, common_channels
 from alignkit.solve.config import RegistrationConfig, StageConfig
+from alignkit.solve.greedy import compose_displacement, normalised_step, smooth_field
+from alignkit.solve.optim import PlainAdam
 from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
 from alignkit.spatial.points import homogeneous_grid, sample_affine, sample_projective
 from alignkit.transforms import (
@@ -34,6 +36,7 @@ from alignkit.transforms import (
     DisplacementField,
     FieldTransform,
     MatrixTransform,
+    StationaryVelocityField,
     Transform,
     VectorMomentumSVF,
     build_transform,
@@ -579,11 +582,16 @@ class Engine:
             prompts["landmarks"] = (LandmarkDistance(), fixed_points.to(self.device), moving_points.to(self.device))
         return prompts
 
-    def _downsample(self, role: str, tensor: Tensor, grid: Grid, factor: float, sigma: float | None) -> tuple[Tensor, Grid]:
+    def _downsample(self, role: str, tensor: Tensor, grid: Grid, factor: float, sigma: float | None,
+                    grey: bool = False) -> tuple[Tensor, Grid]:
         """Pyramid levels are shared by every stage of a run (the affine and deformable stages
-        usually visit the same shrink factors)."""
-        key = (role, round(float(factor), 6), None if sigma is None else round(float(sigma), 6))
+        usually visit the same shrink factors). ``grey`` averages the channels *before* the blur and
+        resampling: all three are linear, so the level is the same as averaging after, for a third of
+        the work on a colour photograph."""
+        key = (role, grey, round(float(factor), 6), None if sigma is None else round(float(sigma), 6))
         if key not in self._pyramid:
+            if grey and tensor.shape[1] > 1:
+                tensor = tensor.mean(1, keepdim=True)
             self._pyramid[key] = downsample(tensor, grid, factor, sigma)
         return self._pyramid[key]
 
@@ -593,14 +601,12 @@ class Engine:
             return _Level(fixed_l, grid_l, moving_l, moving_grid_l, grid_l.world_points(device=self.device))
         factor = level_factor(cfg.levels[index], fixed_grid.shape, cfg.max_level_voxels)
         sigma = None if cfg.smoothing is None else cfg.smoothing[index]
-        fixed_l, grid_l = self._downsample("fixed", fixed, fixed_grid, factor, sigma)
+        fixed_l, grid_l = self._downsample("fixed", fixed, fixed_grid, factor, sigma, cfg.grey)
         # Shrink the moving image to about the level's spacing, never upsampling it.
         ratio = float(grid_l.spacing.mean() / moving_grid.spacing.mean())
         moving_factor = max(1.0, ratio)
         moving_sigma = None if sigma is None else sigma * moving_factor / max(factor, 1.0)
-        moving_l, moving_grid_l = self._downsample("moving", moving, moving_grid, moving_factor, moving_sigma)
-        if cfg.grey and fixed_l.shape[1] > 1:
-            fixed_l, moving_l = fixed_l.mean(1, keepdim=True), moving_l.mean(1, keepdim=True)
+        moving_l, moving_grid_l = self._downsample("moving", moving, moving_grid, moving_factor, moving_sigma, cfg.grey)
         world = grid_l.world_points(device=self.device)
         return _Level(fixed_l, grid_l, moving_l, moving_grid_l, world)
 
@@ -628,7 +634,12 @@ class Engine:
                 **cfg.transform_options,
             ).to(self.device)
         field_grid = level_grid.downsampled(cfg.field_shrink) if cfg.field_shrink > 1 else level_grid
-        transform = build_transform(cfg.transform, field_grid, **cfg.transform_options).to(self.device)
+        options = dict(cfg.transform_options)
+        if cfg.optimizer == "greedy" and cfg.transform == "svf":
+            # Greedy's -sv is the exactly diffeomorphic setting: as many squarings as the velocity
+            # needs (transforms.dense.squarings_needed), unless the stage fixes a count
+            options.setdefault("steps", "auto")
+        transform = build_transform(cfg.transform, field_grid, **options).to(self.device)
         if self._field_start is not None and cfg is self.config.stages[0] and isinstance(transform, DisplacementField):
             # the first field starts from the dense start (DIS), the never-worse rule's yardstick too
             with torch.no_grad():
@@ -660,7 +671,10 @@ class Engine:
                         raise ConfigError(f"stage {cfg.transform}: expected a field model")
                     field_grid = level.grid.downsampled(cfg.field_shrink) if cfg.field_shrink > 1 else level.grid
                     transform = transform.resampled(field_grid).to(self.device)
-                with _threads_for(level.grid.numel, self.device):
+                # named ranges for torch.profiler (benchmarks/speed3d.py --profile): free when not profiling
+                with _threads_for(level.grid.numel, self.device), torch.profiler.record_function(
+                    f"level {cfg.transform} 1/{cfg.levels[index]:g}"
+                ):
                     try:
                         losses = self._optimise_level(
                             cfg, index, level, transform, prior, similarity, regularizer, fold, prompts, bar
@@ -712,7 +726,7 @@ class Engine:
             fixed_level = level.fixed.flatten(2)[..., chosen].reshape(*level.fixed.shape[:2], *as_points)
             world_level = level.world.flatten(2)[..., chosen].reshape(*level.world.shape[:2], *as_points)
 
-        def warp_level() -> tuple[Tensor, Tensor]:
+        def warp_level(displacement: Tensor | None) -> tuple[Tensor, Tensor]:
             if linear_chain and not sampled:
                 matrix = transform.matrix().double()
                 if prior_matrix is not None:
@@ -724,7 +738,7 @@ class Engine:
                 return sample_projective(level.moving, voxel_matrix, level.grid.shape, base=base)
             if field_on_level:
                 # The field lives on the level grid itself: identity + displacement, no resampling.
-                points = level.world + transform.displacement()
+                points = level.world + (transform.displacement() if displacement is None else displacement)
             else:
                 points = transform.transform_points(world_level)
             if prior is not None:
@@ -733,9 +747,15 @@ class Engine:
             inside = ((voxel >= 0) & (voxel <= size - 1)).all(dim=1, keepdim=True).to(level.fixed.dtype)
             return sample_voxels(level.moving, voxel, padding="border"), inside
 
-        def objective() -> Tensor:
-            warped, inside = warp_level()
-            loss = similarity(warped, fixed_level, inside)
+        def objective(displacement: Tensor | None = None) -> Tensor:
+            # ``displacement``: the field on the level to evaluate in place of the model's own (the
+            # greedy update differentiates with respect to it, not the model's parameters)
+            if displacement is not None and not field_on_level:
+                raise ConfigError("a displacement override needs a field model on the level grid")
+            with torch.profiler.record_function("term warp"):
+                warped, inside = warp_level(displacement)
+            with torch.profiler.record_function(f"term {cfg.similarity}"):
+                loss = similarity(warped, fixed_level, inside)
             if uses_energy:
                 loss = loss + cfg.regularizer_weight * transform.energy()
             if regularizer is not None or fold is not None:
@@ -755,10 +775,15 @@ class Engine:
             if "dice" in prompts:
                 term, fixed_onehot, moving_onehot, fixed_label_grid, moving_label_grid = prompts["dice"]
                 loss = loss + self.config.dice_weight * self._dice_term(
-                    term, transform, prior, level, fixed_onehot, moving_onehot, fixed_label_grid, moving_label_grid
+                    term, transform, prior, level, fixed_onehot, moving_onehot, fixed_label_grid, moving_label_grid,
+                    displacement,
                 )
             return loss
 
+        # the parts the greedy update's closed-form path uses: the warp (differentiable in the
+        # displacement it is given) and the level's fixed image
+        objective.warp = warp_level  # type: ignore[attr-defined]
+        objective.fixed = fixed_level  # type: ignore[attr-defined]
         return objective
 
     def level_energy(self, record: LevelRecord, fixed: Tensor | None = None, moving: Tensor | None = None,
@@ -778,15 +803,17 @@ class Engine:
                                record.prompts)()
 
     def _optimise_level(self, cfg, index: int, level: _Level, transform, prior, similarity, regularizer, fold, prompts, bar) -> list[float]:
+        if cfg.optimizer == "greedy":
+            return self._greedy_level(cfg, index, level, transform, prior, similarity, regularizer, fold, prompts, bar)
         params = [p for p in transform.parameters() if p.requires_grad]
         lr = cfg.learning_rate
         if isinstance(transform, FieldTransform):
             # Field parameters are in world units: express the step in voxels of the level so one
             # learning rate serves every resolution and spacing.
             lr = lr * float(level.grid.spacing.mean())
-        optimiser: torch.optim.Optimizer
+        optimiser: torch.optim.Optimizer | PlainAdam
         if cfg.optimizer == "adam":
-            optimiser = torch.optim.Adam(params, lr=lr)
+            optimiser = PlainAdam(params, lr=lr)  # torch.optim.Adam's update without its 1.3 s import
         elif cfg.optimizer == "sgd":
             optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9)
         else:
@@ -845,6 +872,64 @@ class Engine:
                 break
         return losses
 
+    def _greedy_level(self, cfg, index: int, level: _Level, transform, prior, similarity, regularizer, fold, prompts,
+                      bar) -> list[float]:
+        """One level of PICSL Greedy's update (:mod:`alignkit.solve.greedy`): the objective's gradient with
+        respect to the displacement, smoothed (``gradient_smoothing``), scaled to ``learning_rate`` voxels,
+        composed with the displacement or added to the velocity, the field smoothed (``field_smoothing``);
+        the step halves on a plateau (``tolerance``/``patience``, up to ``lr_reductions`` times), then the
+        level stops."""
+        if not isinstance(transform, (DisplacementField, StationaryVelocityField)) or not transform.grid.same_as(level.grid):
+            raise ConfigError(f"stage {cfg.transform}: the greedy update needs a displacement or svf field on the level grid")
+        objective = self._objective(cfg, index, level, transform, prior, similarity, regularizer, fold, prompts)
+        field = transform.field if isinstance(transform, DisplacementField) else transform.velocity
+        step_voxels = float(cfg.learning_rate)
+        losses: list[float] = []
+        stopper = _Stopper(cfg.tolerance, cfg.patience)
+        reductions = 0
+        # the similarity's closed-form gradient (LNCC) when it is the whole objective: autograd then
+        # runs through the warp only; otherwise (prompt terms, other similarities) through everything
+        closed_form = hasattr(similarity, "value_and_gradient") and not prompts
+        for _ in range(cfg.iterations[index]):
+            with torch.no_grad():
+                current = transform.displacement()
+            current.requires_grad_(True)
+            if closed_form:
+                with torch.profiler.record_function("term warp"):
+                    warped, inside = objective.warp(current)
+                with torch.profiler.record_function(f"term {cfg.similarity} (closed form)"):
+                    value, d_warped = similarity.value_and_gradient(warped.detach(), objective.fixed, inside)
+                (gradient,) = torch.autograd.grad(warped, current, grad_outputs=d_warped)
+            else:
+                value = objective(current)
+                (gradient,) = torch.autograd.grad(value, current)
+            with torch.no_grad():
+                step = normalised_step(gradient, level.grid, cfg.gradient_smoothing, step_voxels)
+                if isinstance(transform, DisplacementField):
+                    updated = compose_displacement(field, step, level.grid)
+                else:  # Greedy -sv: the update joins the stationary velocity
+                    updated = field + step
+                field.copy_(smooth_field(updated, cfg.field_smoothing))
+            if not bool(torch.isfinite(field).all()):
+                raise _Diverged(f"a greedy step made the field non-finite at level 1/{cfg.levels[index]:g}")
+            loss_value = float(value.detach())
+            if not math.isfinite(loss_value):
+                raise _Diverged(f"the objective became {loss_value} at level 1/{cfg.levels[index]:g}")
+            losses.append(loss_value)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(level=f"1/{cfg.levels[index]:g}", loss=f"{loss_value:.4g}", refresh=False)
+            if stopper.update(loss_value):
+                if reductions < cfg.lr_reductions:
+                    reductions += 1
+                    step_voxels *= 0.5
+                    stopper.stale = 0
+                    continue
+                if bar is not None:
+                    bar.update(cfg.iterations[index] - len(losses))
+                break
+        return losses
+
     @torch.no_grad()
     def _post_step(self, cfg: StageConfig, transform: Transform) -> None:
         """Greedy-style regularisation: smooth the field parameters after each step (the
@@ -854,11 +939,12 @@ class Engine:
                 if p.dim() == transform.ndim + 2:
                     p.copy_(gaussian_blur(p, cfg.field_smoothing))
 
-    def _dice_term(self, term, transform, prior, level, fixed_onehot, moving_onehot, fixed_label_grid, moving_label_grid):
+    def _dice_term(self, term, transform, prior, level, fixed_onehot, moving_onehot, fixed_label_grid, moving_label_grid,
+                   displacement=None):
         from alignkit.spatial import resize_image, sample_world
 
         target = resize_image(fixed_onehot, level.grid.shape) if not fixed_label_grid.same_as(level.grid) else fixed_onehot
-        points = transform.transform_points(level.world)
+        points = transform.transform_points(level.world) if displacement is None else level.world + displacement
         if prior is not None:
             points = prior.transform_points(points)
         warped = sample_world(moving_onehot, moving_label_grid, points)

@@ -20,6 +20,7 @@ frozen inverse, take ``copy.deepcopy(svf).inverse()`` (or ``.requires_grad_(Fals
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -61,12 +62,39 @@ def resample_field(field: Tensor, grid: Grid, new_grid: Grid) -> Tensor:
     return sample_world(field, grid, points.expand(field.shape[0], *points.shape[1:]), padding="border")
 
 
-def scaling_and_squaring(velocity: Tensor, grid: Grid, steps: int = 7) -> Tensor:
+#: largest Frobenius norm of the voxel-frame Jacobian of ``v / 2^N`` that :func:`squarings_needed`
+#: allows: below 1 every scaled map ``id + v / 2^N`` is invertible (``I + D`` with ``||D||_2 < 1``), and
+#: half of it leaves room for the linear interpolation of the squarings
+SCALED_JACOBIAN_BOUND = 0.5
+
+
+def squarings_needed(velocity: Tensor, grid: Grid, bound: float = SCALED_JACOBIAN_BOUND) -> int:
+    """The fewest squarings ``N >= 0`` for which the scaled velocity ``v / 2^N`` has, at every voxel, a
+    voxel-frame Jacobian (central differences) of Frobenius norm at most ``bound``: each factor
+    ``id + v / 2^N`` is then a local diffeomorphism, and their ``2^N``-fold composition is too.
+
+    Smooth, small velocities (coarse levels, early iterations) need few squarings; 7, the fixed
+    default, is what a 10-voxel wiggle needs. ``velocity`` in world units ``(B, ndim, *grid.shape)``.
+    """
+    if bound <= 0:
+        raise ConfigError(f"the scaled-Jacobian bound must be > 0, got {bound}")
+    with torch.no_grad():
+        grad = spatial_gradient(world_to_voxel_vectors(velocity.detach(), grid))  # (B, ndim, ndim, *S)
+        largest = float(grad.square().sum(dim=(1, 2)).max().sqrt())
+    if largest <= bound:
+        return 0
+    return math.ceil(math.log2(largest / bound))
+
+
+def scaling_and_squaring(velocity: Tensor, grid: Grid, steps: int | None = 7) -> Tensor:
     """Displacement ``exp(v) - id`` of a stationary velocity ``(B, ndim, *grid.shape)`` (world units).
 
     ``u = v / 2^steps``, then ``steps`` times ``u <- u + u ∘ (id + u)`` (linear interpolation, border
-    padding). Differentiable in ``velocity``.
+    padding). Differentiable in ``velocity``. ``steps=None``: as many as :func:`squarings_needed`
+    says for this velocity (the exactly diffeomorphic setting; fewer on smooth, small velocities).
     """
+    if steps is None:
+        steps = squarings_needed(velocity, grid)
     if steps < 0:
         raise ConfigError(f"scaling and squaring needs steps >= 0, got {steps}")
     u = world_to_voxel_vectors(velocity, grid) / (2.0**steps)
@@ -152,22 +180,27 @@ class _VelocityModel(FieldTransform):
 
 
 class StationaryVelocityField(_VelocityModel):
-    """Diffeomorphic ``exp(v)`` by scaling and squaring; parameter ``velocity`` (world units)."""
+    """Diffeomorphic ``exp(v)`` by scaling and squaring; parameter ``velocity`` (world units).
+
+    ``steps`` is the number of squarings, or ``"auto"``: at every evaluation the fewest that keep the
+    scaled velocity's Jacobian near the identity (:func:`squarings_needed`), so that no voxel folds
+    however large the velocity grows, and coarse levels or small velocities pay for few squarings.
+    """
 
     kind = "svf"
 
-    def __init__(self, grid: Grid, *, steps: int = 7) -> None:
+    def __init__(self, grid: Grid, *, steps: int | Literal["auto"] = 7) -> None:
         super().__init__(grid)
-        if steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {steps}")
-        self.steps = int(steps)
+        if steps != "auto" and (isinstance(steps, str) or int(steps) < 0):
+            raise ConfigError(f"steps must be >= 0 or 'auto', got {steps!r}")
+        self.steps: int | Literal["auto"] = "auto" if steps == "auto" else int(steps)
         self.velocity = _zero_field(grid)
 
     def velocity_field(self) -> Tensor:
         return self.velocity
 
     def integrate(self, velocity: Tensor) -> Tensor:
-        return scaling_and_squaring(velocity, self.grid, self.steps)
+        return scaling_and_squaring(velocity, self.grid, None if self.steps == "auto" else self.steps)
 
     def regularizer_field(self) -> tuple[Tensor, Grid]:
         return self.velocity, self.grid
