@@ -233,7 +233,7 @@ EXPECTED = {
     "ants:syn", "ants:synquick", "ants:affine", "ants:syncc", "greedy:affine", "greedy:deformable", "convexadam",
     "dipy:syn", "dipy:affine", "sitk:demons", "elastix:bspline",
     "elastix:affine", "fireants:greedy", "opencv:farneback", "opencv:dis", "opencv:sift-ransac", "opencv:ecc",
-    "kornia:registrator", "kornia:sift-ransac",
+    "opencv:sift-magsac", "opencv:tvl1", "kornia:registrator", "kornia:sift-ransac",
 }
 
 
@@ -245,11 +245,12 @@ def test_registry_names_factories_and_availability():
         try:
             method.check_available()
         except MethodUnavailable as exc:
-            assert "not installed" in str(exc) or "no SIFT" in str(exc)
+            assert "not installed" in str(exc) or "no SIFT" in str(exc) or "contrib" in str(exc)
 
 
 def test_unknown_options_are_refused():
-    for name in ("dipy:syn", "sitk:demons", "fireants:greedy", "opencv:ecc", "opencv:farneback", "kornia:registrator"):
+    for name in ("dipy:syn", "sitk:demons", "fireants:greedy", "opencv:ecc", "opencv:farneback", "opencv:tvl1",
+                 "opencv:sift-magsac", "kornia:registrator"):
         with pytest.raises(ValueError, match="unknown options"):
             PEERS[name](not_an_option=1)
 
@@ -378,17 +379,18 @@ def test_fireants_greedy_3d(phantom):
 # ------------------------------------------------------------------------------------------------
 # pixel tools: OpenCV and kornia, 2D
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["opencv:farneback", "opencv:dis"])
+@pytest.mark.parametrize("name", ["opencv:farneback", "opencv:dis", "opencv:tvl1"])
 def test_opencv_dense_flow(camera, name):
     case = smooth_case_2d(camera, amplitude=5.0, sigma=20.0, margin=12)
     case.kind = "flow"
     _assert_epe(case, _method(name), limit=0.8, ratio=0.5, folds=True)
 
 
+@pytest.mark.parametrize("name", ["opencv:sift-ransac", "opencv:sift-magsac"])
 @pytest.mark.parametrize("grid", ["raster", "offgrid"])
-def test_opencv_sift_ransac_homography_and_affine(camera, camera_offgrid, grid):
+def test_opencv_sift_ransac_homography_and_affine(camera, camera_offgrid, grid, name):
     image = camera if grid == "raster" else camera_offgrid
-    method = _method("opencv:sift-ransac")
+    method = _method(name)
     homography = matrix_case_2d(image, homography_2d(case_grid(image), 12.0), "homography")
     _assert_corners(homography, method, limit=1.0 if grid == "raster" else 0.5)
     affine = matrix_case_2d(image, similarity_2d(case_grid(image), 0.15, 1.1, (6.0, -4.0)), "affine")

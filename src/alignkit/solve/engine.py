@@ -30,6 +30,7 @@ from alignkit.solve.config import RegistrationConfig, StageConfig
 from alignkit.solve.greedy import compose_displacement, normalised_step, smooth_field
 from alignkit.solve.optim import PlainAdam
 from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
+from alignkit.spatial.filters import median_filter
 from alignkit.spatial.points import homogeneous_grid, sample_affine, sample_projective
 from alignkit.transforms import (
     ComposedTransform,
@@ -196,11 +197,7 @@ def _median_filter_parameters(transform: Transform, window: int) -> None:
     for p in transform.parameters():
         if p.dim() != transform.ndim + 2 or min(p.shape[2:]) < window:
             continue
-        half = window // 2
-        patches = torch.nn.functional.pad(p, (half,) * (2 * transform.ndim), mode="replicate")
-        for axis in range(2, 2 + transform.ndim):
-            patches = patches.unfold(axis, window, 1)
-        p.copy_(patches.flatten(2 + transform.ndim).median(-1).values)
+        p.copy_(median_filter(p.detach(), window))
 
 
 def crop_to_foreground(tensor: Tensor, grid: Grid, *, threshold: float = 0.01, margin: float = 0.08) -> tuple[Tensor, Grid]:

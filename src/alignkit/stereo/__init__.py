@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.errors import ConfigError, ShapeError
+from alignkit.spatial.filters import median_filter
 from alignkit.stereo import compiled
 from alignkit.stereo.cost import CostName, census_signature, cost_volume, grey
 from alignkit.stereo.sgm import (
@@ -84,8 +85,7 @@ class StereoMatch:
 
 
 def _median3(disparity: Tensor) -> Tensor:
-    padded = F.pad(disparity[None, None], (1, 1, 1, 1), mode="replicate")
-    return padded.unfold(2, 3, 1).unfold(3, 3, 1).reshape(*disparity.shape, 9).median(-1).values
+    return median_filter(disparity[None, None], 3)[0, 0]
 
 
 def _shrink(image: Tensor, factor: int) -> Tensor:

@@ -46,6 +46,8 @@ PEERS: dict[str, Callable[..., Method]] = {
     "opencv:farneback": partial(OpenCVFlow, "opencv:farneback"),
     "opencv:dis": partial(OpenCVFlow, "opencv:dis"),
     "opencv:sift-ransac": partial(OpenCVSiftRansac, "opencv:sift-ransac"),
+    "opencv:sift-magsac": partial(OpenCVSiftRansac, "opencv:sift-magsac"),
+    "opencv:tvl1": partial(OpenCVFlow, "opencv:tvl1"),
     "opencv:ecc": partial(OpenCVECC, "opencv:ecc"),
     "kornia:registrator": partial(KorniaRegistrator, "kornia:registrator"),
     "kornia:sift-ransac": partial(KorniaSiftRansac, "kornia:sift-ransac"),

@@ -11,10 +11,16 @@ scaled to ``uint8`` with one common linear map (brightness constancy survives). 
   ``DISOpticalFlow_create(DISOPTICAL_FLOW_PRESET_MEDIUM).calc(fixed, moving)``. OpenCV's flow from
   ``prev`` to ``next`` satisfies ``prev(p) ≈ next(p + flow(p))``, alignkit's flow convention with
   prev = fixed; the map is ``moving_world_from_voxel(p + flow(p))``. Both images must have one size.
+* ``opencv:tvl1`` -- ``cv2.optflow.DualTVL1OpticalFlow_create()`` with its defaults (TV-L1 of Zach,
+  Pock and Bischof as improved by Wedel et al.: 5 scales, 5 warps, tau 0.25, lambda 0.15, theta 0.3);
+  it lives in the contrib modules, so it needs ``opencv-contrib-python-headless`` (which replaces
+  ``opencv-python-headless``; both install the ``cv2`` module).
 * ``opencv:sift-ransac`` -- ``SIFT_create(nfeatures=5000)``, brute-force L2 2-NN matching with
   Lowe's ratio test (0.75), ``findHomography(fixed_pts, moving_pts, RANSAC, 3.0, maxIters=5000,
   confidence=0.999)`` (``estimateAffine2D`` for ``affine`` cases); the matrix maps fixed pixels
-  to moving pixels. OpenCV's RANSAC draws from ``cv2.setRNGSeed(seed)``.
+  to moving pixels. OpenCV's RANSAC draws from ``cv2.setRNGSeed(seed)``. ``opencv:sift-magsac``:
+  the same matches with OpenCV's USAC MAGSAC++ (``cv2.USAC_MAGSAC``, threshold 3 px, 10 000
+  iterations, confidence 0.999), the estimator OpenCV's USAC tutorial recommends.
 * ``opencv:ecc`` -- ``findTransformECC(template=fixed, input=moving, MOTION_HOMOGRAPHY``
   (``MOTION_AFFINE`` for ``affine`` cases)``, criteria (COUNT | EPS, 100, 1e-6), gaussFiltSize=5)``
   over a Gaussian pyramid (``pyrDown`` until the short side is below 64 px, at most 4 levels),
@@ -69,13 +75,17 @@ class OpenCVFlow(Method):
     ndims = (2,)
 
     def __init__(self, name: str = "opencv:farneback", **options: Any) -> None:
-        if name not in ("opencv:farneback", "opencv:dis"):
+        if name not in ("opencv:farneback", "opencv:dis", "opencv:tvl1"):
             raise ValueError(f"unknown OpenCV flow setting {name!r}")
         super().__init__(name, **options)
         if name == "opencv:farneback":
             unknown = set(options) - set(FARNEBACK)
             self.settings: dict[str, Any] = {**FARNEBACK, **options}
             self.description = "cv2.calcOpticalFlowFarneback (pyr_scale 0.5, 5 levels, window 15)"
+        elif name == "opencv:tvl1":
+            unknown = set(options)
+            self.settings = {}
+            self.description = "cv2.optflow.DualTVL1OpticalFlow (OpenCV contrib defaults)"
         else:
             unknown = set(options) - {"preset"}
             self.settings = {"preset": options.get("preset", "medium")}
@@ -85,6 +95,12 @@ class OpenCVFlow(Method):
 
     def check_available(self) -> None:
         require("cv2", "opencv-python-headless")
+        import cv2
+
+        if self.name == "opencv:tvl1" and not hasattr(getattr(cv2, "optflow", None), "DualTVL1OpticalFlow_create"):
+            from alignkit.evaluate.method import MethodUnavailable
+
+            raise MethodUnavailable("TV-L1 is in OpenCV's contrib modules: pip install opencv-contrib-python-headless")
 
     def applicable(self, case: Case) -> str | None:
         return super().applicable(case) or same_shape_2d(case.fixed, case.moving, self.name)
@@ -95,6 +111,8 @@ class OpenCVFlow(Method):
         started = time.perf_counter()
         if self.name == "opencv:farneback":
             flow = cv2.calcOpticalFlowFarneback(fixed, moving, None, **self.settings)
+        elif self.name == "opencv:tvl1":
+            flow = cv2.optflow.DualTVL1OpticalFlow_create().calc(fixed, moving, None)
         else:
             presets = {
                 "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -109,7 +127,8 @@ class OpenCVFlow(Method):
 
 
 class OpenCVSiftRansac(Method):
-    """SIFT features, ratio test and RANSAC homography (or affine) with OpenCV."""
+    """SIFT features, ratio test and RANSAC (``opencv:sift-ransac``) or MAGSAC++ (``opencv:sift-magsac``)
+    homography (or affine) with OpenCV."""
 
     name = "opencv:sift-ransac"
     description = "cv2.SIFT + ratio test 0.75 + findHomography(RANSAC, 3 px)"
@@ -117,7 +136,12 @@ class OpenCVSiftRansac(Method):
     ndims = (2,)
 
     def __init__(self, name: str = "opencv:sift-ransac", **options: Any) -> None:
+        if name not in ("opencv:sift-ransac", "opencv:sift-magsac"):
+            raise ValueError(f"unknown OpenCV feature setting {name!r}")
         super().__init__(name, **options)
+        self.magsac = name == "opencv:sift-magsac"
+        if self.magsac:
+            self.description = "cv2.SIFT + ratio test 0.75 + findHomography(USAC_MAGSAC, 3 px)"
         rest = dict(options)
         self.ratio = float(rest.pop("ratio", 0.75))
         self.threshold = float(rest.pop("ransac_threshold", 3.0))
@@ -150,15 +174,16 @@ class OpenCVSiftRansac(Method):
         if len(good) >= 4:
             src = np.array([kf[m.queryIdx].pt for m in good], dtype=np.float32).reshape(-1, 1, 2)  # (x, y)
             dst = np.array([km[m.trainIdx].pt for m in good], dtype=np.float32).reshape(-1, 1, 2)
+            robust, iterations = (cv2.USAC_MAGSAC, 10_000) if self.magsac else (cv2.RANSAC, 5000)
             if case.kind == "affine":
                 model, inliers = cv2.estimateAffine2D(
-                    src, dst, method=cv2.RANSAC, ransacReprojThreshold=self.threshold, maxIters=5000, confidence=0.999
+                    src, dst, method=robust, ransacReprojThreshold=self.threshold, maxIters=iterations, confidence=0.999
                 )
                 if model is not None:
                     pixel = np.vstack([model, [0.0, 0.0, 1.0]])
             else:
                 model, inliers = cv2.findHomography(
-                    src, dst, cv2.RANSAC, self.threshold, maxIters=5000, confidence=0.999
+                    src, dst, robust, self.threshold, maxIters=iterations, confidence=0.999
                 )
                 if model is not None:
                     pixel = model
