@@ -63,11 +63,9 @@ def separable_filter(x: Tensor, kernels: Sequence[Tensor | None], *, padding_mod
             # ~8x faster on CPU than a (k,1,1) convolution, which vectorises poorly.
             size = out.shape[2 + axis]
             weights = kernel.tolist()
-            # accumulated in place: one buffer instead of two new ones per tap (allocation and
-            # first-touch of large buffers dominated this loop on CPU)
             acc = padded.narrow(2 + axis, 0, size) * weights[0]
             for tap in range(1, len(weights)):
-                acc.add_(padded.narrow(2 + axis, tap, size), alpha=weights[tap])
+                acc = acc + padded.narrow(2 + axis, tap, size) * weights[tap]
             out = acc
         else:
             out = _CONV[ndim](padded, kernel.view(shape))
