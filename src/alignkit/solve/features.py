@@ -285,9 +285,19 @@ def feature_fit(
     )
 
 
+#: DIS settings over its MEDIUM preset (setter names of ``cv2.DISOpticalFlow`` without ``set``). The
+#: patch search runs down to the full resolution (``FinestScale`` 0; MEDIUM stops at half), which on
+#: the ``flow/middlebury`` sequences and ``flow/sintel`` samples (in-sample: chosen on them) took DIS'
+#: mean EPE from 0.238 to 0.146 px and from 1.067 to 0.923 px for ~4x its time (0.05 -> 0.2 s per
+#: 0.5 Mpx pair, one thread; the MEDIUM preset with 10 variational iterations or a denser patch
+#: stride changed the EPE by less than 0.002 px; one run). The flow preset's figures with it, and on
+#: the held-out mmflow crops, are in benchmarks/README.md (``presets2d.py``).
+DIS_SETTINGS: dict[str, int] = {"FinestScale": 0}
+
+
 def dis_displacement(fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_grid: Grid) -> Tensor:
     """A dense start for a flow field: OpenCV's DIS optical flow (Kroeger et al., ECCV 2016; its
-    ``MEDIUM`` preset) between the grey images, as a world displacement ``(1, ndim, *fixed_grid.shape)``
+    ``MEDIUM`` preset with :data:`DIS_SETTINGS`) between the grey images, as a world displacement ``(1, ndim, *fixed_grid.shape)``
     float32 on the fixed grid (``world_map = identity + displacement``).
 
     DIS finds motions of tens of pixels by a coarse-to-fine inverse-search over patches, which a
@@ -296,13 +306,16 @@ def dis_displacement(fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_gri
     the flow is the one of :func:`alignkit.spatial.flow_from_world_map`. Raises
     :class:`ConfigError` without OpenCV (the caller starts from zero).
     """
-    from alignkit.spatial import sample_world, world_map_from_flow
+    from alignkit.spatial import sample_world, voxel_to_world_vectors
 
     if fixed_grid.ndim != 2:
         raise ConfigError("a DIS start is 2D only")
     cv2 = _import_cv2()
-    world = fixed_grid.world_points(device=moving.device)
-    moving_on_fixed = sample_world(moving.float(), moving_grid, world, padding="border")
+    if moving_grid.same_as(fixed_grid):
+        moving_on_fixed = moving.float()  # a video's frames: reading through the identity is a copy
+    else:
+        world = fixed_grid.world_points(device=moving.device)
+        moving_on_fixed = sample_world(moving.float(), moving_grid, world, padding="border")
 
     def grey8(image: Tensor) -> np.ndarray:
         # the engine's images are normalised to [0, 1] by robust percentiles: one scale for both
@@ -310,7 +323,10 @@ def dis_displacement(fixed: Tensor, fixed_grid: Grid, moving: Tensor, moving_gri
         return np.clip(grey * 255.0, 0, 255).astype(np.uint8)
 
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    for name, value in DIS_SETTINGS.items():
+        getattr(dis, "set" + name)(value)
     xy = dis.calc(grey8(fixed), grey8(moving_on_fixed), None)  # (H, W, 2): x (column), y (row)
     flow = torch.from_numpy(np.ascontiguousarray(xy[..., ::-1].transpose(2, 0, 1))).unsqueeze(0).double()
-    world_map = world_map_from_flow(flow, fixed_grid)
-    return (world_map - fixed_grid.world_points(dtype=torch.float64)).float()
+    # world displacement = the grid's linear part applied to the voxel flow (identity + flow, mapped
+    # to world, minus the identity in world), without building either map
+    return voxel_to_world_vectors(flow, fixed_grid).float().to(moving.device)
