@@ -139,3 +139,20 @@ def test_api_registers_arrays_of_every_channel_count(fixed_kind, tmp_path):
         assert np.isfinite(result.metrics["ncc_after"]), (fixed_kind, moving_kind)
         result.save(tmp_path / f"{fixed_kind}-{moving_kind}")
         assert (tmp_path / f"{fixed_kind}-{moving_kind}" / "qc.png").is_file()
+
+
+def test_grey_stages_average_channels_before_the_pyramid_with_the_same_levels():
+    """A ``grey`` stage's pyramid is built from the channel mean (a third of the work on a colour
+    photograph); blur and resampling are linear, so the level equals the mean of the colour level."""
+    from alignkit.solve.engine import Engine
+    from alignkit.spatial import Grid
+
+    colour = torch.rand(1, 3, 61, 47, generator=torch.Generator().manual_seed(4))
+    grid = Grid.raster_2d((61, 47))
+    engine = Engine(get_preset("photo"))
+    engine._pyramid = {}
+    for factor, sigma in ((4.0, None), (2.0, 1.5), (1.0, 0.5)):
+        grey, grey_grid = engine._downsample("fixed", colour, grid, factor, sigma, grey=True)
+        full, full_grid = engine._downsample("fixed", colour, grid, factor, sigma, grey=False)
+        assert grey.shape[1] == 1 and full.shape[1] == 3 and grey_grid.same_as(full_grid)
+        torch.testing.assert_close(grey, full.mean(1, keepdim=True), rtol=1e-5, atol=1e-6)
