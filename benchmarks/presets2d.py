@@ -71,7 +71,11 @@ def _ok(rows: list[dict[str, Any]], method: str) -> dict[str, dict[str, Any]]:
     return {r["case"]: r for r in rows if r["method"] == method and r["status"] == "ok"}
 
 
-def _photo_summary(rows: list[dict[str, Any]], methods: list[str], cases: list[str] | None = None) -> dict[str, Any]:
+def _photo_summary(rows: list[dict[str, Any]], methods: list[str], cases: list[str] | None = None,
+                   error: str = "corner_error") -> dict[str, Any]:
+    """``error``: the per-pair error the success rates and the comparison with SIFT use -- the corner
+    error under the true matrix (vis-nir), or the TRE of the manual points (homogr, whose matrix is a
+    fit to those 8 points and extrapolates hundreds of pixels at the image corners)."""
     out: dict[str, Any] = {}
     sift = _ok(rows, "opencv:sift-ransac")
     for method in methods:
@@ -83,20 +87,20 @@ def _photo_summary(rows: list[dict[str, Any]], methods: list[str], cases: list[s
             out[method] = {"status": ",".join(statuses), "message": next(
                 (r.get("message", "") for r in rows if r["method"] == method), "")}
             continue
-        errors = [r.get("corner_error") for r in done.values()]
+        errors = [r.get(error) for r in done.values()]
         entry: dict[str, Any] = {
             "cases": len(done),
-            "corner_error_mean": _mean(errors),
-            "corner_error_median": float(np.median(_finite(errors))) if _finite(errors).size else math.nan,
+            "error": error,
+            "error_mean": _mean(errors),
+            "error_median": float(np.median(_finite(errors))) if _finite(errors).size else math.nan,
             **{f"success_{k}px": float(np.mean([float(e) <= k for e in errors])) for k in THRESHOLDS_PX},
             "seconds_mean": _mean([r.get("seconds") for r in done.values()]),
         }
-        tre = [r.get("tre_mean") for r in done.values()]
-        if _finite(tre).size:
-            entry["tre_mean"] = _mean(tre)
+        if error != "corner_error":
+            entry["corner_error_mean"] = _mean([r.get("corner_error") for r in done.values()])
         if method != "opencv:sift-ransac" and sift:
             shared = [c for c in done if c in sift]
-            excess = {c: float(done[c]["corner_error"]) - float(sift[c]["corner_error"]) for c in shared}
+            excess = {c: float(done[c][error]) - float(sift[c][error]) for c in shared}
             if excess:
                 worst = max(excess, key=lambda c: excess[c])
                 entry["worst_excess_over_sift_px"] = excess[worst]
@@ -135,6 +139,17 @@ def _flow_summary(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, A
     return out
 
 
+def _summary(part: str, dataset: str, rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    if part == "flow":
+        return _flow_summary(rows, methods)
+    error = "tre_mean" if dataset.endswith("homogr") else "corner_error"
+    summary = _photo_summary(rows, methods, error=error)
+    if dataset == "vis-nir":
+        held = sorted({r["case"] for r in rows if not r["case"].startswith(PHOTO_IN_SAMPLE)})
+        summary["held_out"] = {"cases": len(held), **_photo_summary(rows, methods, cases=held, error=error)}
+    return summary
+
+
 def _run(dataset: str, methods: list[str], args: argparse.Namespace, out_root: Path) -> list[dict[str, Any]]:
     from alignkit.data.datasets import load_dataset
     from alignkit.evaluate import evaluate
@@ -161,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolate", action="store_true", help="a fresh interpreter per run (adds its peak RSS)")
     parser.add_argument("--out-dir", default=None, help="keep evaluate's tables here (default: a temporary folder)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--summarize", default=None, metavar="DIR",
+                        help="no runs: summarise the tables a previous --out-dir DIR run wrote")
     args = parser.parse_args(argv)
 
     from alignkit.data.datasets import dataset_folder
     from alignkit.errors import InputError
+    from alignkit.evaluate.report import read_results
 
     payload: dict[str, Any] = {"benchmark": "presets2d", "threads": args.threads, "isolate": args.isolate,
                                "load_average_start": os.getloadavg()}
@@ -181,16 +199,15 @@ def main(argv: list[str] | None = None) -> int:
                 except InputError as exc:  # absent data: say so, run the rest
                     payload[part][dataset] = {"skipped": str(exc)}
                     continue
-                rows = _run(dataset, list(methods), args, out_root)
-                if part == "photo":
-                    summary = _photo_summary(rows, list(methods))
-                    if dataset == "vis-nir":
-                        held = sorted({r["case"] for r in rows if not r["case"].startswith(PHOTO_IN_SAMPLE)})
-                        summary["held_out"] = _photo_summary(rows, list(methods), cases=held)
-                        summary["held_out"]["cases"] = len(held)
+                if args.summarize:
+                    table = Path(args.summarize) / dataset.replace("/", "_") / "results.json"
+                    if not table.is_file():
+                        payload[part][dataset] = {"skipped": f"{table} not found"}
+                        continue
+                    rows = read_results(table)
                 else:
-                    summary = _flow_summary(rows, list(methods))
-                payload[part][dataset] = summary
+                    rows = _run(dataset, list(methods), args, out_root)
+                payload[part][dataset] = _summary(part, dataset, rows, list(methods))
     payload["load_average_end"] = os.getloadavg()
     emit(payload)
     return 0
