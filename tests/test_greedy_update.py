@@ -211,3 +211,32 @@ def test_lncc_closed_form_gradient_matches_autograd(squared, shape, masked):
     fast_value, fast = loss.value_and_gradient(x, y, mask)
     torch.testing.assert_close(fast_value, value.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 17, 20, 15), (2, 1, 31, 26), (1, 2, 3, 40)])
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_matrix_gaussian_blur_matches_the_reference(shape, sigma):
+    from alignkit.spatial.banded import fast_gaussian_blur
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(fast_gaussian_blur(x, sigma), gaussian_blur(x, sigma), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 17, 20, 15), (2, 1, 31, 26), (1, 1, 3, 40)])
+@pytest.mark.parametrize("window", [3, 5, 9])
+def test_matrix_box_sum_matches_the_reference(shape, window):
+    """Window sums by matrix products against the running sums (zero padding; windows longer than an
+    axis against the convolution LNCC uses there)."""
+    from alignkit.losses.similarity import _window_sum
+    from alignkit.spatial.banded import fast_box_sum
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    torch.testing.assert_close(fast_box_sum(x, window), _window_sum(x, window, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_matrix_filters_fall_back_on_long_axes():
+    from alignkit.spatial.banded import MAX_MATRIX_AXIS, fast_box_sum, fast_gaussian_blur
+
+    x = torch.rand(1, 1, 4, MAX_MATRIX_AXIS + 1, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(fast_gaussian_blur(x, 1.0), gaussian_blur(x, 1.0))
+    assert torch.equal(fast_box_sum(x, 3), box_sum(x, 3))

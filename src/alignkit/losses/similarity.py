@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError, ShapeError
+from alignkit.spatial.banded import fast_box_sum
 from alignkit.spatial.bspline import cubic_bspline, cubic_bspline_taps
 from alignkit.spatial.filters import box_sum, separable_filter
 
@@ -78,6 +79,12 @@ def _window_sum(x: Tensor, window: int, dilation: int) -> Tensor:
     kernel = torch.zeros((window - 1) * dilation + 1, dtype=x.dtype, device=x.device)
     kernel[::dilation] = 1.0
     return separable_filter(x, [kernel] * (x.dim() - 2), padding_mode="zeros")
+
+
+def _fast_window_sum(x: Tensor, window: int, dilation: int) -> Tensor:
+    """:func:`_window_sum` by matrix products (:func:`alignkit.spatial.banded.fast_box_sum`) for
+    undilated windows: the same sums to rounding, several times faster on a CPU."""
+    return fast_box_sum(x, window) if dilation == 1 else _window_sum(x, window, dilation)
 
 
 def global_ncc(x: Tensor, y: Tensor, weights: Tensor | None = None, *, eps: float = 1e-8) -> Tensor:
@@ -222,8 +229,8 @@ class LNCC(nn.Module):
         """The loss and its gradient with respect to ``warped``, in closed form (Avants et al.'s
         cross-correlation gradient, "Symmetric diffeomorphic image registration with cross-correlation",
         generalised to the masked, signed or squared score): one stacked pass of window sums forward and
-        one of three coefficient maps back (a centred window sum is its own adjoint), instead of autograd
-        through the five sums -- measured 2.4x faster on an 86x110x84 volume on two threads. The
+        one of three coefficient maps back (a centred window sum is its own adjoint), both as matrix
+        products (:func:`_fast_window_sum`), instead of autograd through the five running sums. The
         reference is autograd through :meth:`forward` (``tests/test_greedy_update.py`` checks the two).
         ``fixed`` and ``mask`` are constants here."""
         mask = _check_pair(warped, fixed, mask)
@@ -232,8 +239,8 @@ class LNCC(nn.Module):
         channels = x.shape[1]
         window, dilation = self.window, self.dilation
         ones = torch.ones((1, 1, *x.shape[2:]), dtype=dtype, device=x.device)
-        count = _window_sum(ones, window, dilation)
-        sx, sy, sxx, syy, sxy = _window_sum(torch.cat([x, y, x * x, y * y, x * y], dim=1), window, dilation).split(
+        count = _fast_window_sum(ones, window, dilation)
+        sx, sy, sxx, syy, sxy = _fast_window_sum(torch.cat([x, y, x * x, y * y, x * y], dim=1), window, dilation).split(
             channels, dim=1
         )
         cross = sxy - sx * sy / count
@@ -263,7 +270,7 @@ class LNCC(nn.Module):
         g_sxx = weight * d_var_x
         g_sx = weight * (-d_cross * sy - 2.0 * d_var_x * sx) / count
         # ... spread back over each window: d sx / d x = 1, d sxy / d x = y, d sxx / d x = 2 x
-        back_sx, back_sxy, back_sxx = _window_sum(torch.cat([g_sx, g_sxy, g_sxx], dim=1), window, dilation).split(
+        back_sx, back_sxy, back_sxx = _fast_window_sum(torch.cat([g_sx, g_sxy, g_sxx], dim=1), window, dilation).split(
             channels, dim=1
         )
         gradient = back_sx + y * back_sxy + 2.0 * x * back_sxx

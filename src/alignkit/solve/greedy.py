@@ -24,7 +24,8 @@ a known amount whatever the similarity's scale, so a fixed, short schedule suffi
 the update is a preconditioner that spreads the gradient of the edges over their neighbourhood, which
 Adam's per-voxel step sizes do the opposite of.
 
-All functions work on world-unit fields ``(B, ndim, *grid.shape)`` of a :class:`~alignkit.spatial.Grid`
+Both Gaussians are :func:`alignkit.spatial.banded.fast_gaussian_blur` (matrix products; the same
+kernel as :func:`alignkit.spatial.gaussian_blur`, ten times faster on a 2 mm brain). All functions work on world-unit fields ``(B, ndim, *grid.shape)`` of a :class:`~alignkit.spatial.Grid`
 (alignkit's convention for every field) and are written once for 2D and 3D.
 """
 
@@ -33,13 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignkit.spatial import (
-    Grid,
-    gaussian_blur,
-    sample_voxels,
-    voxel_to_world_vectors,
-    world_to_voxel_vectors,
-)
+from alignkit.spatial import Grid, sample_voxels, voxel_to_world_vectors, world_to_voxel_vectors
+from alignkit.spatial.banded import fast_gaussian_blur
 
 
 def normalised_step(gradient: Tensor, grid: Grid, sigma_pre: float, step: float) -> Tensor:
@@ -48,7 +44,7 @@ def normalised_step(gradient: Tensor, grid: Grid, sigma_pre: float, step: float)
 
     ``gradient`` is the objective's gradient with respect to the world-unit displacement on ``grid``.
     """
-    direction = -gaussian_blur(gradient, sigma_pre) if sigma_pre > 0 else -gradient
+    direction = -fast_gaussian_blur(gradient, sigma_pre) if sigma_pre > 0 else -gradient
     in_voxels = world_to_voxel_vectors(direction, grid)
     longest = in_voxels.square().sum(dim=1).max().sqrt()
     if not bool(longest > 0):
@@ -69,4 +65,4 @@ def compose_displacement(displacement: Tensor, step: Tensor, grid: Grid) -> Tens
 
 def smooth_field(field: Tensor, sigma_post: float) -> Tensor:
     """The field smoothed by ``sigma_post`` voxels (unchanged for 0)."""
-    return gaussian_blur(field, sigma_post) if sigma_post > 0 else field
+    return fast_gaussian_blur(field, sigma_post) if sigma_post > 0 else field
