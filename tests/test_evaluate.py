@@ -427,7 +427,12 @@ def test_alignkit_photo_recovers_a_synthetic_affine(tmp_path):
     assert row["status"] == "ok", row["message"]
     assert row["corner_error_before"] > 5.0
     assert row["corner_error"] < 0.3  # sub-pixel, from a 5.8 px start
-    assert row["extra_stages"] == "affine>homography" and row["extra_ncc_after"] > 0.99
+    # an affine case runs the photo preset's affine chain, as the OpenCV peers fit an affine to it;
+    # a homography case (or an explicit transform) keeps the preset's chain
+    assert row["extra_stages"] == "affine" and row["extra_ncc_after"] > 0.99
+    assert [s.transform for s in method.config_for(2, "homography").stages] == ["affine", "homography"]
+    explicit = AlignkitMethod("photo", transform="affine,homography")
+    assert [s.transform for s in explicit.config_for(2, "affine").stages] == ["affine", "homography"]
     assert row["seconds"] > 0
 
 

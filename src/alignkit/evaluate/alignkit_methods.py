@@ -68,14 +68,25 @@ class AlignkitMethod(RegisteredMethod):
         self.ndims = PRESET_NDIMS.get(preset, Method.ndims)
         self.description = f'alignkit.register(preset="{preset}")' + (f" with {options}" if options else "")
 
-    def config_for(self, ndim: int) -> Any:
-        """The :class:`~alignkit.solve.config.RegistrationConfig` this method runs on ``ndim``-D images."""
-        from alignkit.solve.presets import resolve_config
+    def config_for(self, ndim: int, kind: str | None = None) -> Any:
+        """The :class:`~alignkit.solve.config.RegistrationConfig` this method runs on ``ndim``-D images
+        of a case of ``kind``.
 
+        A case that says its pairs are related by an affine map (``kind="affine"``, e.g. VIS-NIR)
+        runs a homography preset (``photo``) with an affine chain unless ``transform`` is given: the
+        OpenCV peers fit the case's model class the same way (``estimateAffine2D``, ``MOTION_AFFINE``),
+        so every method is told the same thing about the case."""
+        from alignkit.solve.presets import get_preset, resolve_config
+
+        transform = self.options.get("transform")
+        if transform is None and kind == "affine" and any(
+            s.transform == "homography" for s in get_preset(self.preset).stages
+        ):
+            transform = "affine"
         config = resolve_config(
             ndim,
             preset=self.preset,
-            transform=self.options.get("transform"),
+            transform=transform,
             similarity=self.options.get("similarity"),
             config=self.options.get("config"),
         )
@@ -88,7 +99,7 @@ class AlignkitMethod(RegisteredMethod):
         return config
 
     def register_options(self, case: Case) -> dict[str, Any]:
-        return {"config": self.config_for(case.ndim)}
+        return {"config": self.config_for(case.ndim, case.kind)}
 
 
 def alignkit_method_names() -> list[str]:
