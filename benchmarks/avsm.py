@@ -79,7 +79,8 @@ def variant_config(name: str, runs: Path, epochs: dict[str, int], size: list[int
     """The ``alignkit train`` configuration of one ablation run: the recipe plus the variant's changes."""
     _, parent, stage, options = VARIANTS[name]
     config = json.loads(RECIPE.read_text())
-    config.update(quiet=True, method_options=dict(options), stages=[stage], init_from=None)
+    config.update(quiet=True, method_options={**config.get("method_options", {}), **options}, stages=[stage],
+                  init_from=None)
     if size is not None:
         config["size"] = size
     if lr is not None:
@@ -88,6 +89,9 @@ def variant_config(name: str, runs: Path, epochs: dict[str, int], size: list[int
         config["stage_epochs"] = {"affine-1step": epochs["affine-1step"]}
     elif stage == "affine":  # the multi-step stage alone, from the 1-step run's weights
         config["stage_epochs"] = {"affine-1step": 0, "affine": epochs["affine"]}
+        # its epochs restart at 1: eq. 13's schedule continues where the 1-step run left it
+        scale = float(config["method_options"].get("ar_epoch_scale", 1.0))
+        config["method_options"]["ar_epoch_offset"] = scale * epochs["affine-1step"]
     else:
         config["stage_epochs"] = {"vsvf": epochs["vsvf"]}
     if parent is not None:

@@ -13,6 +13,7 @@ import torch
 from conftest import data_path
 
 import alignkit
+from alignkit.errors import ConfigError
 from alignkit.image import Image
 from alignkit.io import read_image
 from alignkit.losses import AffineInverseConsistency, InverseConsistency
@@ -78,6 +79,41 @@ def test_the_affine_regulariser_weight_follows_eq_13():
     assert all(a > b for a, b in itertools.pairwise(weights)) and weights[-1] < 1e-4
 
 
+def test_a_short_run_needs_eq_13_compressed_or_its_loss_prefers_the_identity_to_the_true_affine():
+    """Why the affine network learnt only translations (issue 11): eq. 13 counts the paper's epochs
+    (80,000 iterations per part). In a run of a few epochs, lambda_ar stays 7.6 ... 5.9, and the affine
+    stage's loss of a real slice moved by 12 degrees and 0.15 (unit frame) is lower at the identity
+    than at the exact answer; compressed 8x (``ar_epoch_scale``), the exact answer wins from epoch 2."""
+    from alignkit.nets.affine import warp_affine
+    from alignkit.spatial import homogeneous
+
+    fixed = prepare_subject(read_image(data_path("brain2d", "r16slice.jpg")), (SIZE, SIZE),
+                            percentiles=AVSM.intensity_percentiles).image[None]
+    angle = math.radians(12.0)
+    true = torch.tensor([[[math.cos(angle), -math.sin(angle), 0.15], [math.sin(angle), math.cos(angle), -0.15]]])
+    inverse = torch.linalg.inv(homogeneous(true))[:, :2]
+    moving = warp_affine(fixed, inverse, (SIZE, SIZE), padding="border")  # moving ∘ true = fixed
+    batch = {"fixed": fixed, "moving": moving}
+
+    def losses(model, matrix, matrix_ts):
+        output = {"unit_matrix": homogeneous(matrix), "unit_matrix_ts": homogeneous(matrix_ts),
+                  "warped": warp_affine(moving, matrix, (SIZE, SIZE)), "warped_ts": warp_affine(fixed, matrix_ts, (SIZE, SIZE))}
+        return [float(model.loss(batch, output, epoch=epoch)[0]) for epoch in (1, 2, 3, 4)]
+
+    eye = torch.eye(2, 3)[None]
+    paper, compressed = _model(), _model(ar_epoch_scale=8.0)
+    paper.set_stage("affine-1step")
+    compressed.set_stage("affine-1step")
+    at_identity = losses(paper, eye, eye)
+    assert all(t > i for t, i in zip(losses(paper, true, inverse), at_identity))  # measured 2.02 ... 1.59 vs 0.62
+    assert all(t < 0.5 * i for t, i in zip(losses(compressed, true, inverse)[1:], at_identity[1:]))  # 0.20 ... 0.02
+    assert compressed.affine_regularizer_weight(3) == pytest.approx(affine_regularizer_weight(24))
+    continued = _model(ar_epoch_scale=8.0, ar_epoch_offset=48.0)  # a multi-step run on top of 6 such epochs
+    assert continued.affine_regularizer_weight(1) == pytest.approx(affine_regularizer_weight(56))
+    with pytest.raises(ConfigError, match="ar_epoch_scale"):
+        _model(ar_epoch_scale=-1.0)
+
+
 def test_intensities_are_clipped_at_the_papers_percentiles():
     from alignkit.errors import ConfigError
     from alignkit.spatial import Grid
@@ -113,10 +149,13 @@ def test_a_tiny_avsm_trained_in_stages_recovers_the_affine_and_registers(tmp_pat
     subjects = [prepare_subject(read_image(data_path("brain2d", name)), (SIZE, SIZE), name=name) for name in SLICES]
     train_set = _SameAffine(subjects[:4], length=16, magnitude=3.0, rotation=8.0, scaling=0.06)
     val_set = _SameAffine(subjects[4:], length=2, magnitude=3.0, rotation=8.0, scaling=0.06, per_epoch=False)
-    # a few dozen steps instead of the paper's 200 epochs: eq. 13's weight (C_ar) is scaled down with them
+    # a few dozen steps instead of the paper's 200 epochs: eq. 13 keeps its C_ar (10) and K_ar (4), its
+    # epoch count compressed 8x (lambda_ar 3.5, 0.68, 0.09, ... from epoch 1). (At the paper's own count
+    # this small affine is still recovered -- matrix error 3.37 -> 0.84 voxels -- but lambda_ar 0.68 at
+    # epoch 16 adds to the affine stage's val loss, so the vSVF check below compares other sums.)
     config = {"method": "avsm", "size": SIZE, "networks": TINY, "batch_size": 4, "lr": 1e-2, "quiet": True,
               "device": "cpu", "epochs": 1, "stage_epochs": {"affine-1step": 12, "affine": 4, "vsvf": 4},
-              "method_options": {"affine_train_steps": 2, "affine_test_steps": 3, "c_ar": 0.1}}
+              "method_options": {"affine_train_steps": 2, "affine_test_steps": 3, "ar_epoch_scale": 8.0}}
     result = train_method(config, tmp_path / "run", train_set=train_set, val_set=val_set)
     rows = {row["epoch"]: row for row in result.history}
     assert [row["stage"] for row in result.history] == ["affine-1step"] * 13 + ["affine"] * 4 + ["vsvf"] * 4

@@ -8,7 +8,8 @@ Shen, Han, Xu, Niethammer, "Networks for Joint Affine and Non-parametric Image R
   updates composed as eq. 1. Trained first with one step (stage ``affine-1step``), then, from those
   weights, with ``affine_train_steps`` (5) steps (stage ``affine``); ``affine_test_steps`` (7) at
   test time. Loss, in both directions (eq. 6): mk-LNCC + ``λ_ar(epoch) ||A - I||² + ||b||²`` with
-  eq. 13's ``λ_ar = C_ar K_ar / (K_ar + exp(n / K_ar))`` (``C_ar`` 10, ``K_ar`` 4) + the symmetry
+  eq. 13's ``λ_ar = C_ar K_ar / (K_ar + exp(n / K_ar))`` (``C_ar`` 10, ``K_ar`` 4; ``n`` the paper's
+  epoch, ``ar_epoch_scale`` of ours for a short run: :meth:`AVSM.affine_regularizer_weight`) + the symmetry
   loss of eq. 5 (``λ_as`` 10); matrices in the unit frame of the network grid (the paper's
   normalised coordinates).
 * **vSVF** (§2.2, stage ``vsvf``, affine part frozen): a residual U-Net without its last decoder
