@@ -24,8 +24,8 @@ RSS), after one untimed warm-up of each method on the first case of each data se
 pays Python's and torch's one-off imports (a fresh ``alignkit register`` process pays them once).
 
 Which cases tuned what (``alignkit.solve.presets``): ``photo`` -- homogr and the vis-nir ``field``
-pairs and ``indoor/0006``, ``mountain/0002``, ``mountain/0016``, ``forest/0013`` are in-sample, the
-other vis-nir pairs held out (``held_out`` block); ``flow`` -- Middlebury and the Sintel samples are
+pairs and ``indoor/0006``, ``indoor/0019``, ``mountain/0002``, ``mountain/0006``, ``mountain/0016``,
+``forest/0010``, ``forest/0013`` are in-sample, the other vis-nir pairs held out (``held_out`` block); ``flow`` -- Middlebury and the Sintel samples are
 in-sample, the mmflow crops held out.
 
     python benchmarks/presets2d.py                       # both parts, every case (~20-40 min on 2 cores)
@@ -53,7 +53,8 @@ FLOW_METHODS = ("alignkit:flow", "opencv:dis", "opencv:farneback", "opencv:tvl1"
 PHOTO_SETS = ("homography/homogr", "vis-nir")
 FLOW_SETS = ("flow/middlebury", "flow/sintel", "flow/mmflow-crops")
 #: vis-nir pairs the photo preset's rules were set on (its docstring); the rest are held out
-PHOTO_IN_SAMPLE = ("field/", "indoor/0006", "mountain/0002", "mountain/0016", "forest/0013")
+PHOTO_IN_SAMPLE = ("field/", "indoor/0006", "indoor/0019", "mountain/0002", "mountain/0006", "mountain/0016",
+                   "forest/0010", "forest/0013")
 THRESHOLDS_PX = (1, 3, 5)
 
 
