@@ -21,7 +21,7 @@ CLI = {
                                         "--reference", "-h", "-o", "-r"]),
     "demo": ([], sorted([*COMMON, "--dim", "--output", "-o"])),
     "evaluate": ([], sorted([*COMMON, "--dataset", "--layout", "--list", "--method", "--no-isolate", "--output",
-                             "--pairs", "--reference", "--threads", "--timeout", "-o"])),
+                             "--pairs", "--reference", "--threads", "--timeout", "-o", "--option"])),
     "methods": ([], ["--help", "-h"]),
     "presets": ([], ["--help", "-h"]),
     "register": (["fixed", "moving"], sorted([*COMMON, "--checkpoint", "--config", "--fixed-labels",

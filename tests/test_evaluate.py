@@ -546,6 +546,29 @@ def test_cli_evaluate_end_to_end(fake_loaders, tmp_path, capsys):
     assert "wrote" in stdout and (out / "boxplot_corner_error.png").exists()
 
 
+def test_cli_options_reach_registered_methods_only(fake_loaders, tmp_path, capsys, monkeypatch):
+    from alignkit.evaluate import registry
+
+    seen = {}
+    real = registry.resolve_method
+
+    def spy(spec, **options):
+        if isinstance(spec, str):  # evaluate() passes the resolved Method objects through it again
+            seen[spec] = options
+        return real(spec, **options)
+
+    monkeypatch.setattr(registry, "resolve_method", spy)
+    argv = ["evaluate", "--dataset", "tiny-affine", "--pairs", "1", "--method", "c2f", "--method", "fake:truth",
+            "--option", "mode=accurate", "--option", "tile=512", "-o", tmp_path / "o", "--no-isolate", "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert seen == {"c2f": {"mode": "accurate", "tile": 512}, "fake:truth": {}}
+    # options with no registered method to take them: one line, exit 2, nothing written
+    code, _, err = run_cli(["evaluate", "--dataset", "tiny-affine", "--method", "fake:truth", "--option", "mode=fast",
+                            "-o", tmp_path / "p"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--option" in err and not (tmp_path / "p").exists()
+
+
 def test_cli_dataset_and_reference_errors_are_one_line(fake_loaders, tmp_path, capsys):
     code, _, err = run_cli(["evaluate", "--dataset", "nope", "--method", "fake:truth", "-o", tmp_path / "o"], capsys)
     assert code == 2 and err == "alignkit: error: unknown data set 'nope'\n"

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-isolate", action="store_true", help="run in this process (no peak memory, no crash guard)")
     ev.add_argument("--timeout", type=float, help="seconds per run before it is killed and reported as an error")
     ev.add_argument("--reference", help="method the ratio columns divide by (default: the first peer)")
+    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the registered methods given (c2f, dio, stereo-net ...; not presets or peers), "
+                         "as alignkit register --option takes it, e.g. mode=accurate or tile=1024; repeatable")
     ev.add_argument("--list", action="store_true", help="list the data sets and methods, then exit")
     _add_common(ev)
     return parser
@@ -386,10 +389,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--pairs must be >= 1, got {args.pairs}")
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    from alignkit.evaluate.learned_methods import parse_spec
     from alignkit.evaluate.registry import resolve_method
 
+    options = parse_options(args.option)
+    # options go to the methods of the registry (what `register --method` runs), which pass them to
+    # alignkit.register; presets and peers have fixed settings of their own
+    takes_options = [name for name in args.method if parse_spec(name) is not None]
+    if options and not takes_options:
+        raise ConfigError("--option goes to registered methods (c2f, dio, stereo-net ...), and no --method names one")
     # resolve the names before loading any data: a typo fails in a second, not after the loading
-    methods = [resolve_method(name) for name in args.method]
+    methods = [resolve_method(name, **(options if name in takes_options else {})) for name in args.method]
     from alignkit.data.datasets import load_dataset
     from alignkit.evaluate.runner import evaluate
 

@@ -143,9 +143,15 @@ class LearnedMethod(RegisteredMethod):
         if method not in learned_names() or not _is_learned(method):
             known = [n for n in learned_names() if _is_learned(n)]
             raise ConfigError(f"unknown learned method {method!r}; known: {', '.join(known) or '(none)'}")
-        if unknown:
+        # the method's own inference options (c2f's mode and tile, stereo-net's disparity range ...)
+        # are passed to alignkit.register as `register --option` passes them
+        from alignkit.methods import get_method
+
+        own = [n for n in get_method(method).option_names() if n not in ("checkpoint", *OPTIONS)]
+        bad = sorted(set(unknown) - set(own))
+        if bad:
             raise ConfigError(
-                f"{method}: unknown options {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}"
+                f"{method}: unknown options {', '.join(bad)}; known: {', '.join([*OPTIONS, *own])}"
             )
         refine = 0 if refine is None else int(refine)
         if refine < 0:
@@ -156,7 +162,7 @@ class LearnedMethod(RegisteredMethod):
         if name is None:
             name = method + (f":{shown}" if shown is not None else "") + (f"+refine{refine}" if refine else "")
         options = {k: v for k, v in (("transform", transform), ("similarity", similarity)) if v is not None}
-        super().__init__(method, name=name, refine=refine, **options)
+        super().__init__(method, name=name, refine=refine, **options, **unknown)
         self.transform = transform
         self.similarity = similarity
         # resolved now: an isolated worker (same working directory today) must not depend on it
