@@ -240,3 +240,11 @@ def test_matrix_filters_fall_back_on_long_axes():
     x = torch.rand(1, 1, 4, MAX_MATRIX_AXIS + 1, generator=torch.Generator().manual_seed(9))
     assert torch.equal(fast_gaussian_blur(x, 1.0), gaussian_blur(x, 1.0))
     assert torch.equal(fast_box_sum(x, 3), box_sum(x, 3))
+
+
+def test_a_greedy_preset_stage_given_another_model_is_refused_before_running():
+    from alignkit.solve.presets import resolve_config
+
+    assert resolve_config(3, preset="brain", transform="affine,svf").stages[1].optimizer == "greedy"
+    with pytest.raises(ConfigError, match="optimizer 'greedy' updates a dense field"):
+        resolve_config(3, preset="brain", transform="affine,bspline")

@@ -183,6 +183,14 @@ class RegistrationConfig:
         elif self.init_options:
             raise ConfigError(f"init_options {sorted(self.init_options)} given for init {self.init!r}, which takes none")
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        for stage in self.stages:
+            # a stage edited after construction (a preset's greedy stage given another model by
+            # --transform) is caught here, before anything runs
+            if stage.optimizer == "greedy" and stage.transform not in GREEDY_MODELS:
+                raise ConfigError(
+                    f"stage {stage.transform}: optimizer 'greedy' updates a dense field ({', '.join(GREEDY_MODELS)}); "
+                    f"give this model a stage with optimizer adam, sgd or lbfgs (--config)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
