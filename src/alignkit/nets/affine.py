@@ -152,7 +152,9 @@ class RecurrentAffineHead(nn.Module):
         eye = torch.eye(self.ndim, self.ndim + 1, dtype=delta.dtype, device=delta.device)
         return eye + delta.view(-1, self.ndim, self.ndim + 1)
 
-    def forward(self, fixed: Tensor, moving: Tensor, *, steps: int | None = None) -> list[Tensor]:
+    def forward(self, fixed: Tensor, moving: Tensor, *, steps: int | None = None, initial: Tensor | None = None) -> list[Tensor]:
+        """``initial`` ``(B, ndim, ndim+1)``: the map the steps start from (default the identity), e.g.
+        a centre-of-mass shift; the first step already sees ``moving ∘ initial``."""
         check_input(fixed, self.ndim, self.in_channels, "RecurrentAffineHead fixed")
         check_input(moving, self.ndim, self.in_channels, "RecurrentAffineHead moving")
         if fixed.shape[0] != moving.shape[0]:
@@ -163,6 +165,10 @@ class RecurrentAffineHead(nn.Module):
         theta = torch.eye(self.ndim, self.ndim + 1, dtype=fixed.dtype, device=fixed.device).expand(
             fixed.shape[0], -1, -1
         )
+        if initial is not None:
+            if tuple(initial.shape) != tuple(theta.shape):
+                raise ShapeError(f"RecurrentAffineHead initial: expected {tuple(theta.shape)}, got {tuple(initial.shape)}")
+            theta = initial.to(fixed.dtype)
         matrices = []
         for _ in range(self.num_steps if steps is None else steps):
             warped = warp_affine(moving, theta, fixed_shape, padding=self.padding)
