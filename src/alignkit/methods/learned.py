@@ -39,7 +39,7 @@ from alignkit.methods.registry import get_method, register_method
 from alignkit.registration import Inputs
 from alignkit.solve import Engine
 from alignkit.solve.config import LINEAR_MODELS
-from alignkit.solve.presets import resolve_config
+from alignkit.solve.presets import learned_prealign_config
 from alignkit.spatial import sample_voxels, sample_world
 from alignkit.train.protocol import TrainingStage
 from alignkit.train.subjects import DEFAULT_PERCENTILES
@@ -385,7 +385,7 @@ class LearnedMethod(Method):
         names: list[str] = []
         stage_seconds: dict[str, float] = {}
         if models:
-            linear = resolve_config(inputs.ndim, transform=models)
+            linear = learned_prealign_config(inputs.ndim, models)
             engine = Engine(linear, device=device, seed=seed, progress=progress)
             stages = flatten_stages(engine.run(inputs.fixed, inputs.moving))
             names += [s.transform for s in linear.stages]

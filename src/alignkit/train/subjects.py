@@ -388,13 +388,13 @@ def _prealign_key(reference: Image, image: Image, mode: str) -> str:
 
 
 def prealign_config(ndim: int, mode: PrealignName, finest: float = 1.0) -> RegistrationConfig:
-    """The classical linear stage of the dimension's default preset, stopped at shrink factor
+    """The learned methods' linear pre-alignment (:func:`alignkit.solve.presets.learned_prealign_config`), stopped at shrink factor
     ``finest``: pre-aligning for a network that sees the image ``finest`` times coarser gains
     nothing from finer levels, which cost the most (about 2 min per OASIS subject at 1/2
     resolution on two cores, seconds at 1/4)."""
-    from alignkit.solve.presets import resolve_config
+    from alignkit.solve.presets import learned_prealign_config
 
-    config = resolve_config(ndim, transform=mode)
+    config = learned_prealign_config(ndim, mode)
     for stage in config.stages:
         keep = [k for k, level in enumerate(stage.levels) if level >= finest] or [0]
         stage.levels = tuple(stage.levels[k] for k in keep)
