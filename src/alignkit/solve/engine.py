@@ -202,6 +202,19 @@ def _threads_for(voxels: int, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _record_loss(value: Tensor, losses: list[float], bar: Any, level: float) -> float:
+    """Append one iteration's objective to ``losses`` and show it on the progress ``bar`` (or None);
+    a non-finite objective stops the stage (:class:`_Diverged`, judged by the never-worse rule)."""
+    loss_value = float(value.detach())
+    if not math.isfinite(loss_value):
+        raise _Diverged(f"the objective became {loss_value} at level 1/{level:g}")
+    losses.append(loss_value)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(level=f"1/{level:g}", loss=f"{loss_value:.4g}", refresh=False)
+    return loss_value
+
+
 @torch.no_grad()
 def _median_filter_parameters(transform: Transform, window: int) -> None:
     """Replace each field parameter ``(1, C, *S)`` by its ``window``-wide median (edge-replicated),
@@ -870,13 +883,7 @@ class Engine:
                 # stop before the next objective: grid_sample's backward crashes the process (a
                 # segmentation fault, torch 2.x) on NaN sampling coordinates with border padding
                 raise _Diverged(f"a step made the parameters non-finite at level 1/{cfg.levels[index]:g}")
-            loss_value = float(value.detach())
-            if not math.isfinite(loss_value):
-                raise _Diverged(f"the objective became {loss_value} at level 1/{cfg.levels[index]:g}")
-            losses.append(loss_value)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(level=f"1/{cfg.levels[index]:g}", loss=f"{loss_value:.4g}", refresh=False)
+            loss_value = _record_loss(value, losses, bar, cfg.levels[index])
             if stopper.update(loss_value):
                 if cfg.optimizer != "lbfgs" and reductions < cfg.lr_reductions:
                     # A plateau at this step size: shrink the step so Adam settles on the optimum
@@ -931,13 +938,7 @@ class Engine:
                 field.copy_(smooth_field(updated, cfg.field_smoothing))
             if not bool(torch.isfinite(field).all()):
                 raise _Diverged(f"a greedy step made the field non-finite at level 1/{cfg.levels[index]:g}")
-            loss_value = float(value.detach())
-            if not math.isfinite(loss_value):
-                raise _Diverged(f"the objective became {loss_value} at level 1/{cfg.levels[index]:g}")
-            losses.append(loss_value)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(level=f"1/{cfg.levels[index]:g}", loss=f"{loss_value:.4g}", refresh=False)
+            loss_value = _record_loss(value, losses, bar, cfg.levels[index])
             if stopper.update(loss_value):
                 if reductions < cfg.lr_reductions:
                     reductions += 1
