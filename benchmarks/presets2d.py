@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("photo", "flow", "all"), default="all")
     parser.add_argument("--limit", type=int, default=0, help="first N cases of each data set (0 = all)")
+    parser.add_argument("--sets", default=None, help="comma-separated data sets of the part(s) to run (default: all)")
     parser.add_argument("--data", default=None, help="root of the data sets (default ../shared/data)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             payload[part] = {}
             for dataset in sets:
+                if args.sets and dataset not in args.sets.split(","):
+                    continue
                 try:
                     dataset_folder(dataset, root=args.data)
                 except InputError as exc:  # absent data: say so, run the rest
