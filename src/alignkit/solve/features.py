@@ -126,24 +126,15 @@ def _well_conditioned(pixel: np.ndarray, shape: tuple[int, int]) -> str | None:
 
 
 def _fit_model(cv2, model: str, pts_f: np.ndarray, pts_m: np.ndarray, threshold_px: float):  # type: ignore[no-untyped-def]
-    """``(3x3 pixel matrix, inlier mask)`` of one model, or ``(None, None)``: a homography by USAC
-    MAGSAC++ (RANSAC on old OpenCV), an affine map by RANSAC.
-
-    RANSAC for the affine model (MAGSAC++ until issue 18's second pass): with the same matches,
-    threshold and 10k iterations at 0.999 confidence, the affine start alone (no refinement) scored
-    on all 80 vis-nir pairs (corner error) success at 1/3/5 px 0.675/0.90/0.95 and median 0.669 px
-    with RANSAC against 0.625/0.90/0.95 and 0.748 px with MAGSAC++ (MAGSAC++ with a 1.5 px threshold:
-    0.625/0.91/0.96, 0.728 px) -- chosen on those very pairs, so in-sample for
-    ``benchmarks/presets2d.py``. The homography keeps MAGSAC++: RANSAC there lost the perspective of
-    the synthetic wide-baseline pair of ``tests/test_register.py`` to the affine model selection."""
+    """``(3x3 pixel matrix, inlier mask)`` of one model by USAC MAGSAC++ (RANSAC on old OpenCV), or
+    ``(None, None)``."""
+    method = getattr(cv2, "USAC_MAGSAC", cv2.RANSAC)
     if model == "homography":
         if len(pts_f) < 4:
             return None, None
         # MAGSAC++ marginalises over the noise scale up to ``threshold``; 10k iterations at 0.999
         # confidence as in OpenCV's USAC evaluation (its defaults of 0.99 and 5000 are for video rates)
-        method = getattr(cv2, "USAC_MAGSAC", cv2.RANSAC)
         return cv2.findHomography(pts_f, pts_m, method, threshold_px, maxIters=10000, confidence=0.999)
-    method = cv2.RANSAC
     if model in ("affine", "similarity"):
         if len(pts_f) < 3:
             return None, None
@@ -196,7 +187,7 @@ def feature_fit(
     OpenCV's recommended pipeline: SIFT (scale and rotation invariant, the most repeatable of OpenCV's
     detectors across viewpoint and illumination) with a keypoint budget that grows with the image
     (:data:`PIXELS_PER_KEYPOINT`), FLANN k-d tree 2-NN matching with Lowe's ratio test (``ratio``;
-    Lowe's 0.8), a USAC MAGSAC++ homography or RANSAC affine fit (:func:`_fit_model` says why), and a check that the fit is well conditioned
+    Lowe's 0.8), a USAC MAGSAC++ fit, and a check that the fit is well conditioned
     (:func:`_well_conditioned`). A degenerate or weakly supported ``model`` falls back along
     :data:`FALLBACKS`; ``stats["model"]`` says which one was kept (0 homography, 1 affine, 2
     similarity) and ``stats["fallbacks"]`` how many were tried before it.

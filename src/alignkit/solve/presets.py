@@ -146,9 +146,8 @@ def _multimodal() -> RegistrationConfig:
 
 
 def _photo() -> RegistrationConfig:
-    """2D photographs: a homography started from SIFT matches (MAGSAC++ for a homography, RANSAC for
-    an affine map, when OpenCV is installed; else from the centres) and refined coarse to fine with
-    NCC on grey levels.
+    """2D photographs: a homography started from SIFT matches (MAGSAC++, when OpenCV is installed;
+    else from the centres) and refined coarse to fine with NCC on grey levels.
 
     Tuned on: ``homography/homogr`` -- the homography stage's levels (no full-resolution level) were
     chosen on "the four 1-1.5 Mpx homogr pairs" (commit 0693568); the four are not named (by image size
@@ -169,15 +168,15 @@ def _photo() -> RegistrationConfig:
     and ``mountain`` is held out.
 
     Measured (``python benchmarks/presets2d.py --part photo --threads 1``, one run, every method on
-    one thread, load 0.4-1.8; an affine case runs the affine chain, as the OpenCV peers fit an affine
-    to it): on all 80 vis-nir pairs success at 1 / 3 / 5 px 0.65 / 0.90 / 0.94 against 0.65 / 0.85 /
-    0.91 for SIFT + RANSAC, median corner error 0.80 px against 0.75, 1.8 s per pair against 0.7 s,
-    five pairs more than 1 px worse than SIFT + RANSAC (``field/0006`` and ``mountain/0012``, where
-    both fail, ``forest/0006``, ``forest/0022``, ``mountain/0013``); on the 53 held-out pairs 0.66 /
-    0.89 / 0.94 against 0.64 / 0.83 / 0.92. With the MAGSAC++ affine start (previous run, load 3-4.5):
-    0.60 / 0.89 / 0.95, median 0.77 px, also five pairs worse. homogr (TRE of the manual points; the
-    homography start is unchanged): mean 7.3 px, median 1.47, against 30.6 and 1.56 for SIFT +
-    RANSAC, no pair worse by more than 1 px, 5.5 s against 0.9 s per pair.
+    one thread, load 3.1-4.5 from other jobs; an affine case runs the affine chain, as the OpenCV peers
+    fit an affine to it): on all 80 vis-nir pairs success at 1 / 3 / 5 px 0.60 / 0.89 / 0.95 against
+    0.65 / 0.85 / 0.91 for SIFT + RANSAC, median corner error 0.77 px against 0.75, 2.9 s per pair
+    against 1.0 s, five pairs more than 1 px worse than SIFT + RANSAC (``field/0006``, where both
+    fail, ``indoor/0002``, ``mountain/0012``, ``mountain/0013``, ``mountain/0015``: the MAGSAC++
+    feature start, with 7-88 inliers, landed further than OpenCV's RANSAC); on the 53 held-out pairs
+    0.62 / 0.89 / 0.96 against 0.64 / 0.83 / 0.92. homogr (TRE of the manual points): mean 7.3 px,
+    median 1.47, against 30.6 and 1.56 for SIFT + RANSAC, no pair worse by more than 1 px, 9.7 s
+    against 1.6 s per pair.
     """
     return RegistrationConfig(
         name="photo",
