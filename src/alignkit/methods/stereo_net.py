@@ -156,16 +156,27 @@ class StereoNetMethod(LearnedMethod):
         left, right = normalise_pair(inputs.fixed.data.cpu(), inputs.moving.data.cpu())
         result = match(left, right, min_disparity=self.min_disparity, max_disparity=self.max_disparity,
                        cost=learned.cost_function(device), progress=progress, **learned.sgm_options())
-        field = DisparityField.from_pixels(result.disparity, inputs.fixed.grid, occluded=result.occluded)
-        field.requires_grad_(False)
-        seconds = round(time.perf_counter() - started, 3)
-        description = {"method": self.info.name, "model": learned.config, "networks": learned.network_specs(),
-                       "checkpoint": source, "min_disparity": result.min_disparity,
-                       "max_disparity": result.max_disparity, "matching_scale": result.scale}
-        extra: dict[str, Any] = {"method": self.info.name, "occluded_fraction": float(result.occluded.float().mean()),
-                                 **({"checkpoint": source} if source is not None else {})}
-        return MethodOutput(transform=ComposedTransform([field]), name=self.info.name, stages=["disparity"],
-                            description=description, stage_seconds={self.info.name: seconds}, extra=extra)
+        return disparity_output(self.info.name, learned, source, inputs, result.disparity, result.occluded, started,
+                                min_disparity=result.min_disparity, max_disparity=result.max_disparity,
+                                matching_scale=result.scale)
+
+
+def disparity_output(name: str, learned: LearnedModel, source: str | None, inputs: Inputs, disparity: Tensor,
+                     occluded: Tensor, started: float, **settings: Any) -> MethodOutput:
+    """The :class:`MethodOutput` of a learned stereo method: the disparity (pixels, fixed = left) as a
+    :class:`DisparityField` on the fixed grid, its occlusion mask, the model's description plus
+    ``settings`` (the disparity range ...), and the seconds since ``started``."""
+    import time
+
+    field = DisparityField.from_pixels(disparity, inputs.fixed.grid, occluded=occluded)
+    field.requires_grad_(False)
+    seconds = round(time.perf_counter() - started, 3)
+    description = {"method": name, "model": learned.config, "networks": learned.network_specs(),
+                   "checkpoint": source, **settings}
+    extra: dict[str, Any] = {"method": name, "occluded_fraction": float(occluded.float().mean()),
+                             **({"checkpoint": source} if source is not None else {})}
+    return MethodOutput(transform=ComposedTransform([field]), name=name, stages=["disparity"],
+                        description=description, stage_seconds={name: seconds}, extra=extra)
 
 
 @learned_method(MethodInfo(

@@ -42,11 +42,11 @@ from torch.utils.data import Dataset
 from alignkit.errors import ConfigError, InputError
 from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
-from alignkit.methods.stereo_net import StereoNet, normalise_pair
+from alignkit.methods.stereo_net import StereoNet, disparity_output, normalise_pair
 from alignkit.registration import Inputs
 from alignkit.stereo import check_rectified_pair, default_disparity_range
 from alignkit.stereo.sgm import left_right_check
-from alignkit.transforms import ComposedTransform, DisparityField, Transform
+from alignkit.transforms import DisparityField, Transform
 
 SUPERVISION = ("supervised", "self", "mixed")
 
@@ -73,15 +73,8 @@ class StereoVolumeMethod(LearnedMethod):
         left, right = normalise_pair(inputs.fixed.data.cpu(), inputs.moving.data.cpu())
         low, high = default_disparity_range(left.shape[-1], self.min_disparity, self.max_disparity)
         disparity, occluded = learned.disparity(left, right, low, high, device=device)
-        field = DisparityField.from_pixels(disparity, inputs.fixed.grid, occluded=occluded)
-        field.requires_grad_(False)
-        seconds = round(time.perf_counter() - started, 3)
-        description = {"method": self.info.name, "model": learned.config, "networks": learned.network_specs(),
-                       "checkpoint": source, "min_disparity": low, "max_disparity": high}
-        extra: dict[str, Any] = {"method": self.info.name, "occluded_fraction": float(occluded.float().mean()),
-                                 **({"checkpoint": source} if source is not None else {})}
-        return MethodOutput(transform=ComposedTransform([field]), name=self.info.name, stages=["disparity"],
-                            description=description, stage_seconds={self.info.name: seconds}, extra=extra)
+        return disparity_output(self.info.name, learned, source, inputs, disparity, occluded, started,
+                                min_disparity=low, max_disparity=high)
 
 
 @learned_method(MethodInfo(
