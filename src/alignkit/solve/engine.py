@@ -372,6 +372,7 @@ class Engine:
         moving_t = normalize_intensity(moving.batch(device=self.device))
         fixed_t, moving_t = common_channels(fixed_t, moving_t)  # grey against RGB(A): compare luminance
 
+        raw_fixed, raw_moving = fixed, moving  # stereo matching takes the pair as given (init "sgm")
         fixed_grid, moving_grid = fixed.grid, moving.grid
         if self.config.crop_foreground and self._features is None:
             fixed_t, fixed_grid = crop_to_foreground(fixed_t, fixed_grid)
@@ -399,7 +400,11 @@ class Engine:
             self._field_start = self._dis_init(fixed_t, fixed.grid, moving_t, moving.grid)
             self._start_grid = fixed.grid
         elif self.config.init == "sgm":
-            stages.append(self._sgm_init(fixed_t, fixed.grid, moving_t, moving.grid))
+            # on the images as given, not the per-image normalised ones: stretching each image's
+            # channels on its own changes their grey mix differently in left and right, which the
+            # census sees (motorcycle bad-2 0.0737 against 0.0727, EPE 1.38 against 1.33)
+            stages.append(self._sgm_init(raw_fixed.batch(device=self.device), raw_fixed.grid,
+                                         raw_moving.batch(device=self.device), raw_moving.grid))
 
         prompts = self._prompts(fixed_labels, moving_labels, fixed_points, moving_points)
         if self._feature_fit is not None:
