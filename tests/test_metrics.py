@@ -241,6 +241,25 @@ def _old_classical_ncc(a, b, mask=None):
     return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
+def test_metric_ncc_fast_path_equals_global_ncc_reference():
+    """alignkit.metrics.ncc (centred dot products on the selected voxels) against the weighted reference."""
+    from alignkit.losses.similarity import global_ncc
+    from alignkit.metrics import ncc
+
+    gen = torch.Generator().manual_seed(1)
+    for shape in ((1, 3, 17, 23), (2, 1, 5, 6, 7)):
+        a = torch.rand(*shape, generator=gen)
+        b = 0.3 * a + torch.rand(*shape, generator=gen)
+        mask = torch.rand(1, 1, *shape[2:], generator=gen) > 0.3
+        weights = mask.expand_as(a).double().reshape(1, 1, -1)
+        reference = global_ncc(a.double().reshape(1, 1, -1), b.double().reshape(1, 1, -1), weights,
+                               eps=torch.finfo(torch.float64).tiny)
+        assert ncc(a, b, mask) == pytest.approx(float(reference), abs=1e-12)
+        plain = global_ncc(a.double().reshape(1, 1, -1), b.double().reshape(1, 1, -1), eps=torch.finfo(torch.float64).tiny)
+        assert ncc(a, b) == pytest.approx(float(plain), abs=1e-12)
+    assert ncc(a, b, torch.zeros_like(mask)) == 0.0
+
+
 def test_metric_ncc_matches_the_old_masked_global_ncc():
     from alignkit.metrics import ncc
 
