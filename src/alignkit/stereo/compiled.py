@@ -92,19 +92,19 @@ def _census_cost(sig_left, sig_right, low, count, bits, levels, out):
 
 @_jit
 def _census_signature(image, rows, cols, out):
-    height, width = image.shape
+    # ``image`` is edge-replicated by rows // 2 and cols // 2 (as the reference pads): no clamping per tap
+    height, width = out.shape
     half_r, half_c = rows // 2, cols // 2
     for y in range(height):
         for x in range(width):
-            centre = image[y, x]
+            centre = image[y + half_r, x + half_c]
             signature = np.uint64(0)
             bit = np.uint64(0)
             for dy in range(rows):
-                yy = min(max(y + dy - half_r, 0), height - 1)  # edge-replicated, as the reference pads
                 for dx in range(cols):
                     if dy == half_r and dx == half_c:
                         continue
-                    if image[yy, min(max(x + dx - half_c, 0), width - 1)] < centre:
+                    if image[y + dy, x + dx] < centre:
                         signature |= np.uint64(1) << bit
                     bit += np.uint64(1)
             out[y, x] = signature
@@ -114,7 +114,9 @@ def census_signature(image: np.ndarray, window: tuple[int, int]) -> np.ndarray:
     """``(H, W)`` uint64 census signatures, as :func:`alignkit.stereo.cost.census_signature` (which
     checks the window)."""
     out = np.empty(image.shape, np.uint64)
-    _compiled()._census_signature(np.ascontiguousarray(image, dtype=np.float32), int(window[0]), int(window[1]), out)
+    rows, cols = int(window[0]), int(window[1])
+    padded = np.pad(np.asarray(image, dtype=np.float32), ((rows // 2, rows // 2), (cols // 2, cols // 2)), mode="edge")
+    _compiled()._census_signature(np.ascontiguousarray(padded), rows, cols, out)
     return out
 
 
