@@ -370,7 +370,7 @@ def test_feature_init_recovers_wide_baseline_homography() -> None:
 
     matrix, stats = feature_matrix(normalize_intensity(fixed.batch()), grid, normalize_intensity(moving.batch()), grid)
     assert stats["inliers"] >= 12
-    assert stats["model"] == 0.0 and stats["affine_preferred"] == 0.0  # real perspective: a homography
+    assert stats["model"] == 0.0 and stats["simpler_preferred"] == 0.0  # real perspective: a homography
     assert score_case(case, Prediction(matrix=matrix.numpy()))["corner_error"] < 1.5
     result = alignkit.register(fixed, moving, preset="photo", quiet=True)
     scores = score_case(case, Prediction(world_map=result.world_map()[0].numpy()))
