@@ -27,11 +27,12 @@ Methods (every one given the same disparity range ``[0, ndisp]``):
 Pairs: ``stereo/motorcycle`` at its size (741×500, ndisp 64) and ``stereo/aloe`` at **half**
 resolution (641×555 of 1282×1110, images area-averaged, ground truth halved, ndisp 112) to keep the
 CPU time sane; ``--full-aloe`` runs it at full size (ndisp 224). One thread everywhere
-(torch, OpenCV) unless ``--threads``. One-time costs are paid before the timers: alignkit's lazy
+(torch, OpenCV) unless ``--threads``; ``--repeat N`` runs every method N times per pair and reports
+the fastest (the methods are deterministic: the scores are those of every run). One-time costs are paid before the timers: alignkit's lazy
 imports and the loading of numba's cached kernels (a tiny ``match`` and ``register`` on a 32x48 crop);
 their seconds are reported as ``warmup_seconds``.
 
-    python benchmarks/stereo.py [--data DIR] [--stereo-net CKPT|shipped] [--methods a,b] [--out FILE]
+    python benchmarks/stereo.py [--data DIR] [--stereo-net CKPT|shipped] [--methods a,b] [--repeat N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-aloe", action="store_true")
     parser.add_argument("--pairs", default=None, help="comma-separated pair names (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each method N times on each pair and report the fastest (timing on a loaded machine)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             log(f"{pair['name']}: {method}")
             disparity, predicted, seconds = run_method(method, pair, args.stereo_net, volumes)
+            for _ in range(args.repeat - 1):  # deterministic methods: the same output, the fastest time
+                seconds = min(seconds, run_method(method, pair, args.stereo_net, volumes)[2])
             scores = disparity_errors(disparity, gt, predicted=predicted)
             nonocc = disparity_errors(disparity, gt, predicted=predicted, mask=visible)
             rows[method] = {**{k: round(v, 4) for k, v in scores.items() if k != "pixels"},
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                     name: round(rows[name]["seconds"] / max(hh["seconds"], 1e-9), 2)
                     for name in ("alignkit:stereo", "alignkit:sgm", "alignkit:sgm-torch") if rows.get(name)}
         results[pair["name"]] = rows
-    emit({"benchmark": "stereo", "threads": args.threads, "stereo_net": args.stereo_net, "stereo_volume": volumes,
+    emit({"benchmark": "stereo", "threads": args.threads, "repeat": args.repeat, "stereo_net": args.stereo_net, "stereo_volume": volumes,
           "numba": compiled.available(), "warmup_seconds": warmup,
           "commit": os.popen(f"git -C {REPO_ROOT} rev-parse --short HEAD").read().strip(), "pairs": results}, args.out)
     return 0

@@ -62,6 +62,30 @@ def test_aggregation_and_selection_equal_reference(directions: int) -> None:
 
 
 @needs_numba
+@pytest.mark.parametrize(("directions", "low", "lanes"), [(8, 0, 32), (8, -3, 16), (4, 2, 32)])
+def test_fused_sweeps_equal_aggregate_and_select(directions: int, low: int, lanes: int) -> None:
+    """The two-sweep fused kernel (the matcher's path) against the per-direction kernels it replaces:
+    the same integer sums, the same sub-pixel disparities bit for bit (same float arithmetic)."""
+    left, right = (_grey01(x) for x in _pair(5, (37, 61)))
+    disparities = np.arange(low, low + 19)
+    volume = quantise(cost_volume(left, right, disparities, cost="census")).permute(1, 2, 0).numpy()
+    steps = step_penalties(left, 0.05, 0.6, 0.05, directions)
+    penalties, paths = [p.numpy() for _, p in steps], [r for r, _ in steps]
+    total = compiled.aggregate(volume, penalties, paths, round(0.05 * COST_LEVELS))
+    left_d, right_d, fused_total = compiled.sgm_sweeps(volume, penalties, paths, round(0.05 * COST_LEVELS), low,
+                                                       keep_total=True, lanes=lanes)
+    np.testing.assert_array_equal(fused_total, total)
+    reference_left, reference_right = compiled.select(total, low)
+    np.testing.assert_array_equal(left_d, reference_left)
+    np.testing.assert_array_equal(right_d, reference_right)
+    # ties and flat rows: the first minimum wins in both (a constant volume selects the lowest disparity)
+    flat = np.full_like(volume, 7)
+    left_f, right_f, _ = compiled.sgm_sweeps(flat, penalties, paths, 3, low)
+    np.testing.assert_array_equal(left_f, compiled.select(compiled.aggregate(flat, penalties, paths, 3), low)[0])
+    np.testing.assert_array_equal(right_f, compiled.select(compiled.aggregate(flat, penalties, paths, 3), low)[1])
+
+
+@needs_numba
 @pytest.mark.parametrize("window", [(7, 9), (5, 5)])
 def test_census_signature_equals_reference(window) -> None:
     image = _grey01(_pair(4)[0])

@@ -164,12 +164,13 @@ def match(
     started = time.perf_counter()
     if use_compiled:
         steps = step_penalties(left_s, p1, p2, tau, directions)
-        total = compiled.aggregate(volume_hwd, [p.numpy() for _, p in steps], [r for r, _ in steps],
-                                   round(p1 * COST_LEVELS), progress=progress)
+        # aggregation and selection fused (two row sweeps, :func:`alignkit.stereo.compiled.sgm_sweeps`):
+        # the same integers as compiled.aggregate + compiled.select, which stay as its plain reference
+        disparity_np, disparity_right_np, _ = compiled.sgm_sweeps(
+            volume_hwd, [p.numpy() for _, p in steps], [r for r, _ in steps], round(p1 * COST_LEVELS), low_s)
         del volume_hwd
         times["aggregate"] = time.perf_counter() - started
         started = time.perf_counter()
-        disparity_np, disparity_right_np = compiled.select(total, low_s)
         disparity, disparity_right = torch.from_numpy(disparity_np), torch.from_numpy(disparity_right_np)
     else:
         aggregated = aggregate(volume, left_s, p1=p1, p2=p2, tau=tau, directions=directions, progress=progress)

@@ -37,12 +37,20 @@ def available() -> bool:
 
 
 _KERNELS: list = []
+#: kernels compiled into their callers (numba ``inline="always"``): a small per-pixel step called as a
+#: function pays ~20 ns per call in argument passing and reference counting of the row views
+_INLINE: set[str] = set()
 
 
-def _jit(function):
+def _jit(function=None, *, inline: bool = False):
     # registered here, compiled by :func:`_compiled` on first use (cache=True: once per installation)
-    _KERNELS.append(function)
-    return function
+    def register(function):
+        _KERNELS.append(function)
+        if inline:
+            _INLINE.add(function.__name__)
+        return function
+
+    return register(function) if function is not None else register
 
 
 @functools.cache
@@ -53,7 +61,8 @@ def _compiled() -> SimpleNamespace:
 
     jitted = {}
     for function in _KERNELS:
-        jitted[function.__name__] = numba.njit(cache=True, nogil=True)(function)
+        inline = "always" if function.__name__ in _INLINE else "never"
+        jitted[function.__name__] = numba.njit(cache=True, nogil=True, inline=inline)(function)
         globals()[function.__name__] = jitted[function.__name__]
     return SimpleNamespace(**jitted)
 
@@ -196,6 +205,149 @@ def aggregate(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: int
     return total
 
 
+#: path costs of the padding entries of the disparity axis in :func:`sgm_sweeps` (beyond the last real
+#: disparity): above any real path cost (at most the largest quantised cost, 64, plus P2 <= 1024), so a
+#: pad never wins a minimum; ``8 * (PAD_COST + P2)`` still fits int16
+PAD_COST = 2048
+#: the constant sentinel around a padded path row (read as the neighbours d - 1 of the first and d + 1
+#: of the last padded entry, never written)
+_SENTINEL = 8192
+#: offset of logical disparity 0 in a padded path row (room for the sentinel before it)
+_OFFSET = 16
+
+
+@_jit(inline=True)
+def _path_update(here_cost, source, previous_low, jump, step, out, into):
+    # one SGM step over a padded disparity row: ``source``/``out`` are path rows with the sentinel
+    # around logical entries [_OFFSET, _OFFSET + padded); ``here_cost``/``into`` are (padded,) rows.
+    # Branch-free over the whole padded length (a multiple of the vector width: no scalar tail).
+    low = np.int16(32767)
+    for j in range(here_cost.shape[0]):
+        p = j + _OFFSET
+        neighbour = np.int16(min(source[p - 1], source[p + 1]) + step)
+        value = np.int16(here_cost[j] + min(min(source[p], neighbour), jump) - previous_low)
+        out[p] = value
+        into[j] += value
+        low = min(low, value)
+    return low
+
+
+@_jit(inline=True)
+def _path_start(here_cost, out, into):
+    low = np.int16(32767)
+    for j in range(here_cost.shape[0]):
+        value = here_cost[j]
+        out[j + _OFFSET] = value
+        into[j] += value
+        low = min(low, value)
+    return low
+
+
+@_jit
+def _sgm_sweeps(cost, horizontal, down, down_dx, up, up_dx, p1, padded, min_disparity, total, keep_total,
+                left_out, right_out):
+    height, width, count = cost.shape
+    length = padded + 2 * _OFFSET
+    step = np.int16(p1)
+    here = np.empty((width, padded), np.int16)  # the row's costs, padded with PAD_COST
+    here[:, count:] = np.int16(PAD_COST)
+    sums = np.empty((width, padded), np.int16)  # the row's aggregated costs
+    line = np.full((2, length), np.int16(_SENTINEL))  # horizontal paths: previous and current pixel
+    rows = max(down.shape[0], up.shape[0], 1)
+    previous = np.full((rows, width, length), np.int16(_SENTINEL))  # row paths: previous row
+    current = np.full((rows, width, length), np.int16(_SENTINEL))
+    lowest_previous = np.empty((rows, width), np.int16)
+    lowest_current = np.empty((rows, width), np.int16)
+    keys = np.empty((count, width), np.int32)
+    left_keys = np.empty(width, np.int32)
+    right_keys = np.empty(width, np.int32)
+    for sweep in range(2):
+        penalties, dxs = (down, down_dx) if sweep == 0 else (up, up_dx)
+        for step_y in range(height):
+            y = step_y if sweep == 0 else height - 1 - step_y
+            for x in range(width):
+                for k in range(count):
+                    here[x, k] = cost[y, x, k]
+            if sweep == 0:
+                sums[:, :] = 0
+            else:
+                for x in range(width):
+                    for k in range(count):
+                        sums[x, k] = total[y, x, k]
+                    for k in range(count, padded):
+                        sums[x, k] = 0
+            if sweep == 0 and horizontal.shape[0] > 0:
+                # left to right (r = (0, 1)), then right to left (r = (0, -1))
+                low = _path_start(here[0], line[0], sums[0])
+                for x in range(1, width):
+                    low = _path_update(here[x], line[(x - 1) % 2], low, np.int16(low + horizontal[0, y, x]), step,
+                                       line[x % 2], sums[x])
+                low = _path_start(here[width - 1], line[0], sums[width - 1])
+                for s in range(1, width):
+                    x = width - 1 - s
+                    low = _path_update(here[x], line[(s - 1) % 2], low, np.int16(low + horizontal[1, y, x]), step,
+                                       line[s % 2], sums[x])
+            for i in range(dxs.shape[0]):
+                dx = dxs[i]
+                for x in range(width):
+                    px = x - dx
+                    if step_y == 0 or px < 0 or px >= width:
+                        lowest_current[i, x] = _path_start(here[x], current[i, x], sums[x])
+                    else:
+                        previous_low = lowest_previous[i, px]
+                        lowest_current[i, x] = _path_update(here[x], previous[i, px], previous_low,
+                                                            np.int16(previous_low + penalties[i, y, x]), step,
+                                                            current[i, x], sums[x])
+            previous, current = current, previous
+            lowest_previous, lowest_current = lowest_current, lowest_previous
+            if sweep == 0 or keep_total:
+                for x in range(width):
+                    for k in range(count):
+                        total[y, x, k] = sums[x, k]
+            if sweep == 1:
+                _select_row(sums, count, min_disparity, left_out[y], right_out[y], keys, left_keys, right_keys)
+
+
+def sgm_sweeps(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: int, min_disparity: int, *,
+               keep_total: bool = False, lanes: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`aggregate` and :func:`select` fused into two sweeps over the rows: ``(left disparity,
+    right disparity, S or None)``, the same integers and floats as the two in sequence.
+
+    The paths coming from above (``dy = 1``) and along the row run in a top-down sweep, those from below
+    in a bottom-up one, one image row at a time: the row's costs, sums and the paths' previous row stay
+    in cache (the per-direction :func:`aggregate` streams the whole volume through memory 8 times: it
+    is bound by memory bandwidth), and each row's disparities are selected as soon as its sum is
+    complete. The disparity axis of the row buffers is padded to a multiple of ``lanes`` with
+    :data:`PAD_COST` (a vector loop without scalar tail). ``keep_total`` also returns ``S``."""
+    cost = np.ascontiguousarray(cost, dtype=np.int16)
+    height, width, count = cost.shape
+    if count < 2:
+        raise ValueError("SGM needs at least 2 disparities")
+    groups: dict[str, list] = {"horizontal": [], "down": [], "up": []}
+    for (dy, dx), penalty in zip(directions, penalties, strict=True):
+        if dy == 0:
+            groups["horizontal"].append((-dx, penalty))  # (0, 1) first, then (0, -1)
+        else:
+            groups["down" if dy > 0 else "up"].append((dx, penalty))
+    if sorted(dx for dx, _ in groups["horizontal"]) not in ([], [-1, 1]):
+        raise ValueError("the horizontal paths come in pairs (0, 1) and (0, -1)")
+    groups["horizontal"].sort(key=lambda item: item[0])
+
+    def stack(items):
+        if not items:
+            return np.zeros((0, height, width), np.int16)
+        return np.ascontiguousarray(np.stack([np.asarray(p, dtype=np.int16) for _, p in items]))
+
+    down_dx = np.array([dx for dx, _ in groups["down"]], np.int64)
+    up_dx = np.array([dx for dx, _ in groups["up"]], np.int64)
+    padded = -(-count // lanes) * lanes
+    total = np.empty((height, width, count), np.int16)  # the first sweep's partial sums
+    left, right = np.empty((height, width), np.float32), np.empty((height, width), np.float32)
+    _compiled()._sgm_sweeps(cost, stack(groups["horizontal"]), stack(groups["down"]), down_dx, stack(groups["up"]),
+                            up_dx, int(p1), int(padded), int(min_disparity), total, bool(keep_total), left, right)
+    return left, right, (total if keep_total else None)
+
+
 @_jit
 def _parabola(below, centre, above):
     curvature = below - np.float32(2.0) * centre + above
@@ -203,6 +355,50 @@ def _parabola(below, centre, above):
         offset = (below - above) / (np.float32(2.0) * curvature)
         return min(max(offset, np.float32(-0.5)), np.float32(0.5))
     return np.float32(0.0)
+
+
+@_jit
+def _select_row(total, count, low, left_out, right_out, keys, left_keys, right_keys):
+    # :func:`_select` on one row ``(W, >= count)`` of the aggregated volume, the same results. The row is
+    # transposed into ``keys`` ``(count, W)`` int32 holding ``S << shift | k``: the first minimum over
+    # ``d`` of a pixel is the minimum of its keys (value, then index), and both the left image's
+    # minima (``keys[k, x]``) and the right image's (``keys[k, x + low + k]``) become branch-free
+    # minima over contiguous rows, vectorised across pixels
+    width = total.shape[0]
+    shift = 1
+    while (1 << shift) < count:
+        shift += 1
+    mask = np.int32((1 << shift) - 1)
+    top = np.float32(32767.0)
+    for x in range(width):
+        for k in range(count):
+            keys[k, x] = (np.int32(total[x, k]) << shift) | np.int32(k)
+    outside = np.int32(32767 << shift)  # the right pixel's match leaves the left image: the dtype's top
+    for x in range(width):
+        left_keys[x] = keys[0, x]
+        right_keys[x] = outside
+    for k in range(1, count):
+        for x in range(width):
+            left_keys[x] = min(left_keys[x], keys[k, x])
+    for k in range(count):
+        # right pixel x sees left pixel x + low + k at disparity k
+        for x in range(max(-low - k, 0), min(width - low - k, width)):
+            right_keys[x] = min(right_keys[x], keys[k, x + low + k])
+    for x in range(width):
+        index = left_keys[x] & mask
+        offset = np.float32(0.0)
+        if 0 < index < count - 1:
+            offset = _parabola(np.float32(total[x, index - 1]), np.float32(total[x, index]),
+                               np.float32(total[x, index + 1]))
+        left_out[x] = np.float32(index) + offset + np.float32(low)
+        index = right_keys[x] & mask
+        offset = np.float32(0.0)
+        if 0 < index < count - 1:
+            below_x, above_x = x + low + index - 1, x + low + index + 1
+            below = np.float32(total[below_x, index - 1]) if 0 <= below_x < width else top
+            above = np.float32(total[above_x, index + 1]) if 0 <= above_x < width else top
+            offset = _parabola(below, np.float32(right_keys[x] >> shift), above)
+        right_out[x] = np.float32(index) + offset + np.float32(low)
 
 
 @_jit
