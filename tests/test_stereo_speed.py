@@ -124,3 +124,17 @@ def test_unknown_backend_is_a_config_error() -> None:
     left, right = _pair(0, (24, 40))
     with pytest.raises(ConfigError, match="backend"):
         match(left, right, max_disparity=8, backend="cuda-magic")
+
+
+def test_metrics_reuse_the_engines_normalised_pair() -> None:
+    """register hands the engine's normalised pair to compute_metrics: the same metrics as normalising again."""
+    import alignkit
+    from alignkit.image import Image
+    from alignkit.registration import compute_metrics
+
+    left, right = _pair(6, (40, 64))
+    fixed, moving = (Image.from_array(np.moveaxis(x, 0, -1) if x.ndim == 3 else x) for x in (left, right))
+    result = alignkit.register(fixed, moving, preset="stereo", min_disparity=0, max_disparity=12)
+    again = compute_metrics(result)
+    for key in ("ncc_before", "ncc_after", "mse_before", "mse_after", "jacobian"):
+        assert result.metrics[key] == again[key], key

@@ -313,16 +313,24 @@ def compute_metrics(
     fixed_points: Tensor | None = None,
     moving_points: Tensor | None = None,
     seconds: float | None = None,
+    normalised: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
-    """similarity before/after, Dice (per label and mean), TRE, % non-positive Jacobians, run time."""
+    """similarity before/after, Dice (per label and mean), TRE, % non-positive Jacobians, run time.
+
+    ``normalised``: the images as this function normalises them (``normalize_intensity`` then
+    ``common_channels`` of ``fixed`` and ``moving``), when the method computed them already (the
+    classical engine's ``Engine.normalised``): used instead of normalising again."""
     from alignkit.metrics import dice_per_label, jacobian_stats, ncc, tre
 
     fixed, moving = registration.fixed, registration.moving
     world = registration.world_map()
     device = world.device
-    fixed_t = normalize_intensity(fixed.batch(device=device))
-    moving_t = normalize_intensity(moving.batch(device=device))
-    fixed_t, moving_t = common_channels(fixed_t, moving_t)
+    if normalised is not None:
+        fixed_t, moving_t = (t.to(device) for t in normalised)
+    else:
+        fixed_t = normalize_intensity(fixed.batch(device=device))
+        moving_t = normalize_intensity(moving.batch(device=device))
+        fixed_t, moving_t = common_channels(fixed_t, moving_t)
     identity = fixed.grid.world_points(device=device)
     before = sample_world(moving_t, moving.grid, identity)
     after = sample_world(moving_t, moving.grid, world)

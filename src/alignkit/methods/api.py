@@ -121,7 +121,7 @@ def register(
         description=description, fixed_labels=inputs.fixed_labels, moving_labels=inputs.moving_labels,
     )
     result.metrics = compute_metrics(result, fixed_points=inputs.fixed_points, moving_points=inputs.moving_points,
-                                     seconds=seconds)
+                                     seconds=seconds, normalised=output.normalised)
     result.metrics["stage_seconds"] = stage_seconds
     result.metrics.update(output.extra)
     if info.kind != "optimisation" or refine:

@@ -99,6 +99,9 @@ class MethodOutput:
     description: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the inputs as :func:`~alignkit.registration.compute_metrics` normalises them (fixed, moving), when
+    #: the method already computed them (the classical engine): the metrics reuse them
+    normalised: tuple[Any, Any] | None = None
 
 
 class Method:

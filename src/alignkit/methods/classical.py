@@ -123,4 +123,5 @@ class Classical(Method):
             description=description,
             stage_seconds={log.transform: round(log.seconds, 3) for log in engine.logs},
             extra=extra,
+            normalised=getattr(engine, "normalised", None),
         )

@@ -29,19 +29,21 @@ def ncc(a: Any, b: Any, mask: Any | None = None) -> float:
     :func:`alignkit.losses.similarity.global_ncc`'s (the :class:`~alignkit.losses.NCC` loss's) with 0/1
     weights, computed on the selected voxels by dot products (the reference it is tested against).
     """
-    x, y = _as_tensor(a, "a").double(), _as_tensor(b, "b").double()
+    x, y = _as_tensor(a, "a"), _as_tensor(b, "b")
     if x.shape != y.shape:
         raise ShapeError(f"ncc: images must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if mask is not None:
         m = _as_tensor(mask, "mask")
         try:
-            keep = (m.expand_as(x) > 0).reshape(-1)
+            keep = m.expand_as(x) > 0
         except RuntimeError:
             raise ShapeError(f"ncc: mask {tuple(m.shape)} does not broadcast to {tuple(x.shape)}") from None
         if not bool(keep.any()):
             return 0.0
-        x, y = x.reshape(-1)[keep], y.reshape(-1)[keep]
-    x, y = x.reshape(-1), y.reshape(-1)
+        # masked_select: the same voxels in the same order as boolean indexing, ~2x faster (no copy of
+        # the expanded mask, no index list)
+        x, y = torch.masked_select(x, keep), torch.masked_select(y, keep)
+    x, y = x.reshape(-1).double(), y.reshape(-1).double()
     # global_ncc's correlation with 0/1 weights, on the selected voxels: centred dot products (BLAS)
     # instead of weighted elementwise passes -- on a 741x500 RGB pair, one thread, ~15x faster; the
     # two agree to rounding (tests/test_metrics.py). The variance floor is global_ncc's here: the
