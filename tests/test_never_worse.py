@@ -160,3 +160,30 @@ def test_every_stage_rejected_without_a_start_gives_the_identity():
     assert result.metrics["stage_checks"][0]["kept"] is False
     identity = fixed.grid.world_points()
     torch.testing.assert_close(result.world_map().cpu(), identity, rtol=0, atol=1e-4)
+
+
+def test_a_refinement_the_keypoint_matches_rule_out_is_rejected():
+    """Clause 2: a stage pulled away from the matches (here by a landmark prompt that contradicts them,
+    standing in for a biased multimodal similarity) gains by its own objective, yet the feature start's
+    inliers rule it out (chi-square rise over ``INLIER_CHI2_LIMIT``), and the start is kept."""
+    pytest.importorskip("cv2")
+    from alignkit.solve.engine import INLIER_CHI2_LIMIT
+
+    fixed, moving = _pair()
+    config = {
+        "init": "features",
+        "landmark_weight": 50.0,
+        "stages": [{"transform": "translation", "similarity": "ncc", "levels": [2, 1], "iterations": [60, 40],
+                    "learning_rate": 0.05}],
+    }
+    # the matches say: moving = fixed shifted by (-2, 3) in world (x, y); the prompt says (+4, -3) more
+    fixed_points = torch.tensor([[40.0, 40.0], [80.0, 60.0], [60.0, 100.0]])
+    moving_points = fixed_points + torch.tensor([-2.0 + 4.0, 3.0 - 3.0])
+    result = alignkit.register(fixed, moving, config=config, fixed_landmarks=fixed_points, moving_landmarks=moving_points)
+    (check,) = result.metrics["stage_checks"]
+    assert check["objective_end"] < check["objective_start"]  # it did improve its own objective
+    assert check["kept"] is False and check["inlier_chi2_rise"] > INLIER_CHI2_LIMIT
+    assert "keypoint inliers rule it out" in check["reason"]
+    # the result is the feature start: every pixel moved by the matches' shift
+    shift = (result.world_map() - fixed.grid.world_points()).mean(dim=(2, 3))[0]
+    torch.testing.assert_close(shift, torch.tensor([-2.0, 3.0]), atol=0.3, rtol=0)
