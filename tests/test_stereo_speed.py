@@ -43,6 +43,11 @@ def test_census_cost_equals_quantised_reference() -> None:
     reference = quantise(cost_volume(left, right, disparities, cost="census")).permute(1, 2, 0).numpy()
     ours = compiled.census_cost(census_signature(left), census_signature(right), -3, len(disparities), 62, COST_LEVELS)
     np.testing.assert_array_equal(ours, reference)
+    padded = compiled.census_cost(census_signature(left), census_signature(right), -3, len(disparities), 62,
+                                  COST_LEVELS, padded=32)
+    assert padded.shape == (*reference.shape[:2], 32)
+    np.testing.assert_array_equal(padded[:, :, : len(disparities)], reference)
+    assert (padded[:, :, len(disparities) :] == compiled.PAD_COST).all()
 
 
 @needs_numba
@@ -78,6 +83,13 @@ def test_fused_sweeps_equal_aggregate_and_select(directions: int, low: int, lane
     reference_left, reference_right = compiled.select(total, low)
     np.testing.assert_array_equal(left_d, reference_left)
     np.testing.assert_array_equal(right_d, reference_right)
+    # the cost given already padded (the matcher's layout, as census_cost writes it): the same results
+    padded = np.full((*volume.shape[:2], compiled.padded_count(volume.shape[2], lanes)), compiled.PAD_COST, np.int16)
+    padded[:, :, : volume.shape[2]] = volume
+    left_p, right_p, _ = compiled.sgm_sweeps(padded, penalties, paths, round(0.05 * COST_LEVELS), low,
+                                             count=volume.shape[2], lanes=lanes)
+    np.testing.assert_array_equal(left_p, reference_left)
+    np.testing.assert_array_equal(right_p, reference_right)
     # ties and flat rows: the first minimum wins in both (a constant volume selects the lowest disparity)
     flat = np.full_like(volume, 7)
     left_f, right_f, _ = compiled.sgm_sweeps(flat, penalties, paths, 3, low)
@@ -138,3 +150,25 @@ def test_metrics_reuse_the_engines_normalised_pair() -> None:
     again = compute_metrics(result)
     for key in ("ncc_before", "ncc_after", "mse_before", "mse_after", "jacobian"):
         assert result.metrics[key] == again[key], key
+
+
+@pytest.mark.parametrize("raster", [True, False])
+def test_disparity_transform_points_equals_field_sampling(raster: bool) -> None:
+    """DisparityField samples its one-channel disparity: the same points as sampling the displacement
+    (FieldTransform's path) -- bit for bit on a raster, to float rounding with anisotropic spacing."""
+    from alignkit.spatial.grid import Grid
+    from alignkit.transforms.base import FieldTransform
+    from alignkit.transforms.disparity import DisparityField
+
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    grid = Grid.raster_2d((23, 31)) if raster else Grid.from_spacing((23, 31), (0.7, 1.3), direction=swap)
+    rng = np.random.default_rng(7)
+    model = DisparityField.from_pixels(torch.from_numpy(rng.uniform(0, 9, (23, 31)).astype(np.float32)), grid)
+    world = grid.world_points() + torch.from_numpy(rng.normal(scale=2.0, size=(1, 2, 23, 31)).astype(np.float32))
+    points = torch.from_numpy(rng.uniform(-3, 35, size=(1, 2, 50)).astype(np.float32))  # a point list, some outside
+    for where in (world, points):
+        ours, reference = model.transform_points(where), FieldTransform.transform_points(model, where)
+        if raster:
+            assert torch.equal(ours, reference)
+        else:
+            torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-5)

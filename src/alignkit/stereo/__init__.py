@@ -148,7 +148,9 @@ def match(
         size = (7, 9) if window is None else ((window, window) if isinstance(window, int) else tuple(window))
         census_signature(left_s[:1, :1], size)  # type: ignore[arg-type]  # checks the window
         signatures = tuple(compiled.census_signature(image.numpy(), size) for image in (left_s, right_s))  # type: ignore[arg-type]
-        volume_hwd = compiled.census_cost(*signatures, low_s, len(disparities), size[0] * size[1] - 1, COST_LEVELS)
+        # written in the padded layout the fused sweeps read in place (no copy of the volume)
+        volume_hwd = compiled.census_cost(*signatures, low_s, len(disparities), size[0] * size[1] - 1, COST_LEVELS,
+                                          padded=compiled.padded_count(len(disparities)))
     else:
         if callable(cost):
             volume = cost(left_s, right_s, disparities)
@@ -167,7 +169,8 @@ def match(
         # aggregation and selection fused (two row sweeps, :func:`alignkit.stereo.compiled.sgm_sweeps`):
         # the same integers as compiled.aggregate + compiled.select, which stay as its plain reference
         disparity_np, disparity_right_np, _ = compiled.sgm_sweeps(
-            volume_hwd, [p.numpy() for _, p in steps], [r for r, _ in steps], round(p1 * COST_LEVELS), low_s)
+            volume_hwd, [p.numpy() for _, p in steps], [r for r, _ in steps], round(p1 * COST_LEVELS), low_s,
+            count=len(disparities))
         del volume_hwd
         times["aggregate"] = time.perf_counter() - started
         started = time.perf_counter()

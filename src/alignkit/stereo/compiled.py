@@ -78,7 +78,10 @@ def _popcount64(value):
 
 @_jit
 def _census_cost(sig_left, sig_right, low, count, bits, levels, out):
+    # ``out`` (H, W, >= count): entries past ``count`` get PAD_COST (the padding of :func:`sgm_sweeps`)
     height, width = sig_left.shape
+    padded = out.shape[2]
+    pad = np.int16(PAD_COST)
     # the quantised cost of each possible bit count, computed as the reference does it (float32 count /
     # bits * levels, rounded half to even) so both paths give the same integers
     table = np.empty(65, np.int16)
@@ -97,6 +100,8 @@ def _census_cost(sig_left, sig_right, low, count, bits, levels, out):
                 out[y, x, k] = table[_popcount64(reference ^ sig_right[y, x - low - k])]
             for k in range(max(last + 1, first), count):
                 out[y, x, k] = outside
+            for k in range(count, padded):
+                out[y, x, k] = pad
 
 
 @_jit
@@ -130,11 +135,13 @@ def census_signature(image: np.ndarray, window: tuple[int, int]) -> np.ndarray:
 
 
 def census_cost(sig_left: np.ndarray, sig_right: np.ndarray, min_disparity: int, count: int, bits: int,
-                levels: int) -> np.ndarray:
+                levels: int, padded: int | None = None) -> np.ndarray:
     """``(H, W, D)`` int16 census cost in units of ``1 / levels`` of its range (the reference's
-    ``round(cost * levels)``), ``levels`` where ``x - d`` leaves the right image."""
+    ``round(cost * levels)``), ``levels`` where ``x - d`` leaves the right image. ``padded``: the
+    disparity axis is that long instead, the entries past ``D`` holding :data:`PAD_COST` (the layout
+    :func:`sgm_sweeps` reads without a copy)."""
     height, width = sig_left.shape
-    out = np.empty((height, width, count), np.int16)
+    out = np.empty((height, width, count if padded is None else max(int(padded), count)), np.int16)
     _compiled()._census_cost(np.ascontiguousarray(sig_left), np.ascontiguousarray(sig_right), int(min_disparity), int(count),
                  int(bits), int(levels), out)
     return out
@@ -233,6 +240,33 @@ def _path_update(here_cost, source, previous_low, jump, step, out, into):
 
 
 @_jit(inline=True)
+def _path_update3(here_cost, source_a, source_b, source_c, low_a, low_b, low_c, jump_a, jump_b, jump_c, step, out_a,
+                  out_b, out_c, into):
+    # :func:`_path_update` for three paths into one pixel at once (the three from the previous row):
+    # the pixel's costs and sums are loaded and the sums stored once instead of three times
+    best_a = np.int16(32767)
+    best_b = np.int16(32767)
+    best_c = np.int16(32767)
+    for j in range(here_cost.shape[0]):
+        p = j + _OFFSET
+        cost = here_cost[j]
+        value_a = np.int16(cost + min(min(source_a[p], np.int16(min(source_a[p - 1], source_a[p + 1]) + step)), jump_a)
+                           - low_a)
+        value_b = np.int16(cost + min(min(source_b[p], np.int16(min(source_b[p - 1], source_b[p + 1]) + step)), jump_b)
+                           - low_b)
+        value_c = np.int16(cost + min(min(source_c[p], np.int16(min(source_c[p - 1], source_c[p + 1]) + step)), jump_c)
+                           - low_c)
+        out_a[p] = value_a
+        out_b[p] = value_b
+        out_c[p] = value_c
+        into[j] += np.int16(value_a + value_b + value_c)
+        best_a = min(best_a, value_a)
+        best_b = min(best_b, value_b)
+        best_c = min(best_c, value_c)
+    return best_a, best_b, best_c
+
+
+@_jit(inline=True)
 def _path_start(here_cost, out, into):
     low = np.int16(32767)
     for j in range(here_cost.shape[0]):
@@ -244,14 +278,11 @@ def _path_start(here_cost, out, into):
 
 
 @_jit
-def _sgm_sweeps(cost, horizontal, down, down_dx, up, up_dx, p1, padded, min_disparity, total, keep_total,
-                left_out, right_out):
-    height, width, count = cost.shape
+def _sgm_sweeps(cost, count, horizontal, down, down_dx, up, up_dx, p1, min_disparity, total, left_out, right_out):
+    # ``cost`` and ``total`` (H, W, padded): the costs padded with PAD_COST; the sums (zeros on entry)
+    height, width, padded = cost.shape
     length = padded + 2 * _OFFSET
     step = np.int16(p1)
-    here = np.empty((width, padded), np.int16)  # the row's costs, padded with PAD_COST
-    here[:, count:] = np.int16(PAD_COST)
-    sums = np.empty((width, padded), np.int16)  # the row's aggregated costs
     line = np.full((2, length), np.int16(_SENTINEL))  # horizontal paths: previous and current pixel
     rows = max(down.shape[0], up.shape[0], 1)
     previous = np.full((rows, width, length), np.int16(_SENTINEL))  # row paths: previous row
@@ -263,19 +294,10 @@ def _sgm_sweeps(cost, horizontal, down, down_dx, up, up_dx, p1, padded, min_disp
     right_keys = np.empty(width, np.int32)
     for sweep in range(2):
         penalties, dxs = (down, down_dx) if sweep == 0 else (up, up_dx)
+        fused = dxs.shape[0] == 3  # the three paths from the previous row in one loop (8 directions)
         for step_y in range(height):
             y = step_y if sweep == 0 else height - 1 - step_y
-            for x in range(width):
-                for k in range(count):
-                    here[x, k] = cost[y, x, k]
-            if sweep == 0:
-                sums[:, :] = 0
-            else:
-                for x in range(width):
-                    for k in range(count):
-                        sums[x, k] = total[y, x, k]
-                    for k in range(count, padded):
-                        sums[x, k] = 0
+            here, sums = cost[y], total[y]  # the row's costs and sums (W, padded), in place
             if sweep == 0 and horizontal.shape[0] > 0:
                 # left to right (r = (0, 1)), then right to left (r = (0, -1))
                 low = _path_start(here[0], line[0], sums[0])
@@ -287,10 +309,22 @@ def _sgm_sweeps(cost, horizontal, down, down_dx, up, up_dx, p1, padded, min_disp
                     x = width - 1 - s
                     low = _path_update(here[x], line[(s - 1) % 2], low, np.int16(low + horizontal[1, y, x]), step,
                                        line[s % 2], sums[x])
-            for i in range(dxs.shape[0]):
-                dx = dxs[i]
-                for x in range(width):
-                    px = x - dx
+            for x in range(width):
+                if fused:
+                    pa, pb, pc = x - dxs[0], x - dxs[1], x - dxs[2]
+                    if step_y > 0 and 0 <= min(pa, pb, pc) and max(pa, pb, pc) < width:
+                        low_a, low_b, low_c = lowest_previous[0, pa], lowest_previous[1, pb], lowest_previous[2, pc]
+                        best_a, best_b, best_c = _path_update3(
+                            here[x], previous[0, pa], previous[1, pb], previous[2, pc], low_a, low_b, low_c,
+                            np.int16(low_a + penalties[0, y, x]), np.int16(low_b + penalties[1, y, x]),
+                            np.int16(low_c + penalties[2, y, x]), step, current[0, x], current[1, x], current[2, x],
+                            sums[x])
+                        lowest_current[0, x] = best_a
+                        lowest_current[1, x] = best_b
+                        lowest_current[2, x] = best_c
+                        continue
+                for i in range(dxs.shape[0]):
+                    px = x - dxs[i]
                     if step_y == 0 or px < 0 or px >= width:
                         lowest_current[i, x] = _path_start(here[x], current[i, x], sums[x])
                     else:
@@ -300,29 +334,40 @@ def _sgm_sweeps(cost, horizontal, down, down_dx, up, up_dx, p1, padded, min_disp
                                                             current[i, x], sums[x])
             previous, current = current, previous
             lowest_previous, lowest_current = lowest_current, lowest_previous
-            if sweep == 0 or keep_total:
-                for x in range(width):
-                    for k in range(count):
-                        total[y, x, k] = sums[x, k]
             if sweep == 1:
                 _select_row(sums, count, min_disparity, left_out[y], right_out[y], keys, left_keys, right_keys)
 
 
+def padded_count(count: int, lanes: int = 32) -> int:
+    """The length of :func:`sgm_sweeps`'s disparity axis for ``count`` disparities: a multiple of
+    ``lanes`` (int16 lanes of one 512-bit vector), so that its loops have no scalar tail."""
+    return -(-int(count) // lanes) * lanes
+
+
 def sgm_sweeps(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: int, min_disparity: int, *,
-               keep_total: bool = False, lanes: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+               count: int | None = None, keep_total: bool = False,
+               lanes: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`aggregate` and :func:`select` fused into two sweeps over the rows: ``(left disparity,
-    right disparity, S or None)``, the same integers and floats as the two in sequence.
+    right disparity, S (H, W, D) or None)``, the same integers and floats as the two in sequence.
 
     The paths coming from above (``dy = 1``) and along the row run in a top-down sweep, those from below
     in a bottom-up one, one image row at a time: the row's costs, sums and the paths' previous row stay
-    in cache (the per-direction :func:`aggregate` streams the whole volume through memory 8 times: it
-    is bound by memory bandwidth), and each row's disparities are selected as soon as its sum is
-    complete. The disparity axis of the row buffers is padded to a multiple of ``lanes`` with
-    :data:`PAD_COST` (a vector loop without scalar tail). ``keep_total`` also returns ``S``."""
-    cost = np.ascontiguousarray(cost, dtype=np.int16)
-    height, width, count = cost.shape
+    in cache (the per-direction :func:`aggregate` streams the whole volume through memory 8 times and
+    is bound by memory bandwidth), the three paths from the previous row are updated in one loop, and
+    each row's disparities are selected as soon as its sum is complete. The disparity axis is padded
+    to :func:`padded_count` entries with :data:`PAD_COST` (vector loops without scalar tail): ``cost``
+    ``(H, W, D)`` is copied into that layout, or, given with ``count = D``, is already in it (as
+    :func:`census_cost` writes it with ``padded``). ``keep_total`` also returns ``S``."""
+    cost = np.asarray(cost, dtype=np.int16)
+    height, width = cost.shape[:2]
+    count = cost.shape[2] if count is None else int(count)
+    padded = padded_count(count, lanes)
     if count < 2:
         raise ValueError("SGM needs at least 2 disparities")
+    if cost.shape[2] != padded or not cost.flags.c_contiguous:
+        volume = np.full((height, width, padded), PAD_COST, np.int16)
+        volume[:, :, :count] = cost[:, :, :count]
+        cost = volume
     groups: dict[str, list] = {"horizontal": [], "down": [], "up": []}
     for (dy, dx), penalty in zip(directions, penalties, strict=True):
         if dy == 0:
@@ -340,12 +385,11 @@ def sgm_sweeps(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: in
 
     down_dx = np.array([dx for dx, _ in groups["down"]], np.int64)
     up_dx = np.array([dx for dx, _ in groups["up"]], np.int64)
-    padded = -(-count // lanes) * lanes
-    total = np.empty((height, width, count), np.int16)  # the first sweep's partial sums
+    total = np.zeros((height, width, padded), np.int16)
     left, right = np.empty((height, width), np.float32), np.empty((height, width), np.float32)
-    _compiled()._sgm_sweeps(cost, stack(groups["horizontal"]), stack(groups["down"]), down_dx, stack(groups["up"]),
-                            up_dx, int(p1), int(padded), int(min_disparity), total, bool(keep_total), left, right)
-    return left, right, (total if keep_total else None)
+    _compiled()._sgm_sweeps(cost, count, stack(groups["horizontal"]), stack(groups["down"]), down_dx,
+                            stack(groups["up"]), up_dx, int(p1), int(min_disparity), total, left, right)
+    return left, right, (np.ascontiguousarray(total[:, :, :count]) if keep_total else None)
 
 
 @_jit
