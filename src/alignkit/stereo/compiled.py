@@ -106,22 +106,24 @@ def _census_cost(sig_left, sig_right, low, count, bits, levels, out):
 
 @_jit
 def _census_signature(image, rows, cols, out):
-    # ``image`` is edge-replicated by rows // 2 and cols // 2 (as the reference pads): no clamping per tap
+    # ``image`` is edge-replicated by rows // 2 and cols // 2 (as the reference pads): no clamping per tap.
+    # Row by row, one tap at a time across the row (contiguous loads, vectorised over pixels), the
+    # bits in the reference's order (taps row-major, the centre skipped)
     height, width = out.shape
     half_r, half_c = rows // 2, cols // 2
     for y in range(height):
-        for x in range(width):
-            centre = image[y + half_r, x + half_c]
-            signature = np.uint64(0)
-            bit = np.uint64(0)
-            for dy in range(rows):
-                for dx in range(cols):
-                    if dy == half_r and dx == half_c:
-                        continue
-                    if image[y + dy, x + dx] < centre:
-                        signature |= np.uint64(1) << bit
-                    bit += np.uint64(1)
-            out[y, x] = signature
+        signature = out[y]
+        signature[:] = 0
+        centre = image[y + half_r, half_c : half_c + width]
+        bit = np.uint64(0)
+        for dy in range(rows):
+            for dx in range(cols):
+                if dy == half_r and dx == half_c:
+                    continue
+                tap = image[y + dy, dx : dx + width]
+                for x in range(width):
+                    signature[x] |= np.uint64(tap[x] < centre[x]) << bit
+                bit += np.uint64(1)
 
 
 def census_signature(image: np.ndarray, window: tuple[int, int]) -> np.ndarray:
