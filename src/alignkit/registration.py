@@ -331,6 +331,9 @@ def compute_metrics(
         fixed_t = normalize_intensity(fixed.batch(device=device))
         moving_t = normalize_intensity(moving.batch(device=device))
         fixed_t, moving_t = common_channels(fixed_t, moving_t)
+    # contiguous once (an image read from an (H, W, C) array is a channels-last view): the masked
+    # selections and differences below are ~1.5x faster on it, with the same values
+    fixed_t, moving_t = fixed_t.contiguous(), moving_t.contiguous()
     identity = fixed.grid.world_points(device=device)
     before = sample_world(moving_t, moving.grid, identity)
     after = sample_world(moving_t, moving.grid, world)
