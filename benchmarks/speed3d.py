@@ -26,6 +26,7 @@ applies to every worker, peers included (ITK-based tools use their own thread po
     python benchmarks/speed3d.py --multimodal                     # also T1<->PD head and CT<->MR slices
     python benchmarks/speed3d.py --multimodal --multimodal-sets multimodal/ct-mr-2d --resolutions 2
     python benchmarks/speed3d.py --profile --resolutions 2        # torch.profiler of the brain preset, per level and term
+    python benchmarks/speed3d.py --profile --resolutions "" --multimodal   # ... of the multimodal preset (first case per set)
 """
 
 from __future__ import annotations
@@ -115,10 +116,10 @@ def add_ratios(group: dict[str, Any]) -> None:
                 entry[key.replace("_mean", "") + "_ratio"] = entry[key] / ref[key]
 
 
-def profile_brain(case: Any, config: str | None, threads: int) -> dict[str, Any]:
-    """torch.profiler over one in-process registration: wall time of each level and term range the
-    engine names (``level <model> 1/<factor>``, ``term <similarity>``, ``term warp``), the top operators
-    by self time, and the stage times."""
+def profile_preset(case: Any, config: str | None, threads: int, preset: str = "brain") -> dict[str, Any]:
+    """torch.profiler over one in-process registration with ``preset``: wall time of each level and term
+    range the engine names (``level <model> 1/<factor>``, ``term <similarity>``, ``term warp``), the top
+    operators by self time, and the stage times."""
     import torch
 
     torch.set_num_threads(threads)
@@ -126,7 +127,7 @@ def profile_brain(case: Any, config: str | None, threads: int) -> dict[str, Any]
 
     import alignkit
 
-    options: dict[str, Any] = {"preset": "brain"}
+    options: dict[str, Any] = {"preset": preset}
     if config:
         options["config"] = config
     started = time.perf_counter()
@@ -138,6 +139,7 @@ def profile_brain(case: Any, config: str | None, threads: int) -> dict[str, Any]
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
     return {
         "case": case.name,
+        "preset": preset,
         "wall_seconds_profiled": wall,
         "stage_seconds": result.metrics.get("stage_seconds"),
         "ranges_seconds": ranges,
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated multimodal data sets (default {','.join(MULTIMODAL_SETS)})")
     parser.add_argument("--config", help="configuration file for alignkit:brain (applied on top of the preset)")
     parser.add_argument("--profile", action="store_true", help="profile alignkit:brain on the first pair of each "
-                        "resolution (in this process) instead of running the comparison")
+                        "resolution (and, with --multimodal, alignkit:multimodal on the first case of each set) in this "
+                        "process instead of running the comparison")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--omp-active", action="store_true", help="leave OMP_WAIT_POLICY unset in the workers "
                         "(default: PASSIVE, see the module docstring)")
@@ -214,16 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             cases = brain_cases(data, names, resolution)
             key = f"brain_{resolution:g}mm"
             if args.profile:
-                results[key] = {"profile": profile_brain(cases[0], args.config, args.threads)}
+                results[key] = {"profile": profile_preset(cases[0], args.config, args.threads)}
                 continue
             log(f"[{BENCHMARK}] {key}: {', '.join(names)}")
             results[key] = {"cases": names, "tuning_cases_among_them": tuned,
                             "methods": run_group(cases, methods, options, args.threads, args.timeout, Path(tmp) / key)}
-        if args.multimodal and not args.profile:
+        if args.multimodal:
             results["multimodal"] = {}
             for name in [n.strip() for n in args.multimodal_sets.split(",") if n.strip()]:
                 cases = multimodal_cases(data, name, args.multimodal_cases)
-                if cases:
+                if cases and args.profile:
+                    results["multimodal"][name] = {"profile": profile_preset(cases[0], None, args.threads, "multimodal")}
+                elif cases:
                     results["multimodal"][name] = {"cases": [c.name for c in cases], "methods": run_group(
                         cases, list(MULTIMODAL_METHODS), {}, args.threads, args.timeout, Path(tmp) / name.replace("/", "_"))}
 
