@@ -172,3 +172,23 @@ def test_disparity_transform_points_equals_field_sampling(raster: bool) -> None:
             assert torch.equal(ours, reference)
         else:
             torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-5)
+
+
+def test_world_map_is_kept_until_the_transform_changes() -> None:
+    """Registration.world_map keeps the fixed grid's map (metrics, flow and disparity read it) and
+    recomputes it once a parameter of the transform is modified."""
+    import alignkit
+    from alignkit.image import Image
+
+    left, right = _pair(7, (32, 48))
+    result = alignkit.register(Image.from_array(np.moveaxis(left, 0, -1)), Image.from_array(np.moveaxis(right, 0, -1)),
+                               preset="stereo", min_disparity=0, max_disparity=10)
+    first = result.world_map()
+    first.zero_()  # a caller's in-place change does not reach the kept map
+    kept = result.world_map()
+    assert torch.equal(kept, result.transform.map_on(result.fixed.grid))
+    parameter = next(p for p in result.transform.parameters())
+    with torch.no_grad():
+        parameter.add_(0.5)
+    assert torch.equal(result.world_map(), result.transform.map_on(result.fixed.grid))
+    assert not torch.equal(result.world_map(), kept)

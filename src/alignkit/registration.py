@@ -151,12 +151,21 @@ class Registration:
     fixed_labels: Image | None = None
     moving_labels: Image | None = None
     _warped: Image | None = None
+    _world_map: tuple[tuple, Tensor] | None = field(default=None, repr=False)
 
     # -- applying -------------------------------------------------------------------------------
     @torch.no_grad()
     def world_map(self, grid: Grid | None = None) -> Tensor:
-        grid = grid or self.fixed.grid
-        return self.transform.map_on(grid, device=device_of(self.transform))
+        """The map on ``grid`` (default: the fixed grid), ``(1, ndim, *grid.shape)`` world points. The
+        fixed grid's is kept while the transform's tensors are unchanged (the same objects, not modified
+        in place): the metrics, :meth:`flow` and :meth:`disparity` all read it."""
+        if grid is not None and grid is not self.fixed.grid:
+            return self.transform.map_on(grid, device=device_of(self.transform))
+        state = tuple((id(t), t._version) for t in (*self.transform.parameters(), *self.transform.buffers()))
+        if self._world_map is None or self._world_map[0] != (id(self.transform), state):
+            self._world_map = ((id(self.transform), state),
+                               self.transform.map_on(self.fixed.grid, device=device_of(self.transform)))
+        return self._world_map[1].clone()
 
     def apply(self, image: ImageLike, *, labels: bool = False) -> Image:
         """Resample an image of the moving space onto the fixed grid (nearest for label maps)."""
