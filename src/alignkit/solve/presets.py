@@ -106,11 +106,11 @@ def _multimodal() -> RegistrationConfig:
     brightest 40 % of the fixed voxels, and the corner error the benchmark reports). On ``t1<-pd``:
     previous preset 117.5 s, map error 0.61 mm, corner error 0.76 mm; this one 46.6 s (SVF stage
     81.6 s -> 6.0 s), 0.59 mm, 0.86 mm, no folded voxel. On the slices: mean map error 0.30 px
-    against 0.37, mean corner error 0.60 against 0.60. What was tried and not kept: 25k or 50k metric
+    against 0.36, mean corner error 0.60 against 0.60. What was tried and not kept: 25k or 50k metric
     samples (``t1<-pd`` map error of the linear stages 0.56 / 0.48 mm against 0.41 with 100k); the
     greedy update with the MI force (:meth:`~alignkit.losses.MattesMI.value_and_gradient`) in place of
     the SVF stage (steps of 1 or 0.25 voxel, smoothings 2/1 or 3/2: 4-5 s for the stage but map errors
-    0.64-0.66 mm on ``t1<-pd`` and 0.36-0.65 px on the slices, since its normalised step keeps moving
+    0.64-0.66 mm on ``t1<-pd`` and 0.36-0.66 px on the slices, since its normalised step keeps moving
     a field that should stay near zero when the truth is rigid). ``multimodal/ct-mr-2d`` stays held
     out (its two probes during profiling, the previous preset and a greedy stage, were not used to
     choose), as do ``pd<-t1`` and ``multimodal/prostate-mr-us``.
