@@ -67,17 +67,19 @@ def test_aggregation_and_selection_equal_reference(directions: int) -> None:
 
 
 @needs_numba
-@pytest.mark.parametrize(("directions", "low", "lanes"), [(8, 0, 32), (8, -3, 16), (4, 2, 32)])
-def test_fused_sweeps_equal_aggregate_and_select(directions: int, low: int, lanes: int) -> None:
+@pytest.mark.parametrize(("directions", "low", "lanes", "p1", "p2"),
+                         [(8, 0, 32, 0.05, 0.6), (8, -3, 16, 0.05, 0.6), (4, 2, 32, 0.05, 0.6), (8, 0, 32, 0.0, 16.0)])
+def test_fused_sweeps_equal_aggregate_and_select(directions: int, low: int, lanes: int, p1: float, p2: float) -> None:
     """The two-sweep fused kernel (the matcher's path) against the per-direction kernels it replaces:
-    the same integer sums, the same sub-pixel disparities bit for bit (same float arithmetic)."""
+    the same integer sums, the same sub-pixel disparities bit for bit (same float arithmetic); the last
+    case has the largest P2 the matcher accepts and P1 = 0 (the padding's bound, compiled.PAD_COST)."""
     left, right = (_grey01(x) for x in _pair(5, (37, 61)))
     disparities = np.arange(low, low + 19)
     volume = quantise(cost_volume(left, right, disparities, cost="census")).permute(1, 2, 0).numpy()
-    steps = step_penalties(left, 0.05, 0.6, 0.05, directions)
+    steps = step_penalties(left, p1, p2, 0.05, directions)
     penalties, paths = [p.numpy() for _, p in steps], [r for r, _ in steps]
-    total = compiled.aggregate(volume, penalties, paths, round(0.05 * COST_LEVELS))
-    left_d, right_d, fused_total = compiled.sgm_sweeps(volume, penalties, paths, round(0.05 * COST_LEVELS), low,
+    total = compiled.aggregate(volume, penalties, paths, round(p1 * COST_LEVELS))
+    left_d, right_d, fused_total = compiled.sgm_sweeps(volume, penalties, paths, round(p1 * COST_LEVELS), low,
                                                        keep_total=True, lanes=lanes)
     np.testing.assert_array_equal(fused_total, total)
     reference_left, reference_right = compiled.select(total, low)
@@ -86,7 +88,7 @@ def test_fused_sweeps_equal_aggregate_and_select(directions: int, low: int, lane
     # the cost given already padded (the matcher's layout, as census_cost writes it): the same results
     padded = np.full((*volume.shape[:2], compiled.padded_count(volume.shape[2], lanes)), compiled.PAD_COST, np.int16)
     padded[:, :, : volume.shape[2]] = volume
-    left_p, right_p, _ = compiled.sgm_sweeps(padded, penalties, paths, round(0.05 * COST_LEVELS), low,
+    left_p, right_p, _ = compiled.sgm_sweeps(padded, penalties, paths, round(p1 * COST_LEVELS), low,
                                              count=volume.shape[2], lanes=lanes)
     np.testing.assert_array_equal(left_p, reference_left)
     np.testing.assert_array_equal(right_p, reference_right)
@@ -95,6 +97,22 @@ def test_fused_sweeps_equal_aggregate_and_select(directions: int, low: int, lane
     left_f, right_f, _ = compiled.sgm_sweeps(flat, penalties, paths, 3, low)
     np.testing.assert_array_equal(left_f, compiled.select(compiled.aggregate(flat, penalties, paths, 3), low)[0])
     np.testing.assert_array_equal(right_f, compiled.select(compiled.aggregate(flat, penalties, paths, 3), low)[1])
+
+
+@needs_numba
+def test_fused_sweeps_padding_never_wins() -> None:
+    """Uniform random costs and the largest P2 (path costs spread up to 64 + P2 apart, the bound
+    compiled.PAD_COST is set by): the padded disparity axis changes nothing."""
+    rng = np.random.default_rng(11)
+    volume = rng.integers(0, COST_LEVELS + 1, (29, 41, 23)).astype(np.int16)
+    image = torch.from_numpy(rng.random((29, 41)).astype(np.float32))
+    steps = step_penalties(image, 0.0, 16.0, 0.0, 8)  # tau 0: P2 = 1024 everywhere
+    penalties, paths = [p.numpy() for _, p in steps], [r for r, _ in steps]
+    total = compiled.aggregate(volume, penalties, paths, 0)
+    left_d, right_d, fused_total = compiled.sgm_sweeps(volume, penalties, paths, 0, 0, keep_total=True)
+    np.testing.assert_array_equal(fused_total, total)
+    np.testing.assert_array_equal(left_d, compiled.select(total, 0)[0])
+    np.testing.assert_array_equal(right_d, compiled.select(total, 0)[1])
 
 
 @needs_numba

@@ -214,10 +214,13 @@ def aggregate(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: int
     return total
 
 
-#: path costs of the padding entries of the disparity axis in :func:`sgm_sweeps` (beyond the last real
-#: disparity): above any real path cost (at most the largest quantised cost, 64, plus P2 <= 1024), so a
-#: pad never wins a minimum; ``8 * (PAD_COST + P2)`` still fits int16
-PAD_COST = 2048
+#: cost of the padding entries of the disparity axis in :func:`sgm_sweeps` (beyond the last real
+#: disparity). A real path cost is at most the largest quantised cost plus P2 (64 + 1024, P2 <= 16 in
+#: the cost's units, :func:`alignkit.stereo.sgm.check_penalties`), so the jump term ``min L + P2`` of a
+#: real entry is at most 64 + 2 * 1024 = 2112; a padding entry's path cost is at least PAD_COST, so it
+#: never wins a minimum, nor as the neighbour ``d + 1`` of the last real disparity. Its sums over 8
+#: paths, at most 8 * (PAD_COST + 1024), still fit int16
+PAD_COST = 2200
 #: the constant sentinel around a padded path row (read as the neighbours d - 1 of the first and d + 1
 #: of the last padded entry, never written)
 _SENTINEL = 8192
