@@ -68,7 +68,7 @@ def test_aggregation_and_selection_equal_reference(directions: int) -> None:
 
 @needs_numba
 @pytest.mark.parametrize(("directions", "low", "lanes", "p1", "p2"),
-                         [(8, 0, 32, 0.05, 0.6), (8, -3, 16, 0.05, 0.6), (4, 2, 32, 0.05, 0.6), (8, 0, 32, 0.0, 16.0)])
+                         [(8, 0, 8, 0.05, 0.6), (8, -3, 16, 0.05, 0.6), (4, 2, 32, 0.05, 0.6), (8, 0, 8, 0.0, 16.0)])
 def test_fused_sweeps_equal_aggregate_and_select(directions: int, low: int, lanes: int, p1: float, p2: float) -> None:
     """The two-sweep fused kernel (the matcher's path) against the per-direction kernels it replaces:
     the same integer sums, the same sub-pixel disparities bit for bit (same float arithmetic); the last
