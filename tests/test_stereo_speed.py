@@ -48,6 +48,11 @@ def test_census_cost_equals_quantised_reference() -> None:
     assert padded.shape == (*reference.shape[:2], 32)
     np.testing.assert_array_equal(padded[:, :, : len(disparities)], reference)
     assert (padded[:, :, len(disparities) :] == compiled.PAD_COST).all()
+    small = compiled.census_cost(census_signature(left), census_signature(right), -3, len(disparities), 62,
+                                 COST_LEVELS, padded=24, dtype=np.uint8)
+    assert small.dtype == np.uint8
+    np.testing.assert_array_equal(small[:, :, : len(disparities)], reference)
+    assert (small[:, :, len(disparities) :] == compiled.PAD_COST_U8).all()
 
 
 @needs_numba
@@ -92,6 +97,15 @@ def test_fused_sweeps_equal_aggregate_and_select(directions: int, low: int, lane
                                              count=volume.shape[2], lanes=lanes)
     np.testing.assert_array_equal(left_p, reference_left)
     np.testing.assert_array_equal(right_p, reference_right)
+    # a uint8 volume (the matcher's, where the penalties allow it; else it is re-padded as int16)
+    small = np.full(padded.shape, compiled.PAD_COST_U8, np.uint8)
+    small[:, :, : volume.shape[2]] = volume
+    assert compiled.uint8_costs_fit(round(p1 * COST_LEVELS), round(p2 * COST_LEVELS)) == (p2 < 1)
+    left_s, right_s, total_s = compiled.sgm_sweeps(small, penalties, paths, round(p1 * COST_LEVELS), low,
+                                                   count=volume.shape[2], lanes=lanes, keep_total=True)
+    np.testing.assert_array_equal(total_s, total)
+    np.testing.assert_array_equal(left_s, reference_left)
+    np.testing.assert_array_equal(right_s, reference_right)
     # ties and flat rows: the first minimum wins in both (a constant volume selects the lowest disparity)
     flat = np.full_like(volume, 7)
     left_f, right_f, _ = compiled.sgm_sweeps(flat, penalties, paths, 3, low)

@@ -149,8 +149,11 @@ def match(
         census_signature(left_s[:1, :1], size)  # type: ignore[arg-type]  # checks the window
         signatures = tuple(compiled.census_signature(image.numpy(), size) for image in (left_s, right_s))  # type: ignore[arg-type]
         # written in the padded layout the fused sweeps read in place (no copy of the volume)
+        # (uint8 where the penalties allow its padding: half the memory of int16)
+        small = compiled.uint8_costs_fit(round(p1 * COST_LEVELS), round(p2 * COST_LEVELS), COST_LEVELS)
         volume_hwd = compiled.census_cost(*signatures, low_s, len(disparities), size[0] * size[1] - 1, COST_LEVELS,
-                                          padded=compiled.padded_count(len(disparities)))
+                                          padded=compiled.padded_count(len(disparities)),
+                                          dtype=np.uint8 if small else np.int16)
     else:
         if callable(cost):
             volume = cost(left_s, right_s, disparities)

@@ -77,17 +77,17 @@ def _popcount64(value):
 
 
 @_jit
-def _census_cost(sig_left, sig_right, low, count, bits, levels, out):
-    # ``out`` (H, W, >= count): entries past ``count`` get PAD_COST (the padding of :func:`sgm_sweeps`)
+def _census_cost(sig_left, sig_right, low, count, bits, levels, pad, out):
+    # ``out`` (H, W, >= count), int16 or uint8: entries past ``count`` get ``pad`` (the padding of
+    # :func:`sgm_sweeps`)
     height, width = sig_left.shape
     padded = out.shape[2]
-    pad = np.int16(PAD_COST)
     # the quantised cost of each possible bit count, computed as the reference does it (float32 count /
     # bits * levels, rounded half to even) so both paths give the same integers
-    table = np.empty(65, np.int16)
+    table = np.empty(65, out.dtype)
     for c in range(65):
         table[c] = np.int16(np.round(np.float32(c) / np.float32(bits) * np.float32(levels)))
-    outside = np.int16(levels)
+    outside = levels
     for y in range(height):
         for x in range(width):
             reference = sig_left[y, x]
@@ -137,15 +137,20 @@ def census_signature(image: np.ndarray, window: tuple[int, int]) -> np.ndarray:
 
 
 def census_cost(sig_left: np.ndarray, sig_right: np.ndarray, min_disparity: int, count: int, bits: int,
-                levels: int, padded: int | None = None) -> np.ndarray:
-    """``(H, W, D)`` int16 census cost in units of ``1 / levels`` of its range (the reference's
-    ``round(cost * levels)``), ``levels`` where ``x - d`` leaves the right image. ``padded``: the
-    disparity axis is that long instead, the entries past ``D`` holding :data:`PAD_COST` (the layout
-    :func:`sgm_sweeps` reads without a copy)."""
+                levels: int, padded: int | None = None, dtype=np.int16) -> np.ndarray:
+    """``(H, W, D)`` census cost in units of ``1 / levels`` of its range (the reference's
+    ``round(cost * levels)``), ``levels`` where ``x - d`` leaves the right image; int16, or uint8
+    (``levels`` < 255). ``padded``: the disparity axis is that long instead, the entries past ``D``
+    holding the padding of :func:`sgm_sweeps` (:data:`PAD_COST`, or :data:`PAD_COST_U8`) -- the layout
+    it reads without a copy."""
     height, width = sig_left.shape
-    out = np.empty((height, width, count if padded is None else max(int(padded), count)), np.int16)
-    _compiled()._census_cost(np.ascontiguousarray(sig_left), np.ascontiguousarray(sig_right), int(min_disparity), int(count),
-                 int(bits), int(levels), out)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.int16), np.dtype(np.uint8)) or (dtype == np.uint8 and levels >= PAD_COST_U8):
+        raise ValueError(f"census_cost writes int16, or uint8 below {PAD_COST_U8} levels; got {dtype}, {levels}")
+    pad = PAD_COST if dtype == np.int16 else PAD_COST_U8
+    out = np.empty((height, width, count if padded is None else max(int(padded), count)), dtype)
+    _compiled()._census_cost(np.ascontiguousarray(sig_left), np.ascontiguousarray(sig_right), int(min_disparity),
+                             int(count), int(bits), int(levels), int(pad), out)
     return out
 
 
@@ -221,6 +226,16 @@ def aggregate(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: int
 #: never wins a minimum, nor as the neighbour ``d + 1`` of the last real disparity. Its sums over 8
 #: paths, at most 8 * (PAD_COST + 1024), still fit int16
 PAD_COST = 2200
+#: the padding of a uint8 cost volume (:func:`census_cost` with ``dtype=np.uint8``): valid while
+#: ``64 + 2 P2 - P1 < PAD_COST_U8`` (the same bound with this padding; :func:`uint8_costs_fit`)
+PAD_COST_U8 = 255
+
+
+def uint8_costs_fit(p1: int, p2: int, levels: int = 64) -> bool:
+    """Whether :func:`sgm_sweeps` may read a uint8 cost volume padded with :data:`PAD_COST_U8` for these
+    quantised penalties (the padding bound of :data:`PAD_COST`: ``levels + 2 P2 - P1 < PAD_COST_U8``):
+    half the memory of int16 (the stereo preset's P1 3, P2 38 fit)."""
+    return levels + 2 * int(p2) - int(p1) < PAD_COST_U8
 #: the constant sentinel around a padded path row (read as the neighbours d - 1 of the first and d + 1
 #: of the last padded entry, never written)
 _SENTINEL = 8192
@@ -275,7 +290,7 @@ def _path_update3(here_cost, source_a, source_b, source_c, low_a, low_b, low_c, 
 def _path_start(here_cost, out, into):
     low = np.int16(32767)
     for j in range(here_cost.shape[0]):
-        value = here_cost[j]
+        value = np.int16(here_cost[j])
         out[j + _OFFSET] = value
         into[j] += value
         low = min(low, value)
@@ -366,14 +381,19 @@ def sgm_sweeps(cost: np.ndarray, penalties: list[np.ndarray], directions, p1: in
     to :func:`padded_count` entries with :data:`PAD_COST` (vector loops without scalar tail): ``cost``
     ``(H, W, D)`` is copied into that layout, or, given with ``count = D``, is already in it (as
     :func:`census_cost` writes it with ``padded``). ``keep_total`` also returns ``S``."""
-    cost = np.asarray(cost, dtype=np.int16)
+    cost = np.asarray(cost)
     height, width = cost.shape[:2]
     count = cost.shape[2] if count is None else int(count)
     padded = padded_count(count, lanes)
     if count < 2:
         raise ValueError("SGM needs at least 2 disparities")
-    if cost.shape[2] != padded or not cost.flags.c_contiguous:
-        volume = np.full((height, width, padded), PAD_COST, np.int16)
+    # a uint8 volume is read as given only where its padding is valid for these penalties
+    small = cost.dtype == np.uint8 and uint8_costs_fit(p1, max((int(p.max()) for p in penalties), default=0))
+    pad = PAD_COST_U8 if small else PAD_COST
+    ready = (cost.dtype == (np.uint8 if small else np.int16) and cost.shape[2] == padded and cost.flags.c_contiguous
+             and bool((cost[0, 0, count:] == pad).all()))  # padded as census_cost pads (checked on one pixel)
+    if not ready:
+        volume = np.full((height, width, padded), pad, np.uint8 if small else np.int16)
         volume[:, :, :count] = cost[:, :, :count]
         cost = volume
     groups: dict[str, list] = {"horizontal": [], "down": [], "up": []}
