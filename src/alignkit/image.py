@@ -111,11 +111,15 @@ class Image:
 
     def check_finite(self) -> None:
         """Raise :class:`InputError` naming the file when the image cannot be registered."""
-        if not torch.isfinite(self.data).all():
-            raise InputError("image contains NaN or Inf voxels", self.name)
         if self.data.numel() == 0:
             raise InputError("image is empty", self.name)
-        if float(self.data.max() - self.data.min()) == 0.0:
+        # one pass: the extremes are finite exactly when every voxel is (a NaN propagates into both,
+        # an infinity is one of them); isfinite + all + max + min were four passes (~6 ms a photo)
+        data = self.data if self.data.dtype != torch.bool else self.data.to(torch.uint8)
+        low, high = torch.aminmax(data)
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+            raise InputError("image contains NaN or Inf voxels", self.name)
+        if float(high - low) == 0.0:
             raise InputError("image is constant (nothing to register)", self.name)
 
     def __repr__(self) -> str:
