@@ -295,13 +295,20 @@ def _stereo() -> RegistrationConfig:
     rejected pixels filled from the background; ``init_options`` ``min_disparity``/``max_disparity``,
     default 0 and a fifth of the width) and refines the disparity variationally in the engine: the
     robust flow data term (Charbonnier on grey values and their gradients) and TV smoothness at full
-    resolution, three Adam steps; the never-worse rule keeps SGM's disparity if the refinement ends
+    resolution, one Adam step; the never-worse rule keeps SGM's disparity if the refinement ends
     worse by its own objective.
 
     Tuned on: ``stereo/motorcycle`` and ``stereo/aloe`` (the only real pairs: every setting below was
     chosen by their bad-2 / EPE, so both are in-sample; SGM's P1, P2 and the adaptive-P2 scale: three
-    settings tried on motorcycle, the defaults of :func:`alignkit.stereo.match` kept) and a synthetic
-    piecewise-planar pair (``tests/test_stereo.py``).
+    settings tried on motorcycle, the defaults of :func:`alignkit.stereo.match` kept; 8 paths rather
+    than OpenCV's 5, fourth pass: with 5 the preset's bad-2 on motorcycle rose to 0.0732 and its EPE on
+    aloe by 1 %) and a synthetic piecewise-planar pair (``tests/test_stereo.py``).
+
+    Measured (``NUMBA_NUM_THREADS=1 python benchmarks/stereo.py --methods
+    alignkit:stereo,alignkit:sgm,opencv:sgbm --threads 1 --repeat 5``, commit d0f923e, one thread,
+    shared 2-core machine at load ~3): bad-2 0.0727 / 0.0674 on motorcycle / half-size aloe against
+    OpenCV SGBM's 0.182 / 0.298, EPE 1.326 / 1.583, in 5.06x / 3.84x SGBM's time (5.2-5.9x / 4.3-4.7x
+    in two other runs under load; ``benchmarks/README.md``).
     """
     return RegistrationConfig(
         name="stereo",
@@ -322,7 +329,9 @@ def _stereo() -> RegistrationConfig:
                 # TV 0.05 descends from the start. Third pass (issue 16, speed): grey (one channel
                 # instead of three), no pre-blur, 3 steps at lr 0.03 instead of 10 at 0.01 -- the same
                 # bad-2 (motorcycle 0.0729, aloe 0.0678) with EPE 1.3233 / 1.5826 against 1.3225 /
-                # 1.5808, at about a quarter of the refinement's time
+                # 1.5808, at about a quarter of the refinement's time. Fourth pass: one step instead of
+                # three -- bad-2 0.0727 / 0.0674 (lower), EPE 1.3260 / 1.5830 (+0.2 % / +0.03 %), two
+                # forward-backward passes fewer
                 regularizer_weight=0.05,
                 grey=True,
                 levels=(1,),
