@@ -14,7 +14,13 @@ per-pixel recurrence over ``d`` in int16 lanes):
 * :func:`aggregate` -- the SGM recurrence along one direction at a time, keeping only the previous
   row's (or pixel's) path costs, accumulated into the int16 sum;
 * :func:`select` -- winner-take-all with the parabola's sub-pixel offset on the left volume and, read
-  diagonally from it, on the right one (Hirschmüller's trick, without building the right volume).
+  diagonally from it, on the right one (Hirschmüller's trick, without building the right volume);
+* :func:`sgm_sweeps` -- the matcher's path: :func:`aggregate` and :func:`select` fused into two sweeps
+  over the rows (the paths from above and along the row top-down, those from below bottom-up, each
+  row selected once its sum is complete), on a disparity axis padded to a multiple of the vector width
+  (:data:`PAD_COST`); :func:`aggregate` and :func:`select` stay as its plain reference. Profiled in
+  the fourth pass: the per-direction kernel streamed the volume through memory 8 times and called a
+  per-pixel step whose argument passing cost more than its arithmetic.
 
 Integer results equal the reference's exactly; the sub-pixel disparities agree to float rounding
 (``tests/test_stereo_speed.py``). Install with ``pip install alignkit[fast]`` (numba); without numba
