@@ -224,3 +224,13 @@ def test_world_map_is_kept_until_the_transform_changes() -> None:
         parameter.add_(0.5)
     assert torch.equal(result.world_map(), result.transform.map_on(result.fixed.grid))
     assert not torch.equal(result.world_map(), kept)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.0])
+def test_step_penalties_of_opposite_paths_equal_the_direct_ones(tau: float) -> None:
+    """step_penalties rolls one direction's map for the opposite one: the same integers as computing it."""
+    from alignkit.stereo.sgm import _step_penalty
+
+    image = _grey01(_pair(8, (31, 45))[0])
+    for (dy, dx), penalty in step_penalties(image, 0.05, 0.6, tau, 8):
+        assert torch.equal(penalty, _step_penalty(image, dy, dx, round(0.05 * COST_LEVELS), round(0.6 * COST_LEVELS), tau))

@@ -102,10 +102,20 @@ def quantise(cost: Tensor) -> Tensor:
 
 
 def step_penalties(image: Tensor, p1: float, p2: float, tau: float, directions: int) -> list[tuple[tuple[int, int], Tensor]]:
-    """``[((dy, dx), P2 (H, W) int16), ...]`` of each path direction, in :func:`aggregate`'s units."""
+    """``[((dy, dx), P2 (H, W) int16), ...]`` of each path direction, in :func:`aggregate`'s units.
+
+    A direction ``r`` opposite to one already computed, ``-r``, takes that map rolled by ``r``: its
+    change at ``p``, ``|I(p) - I(p - r)|``, is ``-r``'s change at ``q = p - r``, ``|I(q) - I(q + r)|``
+    (both rolls cyclic): one computation per pair of directions, the same integers as
+    :func:`_step_penalty` for each (``tests/test_stereo_speed.py``)."""
     p1_q, p2_q = round(p1 * COST_LEVELS), round(p2 * COST_LEVELS)
     steps = DIRECTIONS_8 if directions == 8 else DIRECTIONS_4
-    return [((dy, dx), _step_penalty(image, dy, dx, p1_q, p2_q, tau)) for dy, dx in steps]
+    computed: dict[tuple[int, int], Tensor] = {}
+    for dy, dx in steps:
+        opposite = computed.get((-dy, -dx))
+        computed[(dy, dx)] = (_step_penalty(image, dy, dx, p1_q, p2_q, tau) if opposite is None
+                              else torch.roll(opposite, shifts=(dy, dx), dims=(0, 1)))
+    return [((dy, dx), computed[(dy, dx)]) for dy, dx in steps]
 
 
 def aggregate(
