@@ -307,8 +307,8 @@ def _stereo() -> RegistrationConfig:
     Measured (``NUMBA_NUM_THREADS=1 python benchmarks/stereo.py --methods
     alignkit:stereo,alignkit:sgm,opencv:sgbm --threads 1 --repeat 5``, commit d0f923e, one thread,
     shared 2-core machine at load ~3): bad-2 0.0727 / 0.0674 on motorcycle / half-size aloe against
-    OpenCV SGBM's 0.182 / 0.298, EPE 1.326 / 1.583, in 5.06x / 3.84x SGBM's time (5.2-5.9x / 4.3-4.7x
-    in two other runs under load; ``benchmarks/README.md``).
+    OpenCV SGBM's 0.182 / 0.298, EPE 1.326 / 1.583, in 5.06x / 3.84x SGBM's time (4.5-5.9x / 3.8-5.5x
+    across four runs at load 2-3.3; ``benchmarks/README.md``).
     """
     return RegistrationConfig(
         name="stereo",
