@@ -182,6 +182,13 @@ def test_metrics_reuse_the_engines_normalised_pair() -> None:
     again = compute_metrics(result)
     for key in ("ncc_before", "ncc_after", "mse_before", "mse_after", "jacobian"):
         assert result.metrics[key] == again[key], key
+    # and the classical method does hand them over (Engine.normalised -> MethodOutput.normalised)
+    from alignkit.methods import get_method
+    from alignkit.registration import prepare_inputs
+
+    output = get_method("classical").create(preset="stereo").run(
+        prepare_inputs(fixed, moving, None, None, None, None), device=torch.device("cpu"), seed=0, progress=None)
+    assert output.normalised is not None and output.normalised[0].shape == (1, 3, 40, 64)
 
 
 @pytest.mark.parametrize("raster", [True, False])

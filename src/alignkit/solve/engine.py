@@ -317,6 +317,9 @@ class Engine:
         self.keep_levels = keep_levels
         #: every optimised level of the last run (only with ``keep_levels``), in the order fitted
         self.level_records: list[LevelRecord] = []
+        #: the last run's pair as normalised for fitting (``normalize_intensity`` then ``common_channels`` of
+        #: the inputs, before any crop): what ``compute_metrics`` would compute again, handed to it instead
+        self.normalised: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------
     def run(
@@ -356,6 +359,7 @@ class Engine:
         fixed_t = normalize_intensity(fixed.batch(device=self.device))
         moving_t = normalize_intensity(moving.batch(device=self.device))
         fixed_t, moving_t = common_channels(fixed_t, moving_t)  # grey against RGB(A): compare luminance
+        self.normalised = (fixed_t, moving_t)
 
         raw_fixed, raw_moving = fixed, moving  # stereo matching takes the pair as given (init "sgm")
         fixed_grid, moving_grid = fixed.grid, moving.grid
