@@ -305,10 +305,10 @@ def _stereo() -> RegistrationConfig:
     aloe by 1 %) and a synthetic piecewise-planar pair (``tests/test_stereo.py``).
 
     Measured (``NUMBA_NUM_THREADS=1 python benchmarks/stereo.py --methods
-    alignkit:stereo,alignkit:sgm,opencv:sgbm --threads 1 --repeat 5``, commit d0f923e, one thread,
-    shared 2-core machine at load ~3): bad-2 0.0727 / 0.0674 on motorcycle / half-size aloe against
-    OpenCV SGBM's 0.182 / 0.298, EPE 1.326 / 1.583, in 5.06x / 3.84x SGBM's time (4.5-5.9x / 3.8-5.5x
-    across four runs at load 2-3.3; ``benchmarks/README.md``).
+    alignkit:stereo,alignkit:sgm,opencv:sgbm --threads 1 --repeat 5``, commit 3589377, one thread,
+    shared 2-core machine at load ~2): bad-2 0.0727 / 0.0674 on motorcycle / half-size aloe against
+    OpenCV SGBM's 0.182 / 0.298, EPE 1.326 / 1.583, in 4.78x / 3.95x SGBM's time (4.5-5.9x / 3.8-5.5x
+    across five runs at load 1.6-3.3; ``benchmarks/README.md``).
     """
     return RegistrationConfig(
         name="stereo",
