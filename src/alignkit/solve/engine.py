@@ -50,8 +50,12 @@ ProgressFactory = Callable[..., Any]
 @dataclass
 class StageLog:
     transform: str
-    losses: list[list[float]] = field(default_factory=list)  # per level
+    #: one list per level that ran, in order: a level skipped by ``Engine._fit_stage`` (same grid as a
+    #: converged previous level) or not reached after a divergence has none
+    losses: list[list[float]] = field(default_factory=list)
     seconds: float = 0.0
+    #: indices of the stage's levels that were not run (see ``Engine._fit_stage``)
+    skipped: list[int] = field(default_factory=list)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -680,9 +684,22 @@ class Engine:
         transform: Transform | None = None
         self._diverged = None
         bar = self.progress(total=sum(cfg.iterations), desc=f"{cfg.transform:>11}", unit="it") if self.progress else None
+        previous: _Level | None = None  # the last level that ran, if its stopping rule fired
         try:
             for index in range(len(cfg.levels)):
                 level = self._level(cfg, index, fixed, fixed_grid, moving, moving_grid)
+                if previous is not None and self._same_problem(cfg, previous, level):
+                    # level_factor can give several levels one grid (the max_level_voxels cap raises fine
+                    # levels to the cap's factor; MIN_LEVEL_SIZE lowers coarse ones on small images). When
+                    # the level before converged (its stopping rule fired before its budget ran out), this
+                    # one would only restart the optimiser (full step, fresh moments) at that optimum of
+                    # the same objective and spend up to its budget returning there: skip it (no loss list,
+                    # no level record). A previous level that used its whole budget was still improving,
+                    # so the next one runs: more iterations at that grid are useful.
+                    log.skipped.append(index)
+                    if bar is not None:
+                        bar.update(cfg.iterations[index])
+                    continue
                 if transform is None:
                     transform = self._new_transform(cfg, fixed_grid, level.grid)
                 elif not cfg.is_linear:
@@ -702,6 +719,7 @@ class Engine:
                         self._diverged = str(exc)  # _judge_stage rejects the stage and says why
                         break
                 log.losses.append(losses)
+                previous = level if len(losses) < cfg.iterations[index] else None
                 if cfg.field_median > 1 and isinstance(transform, FieldTransform):
                     _median_filter_parameters(transform, cfg.field_median)
                 if self.keep_levels:
@@ -716,6 +734,20 @@ class Engine:
         if transform is None:
             raise ConfigError("stage has no levels")
         return transform
+
+    @staticmethod
+    def _same_problem(cfg: StageConfig, before: _Level, after: _Level) -> bool:
+        """Whether level ``after`` poses level ``before``'s problem again: the same fixed and moving
+        tensors (the pyramid hands back the same objects for the same shrink factor and smoothing; fed
+        feature images are compared the same way) on the same grids, with every voxel compared (a
+        sampled metric draws another subset for each level, so that level's objective differs)."""
+        return (
+            before.fixed is after.fixed
+            and before.moving is after.moving
+            and before.grid.same_as(after.grid)
+            and before.moving_grid.same_as(after.moving_grid)
+            and not 0 < cfg.sample_points < after.grid.numel
+        )
 
     def _objective(self, cfg, index: int, level: _Level, transform, prior, similarity, regularizer, fold, prompts) -> Callable[[], Tensor]:
         """The stage's loss at one level as a closure over ``transform``'s current parameters (the
