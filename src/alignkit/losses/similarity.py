@@ -506,17 +506,8 @@ class MattesMI(nn.Module):
         *,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        mask = _check_pair(warped, fixed, mask)
-        dtype = _compute_dtype(warped)
-        x = warped.to(dtype).flatten(2)  # (B, C, N)
-        y = fixed.to(dtype).flatten(2)
-        w = torch.ones_like(x[:, :1]) if mask is None else mask.to(dtype).flatten(2)
-        n = x.shape[-1]
-        if self.samples is not None and self.samples < n:
-            if generator is None and self.seed is not None:
-                generator = torch.Generator(device=x.device).manual_seed(self.seed)
-            index = torch.randperm(n, generator=generator, device=x.device)[: self.samples]
-            x, y, w = x[..., index], y[..., index], w[..., index]
+        x, y, w, _ = self._flat_samples(warped, fixed, mask, generator)
+        dtype = x.dtype
         # Intensities -> continuous bin coordinates in [2, bins - 3]: two padding bins on each
         # side hold the support of the cubic kernel, so every sample's weights sum to 1.
         span = self.bins - 5
@@ -545,6 +536,25 @@ class MattesMI(nn.Module):
         mi = plogp(joint) - plogp(p_f) - plogp(p_m)
         return (-mi.mean()).to(warped.dtype)
 
+    def _flat_samples(
+        self, warped: Tensor, fixed: Tensor, mask: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(B, C, N)`` warped and fixed intensities and ``(B, 1, N)`` weights in the compute dtype, on
+        the random subset of ``samples`` voxels when set (``index``; None when every voxel is used)."""
+        mask = _check_pair(warped, fixed, mask)
+        dtype = _compute_dtype(warped)
+        x = warped.to(dtype).flatten(2)
+        y = fixed.to(dtype).flatten(2)
+        w = torch.ones_like(x[:, :1]) if mask is None else mask.to(dtype).flatten(2)
+        n = x.shape[-1]
+        index = None
+        if self.samples is not None and self.samples < n:
+            if generator is None and self.seed is not None:
+                generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            index = torch.randperm(n, generator=generator, device=x.device)[: self.samples]
+            x, y, w = x[..., index], y[..., index], w[..., index]
+        return x, y, w, index
+
     @torch.no_grad()
     def value_and_gradient(
         self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None, *, generator: torch.Generator | None = None
@@ -560,19 +570,9 @@ class MattesMI(nn.Module):
         ``fixed`` and ``mask`` are constants; with ``samples`` the gradient is zero off the sample."""
         if self.fixed_kernel != "bspline":
             raise ConfigError("MattesMI.value_and_gradient needs fixed_kernel='bspline'; use autograd through forward")
-        mask = _check_pair(warped, fixed, mask)
-        dtype = _compute_dtype(warped)
         shape = warped.shape
-        x = warped.to(dtype).flatten(2)  # (B, C, N)
-        y = fixed.to(dtype).flatten(2)
-        w = torch.ones_like(x[:, :1]) if mask is None else mask.to(dtype).flatten(2)
-        n = x.shape[-1]
-        index = None
-        if self.samples is not None and self.samples < n:
-            if generator is None and self.seed is not None:
-                generator = torch.Generator(device=x.device).manual_seed(self.seed)
-            index = torch.randperm(n, generator=generator, device=x.device)[: self.samples]
-            x, y, w = x[..., index], y[..., index], w[..., index]
+        x, y, w, index = self._flat_samples(warped, fixed, mask, generator)
+        dtype, n = x.dtype, warped[0, 0].numel()
         span = self.bins - 5
         if self.moving_range is not None:
             lo = torch.full_like(x[..., :1], self.moving_range[0])
