@@ -114,6 +114,67 @@ def test_a_short_run_needs_eq_13_compressed_or_its_loss_prefers_the_identity_to_
         _model(ar_epoch_scale=-1.0)
 
 
+def _known_vsvf_pair(size: int):
+    """A real slice and its copy moved by a known smooth vSVF deformation (up to 3 voxels), with the
+    fields the network should find for (fixed, moving) and for the swapped pair."""
+    from alignkit.spatial import sample_voxels
+    from alignkit.transforms.dense import advect_map
+
+    image = prepare_subject(read_image(data_path("brain2d", "r16slice.jpg")), (size, size)).image[None]
+    grid = voxel_grid((size, size))
+    identity = grid.voxel_points()
+    coarse = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    velocity = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
+    velocity = 3.0 * velocity / velocity.abs().max()  # voxels
+    moving = sample_voxels(image, identity + advect_map(-velocity, grid, 10), padding="border")
+    return [({"fixed": image, "moving": moving}, advect_map(velocity, grid, 10)),
+            ({"fixed": moving, "moving": image}, advect_map(-velocity, grid, 10))]
+
+
+def test_the_vsvf_loss_is_eq_11_the_same_for_a_pair_and_its_swap():
+    """Eq. 11: l_v(I0, I1) + l_v(I1, I0) + the symmetry term. The stage used to score only the
+    forward direction (the reverse pass fed nothing but the 1e-4 symmetry term)."""
+    (batch, _), (swapped, _) = _known_vsvf_pair(32)
+    torch.manual_seed(0)
+    model = build_model("avsm", ndim=2, size=(32, 32), networks=TINY, lambda_vs=0.0, vsvf_train_steps=1)
+    model.set_stage("vsvf")
+    with torch.no_grad():
+        model.vsvf.head.weight.normal_(0.0, 0.05)  # a momentum of a few voxels, not the identity
+        forward, parts = model.loss(batch, model(batch), epoch=0)
+        backward, _ = model.loss(swapped, model(swapped), epoch=0)
+    assert float(parts["momentum_energy"]) > 0
+    assert float(forward) == pytest.approx(float(backward), rel=1e-5)
+    one_way = build_model("avsm", ndim=2, size=(32, 32), networks=TINY, lambda_vs=0.0, vsvf_train_steps=1,
+                          vsvf_both_directions=False)
+    one_way.load_state_dict(model.state_dict())
+    one_way.set_stage("vsvf")
+    with torch.no_grad():
+        assert float(one_way.loss(batch, one_way(batch), epoch=0)[0]) != pytest.approx(float(forward), rel=1e-3)
+
+
+def test_a_tiny_vsvf_network_learns_a_known_deformation_and_its_inverse():
+    """The vSVF network (affine frozen at the identity), trained 60 steps at the recipe's lr 1e-3 on a
+    real slice moved by a known smooth deformation, shown in both orders: the field error of both
+    predictions falls below 92 % of the identity's (measured 0.88 and 0.83; scoring one direction
+    per step as before eq. 11 was followed: 0.98 and 0.98)."""
+    pairs = _known_vsvf_pair(32)
+    torch.manual_seed(0)
+    model = build_model("avsm", ndim=2, size=(32, 32), networks=TINY, vsvf_train_steps=1, vsvf_test_steps=1)
+    model.set_stage("vsvf")
+    optimizer = torch.optim.Adam(model.vsvf.parameters(), lr=1e-3)
+    for step in range(60):
+        batch, _ = pairs[step % 2]
+        loss, _ = model.loss(batch, model(batch), epoch=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        errors = [float((model(batch)["field"] - truth).norm(dim=1).mean() / truth.norm(dim=1).mean())
+                  for batch, truth in pairs]
+    assert max(errors) < 0.92, errors
+
+
 def test_the_centre_of_mass_start_finds_a_translation_and_the_prior_ignores_it():
     """Native-space subjects are tens of mm apart (OASIS 11 <-> 12: Dice 0.03 at the identity, 0.32
     after the centre-of-mass shift): ``centre_of_mass_start`` starts the affine steps there."""

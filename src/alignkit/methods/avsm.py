@@ -16,8 +16,10 @@ Shen, Han, Xu, Niethammer, "Networks for Joint Affine and Non-parametric Image R
   level (``output_scale=0.5``) outputs the momentum ``m`` at half resolution; ``v = K ⋆ m`` with the
   multi-Gaussian kernel (σ 0.05…0.25 of the extent, weights 0.067…0.333); the map is advected by RK4
   with 10 time steps on the low-resolution grid and upsampled (the map, not the image). Loss:
-  mk-LNCC + ``λ_vr <m, v>`` (10) + the symmetry loss of eq. 10 (``λ_vs`` 1e-4), both measured in the
-  unit cube ``[0, 1]^d`` as in the paper (:meth:`AVSM.unit_extent`). Multi-step (eq. 12):
+  mk-LNCC + ``λ_vr <m, v>`` (10) in both directions, plus the symmetry loss of eq. 10 (``λ_vs``
+  1e-4) -- eq. 11, ``l_v(I0, I1) + l_v(I1, I0) + L_sym`` (``vsvf_both_directions``; False scores the
+  forward direction alone, as before 2026-12-03, when the reverse pass fed only the 1e-4 symmetry
+  term) -- measured in the unit cube ``[0, 1]^d`` as in the paper (:meth:`AVSM.unit_extent`). Multi-step (eq. 12):
   ``vsvf_train_steps`` (2) in training, ``vsvf_test_steps`` (2, or 3; 0 = the affine network alone)
   at test time; each step starts from the previous map, and maps are composed so the moving image is interpolated once.
 
@@ -113,6 +115,7 @@ class AVSM(LearnedModel):
         sigmas: Sequence[float] = VSVF_SIGMAS,
         weights: Sequence[float] = VSVF_WEIGHTS,
         label_ids: Sequence[int] | None = None,
+        vsvf_both_directions: bool = True,
     ) -> None:
         super().__init__(networks=networks, ndim=ndim, size=size)
         for name, value in (("affine_train_steps", affine_train_steps), ("affine_test_steps", affine_test_steps),
@@ -135,6 +138,7 @@ class AVSM(LearnedModel):
             "time_steps": int(time_steps),
             "sigmas": [float(s) for s in sigmas], "weights": [float(w) for w in weights],
             "label_ids": None if label_ids is None else [int(v) for v in label_ids],
+            "vsvf_both_directions": bool(vsvf_both_directions),
         }
         self.similarity = MultiKernelLNCC()  # (0.3, S/4), (0.7, S/2), dilation 2
         self.affine_prior = AffinePrior()
@@ -289,8 +293,14 @@ class AVSM(LearnedModel):
             return total, {k: v.detach() for k, v in parts.items()}
         parts["momentum_energy"] = output["energy"].mean()
         total = parts["similarity"] + options["lambda_vr"] * parts["momentum_energy"]
-        if options["lambda_vs"] > 0 and self.training:
+        both = self.training and options["vsvf_both_directions"]
+        if both or (options["lambda_vs"] > 0 and self.training):
             reverse = self({"fixed": moving, "moving": fixed})
+        if both:  # eq. 11: l_v(I0, I1) + l_v(I1, I0) + the symmetry term
+            parts["similarity"] = parts["similarity"] + self.similarity(reverse["warped"], moving)
+            parts["momentum_energy"] = parts["momentum_energy"] + reverse["energy"].mean()
+            total = parts["similarity"] + options["lambda_vr"] * parts["momentum_energy"]
+        if options["lambda_vs"] > 0 and self.training:
             size = tuple(fixed.shape[2:])
             extent = self.unit_extent(size, fixed)
             unit_grid = Grid.from_spacing(size, [1.0 / float(e) for e in extent.flatten()])  # the unit cube
