@@ -28,6 +28,7 @@ pipeline stays classical. Here:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -147,8 +148,6 @@ class StereoNetMethod(LearnedMethod):
         self.min_disparity, self.max_disparity = min_disparity, max_disparity
 
     def run(self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory) -> MethodOutput:
-        import time
-
         check_rectified_pair(inputs.fixed.shape, inputs.moving.shape, "stereo-net", error=InputError)
         learned, source = self.model(2, device)
         assert isinstance(learned, StereoNet)
@@ -166,7 +165,6 @@ def disparity_output(name: str, learned: LearnedModel, source: str | None, input
     """The :class:`MethodOutput` of a learned stereo method: the disparity (pixels, fixed = left) as a
     :class:`DisparityField` on the fixed grid, its occlusion mask, the model's description plus
     ``settings`` (the disparity range ...), and the seconds since ``started``."""
-    import time
 
     field = DisparityField.from_pixels(disparity, inputs.fixed.grid, occluded=occluded)
     field.requires_grad_(False)
