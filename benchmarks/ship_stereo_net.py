@@ -105,6 +105,18 @@ def score(shipped: Path) -> dict[str, Any]:
     return out
 
 
+def summary(recipe: dict[str, Any]) -> str:
+    """One line saying which network and training objective the recipe makes."""
+    from alignkit.methods.learned import learned_class
+
+    spec = {**learned_class("stereo-net").default_networks(2)["features"], **recipe.get("network", {})}
+    layers, features = int(spec["layers"]), int(spec["features"])
+    objective = recipe.get("method_options", {}).get("objective", "hinge")
+    trained = {"hinge": "MC-CNN-fast's hinge loss", "softmax": "a softmax over all disparities at every pixel"}
+    return (f"MC-CNN-fast matching cost ({layers} x 3x3 conv, {features} features, {2 * layers + 1}x{2 * layers + 1} "
+            f"patches, trained with {trained.get(objective, objective)}) for semi-global matching")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="stereo_net_synthetic2d")
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     card = {
         "name": args.recipe,
         "method": "stereo-net",
-        "summary": "MC-CNN-fast matching cost (4 x 3x3 conv, 32 features, 9x9 patches) for semi-global matching",
+        "summary": summary(recipe),
         "dimensions": 2,
         "parameters": exported["parameters"],
         "file": exported["path"],

@@ -96,3 +96,77 @@ def test_the_shipped_model_runs_without_a_checkpoint(tmp_path):
     disparity = read_pfm(tmp_path / "out" / "disparity.pfm")
     errors = disparity_errors(disparity, pair.disparity, mask=~pair.occluded)
     assert errors["bad2"] < 0.25, errors
+
+
+def _shifted_pair_features(shift: int, channels: int = 6, height: int = 10, width: int = 40):
+    """Unit features of a left image and of a right image with ``right(x - shift) = left(x)``."""
+    torch.manual_seed(0)
+    left = torch.nn.functional.normalize(torch.randn(1, channels, height, width), dim=1)
+    right = torch.roll(left, shifts=-shift, dims=3)
+    return left, right
+
+
+def _stereo_net(**options):
+    from alignkit.methods.learned import build_model
+
+    return build_model("stereo-net", ndim=2, size=[10, 40], network={"features": 6, "layers": 1}, **options)
+
+
+@pytest.mark.parametrize("objective", ["hinge", "softmax"])
+def test_the_training_loss_prefers_the_true_disparity(objective):
+    model = _stereo_net(objective=objective, samples=512)
+    left, right = _shifted_pair_features(5)
+    output = {"left_features": left, "right_features": right}
+    valid = torch.ones(1, 1, 10, 40, dtype=torch.bool)
+    valid[..., 35:] = False  # the roll's wrap-around
+    losses, parts = {}, {}
+    for name, d in (("true", 5.0), ("off", 8.0)):
+        batch = {"disparity": torch.full((1, 1, 10, 40), d), "valid": valid}
+        losses[name], parts[name] = model.loss(batch, output)
+    # (the softmax's soft target spreads over +-2 px: its loss has a floor above 0)
+    assert float(losses["true"]) < float(losses["off"]) - 0.15, losses
+    if objective == "softmax":
+        assert float(parts["true"]["wta_within2"]) == 1.0 and float(parts["off"]["wta_within2"]) == 0.0, parts
+
+
+def test_the_softmax_loss_uses_every_usable_pixel_and_has_gradients():
+    model = _stereo_net(objective="softmax", temperature=0.2)
+    left, right = _shifted_pair_features(3)
+    left.requires_grad_(True)
+    valid = torch.zeros(1, 1, 10, 40, dtype=torch.bool)
+    valid[..., 2, 10:20] = True  # ten pixels only: the loss is their mean, nothing else counts
+    batch = {"disparity": torch.full((1, 1, 10, 40), 3.0), "valid": valid}
+    loss, _ = model.loss(batch, {"left_features": left, "right_features": right})
+    loss.backward()
+    touched = left.grad.abs().sum(1)[0] > 0
+    assert bool(touched[2, 10:20].all()) and int(touched.sum()) == 10
+
+
+def test_the_learned_cost_sees_the_pair_as_in_training_whatever_its_intensity_scale():
+    # match() hands the cost its min-max rescaled images; the network was trained on the pair's
+    # percentile normalisation: the cost volume must not depend on the pair's gain and offset
+    model = _stereo_net()
+    cost = model.cost_function()
+    pair = render_stereo_pair(np.linspace(0, 255, 80 * 120, dtype=np.float32).reshape(80, 120) % 37 * 7,
+                              (32, 48), rng=np.random.default_rng(1), max_disparity=8)
+    left, right = torch.from_numpy(pair.left[0]), torch.from_numpy(pair.right[0])
+    disparities = np.arange(0, 8)
+    first = cost(left, right, disparities)
+    second = cost(left * 0.25 + 3.0, right * 0.25 + 3.0, disparities)
+    assert float((first - second).abs().max()) < 1e-4
+
+
+def test_photometric_jitter_changes_the_right_camera_only_within_bounds():
+    from alignkit.methods.stereo_net import photometric_jitter
+
+    rng = np.random.default_rng(3)
+    left = rng.uniform(10, 200, (2, 16, 24)).astype(np.float32)
+    out_left, out_right = photometric_jitter(left, left.copy(), 0.2, np.random.default_rng(4))
+    assert out_left.shape == left.shape and out_right.shape == left.shape
+    assert 0 <= float(out_left.min()) and float(max(out_left.max(), out_right.max())) <= 1
+    assert float(np.abs(out_left - out_right).max()) > 1e-3  # the two cameras now differ
+    again = photometric_jitter(left, left.copy(), 0.2, np.random.default_rng(4))
+    assert np.array_equal(again[0], out_left) and np.array_equal(again[1], out_right)
+    # the order of the intensities is kept (gain > 0, gamma > 0): a monotone response change
+    order = np.argsort(left.ravel())
+    assert bool((np.diff(out_left.ravel()[order]) >= -1e-6).all())

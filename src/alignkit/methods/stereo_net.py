@@ -7,18 +7,27 @@ pipeline stays classical. Here:
 
 * network: ``features`` (:class:`~alignkit.nets.stereo.MatchingFeatures`, MC-CNN-fast: four 3x3
   convolutions, unit feature vectors; the score of two patches is their cosine);
-* training (the paper's "fast" hinge loss): for a left pixel ``p`` with known disparity ``d``, the
-  positive is the right pixel at ``x - d``, the negative at ``x - d + o`` with ``|o|`` drawn in
-  ``[negative_low, negative_high]`` (1.5 and 6 px in the paper's fast architecture; either side);
-  ``loss = max(0, margin + s(p, neg) - s(p, pos))`` with the paper's ``margin`` 0.2, averaged over
-  ``samples`` non-occluded pixels per pair;
+* training, ``objective="hinge"`` (the paper's "fast" hinge loss): for a left pixel ``p`` with known
+  disparity ``d``, the positive is the right pixel at ``x - d``, the negative at ``x - d + o`` with
+  ``|o|`` drawn in ``[negative_low, negative_high]`` (1.5 and 6 px in the paper's fast architecture;
+  either side); ``loss = max(0, margin + s(p, neg) - s(p, pos))`` with the paper's ``margin`` 0.2,
+  averaged over ``samples`` non-occluded pixels per pair;
+* training, ``objective="softmax"`` (Luo, Schwing and Urtasun, CVPR 2016, the same siamese features):
+  at *every* non-occluded pixel of a crop, a softmax of ``cos / temperature`` over all integer
+  disparities of the batch's range, against a target ``exp(-(k - d)^2 / 2)`` within 2 px of the truth
+  -- every disparity is a negative, and a crop gives thousands of supervised pixels instead of
+  ``samples`` pairs of patches (:meth:`StereoNet._softmax_loss`);
+* augmentation (``photometric``, training only): the right camera's gain and offset and both images'
+  gamma drawn per pair (:func:`photometric_jitter`);
 * training pairs (:meth:`StereoNet.training_data`): synthetic rectified pairs rendered from
   scikit-image's photographs with a random depth layering (:mod:`alignkit.data.synthetic_stereo`),
   plus random crops of the real pairs of ``dataset`` (supervised by their ground truth; pixels the
   ground truth shows occluded are left out), validated on held-out synthetic pairs;
 * inference (:class:`StereoNetMethod`): the network's cost volume goes through the same SGM,
   sub-pixel winner-take-all, left-right check and filling as the classical ``stereo`` preset
-  (:func:`alignkit.stereo.match`); the result is a :class:`~alignkit.transforms.DisparityField`.
+  (:func:`alignkit.stereo.match`); the result is a :class:`~alignkit.transforms.DisparityField`. The
+  cost scales the images ``match`` hands it by the pair's percentiles (:func:`normalise_pair`), as in
+  training (``match`` rescales by the min-max range first, which the network never saw).
 
 ``alignkit train --method stereo-net --dataset stereo/motorcycle --size 96 128 -o RUN`` trains one;
 ``alignkit register LEFT RIGHT --method stereo-net [--checkpoint RUN] [--max-disparity D]`` uses it
@@ -27,10 +36,11 @@ pipeline stays classical. Here:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -48,6 +58,13 @@ from alignkit.transforms import ComposedTransform, DisparityField, Transform
 
 #: intensity percentiles mapped to 0 and 1, jointly over the pair, in training and at inference
 PAIR_PERCENTILES = (1.0, 99.0)
+
+#: training objectives: MC-CNN-fast's hinge on one negative, or a softmax over a window of disparities
+Objective = Literal["hinge", "softmax"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+#: the softmax objective's target reaches this far (px) from the true disparity (Luo et al. 2016)
+SOFT_TARGET_REACH = 2.0
 
 
 def normalise_pair(left: Tensor | np.ndarray, right: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
@@ -70,7 +87,7 @@ class StereoPairs(Dataset):
 
     def __init__(self, photos: Sequence[np.ndarray], size: Sequence[int], *, synthetic: int, max_disparity: float,
                  cases: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (), real_crops: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, photometric: float = 0.0) -> None:
         self.photos = list(photos)
         self.size = tuple(int(s) for s in size)
         self.ndim = 2
@@ -78,6 +95,7 @@ class StereoPairs(Dataset):
         self.max_disparity = float(max_disparity)
         self.cases = list(cases)
         self.seed = int(seed)
+        self.photometric = float(photometric)
         self.epoch = 0
         if not self.photos and self.synthetic:
             raise ConfigError("synthetic stereo pairs need photographs (scikit-image's: pip install scikit-image)")
@@ -105,10 +123,31 @@ class StereoPairs(Dataset):
             window = (slice(top, top + height), slice(start, start + width))
             left, right = left_all[(Ellipsis, *window)], right_all[(Ellipsis, *window)]
             disparity, valid = disparity_all[window], valid_all[window]
+        if self.photometric > 0:
+            left, right = photometric_jitter(left, right, self.photometric, rng)
         left_n, right_n = normalise_pair(left, right)
         return {"fixed": left_n[None], "moving": right_n[None],
                 "disparity": torch.as_tensor(np.ascontiguousarray(disparity), dtype=torch.float32)[None],
                 "valid": torch.as_tensor(np.ascontiguousarray(valid), dtype=torch.bool)[None]}
+
+
+def photometric_jitter(left: np.ndarray, right: np.ndarray, strength: float,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The pair with the right camera's response changed: its intensities times ``exp(u)`` plus ``v``
+    times the pair's spread (``u``, ``v`` uniform in ``[-strength, strength]``), then a gamma
+    ``exp(w)`` (``w`` in ``[-strength, strength]``) on both images' [0, 1]-scaled values -- the
+    radiometric differences between two cameras that a real pair shows and a rendered one does not."""
+    left, right = np.asarray(left, dtype=np.float32), np.asarray(right, dtype=np.float32)
+    low = float(min(left.min(), right.min()))
+    spread = max(float(max(left.max(), right.max())) - low, 1e-6)
+    gain, offset, gamma = (float(v) for v in rng.uniform(-strength, strength, 3))
+    right = (right - low) * np.float32(np.exp(gain)) + np.float32(offset * spread)
+    left = left - low
+    top = max(float(left.max()), float(right.max()), 1e-6)
+    exponent = np.float32(np.exp(gamma))
+    left = np.clip(left / top, 0, 1) ** exponent
+    right = np.clip(right / top, 0, 1) ** exponent
+    return left.astype(np.float32), right.astype(np.float32)
 
 
 def real_stereo_cases(dataset: str, size: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -190,10 +229,12 @@ def disparity_output(name: str, learned: LearnedModel, source: str | None, input
     "Information, IEEE TPAMI 2008",
 ), runner=StereoNetMethod)
 class StereoNet(LearnedModel):
-    """MC-CNN-fast matching cost (module docstring). Options: ``margin`` (0.2), ``negative_low``/
-    ``negative_high`` (1.5, 6 px), ``samples`` (pixels per pair and step, 1024), ``max_disparity``
-    (of the synthetic training scenes and of the validation's winner-take-all, 32), ``p1``/``p2``
-    (SGM penalties on this cost, in its [0, 1] units)."""
+    """MC-CNN-fast matching cost (module docstring). Options: ``objective`` (``"hinge"``, MC-CNN-fast's,
+    or ``"softmax"`` over all disparities at every pixel), ``margin`` (0.2), ``negative_low``/
+    ``negative_high`` (1.5, 6 px) and ``samples`` (pixels per pair and step, 1024) of the hinge,
+    ``temperature`` (0.1) of the softmax, ``photometric`` (the training pairs' radiometric jitter, 0 =
+    none), ``max_disparity`` (of the synthetic training scenes and of the validation's
+    winner-take-all, 32), ``p1``/``p2`` (SGM penalties on this cost, in its [0, 1] units)."""
 
     @classmethod
     def default_networks(cls, ndim: int) -> dict[str, dict[str, Any]]:
@@ -212,6 +253,9 @@ class StereoNet(LearnedModel):
         max_disparity: float = 32.0,
         p1: float = 0.05,
         p2: float = 0.6,
+        objective: Objective = "hinge",
+        temperature: float = 0.1,
+        photometric: float = 0.0,
     ) -> None:
         super().__init__(networks=networks, ndim=ndim, size=size)
         if ndim != 2:
@@ -219,9 +263,15 @@ class StereoNet(LearnedModel):
         if not 0 < negative_low <= negative_high or margin <= 0 or samples < 1 or max_disparity <= 2:
             raise ConfigError("stereo-net needs 0 < negative_low <= negative_high, margin > 0, samples >= 1, "
                               "max_disparity > 2")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"unknown stereo-net objective {objective!r}; choose {', '.join(OBJECTIVES)}")
+        if temperature <= 0 or photometric < 0:
+            raise ConfigError("stereo-net needs temperature > 0 and photometric >= 0")
         self.options = {"margin": float(margin), "negative_low": float(negative_low),
                         "negative_high": float(negative_high), "samples": int(samples),
-                        "max_disparity": float(max_disparity), "p1": float(p1), "p2": float(p2)}
+                        "max_disparity": float(max_disparity), "p1": float(p1), "p2": float(p2),
+                        "objective": objective, "temperature": float(temperature),
+                        "photometric": float(photometric)}
 
     @classmethod
     def training_data(cls, config: Any) -> tuple[Dataset, Dataset]:
@@ -242,7 +292,8 @@ class StereoNet(LearnedModel):
         crops = int(config.max_pairs) if config.max_pairs is not None else max(1, synthetic // 4)
         photos = training_photographs()
         train = StereoPairs(photos, size, synthetic=synthetic, max_disparity=max_disparity, cases=cases,
-                            real_crops=crops, seed=config.seed)
+                            real_crops=crops, seed=config.seed,
+                            photometric=float(config.method_options.get("photometric", 0.0)))
         validation = StereoPairs(photos, size, synthetic=max(8, synthetic // 6), max_disparity=max_disparity,
                                  seed=config.seed + 10_000)
         return train, validation
@@ -268,6 +319,8 @@ class StereoNet(LearnedModel):
         columns = torch.arange(width, device=left.device).expand(height, width)
         # pixels whose positive match lies inside the right image
         usable = valid & ((columns - disparity) >= 0) & ((columns - disparity) <= width - 1)
+        if self.options["objective"] == "softmax":
+            return self._softmax_loss(left, right, disparity, usable & (disparity >= 0))
         generator = torch.Generator(device="cpu").manual_seed(int(epoch) * 7919 + int(usable.sum()))
         rows_all, cols_all, counts = [], [], []
         samples = self.options["samples"]
@@ -292,6 +345,33 @@ class StereoNet(LearnedModel):
         hinge = F.relu(self.options["margin"] + s_neg - s_pos).mean()
         parts = {"hinge": hinge.detach(), "ranked": (s_pos > s_neg).float().mean().detach()}
         return hinge, parts
+
+    def _softmax_loss(self, left: Tensor, right: Tensor, disparity: Tensor,
+                      usable: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Dense cross-entropy (Luo, Schwing and Urtasun, "Efficient Deep Learning for Stereo
+        Matching", CVPR 2016): at every usable left pixel, a softmax of ``cos / temperature`` over all
+        integer disparities ``0..D`` whose right pixel ``x - k`` lies in the image (``D``: the batch's
+        largest true disparity + 3), against a target ``exp(-(k - d)^2 / 2)`` for ``|k - d| <= 2``
+        (normalised): every disparity of the range is a negative, at every pixel, not one per sample."""
+        width = left.shape[-1]
+        known = disparity[usable]
+        high = min(width - 1, math.ceil(float(known.max())) + 3 if known.numel() else 2)
+        scores = torch.stack([F.pad((left[..., k:] * right[..., : width - k]).sum(1), (k, 0), value=float("-inf"))
+                              for k in range(high + 1)], dim=1)  # (B, D + 1, H, W), -inf: outside
+        inside = torch.isfinite(scores)
+        shifts = torch.arange(high + 1, device=left.device, dtype=disparity.dtype)[None, :, None, None]
+        distance = shifts - disparity[:, None]
+        target = torch.exp(-0.5 * distance**2) * ((distance.abs() <= SOFT_TARGET_REACH) & inside)
+        target = target / target.sum(1, keepdim=True).clamp_min(1e-12)
+        log_p = torch.log_softmax(scores / self.options["temperature"], dim=1)
+        per_pixel = -torch.where(inside, target * log_p, torch.zeros_like(log_p)).sum(1)
+        weight = usable.float()
+        loss = (per_pixel * weight).sum() / weight.sum().clamp_min(1.0)
+        with torch.no_grad():
+            best = scores.argmax(1).to(disparity.dtype)
+            close = ((best - disparity).abs() <= 2).float()
+            parts = {"softmax": loss.detach(), "wta_within2": (close * weight).sum() / weight.sum().clamp_min(1.0)}
+        return loss, parts
 
     @torch.no_grad()
     def validation_metrics(self, batch: Mapping[str, Tensor], output: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -324,6 +404,8 @@ class StereoNet(LearnedModel):
         @torch.no_grad()
         def cost(left: Tensor, right: Tensor, disparities: np.ndarray) -> Tensor:
             self.eval()
+            # match() hands over its min-max rescaled (maybe shrunk) images: scale them as in training
+            left, right = normalise_pair(left, right)
             features_left = self.features(left[None, None].to(device))
             features_right = self.features(right[None, None].to(device))
             return self.features.cost_volume(features_left, features_right, disparities).cpu()
