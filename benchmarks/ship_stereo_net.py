@@ -6,8 +6,9 @@ by disparity errors, so this script:
 1. trains the recipe ``src/alignkit/methods/models/NAME.recipe.json`` (``python -m alignkit train
    --config RECIPE -o RUN --quiet`` in a subprocess with ``--threads`` threads), recording commit, date
    and wall time -- or takes a finished ``--run-dir``;
-2. exports the run's checkpoint as ``NAME.pt`` with float16 weights only (at most 2 MiB) and checks
-   that the float16 model's cost volume on a synthetic pair matches the run's float32 one;
+2. exports the run's checkpoint as ``NAME.pt`` (weights only, at most 2 MiB; float32, or float16 with
+   ``--float16``) and checks that the exported model's cost volume on a synthetic pair matches the
+   run's float32 one;
 3. scores it through the public API on ``stereo/motorcycle`` (full size; the recipe's real training
    pair: in-sample) and ``stereo/aloe`` (half size; held out) against the classical ``stereo``
    preset's matcher (:func:`alignkit.stereo.match`) with the same range, using
@@ -16,7 +17,7 @@ by disparity errors, so this script:
 
 Prints ONE JSON line.
 
-    python benchmarks/ship_stereo_net.py --recipe stereo_net_synthetic2d [--run-dir RUN] [--threads 1]
+    python benchmarks/ship_stereo_net.py --recipe stereo_net_synthetic2d [--run-dir RUN] [--threads 1] [--float16]
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def train(recipe: Path, run_dir: Path, threads: int) -> dict[str, Any]:
     return record
 
 
-def export(run_dir: Path, out: Path) -> dict[str, Any]:
+def export(run_dir: Path, out: Path, float16: bool = False) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -68,7 +69,8 @@ def export(run_dir: Path, out: Path) -> dict[str, Any]:
     from alignkit.train.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(run_dir)
-    weights = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state["model"].items()}
+    dtype = torch.float16 if float16 else torch.float32
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state["model"].items()}
     save_checkpoint(out, {"method": state["method"], "networks": state["networks"], "model": weights})
     size = out.stat().st_size
     assert size <= MAX_BYTES, f"{out} is {size} bytes, over 2 MiB"
@@ -78,13 +80,14 @@ def export(run_dir: Path, out: Path) -> dict[str, Any]:
     disparities = np.arange(0, 25)
     a = original.cost_function()(left, right, disparities)
     b = shipped.cost_function()(left, right, disparities)
-    check = {"pair": "synthetic 96x128 pair, cost volume of the fp32 run model vs the fp32-cast float16 model",
+    check = {"pair": f"synthetic 96x128 pair, cost volume of the fp32 run model vs the exported {dtype} model",
              "max_abs_cost_difference": float((a - b).abs().max()),
              "winner_take_all_agreement": float((a.argmin(0) == b.argmin(0)).float().mean())}
     log(f"exported {out.name}: {size} bytes; {check}")
     assert check["max_abs_cost_difference"] < 5e-3, check
     return {"path": str(out.relative_to(REPO_ROOT)), "bytes": size, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-            "parameters": int(sum(v.numel() for v in weights.values())), "fp16_check": check}
+            "parameters": int(sum(v.numel() for v in weights.values())), "dtype": str(dtype).removeprefix("torch."),
+            "export_check": check}
 
 
 def score(shipped: Path) -> dict[str, Any]:
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="stereo_net_synthetic2d")
     parser.add_argument("--run-dir", type=Path, default=None, help="a finished run of the recipe (skips training)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--float16", action="store_true", help="export float16 weights (half the bytes; the check "
+                        "against the float32 run must still pass)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     import torch
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     log_rows = (run_dir / "log.csv").read_text().splitlines()
     header, last = log_rows[0].split(","), log_rows[-1].split(",")
     final = dict(zip(header, last))
-    exported = export(run_dir, MODELS / f"{args.recipe}.pt")
+    exported = export(run_dir, MODELS / f"{args.recipe}.pt", float16=args.float16)
     scores = score(MODELS / f"{args.recipe}.pt")
     card = {
         "name": args.recipe,
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "weights_licence": "as the training data allow: research and benchmarking use",
         "recipe": f"src/alignkit/methods/models/{args.recipe}.recipe.json",
         "training_config": recipe,
-        "command": f"python benchmarks/ship_stereo_net.py --recipe {args.recipe} --threads {args.threads}",
+        "command": f"python benchmarks/ship_stereo_net.py --recipe {args.recipe} --threads {args.threads}"
+                   + (" --float16" if args.float16 else ""),
         "commit": training.get("commit"),
         "training": training,
         "final_epoch": final,
