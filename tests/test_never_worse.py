@@ -4,6 +4,7 @@ check that a fit is well conditioned."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -187,3 +188,47 @@ def test_a_refinement_the_keypoint_matches_rule_out_is_rejected():
     # the result is the feature start: every pixel moved by the matches' shift
     shift = (result.world_map() - fixed.grid.world_points()).mean(dim=(2, 3))[0]
     torch.testing.assert_close(shift, torch.tensor([-2.0, 3.0]), atol=0.3, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["stereo", "affine-one-level", "affine-three-levels"])
+def test_the_start_objective_reused_from_the_fit_is_the_one_evaluated(case):
+    """A one-level stage's first loss is its objective at its start: the never-worse rule reuses it
+    instead of evaluating it again -- the same number, bit for bit, as the evaluation it replaces."""
+    from alignkit.solve.presets import resolve_config
+
+    if case == "stereo":
+        from alignkit.data.synthetic_stereo import render_stereo_pair, training_photographs
+
+        pair = render_stereo_pair(training_photographs()[1], (48, 80), rng=np.random.default_rng(2), max_disparity=10)
+        fixed, moving = (Image.from_array(a.transpose(1, 2, 0)) for a in (pair.left, pair.right))
+        config = dataclasses.replace(resolve_config(2, preset="stereo"),
+                                     init_options={"min_disparity": 0, "max_disparity": 10})
+    else:
+        fixed, moving = _pair()
+        config = _config(1e-2)
+        if case == "affine-one-level":
+            config["stages"][0].update(levels=[1], iterations=[20])
+        config = resolve_config(2, config=config)
+
+    class Evaluating(engine_module.Engine):
+        evaluations = 0
+
+        def _objective(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            type(self).evaluations += 1
+            return super()._objective(*args, **kwargs)
+
+    class NoReuse(Evaluating):
+        evaluations = 0
+
+        def _fit_stage(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            transform = super()._fit_stage(*args, **kwargs)
+            self._start_objective = None  # the judge evaluates the start itself
+            return transform
+
+    reused = Evaluating(config, device="cpu", seed=0, progress=None)
+    reused.run(fixed, moving)
+    plain = NoReuse(config, device="cpu", seed=0, progress=None)
+    plain.run(fixed, moving)
+    assert reused.stage_checks == plain.stage_checks
+    one_level = all(len(stage.levels) == 1 for stage in config.stages)
+    assert Evaluating.evaluations == NoReuse.evaluations - (len(config.stages) if one_level else 0)

@@ -29,3 +29,24 @@ def test_normalize_intensity_is_unchanged_by_the_fast_path():
     hi = torch.quantile(flat, 0.995, dim=-1, keepdim=True).view(1, 3, 1, 1)
     reference = ((image - lo) / (hi - lo)).clamp(-0.5, 1.5)
     torch.testing.assert_close(normalize_intensity(image), reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "sample-holds-the-extremes"])
+def test_the_long_row_fast_path_gives_topks_values(kind):
+    from alignkit.solve.engine import _extremes
+
+    generator = torch.Generator().manual_seed(7)
+    count = 120_000  # past the fast path's 65536
+    if kind == "continuous":
+        values = torch.randn(2, 3, count, generator=generator)
+    elif kind == "ties":  # an 8-bit photo: 256 levels
+        values = torch.randint(0, 256, (1, 3, count), generator=generator).float()
+    else:  # the strided subsample sees only the smallest values: its threshold selects too few (fallback)
+        values = torch.rand(1, 2, count, generator=generator) + 1
+        values[..., ::32] = torch.rand(1, 2, values[..., ::32].shape[-1], generator=generator) - 1
+    for k in (1, 2, 601, 7000):
+        for largest in (False, True):
+            expected = torch.topk(values, k, dim=-1, largest=largest, sorted=True).values
+            assert torch.equal(_extremes(values, k, largest=largest), expected), (k, largest)
+    for q in (0.0, 0.005, 0.01, 0.99, 0.995, 1.0):
+        assert torch.equal(tail_quantile(values, q), torch.quantile(values, q, dim=-1, keepdim=True)), q

@@ -85,15 +85,38 @@ def tail_quantile(values: Tensor, q: float) -> Tensor:
         return torch.quantile(values, q, dim=-1, keepdim=True)
     if q <= 0.1:  # order statistics `below` and `below + 1`, counted from the smallest
         # below + 1 < count: q (n - 1) <= 0.1 (n - 1) < n - 1 for n >= 2
-        ordered = torch.topk(values, below + 2, dim=-1, largest=False, sorted=True).values
+        ordered = _extremes(values, below + 2, largest=False)
         first, second = ordered[..., below : below + 1], ordered[..., below + 1 : below + 2]
     else:  # the same two, counted from the largest
         from_top = count - 1 - below  # rank of `below` from the top (0 = largest)
-        ordered = torch.topk(values, from_top + 1, dim=-1, largest=True, sorted=True).values
+        ordered = _extremes(values, from_top + 1, largest=True)
         first = ordered[..., from_top : from_top + 1]
         above = max(from_top - 1, 0)  # q = 1: position is the last index and its weight is 0
         second = ordered[..., above : above + 1]
     return torch.lerp(first, second, weight)
+
+
+def _extremes(values: Tensor, count: int, *, largest: bool, stride: int = 32) -> Tensor:
+    """``torch.topk(values, count, dim=-1, largest=largest, sorted=True).values`` of finite values, the
+    same numbers: on a long last axis of a CPU tensor, ``topk`` runs on the values at or beyond a
+    threshold that a strided subsample puts about twice ``count`` values beyond (every value not
+    selected lies strictly inside it, so the ``count`` extremes are among those selected; ``topk`` of
+    the whole row when the threshold selects too few). The selection is numpy's boolean indexing (~2x
+    torch's). 3 x 370k pixels of an 8-bit photo, ``count`` ~1850, one thread: ~0.8 ms against ~4.5."""
+    length = values.shape[-1]
+    if values.device.type != "cpu" or length < 1 << 16 or count * 16 > length:
+        return torch.topk(values, count, dim=-1, largest=largest, sorted=True).values
+    rows = values.detach().reshape(-1, length)
+    sample = rows[:, ::stride]
+    reach = min(sample.shape[-1], 2 * count // stride + 8)
+    thresholds = torch.topk(sample, reach, dim=-1, largest=largest, sorted=True).values[:, -1].tolist()
+    out = []
+    for row, threshold in zip(rows.numpy(), thresholds):
+        chosen = row[row >= threshold] if largest else row[row <= threshold]
+        if chosen.size < count:
+            return torch.topk(values, count, dim=-1, largest=largest, sorted=True).values
+        out.append(torch.topk(torch.from_numpy(chosen), count, largest=largest, sorted=True).values)
+    return torch.stack(out).reshape(*values.shape[:-1], count)
 
 
 def normalize_intensity(tensor: Tensor, low: float = 0.5, high: float = 99.5) -> Tensor:
@@ -311,6 +334,7 @@ class Engine:
         self.stage_checks: list[dict[str, Any]] = []
         self._feature_fit: Any = None
         self._diverged: str | None = None
+        self._start_objective: float | None = None  # the fitted stage's objective at its start (_fit_stage)
         #: world displacement on the fixed grid that the first stage's field starts from (init "dis")
         self._field_start: Tensor | None = None
         self._start_grid: Grid | None = None
@@ -553,9 +577,11 @@ class Engine:
         similarity, regularizer, fold = self._terms(cfg)
         index = len(cfg.levels) - 1
         level = self._level(cfg, index, fixed, fixed_grid, moving, moving_grid)
-        identity = self._new_transform(cfg, fixed_grid, level.grid)
         with _threads_for(level.grid.numel, self.device):
-            start = float(self._objective(cfg, index, level, identity, prior, similarity, regularizer, fold, prompts)())
+            start = self._start_objective
+            if start is None:
+                identity = self._new_transform(cfg, fixed_grid, level.grid)
+                start = float(self._objective(cfg, index, level, identity, prior, similarity, regularizer, fold, prompts)())
             end = float(self._objective(cfg, index, level, transform, prior, similarity, regularizer, fold, prompts)())
         check: dict[str, Any] = {  # JSON has no NaN: a diverged objective is recorded as null
             "stage": cfg.transform,
@@ -683,6 +709,7 @@ class Engine:
         similarity, regularizer, fold = self._terms(cfg)
         transform: Transform | None = None
         self._diverged = None
+        self._start_objective = None
         bar = self.progress(total=sum(cfg.iterations), desc=f"{cfg.transform:>11}", unit="it") if self.progress else None
         previous: _Level | None = None  # the last level that ran, if its stopping rule fired
         try:
@@ -719,6 +746,11 @@ class Engine:
                         self._diverged = str(exc)  # _judge_stage rejects the stage and says why
                         break
                 log.losses.append(losses)
+                if len(cfg.levels) == 1 and losses and cfg.optimizer in ("adam", "sgd") and not (
+                        0 < cfg.sample_points < level.grid.numel):
+                    # a one-level stage's first loss is its objective at its start on its finest level,
+                    # evaluated before the first step: the never-worse rule's start value (_judge_stage)
+                    self._start_objective = losses[0]
                 previous = level if len(losses) < cfg.iterations[index] else None
                 if cfg.field_median > 1 and isinstance(transform, FieldTransform):
                     _median_filter_parameters(transform, cfg.field_median)
