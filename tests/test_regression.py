@@ -16,13 +16,23 @@ from make_golden import GOLDEN, cases
 
 @pytest.fixture(scope="module")
 def produced(tmp_path_factory):
+    import os
+
     import torch
 
     threads = torch.get_num_threads()
+    # the reference (torch) path of the greedy update, with or without numba: the golden arrays pin it;
+    # the compiled kernels are checked against it in tests/test_compiled_greedy.py
+    switch = os.environ.get("ALIGNKIT_COMPILED")
+    os.environ["ALIGNKIT_COMPILED"] = "0"
     try:
         return cases(tmp_path_factory.mktemp("golden"))
     finally:
         torch.set_num_threads(threads)
+        if switch is None:
+            del os.environ["ALIGNKIT_COMPILED"]
+        else:
+            os.environ["ALIGNKIT_COMPILED"] = switch
 
 
 @pytest.mark.parametrize(

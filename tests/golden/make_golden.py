@@ -5,7 +5,10 @@ It was first run at commit 1116776 (before the method registry of issue 10), so
 ``tests/test_regression.py`` checks that the registry and the new learned contract did not change
 any result. Rerun it only on purpose (a deliberate change of results), and say so in the commit:
 
-    python tests/golden/make_golden.py
+    ALIGNKIT_COMPILED=0 python tests/golden/make_golden.py
+
+(``ALIGNKIT_COMPILED=0``: the torch reference path of the greedy update, which ``tests/test_regression.py``
+also runs; numba's compiled kernels are checked against it elsewhere.)
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from torch import Tensor
 from alignkit.errors import ConfigError
 from alignkit.image import Image, common_channels
 from alignkit.solve.config import RegistrationConfig, StageConfig
-from alignkit.solve.greedy import compose_displacement, normalised_step, smooth_field
+from alignkit.solve.greedy import LNCCForce, compose_displacement, normalised_step, smooth_field
 from alignkit.solve.optim import PlainAdam
 from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
 from alignkit.spatial.filters import median_filter
@@ -967,17 +967,27 @@ class Engine:
         # the similarity's closed-form gradient (LNCC) when it is the whole objective: autograd then
         # runs through the warp only; otherwise (prompt terms, other similarities) through everything
         closed_form = hasattr(similarity, "value_and_gradient") and not prompts
+        # ... and, with numba, the warp and the LNCC force as fused compiled loops (the same objective)
+        compiled_force = None
+        if closed_form and not 0 < cfg.sample_points < level.grid.numel and (prior is None or prior.is_linear):
+            prior_matrix = None if prior is None else prior.matrix().detach()
+            if LNCCForce.applies(similarity, level.fixed, level.moving, prior_matrix):
+                compiled_force = LNCCForce(level.fixed, level.grid, level.moving, level.moving_grid, prior_matrix, similarity)
         for _ in range(cfg.iterations[index]):
             with torch.no_grad():
                 current = transform.displacement()
-            current.requires_grad_(True)
-            if closed_form:
+            if compiled_force is not None:
+                with torch.profiler.record_function(f"term {cfg.similarity} (compiled)"):
+                    value, gradient = compiled_force(current)
+            elif closed_form:
+                current.requires_grad_(True)
                 with torch.profiler.record_function("term warp"):
                     warped, inside = objective.warp(current)
                 with torch.profiler.record_function(f"term {cfg.similarity} (closed form)"):
                     value, d_warped = similarity.value_and_gradient(warped.detach(), objective.fixed, inside)
                 (gradient,) = torch.autograd.grad(warped, current, grad_outputs=d_warped)
             else:
+                current.requires_grad_(True)
                 value = objective(current)
                 (gradient,) = torch.autograd.grad(value, current)
             with torch.no_grad():

@@ -27,24 +27,98 @@ Adam's per-voxel step sizes do the opposite of.
 Both Gaussians are :func:`alignkit.spatial.banded.fast_gaussian_blur` (matrix products; the same
 kernel as :func:`alignkit.spatial.gaussian_blur`, ten times faster on a 2 mm brain). All functions work on world-unit fields ``(B, ndim, *grid.shape)`` of a :class:`~alignkit.spatial.Grid`
 (alignkit's convention for every field) and are written once for 2D and 3D.
+
+With numba installed (``pip install alignkit[fast]``) one float32 field on the CPU takes the compiled
+kernels of :mod:`alignkit.spatial.compiled` instead: the Gaussians, the composition and, through
+:class:`LNCCForce`, the warp with its derivative and the LNCC force in closed form -- one fused loop
+each instead of a dozen torch operations (a greedy iteration on a 2 mm brain ~2x faster; figures in
+``benchmarks/README.md``, issue 17). The torch code here is the reference they are tested against
+(``tests/test_compiled_greedy.py``); ``backend="torch"`` or ``ALIGNKIT_COMPILED=0`` forces it.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from alignkit.spatial import Grid, sample_voxels, voxel_to_world_vectors, world_to_voxel_vectors
+from alignkit.spatial import (
+    Grid,
+    gaussian_kernel1d,
+    sample_voxels,
+    voxel_to_world_vectors,
+    world_to_voxel_vectors,
+)
+from alignkit.spatial import compiled as _compiled
 from alignkit.spatial.banded import fast_gaussian_blur
 
+#: ``backend`` values: ``auto`` = the compiled kernels where they apply, else torch
+BACKENDS = ("auto", "torch", "compiled")
 
-def normalised_step(gradient: Tensor, grid: Grid, sigma_pre: float, step: float) -> Tensor:
+
+def _use_compiled(backend: str, *tensors: Tensor) -> bool:
+    """Whether the compiled kernels take these tensors: one float32 batch item on the CPU, no autograd
+    graph, numba installed (``compiled`` insists, ``torch`` refuses, ``auto`` decides)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    fits = all(
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.shape[0] == 1
+        and t.dim() in (4, 5)
+        and not (t.requires_grad and torch.is_grad_enabled())
+        for t in tensors
+    )
+    if backend == "compiled":
+        if not (fits and _compiled.available()):
+            raise ValueError("the compiled greedy kernels need numba and one float32 CPU batch item without autograd")
+        return True
+    return fits and _compiled.available()
+
+
+def _as_volumes(tensor: Tensor) -> np.ndarray:
+    """``(1, C, *S)`` -> a contiguous ``(C, D, H, W)`` float32 array (2D: ``D = 1``; shares memory)."""
+    array = tensor[0].detach().contiguous().numpy()
+    return array if array.ndim == 4 else array[:, None]
+
+
+def _as_vectors(field: Tensor) -> np.ndarray:
+    """A world-unit ``(1, ndim, *S)`` field as the kernels' 3-component ``(3, D, H, W)`` (2D: a zero
+    component for the added depth axis, which the kernels' matrices leave untouched)."""
+    array = _as_volumes(field)
+    if field.shape[1] == 3:
+        return array
+    return np.concatenate([np.zeros_like(array[:1]), array], axis=0)
+
+
+def _from_vectors(array: np.ndarray, like: Tensor) -> Tensor:
+    """The inverse of :func:`_as_vectors`: ``(1, ndim, *S)`` shaped like ``like``."""
+    if like.shape[1] != 3:
+        array = array[1:]
+    return torch.from_numpy(array.reshape(like.shape[1:])).unsqueeze(0)
+
+
+def blur(field: Tensor, sigma: float, *, backend: str = "auto") -> Tensor:
+    """:func:`~alignkit.spatial.banded.fast_gaussian_blur` of ``field`` (same kernel, replicate padding),
+    compiled where it applies."""
+    if sigma <= 0:
+        return field
+    if _use_compiled(backend, field):
+        taps = gaussian_kernel1d(sigma, dtype=torch.float64).numpy()
+        out = _compiled.gaussian(_as_volumes(field), taps)
+        return torch.from_numpy(out.reshape(field.shape[1:])).unsqueeze(0)
+    return fast_gaussian_blur(field, sigma)
+
+
+def normalised_step(gradient: Tensor, grid: Grid, sigma_pre: float, step: float, *, backend: str = "auto") -> Tensor:
     """The descent step of one greedy iteration, world units: ``-G_sigma_pre * gradient`` scaled so that
     its longest vector is ``step`` voxels of ``grid`` long (zero where the gradient is zero everywhere).
 
     ``gradient`` is the objective's gradient with respect to the world-unit displacement on ``grid``.
     """
-    direction = -fast_gaussian_blur(gradient, sigma_pre) if sigma_pre > 0 else -gradient
+    direction = -blur(gradient, sigma_pre, backend=backend)
     in_voxels = world_to_voxel_vectors(direction, grid)
     longest = in_voxels.square().sum(dim=1).max().sqrt()
     if not bool(longest > 0):
@@ -52,10 +126,14 @@ def normalised_step(gradient: Tensor, grid: Grid, sigma_pre: float, step: float)
     return direction * (step / longest)
 
 
-def compose_displacement(displacement: Tensor, step: Tensor, grid: Grid) -> Tensor:
+def compose_displacement(displacement: Tensor, step: Tensor, grid: Grid, *, backend: str = "auto") -> Tensor:
     """``(id + u) ∘ (id + s) - id = s + u ∘ (id + s)``: the displacement of the field followed by the
     small step (the step acts first, on the fixed side, where the gradient was taken). Linear
     interpolation, border values outside ``grid``; world units in and out."""
+    if _use_compiled(backend, displacement, step):
+        matrix = grid.voxel_from_world.numpy()
+        out = _compiled.compose_step(_as_vectors(displacement), _as_vectors(step), matrix)
+        return _from_vectors(out, displacement)
     u_vox = world_to_voxel_vectors(displacement, grid)
     s_vox = world_to_voxel_vectors(step, grid)
     identity = grid.voxel_points(dtype=displacement.dtype, device=displacement.device)
@@ -63,6 +141,54 @@ def compose_displacement(displacement: Tensor, step: Tensor, grid: Grid) -> Tens
     return voxel_to_world_vectors(s_vox + moved, grid)
 
 
-def smooth_field(field: Tensor, sigma_post: float) -> Tensor:
+def smooth_field(field: Tensor, sigma_post: float, *, backend: str = "auto") -> Tensor:
     """The field smoothed by ``sigma_post`` voxels (unchanged for 0)."""
-    return fast_gaussian_blur(field, sigma_post) if sigma_post > 0 else field
+    return blur(field, sigma_post, backend=backend)
+
+
+class LNCCForce:
+    """The LNCC objective of a greedy level and its gradient with respect to the world displacement, by
+    the compiled kernels: the warp and the interpolant's derivative in one pass
+    (:func:`alignkit.spatial.compiled.warp_with_gradient`), then the local NCC force in closed form
+    (:func:`alignkit.spatial.compiled.local_ncc_force`). The reference is the engine's own path
+    (``grid_sample``, :meth:`alignkit.losses.LNCC.value_and_gradient`, autograd through the warp).
+
+    ``prior_matrix``: the homogeneous world matrix of a linear transform applied after the displacement
+    (fixed world -> moving world), or None. :meth:`applies` says whether a level can take this path.
+    """
+
+    def __init__(self, fixed: Tensor, grid: Grid, moving: Tensor, moving_grid: Grid, prior_matrix: Tensor | None,
+                 similarity) -> None:
+        self.fixed = _as_volumes(fixed)[0]
+        self.moving = _as_volumes(moving)[0]
+        moving_from_world = moving_grid.voxel_from_world.double()
+        if prior_matrix is not None:
+            moving_from_world = moving_from_world @ prior_matrix.double().cpu()
+        self.moving_from_world = moving_from_world.numpy()
+        self.world_from_voxel = grid.world_from_voxel.numpy()
+        self.window = similarity.window
+        self.eps = similarity.eps
+        self.squared = similarity.squared
+
+    @staticmethod
+    def applies(similarity, fixed: Tensor, moving: Tensor, prior_matrix: Tensor | None) -> bool:
+        from alignkit.losses import LNCC
+
+        return (
+            type(similarity) is LNCC
+            and similarity.dilation == 1
+            and fixed.shape[1] == 1
+            and moving.shape[1] == 1
+            and (prior_matrix is None or bool((prior_matrix[-1, :-1] == 0).all()))
+            and _use_compiled("auto", fixed, moving)
+        )
+
+    def __call__(self, displacement: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, d loss / d displacement)`` for the world displacement ``(1, ndim, *S)`` on the grid."""
+        warped, derivative, inside = _compiled.warp_with_gradient(
+            self.moving, _as_vectors(displacement), self.world_from_voxel, self.moving_from_world
+        )
+        shape = self.fixed.shape
+        value, force = _compiled.local_ncc_force(warped, self.fixed, inside, self.window, self.eps, self.squared)
+        gradient = derivative * force.reshape(1, *shape)
+        return torch.tensor(value), _from_vectors(gradient, displacement)

@@ -1,0 +1,459 @@
+"""Compiled (numba) kernels of the dense greedy iteration: the optional fast path of PICSL Greedy's update
+(:mod:`alignkit.solve.greedy`) and of the LNCC force (:meth:`alignkit.losses.LNCC.value_and_gradient`).
+
+Why: one greedy iteration on a 2 mm brain (112x92x81 voxels, two threads) was ~290 ms of torch
+operations -- the warp and autograd's backward through ``grid_sample`` (~70 ms: the 3D sampler's
+backward is a scalar loop that also writes the gradient of the image), the five LNCC window sums and
+their three adjoint sums as banded matrix products with a copy before and after each (~80 ms), the
+composition of the field with the step (a second 3-channel ``grid_sample``, ~80 ms) and the two
+Gaussians (~20 ms each) -- most of it memory traffic between small elementwise operations, and at the
+coarse levels (15k voxels) mostly Python and dispatch overhead. Here each step is one fused loop over
+the volume:
+
+* :func:`warp_with_gradient` -- the moving image sampled through ``fixed voxel -> fixed world (+ the
+  displacement) -> moving voxel`` (an affine prior folded into the last matrix) and, in the same pass,
+  the derivative of the trilinear interpolant with respect to the displacement (what autograd's
+  ``grid_sample`` backward returns), plus the inside mask;
+* :func:`local_ncc_force` -- the squared or signed local NCC (zero-padded box windows, true voxel
+  counts at the border), its masked mean and its closed-form gradient with respect to the warped image;
+* :func:`compose_step` -- ``u <- s + u o (id + s)`` with trilinear, border-clamped sampling;
+* :func:`gaussian` / :func:`box_sum` -- separable filters (replicate / zero padding).
+
+Every kernel works on ``(D, H, W)`` volumes; a 2D image is a volume of depth 1 (a singleton axis
+changes nothing: its window sum is the value itself, its normalised Gaussian too, and a sample along
+it is clamped to the one slice), so the 2D and 3D paths are the same code. The torch functions these
+replace stay as the reference (``tests/test_compiled_greedy.py`` checks agreement); the callers use
+this path only for one float32 image on the CPU with numba installed (``pip install alignkit[fast]``),
+and ``ALIGNKIT_COMPILED=0`` turns it off.
+
+The derivative of the trilinear interpolant jumps at voxel centres (from the cell below to the cell
+above); ``grid_sample`` takes the cell above, and so does this kernel once a coordinate within
+:data:`SNAP` voxels of a centre is snapped onto it. An identity start puts every voxel exactly there,
+where the float32 rounding of the reference's voxel -> world -> voxel chain lands it a hair below or
+above the centre and so picks either cell (at the first iteration of an identity-started level the two
+paths' derivatives differ at such voxels; with an affine start, as in the presets, coordinates are
+generic and they agree). As
+in ``grid_sample``'s backward, a coordinate on the first or last voxel of an axis, or beyond, has no
+derivative along that axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import numpy as np
+
+#: replaced by ``numba.prange`` when the kernels are compiled (``range`` keeps the module importable,
+#: and the kernels readable as plain Python, without numba)
+prange = range
+
+_KERNELS: list = []
+
+#: voxels: sampling coordinates this close to an integer are taken as that integer (float rounding of
+#: the voxel -> world -> voxel chain), so the one-sided derivative at a voxel centre is grid_sample's
+SNAP = 1e-5
+
+
+def available() -> bool:
+    """Whether the compiled path may run: numba is installed and ``ALIGNKIT_COMPILED`` is not ``0``.
+    numba itself is imported on first use, so ``import alignkit`` does not pay for it."""
+    if os.environ.get("ALIGNKIT_COMPILED", "1") == "0":
+        return False
+    return importlib.util.find_spec("numba") is not None
+
+
+def _kernel(function):
+    _KERNELS.append(function)
+    return function
+
+
+@functools.cache
+def _compiled() -> dict:
+    """The jitted kernels by name (compiled on first use; ``cache=True``: once per installation)."""
+    import numba
+
+    globals()["prange"] = numba.prange
+    jitted = {}
+    for function in _KERNELS:
+        jitted[function.__name__] = numba.njit(cache=True, parallel=True, nogil=True, fastmath=False)(function)
+    return jitted
+
+
+def _threads() -> None:
+    """numba's thread count follows torch's (``--threads``, ``torch.set_num_threads``)."""
+    import numba
+    import torch
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+# ------------------------------------------------------------------------------------------------
+# separable filters over the last three axes of (C, D, H, W) float32 arrays
+
+
+@_kernel
+def _filter_axis2(src, out, taps, replicate):
+    # along W (contiguous): out[.., x] = sum_k taps[k] src[.., x + k - r]. The shifted reads go through
+    # slices so that every index is a loop counter from 0: numba then drops its negative-index check
+    # and the loop vectorises (5x faster than indexing src[.., x + offset], measured)
+    channels, depth, height, width = src.shape
+    radius = taps.shape[0] // 2
+    for job in prange(channels * depth):
+        c = job // depth
+        z = job % depth
+        for y in range(height):
+            source = src[c, z, y]
+            target = out[c, z, y]
+            for x in range(width):
+                target[x] = 0.0
+            for k in range(taps.shape[0]):
+                offset = k - radius
+                weight = taps[k]
+                start = min(max(0, -offset), width)
+                stop = max(min(width, width - offset), start)
+                shifted_target = target[start:stop]
+                shifted_source = source[start + offset:stop + offset]
+                for i in range(stop - start):
+                    shifted_target[i] += weight * shifted_source[i]
+                if replicate:
+                    for x in range(start):
+                        target[x] += weight * source[0]
+                    for x in range(stop, width):
+                        target[x] += weight * source[width - 1]
+
+
+@_kernel
+def _filter_axis1(src, out, taps, replicate):
+    # along H: whole rows at a time (vectorised over x)
+    channels, depth, height, width = src.shape
+    radius = taps.shape[0] // 2
+    for job in prange(channels * depth):
+        c = job // depth
+        z = job % depth
+        for y in range(height):
+            for x in range(width):
+                out[c, z, y, x] = 0.0
+            for k in range(taps.shape[0]):
+                source = y + k - radius
+                if source < 0 or source >= height:
+                    if not replicate:
+                        continue
+                    source = min(max(source, 0), height - 1)
+                weight = taps[k]
+                for x in range(width):
+                    out[c, z, y, x] += weight * src[c, z, source, x]
+
+
+@_kernel
+def _filter_axis0(src, out, taps, replicate):
+    # along D: whole rows at a time
+    channels, depth, height, width = src.shape
+    radius = taps.shape[0] // 2
+    for job in prange(channels * height):
+        c = job // height
+        y = job % height
+        for z in range(depth):
+            for x in range(width):
+                out[c, z, y, x] = 0.0
+            for k in range(taps.shape[0]):
+                source = z + k - radius
+                if source < 0 or source >= depth:
+                    if not replicate:
+                        continue
+                    source = min(max(source, 0), depth - 1)
+                weight = taps[k]
+                for x in range(width):
+                    out[c, z, y, x] += weight * src[c, source, y, x]
+
+
+def _separable(volume: np.ndarray, taps: np.ndarray, replicate: bool) -> np.ndarray:
+    kernels = _compiled()
+    _threads()
+    first = np.empty_like(volume)
+    second = np.empty_like(volume)
+    kernels["_filter_axis2"](volume, first, taps, replicate)
+    kernels["_filter_axis1"](first, second, taps, replicate)
+    kernels["_filter_axis0"](second, first, taps, replicate)
+    return first
+
+
+def gaussian(volume: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """``volume (C, D, H, W)`` float32 filtered by the odd 1D kernel ``taps`` along each of its three
+    spatial axes, samples beyond the border replaced by the edge sample (replicate padding)."""
+    return _separable(volume, taps.astype(np.float32), True)
+
+
+def box_sum(volume: np.ndarray, window: int) -> np.ndarray:
+    """``volume (C, D, H, W)`` float32 summed over a centred ``window``-voxel cube (zero padding)."""
+    return _separable(volume, np.ones(int(window), dtype=np.float32), False)
+
+
+# ------------------------------------------------------------------------------------------------
+# trilinear sampling with border clamping
+
+
+@_kernel
+def _warp_with_gradient(moving, displacement, world_from_voxel, moving_voxel_from_world, warped, gradient, inside):
+    depth, height, width = warped.shape
+    size0, size1, size2 = moving.shape
+    a = world_from_voxel
+    m = moving_voxel_from_world
+    for z in prange(depth):
+        for y in range(height):
+            for x in range(width):
+                # fixed voxel -> world point (+ the displacement) -> moving voxel
+                w0 = a[0, 0] * z + a[0, 1] * y + a[0, 2] * x + a[0, 3] + displacement[0, z, y, x]
+                w1 = a[1, 0] * z + a[1, 1] * y + a[1, 2] * x + a[1, 3] + displacement[1, z, y, x]
+                w2 = a[2, 0] * z + a[2, 1] * y + a[2, 2] * x + a[2, 3] + displacement[2, z, y, x]
+                q0 = m[0, 0] * w0 + m[0, 1] * w1 + m[0, 2] * w2 + m[0, 3]
+                q1 = m[1, 0] * w0 + m[1, 1] * w1 + m[1, 2] * w2 + m[1, 3]
+                q2 = m[2, 0] * w0 + m[2, 1] * w1 + m[2, 2] * w2 + m[2, 3]
+                # a coordinate a rounding error away from a voxel centre is that centre (an identity start
+                # puts every voxel there; before the inside test and the clamping): the derivative jumps
+                # there, and grid_sample takes the cell above it
+                r0 = math.floor(q0 + 0.5)
+                if abs(q0 - r0) < SNAP:
+                    q0 = r0
+                r1 = math.floor(q1 + 0.5)
+                if abs(q1 - r1) < SNAP:
+                    q1 = r1
+                r2 = math.floor(q2 + 0.5)
+                if abs(q2 - r2) < SNAP:
+                    q2 = r2
+                is_inside = q0 >= 0 and q0 <= size0 - 1 and q1 >= 0 and q1 <= size1 - 1 and q2 >= 0 and q2 <= size2 - 1
+                inside[z, y, x] = 1.0 if is_inside else 0.0
+                # border clamping; a coordinate on or beyond the border has no derivative (grid_sample's
+                # backward counts the borders as outside)
+                g0 = 1.0
+                if q0 <= 0:
+                    q0 = 0.0
+                    g0 = 0.0
+                elif q0 >= size0 - 1:
+                    q0 = size0 - 1.0
+                    g0 = 0.0
+                g1 = 1.0
+                if q1 <= 0:
+                    q1 = 0.0
+                    g1 = 0.0
+                elif q1 >= size1 - 1:
+                    q1 = size1 - 1.0
+                    g1 = 0.0
+                g2 = 1.0
+                if q2 <= 0:
+                    q2 = 0.0
+                    g2 = 0.0
+                elif q2 >= size2 - 1:
+                    q2 = size2 - 1.0
+                    g2 = 0.0
+                # the cell: its lower corner at most n - 2 (a coordinate on the last voxel reads the last cell)
+                i0 = min(math.floor(q0), max(size0 - 2, 0))
+                i1 = min(math.floor(q1), max(size1 - 2, 0))
+                i2 = min(math.floor(q2), max(size2 - 2, 0))
+                f0 = q0 - i0
+                f1 = q1 - i1
+                f2 = q2 - i2
+                j0 = min(i0 + 1, size0 - 1)
+                j1 = min(i1 + 1, size1 - 1)
+                j2 = min(i2 + 1, size2 - 1)
+                c000 = moving[i0, i1, i2]
+                c001 = moving[i0, i1, j2]
+                c010 = moving[i0, j1, i2]
+                c011 = moving[i0, j1, j2]
+                c100 = moving[j0, i1, i2]
+                c101 = moving[j0, i1, j2]
+                c110 = moving[j0, j1, i2]
+                c111 = moving[j0, j1, j2]
+                # interpolate along axis 2, then 1, then 0, keeping the differences for the derivatives
+                c00 = c000 + f2 * (c001 - c000)
+                c01 = c010 + f2 * (c011 - c010)
+                c10 = c100 + f2 * (c101 - c100)
+                c11 = c110 + f2 * (c111 - c110)
+                c0 = c00 + f1 * (c01 - c00)
+                c1 = c10 + f1 * (c11 - c10)
+                warped[z, y, x] = c0 + f0 * (c1 - c0)
+                d0 = (c1 - c0) * g0
+                d1 = ((1.0 - f0) * (c01 - c00) + f0 * (c11 - c10)) * g1
+                e0 = (1.0 - f1) * (c001 - c000) + f1 * (c011 - c010)
+                e1 = (1.0 - f1) * (c101 - c100) + f1 * (c111 - c110)
+                d2 = ((1.0 - f0) * e0 + f0 * e1) * g2
+                # chain rule to the world displacement: d q / d w = the linear part of m
+                gradient[0, z, y, x] = m[0, 0] * d0 + m[1, 0] * d1 + m[2, 0] * d2
+                gradient[1, z, y, x] = m[0, 1] * d0 + m[1, 1] * d1 + m[2, 1] * d2
+                gradient[2, z, y, x] = m[0, 2] * d0 + m[1, 2] * d1 + m[2, 2] * d2
+
+
+def _as_3d_matrix(matrix: np.ndarray) -> np.ndarray:
+    """A 2D homogeneous ``3x3`` matrix as the ``3x4`` of a volume of depth 1 (axis 0 untouched), or the
+    top ``3x4`` of a 3D ``4x4``; float64."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape == (3, 3):
+        full = np.eye(4)
+        full[1:, 1:] = matrix
+        matrix = full
+    return np.ascontiguousarray(matrix[:3])
+
+
+def warp_with_gradient(
+    moving: np.ndarray, displacement: np.ndarray, world_from_voxel: np.ndarray, moving_voxel_from_world: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``moving (D, H, W)`` sampled at ``moving_voxel_from_world @ (world_from_voxel @ p + displacement(p))``
+    for every voxel ``p`` of the fixed grid (trilinear, border clamping), with the derivative of each
+    sample with respect to the world displacement ``(3, D, H, W)`` and the inside mask (every moving
+    voxel coordinate within ``[0, n - 1]``). Matrices are homogeneous ``4x4`` in array-axis (voxel) and
+    world component order, as :class:`alignkit.spatial.Grid` keeps them; float32 volumes."""
+    kernels = _compiled()
+    _threads()
+    shape = displacement.shape[1:]
+    warped = np.empty(shape, dtype=np.float32)
+    gradient = np.empty((3, *shape), dtype=np.float32)
+    inside = np.empty(shape, dtype=np.float32)
+    kernels["_warp_with_gradient"](
+        moving, displacement, _as_3d_matrix(world_from_voxel), _as_3d_matrix(moving_voxel_from_world), warped, gradient,
+        inside,
+    )
+    return warped, gradient, inside
+
+
+@_kernel
+def _compose_step(field, step, voxel_from_world, out):
+    # out = step + field sampled at p + (voxel vector of step(p)), border clamping, world units
+    channels, depth, height, width = field.shape
+    m = voxel_from_world
+    for z in prange(depth):
+        for y in range(height):
+            for x in range(width):
+                s0 = step[0, z, y, x]
+                s1 = step[1, z, y, x]
+                s2 = step[2, z, y, x]
+                q0 = min(max(z + m[0, 0] * s0 + m[0, 1] * s1 + m[0, 2] * s2, 0.0), depth - 1.0)
+                q1 = min(max(y + m[1, 0] * s0 + m[1, 1] * s1 + m[1, 2] * s2, 0.0), height - 1.0)
+                q2 = min(max(x + m[2, 0] * s0 + m[2, 1] * s1 + m[2, 2] * s2, 0.0), width - 1.0)
+                i0 = min(math.floor(q0), max(depth - 2, 0))
+                i1 = min(math.floor(q1), max(height - 2, 0))
+                i2 = min(math.floor(q2), max(width - 2, 0))
+                f0 = q0 - i0
+                f1 = q1 - i1
+                f2 = q2 - i2
+                j0 = min(i0 + 1, depth - 1)
+                j1 = min(i1 + 1, height - 1)
+                j2 = min(i2 + 1, width - 1)
+                for c in range(channels):
+                    c00 = field[c, i0, i1, i2] + f2 * (field[c, i0, i1, j2] - field[c, i0, i1, i2])
+                    c01 = field[c, i0, j1, i2] + f2 * (field[c, i0, j1, j2] - field[c, i0, j1, i2])
+                    c10 = field[c, j0, i1, i2] + f2 * (field[c, j0, i1, j2] - field[c, j0, i1, i2])
+                    c11 = field[c, j0, j1, i2] + f2 * (field[c, j0, j1, j2] - field[c, j0, j1, i2])
+                    c0 = c00 + f1 * (c01 - c00)
+                    c1 = c10 + f1 * (c11 - c10)
+                    out[c, z, y, x] = step[c, z, y, x] + c0 + f0 * (c1 - c0)
+
+
+def compose_step(field: np.ndarray, step: np.ndarray, voxel_from_world: np.ndarray) -> np.ndarray:
+    """``step + field o (id + step)`` for world-unit ``(3, D, H, W)`` float32 fields of one grid
+    (``voxel_from_world``: its homogeneous matrix; only the linear part is used -- these are vectors)."""
+    kernels = _compiled()
+    _threads()
+    out = np.empty_like(field)
+    kernels["_compose_step"](field, step, _as_3d_matrix(voxel_from_world), out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# local NCC: the score, its masked mean and its gradient with respect to the warped image
+
+
+@_kernel
+def _ncc_coefficients(sums, mask, counts0, counts1, counts2, eps, squared, coefficients, totals):
+    # sums: (5, D, H, W) window sums of x, y, xx, yy, xy; writes the three maps whose window sums make
+    # the gradient (the score's derivative with respect to sx, sxy and sxx, times the voxel's weight)
+    # and per-slice sums of weight * score and of the weights
+    depth, height, width = mask.shape
+    for z in prange(depth):
+        score_sum = 0.0
+        weight_sum = 0.0
+        for y in range(height):
+            for x in range(width):
+                count = counts0[z] * counts1[y] * counts2[x]
+                sx = sums[0, z, y, x]
+                sy = sums[1, z, y, x]
+                cross = sums[4, z, y, x] - sx * sy / count
+                raw_x = sums[2, z, y, x] - sx * sx / count
+                raw_y = sums[3, z, y, x] - sy * sy / count
+                var_x = max(raw_x, eps)
+                var_y = max(raw_y, eps)
+                if squared:
+                    score = cross * cross / (var_x * var_y)
+                    d_cross = 2.0 * cross / (var_x * var_y)
+                    d_var_x = -score / var_x
+                else:
+                    root = math.sqrt(var_x * var_y)
+                    score = cross / root
+                    d_cross = 1.0 / root
+                    d_var_x = -0.5 * score / var_x
+                if not raw_x > eps:
+                    d_var_x = 0.0
+                weight = mask[z, y, x]
+                score_sum += weight * score
+                weight_sum += weight
+                coefficients[0, z, y, x] = weight * (-d_cross * sy - 2.0 * d_var_x * sx) / count
+                coefficients[1, z, y, x] = weight * d_cross
+                coefficients[2, z, y, x] = weight * d_var_x
+        totals[z, 0] = score_sum
+        totals[z, 1] = weight_sum
+
+
+@_kernel
+def _stack_products(x, y, out):
+    depth, height, width = x.shape
+    for z in prange(depth):
+        for i in range(height):
+            for j in range(width):
+                a = x[z, i, j]
+                b = y[z, i, j]
+                out[0, z, i, j] = a
+                out[1, z, i, j] = b
+                out[2, z, i, j] = a * a
+                out[3, z, i, j] = b * b
+                out[4, z, i, j] = a * b
+
+
+@_kernel
+def _ncc_gradient(back, x, y, scale, out):
+    depth, height, width = x.shape
+    for z in prange(depth):
+        for i in range(height):
+            for j in range(width):
+                out[z, i, j] = scale * (back[0, z, i, j] + y[z, i, j] * back[1, z, i, j] + 2.0 * x[z, i, j] * back[2, z, i, j])
+
+
+def local_ncc_force(
+    warped: np.ndarray, fixed: np.ndarray, mask: np.ndarray | None, window: int, eps: float, squared: bool
+) -> tuple[float, np.ndarray]:
+    """LNCC's loss ``1 - weighted mean of the local score`` and its gradient with respect to ``warped``
+    (``(D, H, W)`` float32 volumes, ``mask`` the voxel weights or None), as
+    :meth:`alignkit.losses.LNCC.value_and_gradient` defines them for one channel and an undilated window."""
+    kernels = _compiled()
+    _threads()
+    depth, height, width = warped.shape
+    radius = int(window) // 2
+    # voxels of each zero-padded window, per axis (their product is the window's count)
+    counts = [
+        (np.minimum(np.arange(n) + radius, n - 1) - np.maximum(np.arange(n) - radius, 0) + 1).astype(np.float32)
+        for n in (depth, height, width)
+    ]
+    stacked = np.empty((5, depth, height, width), dtype=np.float32)
+    kernels["_stack_products"](warped, fixed, stacked)
+    sums = box_sum(stacked, window)
+    weights = np.ones_like(warped) if mask is None else mask
+    coefficients = np.empty((3, depth, height, width), dtype=np.float32)
+    totals = np.empty((depth, 2), dtype=np.float64)
+    kernels["_ncc_coefficients"](sums, weights, counts[0], counts[1], counts[2], np.float32(eps), squared, coefficients,
+                                 totals)
+    weight_total = max(float(totals[:, 1].sum()), float(np.finfo(np.float32).tiny))
+    value = 1.0 - float(totals[:, 0].sum()) / weight_total
+    back = box_sum(coefficients, window)
+    gradient = np.empty_like(warped)
+    kernels["_ncc_gradient"](back, warped, fixed, np.float32(-1.0 / weight_total), gradient)
+    return value, gradient

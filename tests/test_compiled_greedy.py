@@ -1,0 +1,184 @@
+"""The compiled kernels of the greedy iteration (:mod:`alignkit.spatial.compiled`) against their torch
+references: Gaussians and window sums, the warp and its derivative (autograd through ``grid_sample``),
+the composition, the LNCC force, and a whole greedy registration, in 2D and 3D."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="the compiled kernels need numba (pip install alignkit[fast])")
+
+import alignkit
+from alignkit.image import Image
+from alignkit.losses import LNCC
+from alignkit.solve import RegistrationConfig, StageConfig
+from alignkit.solve.greedy import LNCCForce, blur, compose_displacement
+from alignkit.spatial import Grid, apply_matrix, gaussian_blur, sample_voxels
+from alignkit.spatial import compiled as kernels
+from alignkit.spatial.banded import fast_box_sum, fast_gaussian_blur
+
+SHAPES = [(13, 11, 9), (3, 17, 20), (21, 18)]
+
+
+def _random(shape, channels: int, seed: int) -> torch.Tensor:
+    return torch.rand(1, channels, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _volumes(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor[0].numpy()
+    return array if array.ndim == 4 else array[:, None]
+
+
+def _oblique_grid(shape, spacing: float, shift: float) -> Grid:
+    """A grid whose axes are rotated in the world and whose origin is off the voxel lattice."""
+    ndim = len(shape)
+    angle = 0.3
+    rotation = torch.eye(ndim, dtype=torch.float64)
+    rotation[0, 0] = rotation[1, 1] = np.cos(angle)
+    rotation[0, 1], rotation[1, 0] = -np.sin(angle), np.sin(angle)
+    return Grid.from_spacing(shape, spacing, origin=[shift * (i + 1) for i in range(ndim)], direction=rotation)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_gaussian_matches_the_banded_filter(shape, sigma):
+    field = _random(shape, 3, 0)
+    expected = fast_gaussian_blur(field, sigma)
+    assert torch.allclose(blur(field, sigma, backend="compiled"), expected, atol=1e-6)
+    assert torch.allclose(blur(field, sigma, backend="torch"), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_window_sums_match_the_reference(shape):
+    volume = _random(shape, 5, 1)
+    found = kernels.box_sum(_volumes(volume), 5).reshape(volume.shape[1:])
+    assert np.allclose(found, fast_box_sum(volume, 5)[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_warp_and_derivative_match_autograd_through_grid_sample(shape):
+    ndim = len(shape)
+    grid = _oblique_grid(shape, 1.5, 0.37)
+    moving_grid = Grid.from_spacing([s + 2 for s in shape], 1.2, origin=[-1.1] * ndim)
+    moving = _random(moving_grid.shape, 1, 2)
+    displacement = (torch.rand(1, ndim, *shape, generator=torch.Generator().manual_seed(3)) - 0.5) * 4
+    # the reference: the engine's warp (world points + displacement -> moving voxels -> grid_sample)
+    current = displacement.clone().requires_grad_(True)
+    voxel = apply_matrix(moving_grid.voxel_from_world, grid.world_points() + current)
+    warped = sample_voxels(moving, voxel, padding="border")
+    (derivative,) = torch.autograd.grad(warped.sum(), current)
+    size = torch.tensor(moving_grid.shape, dtype=voxel.dtype).view(1, -1, *([1] * ndim))
+    inside = ((voxel >= 0) & (voxel <= size - 1)).all(dim=1)
+
+    vectors = displacement[0].numpy() if ndim == 3 else np.concatenate([np.zeros((1, 1, *shape)), displacement[0].numpy()[:, None]])
+    found, found_derivative, found_inside = kernels.warp_with_gradient(
+        moving[0, 0].numpy() if ndim == 3 else moving[0, 0].numpy()[None], vectors.astype(np.float32),
+        grid.world_from_voxel.numpy(), moving_grid.voxel_from_world.numpy(),
+    )
+    found_derivative = found_derivative if ndim == 3 else found_derivative[1:, 0]
+    assert np.allclose(found.reshape(shape), warped[0, 0].detach().numpy(), atol=1e-5)
+    assert np.array_equal(found_inside.reshape(shape) > 0, inside[0].numpy())
+    # the derivative jumps across cell faces: compare where no coordinate is within 1e-3 of an integer
+    fractional = (voxel.detach() - voxel.detach().round()).abs().min(dim=1).values[0]
+    smooth = (fractional > 1e-3).numpy()
+    assert smooth.mean() > 0.95
+    assert np.allclose(found_derivative[:, smooth], derivative[0][:, torch.from_numpy(smooth)].numpy(), atol=1e-4)
+
+
+def test_border_voxels_have_no_derivative_across_the_border():
+    """As in ``grid_sample``'s backward: on the first or last voxel of an axis the derivative along it is 0,
+    and coordinates a rounding error from a voxel centre take the cell above it."""
+    moving = (np.arange(5, dtype=np.float32) ** 2)[None, None, :].repeat(3, 0).repeat(3, 1)  # x^2 along axis 2
+    identity = np.eye(4)
+    displacement = np.zeros((3, 3, 3, 5), dtype=np.float32)
+    displacement[2] = -1e-7  # rounding noise below every voxel centre
+    warped, derivative, inside = kernels.warp_with_gradient(moving, displacement, identity, identity)
+    assert inside.all()
+    assert np.allclose(warped, moving, atol=1e-5)
+    assert np.allclose(derivative[2, :, :, 1:4], [3.0, 5.0, 7.0])  # (x + 1)^2 - x^2: the cell above
+    assert np.allclose(derivative[2, :, :, [0, 4]], 0.0)
+    assert np.allclose(derivative[:2], 0.0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_compose_matches_the_reference(shape):
+    ndim = len(shape)
+    grid = _oblique_grid(shape, 1.3, 0.2)
+    field = gaussian_blur(_random(shape, ndim, 4) - 0.5, 1.0) * 6
+    step = (_random(shape, ndim, 5) - 0.5) * 2
+    expected = compose_displacement(field, step, grid, backend="torch")
+    assert torch.allclose(compose_displacement(field, step, grid, backend="compiled"), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("squared", [True, False])
+def test_lncc_force_matches_the_closed_form_and_autograd(shape, squared):
+    ndim = len(shape)
+    grid = _oblique_grid(shape, 1.5, 0.41)
+    fixed = gaussian_blur(_random(shape, 1, 6), 1.0)
+    moving = gaussian_blur(_random(shape, 1, 7), 1.0)
+    prior = torch.eye(ndim + 1, dtype=torch.float64)
+    prior[:ndim, :ndim] += 0.05 * torch.randn(ndim, ndim, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    prior[:ndim, ndim] = 0.7
+    similarity = LNCC(window=5, squared=squared)
+    displacement = (_random(shape, ndim, 9) - 0.5) * 2
+    assert LNCCForce.applies(similarity, fixed, moving, prior)
+    value, gradient = LNCCForce(fixed, grid, moving, grid, prior, similarity)(displacement)
+
+    current = displacement.clone().requires_grad_(True)
+    points = apply_matrix(prior, grid.world_points() + current)
+    voxel = apply_matrix(grid.voxel_from_world, points)
+    warped = sample_voxels(moving, voxel, padding="border")
+    size = torch.tensor(shape, dtype=voxel.dtype).view(1, -1, *([1] * ndim))
+    inside = ((voxel >= 0) & (voxel <= size - 1)).all(dim=1, keepdim=True).to(warped.dtype)
+    expected_value = similarity(warped, fixed, inside)
+    (expected,) = torch.autograd.grad(expected_value, current)
+    assert float(value) == pytest.approx(float(expected_value.detach()), abs=1e-5)
+    scale = float(expected.abs().max())
+    assert torch.allclose(gradient, expected, atol=1e-3 * scale)
+
+
+def test_the_force_is_not_used_where_it_does_not_apply():
+    fixed, moving = _random((8, 9, 10), 1, 0), _random((8, 9, 10), 1, 1)
+    assert not LNCCForce.applies(LNCC(window=5, dilation=2), fixed, moving, None)
+    assert not LNCCForce.applies(LNCC(window=5), fixed.double(), moving.double(), None)
+    assert not LNCCForce.applies(LNCC(window=5), _random((8, 9, 10), 2, 0), moving, None)
+    projective = torch.eye(4, dtype=torch.float64)
+    projective[3, 0] = 1e-3
+    assert not LNCCForce.applies(LNCC(window=5), fixed, moving, projective)
+
+
+def test_the_switch_turns_the_compiled_path_off(monkeypatch):
+    assert kernels.available()
+    monkeypatch.setenv("ALIGNKIT_COMPILED", "0")
+    assert not kernels.available()
+    field = _random((6, 7, 8), 3, 0)
+    with pytest.raises(ValueError, match="compiled"):
+        blur(field, 1.0, backend="compiled")
+    assert torch.equal(blur(field, 1.0), fast_gaussian_blur(field, 1.0))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_greedy_registration_takes_the_same_steps(monkeypatch, ndim):
+    """A whole greedy displacement stage, compiled against torch: the same field to float rounding."""
+    shape = (24, 26, 22)[:ndim]
+    grid = Grid.from_spacing(shape, 1.5)
+    # the moving grid off the fixed one by a fraction of a voxel: no sampling coordinate sits on a voxel
+    # centre, where the derivative jumps and the two paths' float rounding may pick different cells
+    moving_grid = Grid.from_spacing(shape, 1.5, origin=[0.37] * ndim)
+    fixed = Image(gaussian_blur(_random(shape, 1, 10), 1.5)[0], grid)
+    moving = Image(gaussian_blur(_random(shape, 1, 11), 1.5)[0], moving_grid)
+    stage = StageConfig(
+        transform="displacement", optimizer="greedy", similarity="lncc", similarity_options={"window": 5},
+        levels=(2, 1), iterations=(4, 3), learning_rate=0.5, gradient_smoothing=1.5, field_smoothing=0.5, tolerance=0.0,
+    )
+    config = RegistrationConfig(stages=[stage], init="none", crop_foreground=False)
+    compiled = alignkit.register(fixed, moving, config=config, seed=0, quiet=True)
+    monkeypatch.setenv("ALIGNKIT_COMPILED", "0")
+    reference = alignkit.register(fixed, moving, config=config, seed=0, quiet=True)
+    with torch.no_grad():
+        found, expected = compiled.world_map(), reference.world_map()
+    assert float((found - expected).abs().max()) < 1e-3
+    assert float((expected - grid.world_points()).abs().max()) > 0.1  # the stage moved the field
