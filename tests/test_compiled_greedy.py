@@ -182,3 +182,20 @@ def test_greedy_registration_takes_the_same_steps(monkeypatch, ndim):
         found, expected = compiled.world_map(), reference.world_map()
     assert float((found - expected).abs().max()) < 1e-3
     assert float((expected - grid.world_points()).abs().max()) > 0.1  # the stage moved the field
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("squared", [True, False])
+def test_lncc_value_without_autograd_is_the_reference(monkeypatch, shape, squared):
+    """LNCC's forward without autograd takes the compiled loops: the same value as the torch path."""
+    warped, fixed = gaussian_blur(_random(shape, 1, 12), 1.0), gaussian_blur(_random(shape, 1, 13), 1.0)
+    mask = (_random(shape, 1, 14) > 0.2).float()
+    similarity = LNCC(window=5, squared=squared)
+    with torch.no_grad():
+        assert similarity._compiled_value_applies(warped, fixed, mask)
+        found = similarity(warped, fixed, mask)
+        monkeypatch.setenv("ALIGNKIT_COMPILED", "0")
+        assert not similarity._compiled_value_applies(warped, fixed, mask)
+        expected = similarity(warped, fixed, mask)
+    assert float(found) == pytest.approx(float(expected), abs=1e-5)
+    assert not similarity._compiled_value_applies(warped.requires_grad_(True), fixed, mask)

@@ -230,3 +230,18 @@ def test_bspline_taps_match_the_kernel_and_its_derivative():
     a = offsets.detach().abs()
     old = torch.where(a < 1.0, 2.0 / 3.0 - a**2 + 0.5 * a**3, (2.0 - a).clamp(min=0.0) ** 3 / 6.0)
     torch.testing.assert_close(kernel.detach(), old)
+
+
+@pytest.mark.parametrize("shape", [(40, 30, 20), (9, 50, 40), (100, 200)])
+def test_jacobian_determinant_in_slabs_equals_the_whole(monkeypatch, shape):
+    """The slab-wise determinant (one-voxel halos) gives the whole map's values exactly, whatever the slab."""
+    from alignkit.spatial import jacobian
+
+    grid = Grid.from_spacing(shape, 1.3)
+    generator = torch.Generator().manual_seed(0)
+    world = grid.world_points(dtype=torch.float64) + 0.3 * torch.randn(1, len(shape), *shape, generator=generator,
+                                                                         dtype=torch.float64)
+    whole = jacobian.small_determinant(jacobian.jacobian_matrix(world, grid)).unsqueeze(1)
+    for slab in (7, 64, 1000):
+        monkeypatch.setattr(jacobian, "DETERMINANT_SLAB_VOXELS", slab)
+        assert torch.equal(jacobian.jacobian_determinant(world, grid), whole)

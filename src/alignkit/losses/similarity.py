@@ -218,11 +218,39 @@ class LNCC(nn.Module):
 
     def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = _check_pair(warped, fixed, mask)
+        if self._compiled_value_applies(warped, fixed, mask):
+            # a value without autograd (the never-worse rule's evaluations): the fused loops of
+            # alignkit.spatial.compiled, without the float64 running sums of five full-size volumes
+            from alignkit.spatial import compiled
+
+            def volume(image: Tensor):  # (1, 1, *S) -> (D, H, W), a 2D image as one slice
+                array = image[0, 0].to(torch.float32).contiguous().numpy()
+                return array if array.ndim == 3 else array[None]
+
+            value, _ = compiled.local_ncc_force(
+                volume(warped), volume(fixed), None if mask is None else volume(mask), self.window, self.eps,
+                self.squared, gradient=False,
+            )
+            return torch.tensor(value, dtype=warped.dtype)
         dtype = _compute_dtype(warped)
         score = _local_ncc(
             warped.to(dtype), fixed.to(dtype), self.window, self.dilation, self.eps, self.squared
         )
         return (1.0 - _weighted_mean(score, mask)).to(warped.dtype)
+
+    def _compiled_value_applies(self, warped: Tensor, fixed: Tensor, mask: Tensor | None) -> bool:
+        """One 3D/2D float32 image on the CPU, no autograd, an undilated window, numba installed."""
+        if torch.is_grad_enabled() and (warped.requires_grad or fixed.requires_grad):
+            return False
+        if self.dilation != 1 or warped.shape[:2] != (1, 1) or fixed.shape[:2] != (1, 1) or warped.dim() not in (4, 5):
+            return False
+        if warped.dtype != torch.float32 or fixed.dtype != torch.float32 or warped.device.type != "cpu":
+            return False
+        if mask is not None and (mask.shape[:2] != (1, 1) or mask.shape[2:] != warped.shape[2:]):
+            return False
+        from alignkit.spatial import compiled
+
+        return compiled.available()
 
     @torch.no_grad()
     def value_and_gradient(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

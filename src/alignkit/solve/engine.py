@@ -577,7 +577,8 @@ class Engine:
         similarity, regularizer, fold = self._terms(cfg)
         index = len(cfg.levels) - 1
         level = self._level(cfg, index, fixed, fixed_grid, moving, moving_grid)
-        with _threads_for(level.grid.numel, self.device):
+        # values only: no autograd graph (on a 3D brain the graph of one objective set the peak memory)
+        with _threads_for(level.grid.numel, self.device), torch.no_grad():
             start = self._start_objective
             if start is None:
                 identity = self._new_transform(cfg, fixed_grid, level.grid)

@@ -429,11 +429,13 @@ def _ncc_gradient(back, x, y, scale, out):
 
 
 def local_ncc_force(
-    warped: np.ndarray, fixed: np.ndarray, mask: np.ndarray | None, window: int, eps: float, squared: bool
-) -> tuple[float, np.ndarray]:
+    warped: np.ndarray, fixed: np.ndarray, mask: np.ndarray | None, window: int, eps: float, squared: bool,
+    *, gradient: bool = True,
+) -> tuple[float, np.ndarray | None]:
     """LNCC's loss ``1 - weighted mean of the local score`` and its gradient with respect to ``warped``
     (``(D, H, W)`` float32 volumes, ``mask`` the voxel weights or None), as
-    :meth:`alignkit.losses.LNCC.value_and_gradient` defines them for one channel and an undilated window."""
+    :meth:`alignkit.losses.LNCC.value_and_gradient` defines them for one channel and an undilated window;
+    ``gradient=False``: the loss alone (None for the gradient)."""
     kernels = _compiled()
     _threads()
     depth, height, width = warped.shape
@@ -453,7 +455,9 @@ def local_ncc_force(
                                  totals)
     weight_total = max(float(totals[:, 1].sum()), float(np.finfo(np.float32).tiny))
     value = 1.0 - float(totals[:, 0].sum()) / weight_total
+    if not gradient:
+        return value, None
     back = box_sum(coefficients, window)
-    gradient = np.empty_like(warped)
-    kernels["_ncc_gradient"](back, warped, fixed, np.float32(-1.0 / weight_total), gradient)
-    return value, gradient
+    force = np.empty_like(warped)
+    kernels["_ncc_gradient"](back, warped, fixed, np.float32(-1.0 / weight_total), force)
+    return value, force

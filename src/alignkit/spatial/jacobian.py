@@ -33,10 +33,31 @@ def jacobian_matrix(world_map: Tensor, grid: Grid) -> Tensor:
                         for j in range(ndim)], dim=2)
 
 
+#: voxels per slab of :func:`jacobian_determinant` (the whole Jacobian of a 1.35M-voxel float64 map is
+#: ~100 MB, and its product terms as much again; a slab's is a few MB)
+DETERMINANT_SLAB_VOXELS = 1 << 17
+
+
 def jacobian_determinant(world_map: Tensor, grid: Grid) -> Tensor:
-    """Determinant of :func:`jacobian_matrix`: ``(B, 1, *S)``; 1 for the identity, <= 0 where it folds."""
-    jac = jacobian_matrix(world_map, grid)
-    return small_determinant(jac).unsqueeze(1)
+    """Determinant of :func:`jacobian_matrix`: ``(B, 1, *S)``; 1 for the identity, <= 0 where it folds.
+
+    Large maps are taken in slabs along the first array axis, each with a one-voxel halo so that its
+    central differences are those of the whole map: the same values, without the whole ``(B, ndim,
+    ndim, *S)`` Jacobian in memory at once (it set the peak memory of a 3D registration)."""
+    shape = world_map.shape[2:]
+    plane = max(1, world_map[0, 0, 0].numel())
+    rows = max(1, DETERMINANT_SLAB_VOXELS // plane)
+    if rows >= shape[0] or shape[0] < 3:
+        return small_determinant(jacobian_matrix(world_map, grid)).unsqueeze(1)
+    slabs = []
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        low, high = max(start - 1, 0), min(stop + 1, shape[0])
+        if high - low < 2:  # a one-row slab at the end: one-sided differences need two rows
+            low = high - 2
+        piece = small_determinant(jacobian_matrix(world_map[:, :, low:high], grid))
+        slabs.append(piece[:, start - low : stop - low])
+    return torch.cat(slabs, dim=1).unsqueeze(1)
 
 
 def small_determinant(matrix: Tensor) -> Tensor:
