@@ -127,46 +127,27 @@ def _filter_axis2(src, out, taps, replicate):
 
 @_kernel
 def _filter_axis1(src, out, taps, replicate):
-    # along H: whole rows at a time (vectorised over x)
+    # along H, whole rows at a time (vectorised over x), one row per job. Along D it is the same loop on
+    # the (C, 1, D, H*W) view of the volume (see _separable)
     channels, depth, height, width = src.shape
     radius = taps.shape[0] // 2
-    for job in prange(channels * depth):
-        c = job // depth
-        z = job % depth
-        for y in range(height):
-            for x in range(width):
-                out[c, z, y, x] = 0.0
-            for k in range(taps.shape[0]):
-                source = y + k - radius
-                if source < 0 or source >= height:
-                    if not replicate:
-                        continue
-                    source = min(max(source, 0), height - 1)
-                weight = taps[k]
-                for x in range(width):
-                    out[c, z, y, x] += weight * src[c, z, source, x]
-
-
-@_kernel
-def _filter_axis0(src, out, taps, replicate):
-    # along D: whole rows at a time
-    channels, depth, height, width = src.shape
-    radius = taps.shape[0] // 2
-    for job in prange(channels * height):
-        c = job // height
+    for job in prange(channels * depth * height):
+        c = job // (depth * height)
+        z = (job // height) % depth
         y = job % height
-        for z in range(depth):
+        target = out[c, z, y]
+        for x in range(width):
+            target[x] = 0.0
+        for k in range(taps.shape[0]):
+            row = y + k - radius
+            if row < 0 or row >= height:
+                if not replicate:
+                    continue
+                row = min(max(row, 0), height - 1)
+            source = src[c, z, row]
+            weight = taps[k]
             for x in range(width):
-                out[c, z, y, x] = 0.0
-            for k in range(taps.shape[0]):
-                source = z + k - radius
-                if source < 0 or source >= depth:
-                    if not replicate:
-                        continue
-                    source = min(max(source, 0), depth - 1)
-                weight = taps[k]
-                for x in range(width):
-                    out[c, z, y, x] += weight * src[c, source, y, x]
+                target[x] += weight * source[x]
 
 
 def _separable(volume: np.ndarray, taps: np.ndarray, replicate: bool) -> np.ndarray:
@@ -174,9 +155,14 @@ def _separable(volume: np.ndarray, taps: np.ndarray, replicate: bool) -> np.ndar
     _threads()
     first = np.empty_like(volume)
     second = np.empty_like(volume)
+    channels, depth, height, width = volume.shape
     kernels["_filter_axis2"](volume, first, taps, replicate)
     kernels["_filter_axis1"](first, second, taps, replicate)
-    kernels["_filter_axis0"](second, first, taps, replicate)
+    # along D: axis 1 of the (C, 1, D, H*W) view (rows of H*W voxels)
+    kernels["_filter_axis1"](
+        second.reshape(channels, 1, depth, height * width), first.reshape(channels, 1, depth, height * width), taps,
+        replicate,
+    )
     return first
 
 
