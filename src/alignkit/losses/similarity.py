@@ -223,12 +223,9 @@ class LNCC(nn.Module):
             # alignkit.spatial.compiled, without the float64 running sums of five full-size volumes
             from alignkit.spatial import compiled
 
-            def volume(image: Tensor):  # (1, 1, *S) -> (D, H, W), a 2D image as one slice
-                array = image[0, 0].to(torch.float32).contiguous().numpy()
-                return array if array.ndim == 3 else array[None]
-
             value, _ = compiled.local_ncc_force(
-                volume(warped), volume(fixed), None if mask is None else volume(mask), self.window, self.eps,
+                compiled.volumes(warped)[0], compiled.volumes(fixed)[0],
+                None if mask is None else compiled.volumes(mask.to(torch.float32))[0], self.window, self.eps,
                 self.squared, gradient=False,
             )
             return torch.tensor(value, dtype=warped.dtype)
@@ -240,16 +237,12 @@ class LNCC(nn.Module):
 
     def _compiled_value_applies(self, warped: Tensor, fixed: Tensor, mask: Tensor | None) -> bool:
         """One 3D/2D float32 image on the CPU, no autograd, an undilated window, numba installed."""
-        if torch.is_grad_enabled() and (warped.requires_grad or fixed.requires_grad):
-            return False
-        if self.dilation != 1 or warped.shape[:2] != (1, 1) or fixed.shape[:2] != (1, 1) or warped.dim() not in (4, 5):
-            return False
-        if warped.dtype != torch.float32 or fixed.dtype != torch.float32 or warped.device.type != "cpu":
+        from alignkit.spatial import compiled
+
+        if self.dilation != 1 or warped.shape[1] != 1 or not compiled.fits(warped, fixed):
             return False
         if mask is not None and (mask.shape[:2] != (1, 1) or mask.shape[2:] != warped.shape[2:]):
             return False
-        from alignkit.spatial import compiled
-
         return compiled.available()
 
     @torch.no_grad()

@@ -57,20 +57,13 @@ BACKENDS = ("auto", "torch", "compiled")
 
 
 def _use_compiled(backend: str, *tensors: Tensor) -> bool:
-    """Whether the compiled kernels take these tensors: one float32 batch item on the CPU, no autograd
-    graph, numba installed (``compiled`` insists, ``torch`` refuses, ``auto`` decides)."""
+    """Whether the compiled kernels take these tensors (:func:`alignkit.spatial.compiled.fits`, numba
+    installed): ``compiled`` insists, ``torch`` refuses, ``auto`` decides."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    fits = all(
-        t.device.type == "cpu"
-        and t.dtype == torch.float32
-        and t.shape[0] == 1
-        and t.dim() in (4, 5)
-        and not (t.requires_grad and torch.is_grad_enabled())
-        for t in tensors
-    )
+    fits = _compiled.fits(*tensors)
     if backend == "compiled":
         if not (fits and _compiled.available()):
             raise ValueError("the compiled greedy kernels need numba and one float32 CPU batch item without autograd")
@@ -78,16 +71,10 @@ def _use_compiled(backend: str, *tensors: Tensor) -> bool:
     return fits and _compiled.available()
 
 
-def _as_volumes(tensor: Tensor) -> np.ndarray:
-    """``(1, C, *S)`` -> a contiguous ``(C, D, H, W)`` float32 array (2D: ``D = 1``; shares memory)."""
-    array = tensor[0].detach().contiguous().numpy()
-    return array if array.ndim == 4 else array[:, None]
-
-
 def _as_vectors(field: Tensor) -> np.ndarray:
     """A world-unit ``(1, ndim, *S)`` field as the kernels' 3-component ``(3, D, H, W)`` (2D: a zero
     component for the added depth axis, which the kernels' matrices leave untouched)."""
-    array = _as_volumes(field)
+    array = _compiled.volumes(field)
     if field.shape[1] == 3:
         return array
     return np.concatenate([np.zeros_like(array[:1]), array], axis=0)
@@ -107,7 +94,7 @@ def blur(field: Tensor, sigma: float, *, backend: str = "auto") -> Tensor:
         return field
     if _use_compiled(backend, field):
         taps = gaussian_kernel1d(sigma, dtype=torch.float64).numpy()
-        out = _compiled.gaussian(_as_volumes(field), taps)
+        out = _compiled.gaussian(_compiled.volumes(field), taps)
         return torch.from_numpy(out.reshape(field.shape[1:])).unsqueeze(0)
     return fast_gaussian_blur(field, sigma)
 
@@ -159,8 +146,8 @@ class LNCCForce:
 
     def __init__(self, fixed: Tensor, grid: Grid, moving: Tensor, moving_grid: Grid, prior_matrix: Tensor | None,
                  similarity) -> None:
-        self.fixed = _as_volumes(fixed)[0]
-        self.moving = _as_volumes(moving)[0]
+        self.fixed = _compiled.volumes(fixed)[0]
+        self.moving = _compiled.volumes(moving)[0]
         moving_from_world = moving_grid.voxel_from_world.double()
         if prior_matrix is not None:
             moving_from_world = moving_from_world @ prior_matrix.double().cpu()

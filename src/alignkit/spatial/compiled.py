@@ -68,17 +68,54 @@ def available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+def fits(*tensors) -> bool:
+    """Whether torch tensors can go through the kernels as they are: ``(1, C, *S)`` float32 on the CPU, 2D
+    or 3D, with no autograd graph to keep (the kernels are not differentiable). Not whether numba is
+    installed: :func:`available`."""
+    import torch
+
+    return all(
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.shape[0] == 1
+        and t.dim() in (4, 5)
+        and not (t.requires_grad and torch.is_grad_enabled())
+        for t in tensors
+    )
+
+
+def volumes(tensor) -> np.ndarray:
+    """A ``(1, C, *S)`` torch tensor as the kernels' contiguous ``(C, D, H, W)`` float32 array (a 2D image
+    is a volume of depth 1; shares memory with the tensor where it is contiguous)."""
+    array = tensor[0].detach().contiguous().numpy()
+    return array if array.ndim == 4 else array[:, None]
+
+
 def _kernel(function):
     _KERNELS.append(function)
     return function
 
 
+_HELPERS: list = []
+
+
+def _helper(function):
+    # a per-voxel step the kernels call: compiled into them (numba inline="always"), so one piece of
+    # code serves every axis without a call per voxel
+    _HELPERS.append(function)
+    return function
+
+
 @functools.cache
 def _compiled() -> dict:
-    """The jitted kernels by name (compiled on first use; ``cache=True``: once per installation)."""
+    """The jitted kernels by name (compiled on first use; ``cache=True``: once per installation). The
+    helpers replace their plain-Python selves in this module's globals first, so the kernels compiled
+    later resolve them to jitted code."""
     import numba
 
     globals()["prange"] = numba.prange
+    for function in _HELPERS:
+        globals()[function.__name__] = numba.njit(cache=True, inline="always")(function)
     jitted = {}
     for function in _KERNELS:
         jitted[function.__name__] = numba.njit(cache=True, parallel=True, nogil=True, fastmath=False)(function)
@@ -190,6 +227,33 @@ def box_sum(volume: np.ndarray, window: int) -> np.ndarray:
 # trilinear sampling with border clamping
 
 
+@_helper
+def _snapped(q):
+    # a coordinate a rounding error away from a voxel centre is that centre (an identity start puts every
+    # voxel there): the derivative jumps there, and grid_sample takes the cell above it
+    centre = math.floor(q + 0.5)
+    return float(centre) if abs(q - centre) < SNAP else q
+
+
+@_helper
+def _clamped(q, size):
+    # border clamping: (the coordinate within [0, size - 1], its derivative factor); on or beyond the
+    # border there is no derivative (grid_sample's backward counts the borders as outside)
+    if q <= 0:
+        return 0.0, 0.0
+    if q >= size - 1:
+        return size - 1.0, 0.0
+    return q, 1.0
+
+
+@_helper
+def _cell(q, size):
+    # the linear-interpolation cell of a clamped coordinate: lower corner (at most size - 2, so the last
+    # voxel reads the last cell), upper corner, fraction
+    lower = min(math.floor(q), max(size - 2, 0))
+    return lower, min(lower + 1, size - 1), q - lower
+
+
 @_kernel
 def _warp_with_gradient(moving, displacement, world_from_voxel, moving_voxel_from_world, warped, gradient, inside):
     depth, height, width = warped.shape
@@ -206,53 +270,16 @@ def _warp_with_gradient(moving, displacement, world_from_voxel, moving_voxel_fro
                 q0 = m[0, 0] * w0 + m[0, 1] * w1 + m[0, 2] * w2 + m[0, 3]
                 q1 = m[1, 0] * w0 + m[1, 1] * w1 + m[1, 2] * w2 + m[1, 3]
                 q2 = m[2, 0] * w0 + m[2, 1] * w1 + m[2, 2] * w2 + m[2, 3]
-                # a coordinate a rounding error away from a voxel centre is that centre (an identity start
-                # puts every voxel there; before the inside test and the clamping): the derivative jumps
-                # there, and grid_sample takes the cell above it
-                r0 = math.floor(q0 + 0.5)
-                if abs(q0 - r0) < SNAP:
-                    q0 = r0
-                r1 = math.floor(q1 + 0.5)
-                if abs(q1 - r1) < SNAP:
-                    q1 = r1
-                r2 = math.floor(q2 + 0.5)
-                if abs(q2 - r2) < SNAP:
-                    q2 = r2
+                # snapped onto voxel centres before the inside test and the clamping
+                q0, q1, q2 = _snapped(q0), _snapped(q1), _snapped(q2)
                 is_inside = q0 >= 0 and q0 <= size0 - 1 and q1 >= 0 and q1 <= size1 - 1 and q2 >= 0 and q2 <= size2 - 1
                 inside[z, y, x] = 1.0 if is_inside else 0.0
-                # border clamping; a coordinate on or beyond the border has no derivative (grid_sample's
-                # backward counts the borders as outside)
-                g0 = 1.0
-                if q0 <= 0:
-                    q0 = 0.0
-                    g0 = 0.0
-                elif q0 >= size0 - 1:
-                    q0 = size0 - 1.0
-                    g0 = 0.0
-                g1 = 1.0
-                if q1 <= 0:
-                    q1 = 0.0
-                    g1 = 0.0
-                elif q1 >= size1 - 1:
-                    q1 = size1 - 1.0
-                    g1 = 0.0
-                g2 = 1.0
-                if q2 <= 0:
-                    q2 = 0.0
-                    g2 = 0.0
-                elif q2 >= size2 - 1:
-                    q2 = size2 - 1.0
-                    g2 = 0.0
-                # the cell: its lower corner at most n - 2 (a coordinate on the last voxel reads the last cell)
-                i0 = min(math.floor(q0), max(size0 - 2, 0))
-                i1 = min(math.floor(q1), max(size1 - 2, 0))
-                i2 = min(math.floor(q2), max(size2 - 2, 0))
-                f0 = q0 - i0
-                f1 = q1 - i1
-                f2 = q2 - i2
-                j0 = min(i0 + 1, size0 - 1)
-                j1 = min(i1 + 1, size1 - 1)
-                j2 = min(i2 + 1, size2 - 1)
+                q0, g0 = _clamped(q0, size0)
+                q1, g1 = _clamped(q1, size1)
+                q2, g2 = _clamped(q2, size2)
+                i0, j0, f0 = _cell(q0, size0)
+                i1, j1, f1 = _cell(q1, size1)
+                i2, j2, f2 = _cell(q2, size2)
                 c000 = moving[i0, i1, i2]
                 c001 = moving[i0, i1, j2]
                 c010 = moving[i0, j1, i2]
@@ -326,15 +353,9 @@ def _compose_step(field, step, voxel_from_world, out):
                 q0 = min(max(z + m[0, 0] * s0 + m[0, 1] * s1 + m[0, 2] * s2, 0.0), depth - 1.0)
                 q1 = min(max(y + m[1, 0] * s0 + m[1, 1] * s1 + m[1, 2] * s2, 0.0), height - 1.0)
                 q2 = min(max(x + m[2, 0] * s0 + m[2, 1] * s1 + m[2, 2] * s2, 0.0), width - 1.0)
-                i0 = min(math.floor(q0), max(depth - 2, 0))
-                i1 = min(math.floor(q1), max(height - 2, 0))
-                i2 = min(math.floor(q2), max(width - 2, 0))
-                f0 = q0 - i0
-                f1 = q1 - i1
-                f2 = q2 - i2
-                j0 = min(i0 + 1, depth - 1)
-                j1 = min(i1 + 1, height - 1)
-                j2 = min(i2 + 1, width - 1)
+                i0, j0, f0 = _cell(q0, depth)
+                i1, j1, f1 = _cell(q1, height)
+                i2, j2, f2 = _cell(q2, width)
                 for c in range(channels):
                     c00 = field[c, i0, i1, i2] + f2 * (field[c, i0, i1, j2] - field[c, i0, i1, i2])
                     c01 = field[c, i0, j1, i2] + f2 * (field[c, i0, j1, j2] - field[c, i0, j1, i2])
