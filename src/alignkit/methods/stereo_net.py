@@ -23,7 +23,13 @@ pipeline stays classical. Here:
   scikit-image's photographs with a random depth layering (:mod:`alignkit.data.synthetic_stereo`),
   plus random crops of the real pairs of ``dataset`` (supervised by their ground truth; pixels the
   ground truth shows occluded are left out), validated on held-out synthetic pairs;
-* inference (:class:`StereoNetMethod`): the network's cost volume goes through the same SGM,
+* hybrid cost (``census_weight``, 0 = the network's cost alone): the cost SGM aggregates is
+  ``(1 - w) * network + w * census`` (the classical preset's 7x9 census, :mod:`alignkit.stereo.cost`),
+  a learned + hand-made hybrid as in Mei et al., "On Building an Accurate Stereo Matching System on
+  Graphics Hardware" (ICCV workshops 2011: AD + census) and the learned + census costs of later MC-CNN
+  pipelines; **the shipped model uses it** (its recipe sets ``census_weight``; the weight was chosen on
+  motorcycle and held-out synthetic pairs, never on aloe, which is the report-only pair);
+* inference (:class:`StereoNetMethod`): the (hybrid) cost volume goes through the same SGM,
   sub-pixel winner-take-all, left-right check and filling as the classical ``stereo`` preset
   (:func:`alignkit.stereo.match`); the result is a :class:`~alignkit.transforms.DisparityField`. The
   cost scales the images ``match`` hands it by the pair's percentiles (:func:`normalise_pair`), as in
@@ -53,7 +59,7 @@ from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
 from alignkit.registration import Inputs
 from alignkit.stereo import check_rectified_pair, match, occlusion_from_disparity
-from alignkit.stereo.cost import grey
+from alignkit.stereo.cost import cost_volume, grey
 from alignkit.transforms import ComposedTransform, DisparityField, Transform
 
 #: intensity percentiles mapped to 0 and 1, jointly over the pair, in training and at inference
@@ -83,11 +89,12 @@ class StereoPairs(Dataset):
     """Map-style training pairs ``{"fixed", "moving": (1, H, W), "disparity": (1, H, W) px,
     "valid": (1, H, W)}`` (``valid``: known and not occluded): ``synthetic`` pairs rendered from
     ``photos`` then ``real_crops`` crops of the real ``cases`` (``(left, right, disparity, valid)``
-    arrays). Items are pure functions of ``(seed, epoch, index)``."""
+    arrays; ``slant``: the synthetic planes' largest slope). Items are pure functions of
+    ``(seed, epoch, index)``."""
 
     def __init__(self, photos: Sequence[np.ndarray], size: Sequence[int], *, synthetic: int, max_disparity: float,
                  cases: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (), real_crops: int = 0,
-                 seed: int = 0, photometric: float = 0.0) -> None:
+                 seed: int = 0, photometric: float = 0.0, slant: float = 0.02) -> None:
         self.photos = list(photos)
         self.size = tuple(int(s) for s in size)
         self.ndim = 2
@@ -96,6 +103,7 @@ class StereoPairs(Dataset):
         self.cases = list(cases)
         self.seed = int(seed)
         self.photometric = float(photometric)
+        self.slant = float(slant)
         self.epoch = 0
         if not self.photos and self.synthetic:
             raise ConfigError("synthetic stereo pairs need photographs (scikit-image's: pip install scikit-image)")
@@ -114,7 +122,7 @@ class StereoPairs(Dataset):
         if index < self.synthetic:
             photo = self.photos[int(rng.integers(len(self.photos)))]
             pair = render_stereo_pair(photo, (height, width), rng=rng, max_disparity=self.max_disparity,
-                                      layers=int(rng.integers(1, 5)))
+                                      layers=int(rng.integers(1, 5)), slant=self.slant)
             left, right, disparity, valid = pair.left, pair.right, pair.disparity, ~pair.occluded
         else:
             left_all, right_all, disparity_all, valid_all = self.cases[int(rng.integers(len(self.cases)))]
@@ -174,7 +182,8 @@ class StereoNetMethod(LearnedMethod):
     """Registers a rectified pair (fixed = left, moving = right) with a trained ``stereo-net``: the
     network's matching cost through semi-global matching (:func:`alignkit.stereo.match`). Options:
     ``checkpoint`` (default: the shipped model), ``min_disparity``/``max_disparity`` (pixels; default
-    0 and a fifth of the width)."""
+    0 and a fifth of the width), ``census_weight`` (the census share of the hybrid cost, 0 = the
+    network alone; default: the model's own, :class:`StereoNet`)."""
 
     def __init__(
         self,
@@ -182,9 +191,13 @@ class StereoNetMethod(LearnedMethod):
         checkpoint: LearnedModel | str | os.PathLike | None = None,
         min_disparity: float | None = None,
         max_disparity: float | None = None,
+        census_weight: float | None = None,
     ) -> None:
         super().__init__(checkpoint=checkpoint)
         self.min_disparity, self.max_disparity = min_disparity, max_disparity
+        if census_weight is not None and not 0 <= census_weight <= 1:
+            raise ConfigError(f"stereo-net's census_weight is a share in [0, 1], got {census_weight}")
+        self.census_weight = census_weight
 
     def run(self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory) -> MethodOutput:
         check_rectified_pair(inputs.fixed.shape, inputs.moving.shape, "stereo-net", error=InputError)
@@ -193,10 +206,12 @@ class StereoNetMethod(LearnedMethod):
         started = time.perf_counter()
         left, right = normalise_pair(inputs.fixed.data.cpu(), inputs.moving.data.cpu())
         result = match(left, right, min_disparity=self.min_disparity, max_disparity=self.max_disparity,
-                       cost=learned.cost_function(device), progress=progress, **learned.sgm_options())
+                       cost=learned.cost_function(device, census_weight=self.census_weight), progress=progress,
+                       **learned.sgm_options())
+        census_weight = learned.options["census_weight"] if self.census_weight is None else self.census_weight
         return disparity_output(self.info.name, learned, source, inputs, result.disparity, result.occluded, started,
                                 min_disparity=result.min_disparity, max_disparity=result.max_disparity,
-                                matching_scale=result.scale)
+                                matching_scale=result.scale, census_weight=float(census_weight))
 
 
 def disparity_output(name: str, learned: LearnedModel, source: str | None, inputs: Inputs, disparity: Tensor,
@@ -234,7 +249,10 @@ class StereoNet(LearnedModel):
     ``negative_high`` (1.5, 6 px) and ``samples`` (pixels per pair and step, 1024) of the hinge,
     ``temperature`` (0.1) of the softmax, ``photometric`` (the training pairs' radiometric jitter, 0 =
     none), ``max_disparity`` (of the synthetic training scenes and of the validation's
-    winner-take-all, 32), ``p1``/``p2`` (SGM penalties on this cost, in its [0, 1] units)."""
+    winner-take-all, 32), ``slant`` (the synthetic scenes' largest plane slope, px of disparity per
+    px, 0.02), ``p1``/``p2`` (SGM penalties on this cost, in its [0, 1] units), ``census_weight``
+    (the census share ``w`` of the inference cost ``(1 - w) * network + w * census``, 0: the network
+    alone; used by the validation's SGM too, not by the training loss)."""
 
     @classmethod
     def default_networks(cls, ndim: int) -> dict[str, dict[str, Any]]:
@@ -256,6 +274,8 @@ class StereoNet(LearnedModel):
         objective: Objective = "hinge",
         temperature: float = 0.1,
         photometric: float = 0.0,
+        slant: float = 0.02,
+        census_weight: float = 0.0,
     ) -> None:
         super().__init__(networks=networks, ndim=ndim, size=size)
         if ndim != 2:
@@ -265,13 +285,16 @@ class StereoNet(LearnedModel):
                               "max_disparity > 2")
         if objective not in OBJECTIVES:
             raise ConfigError(f"unknown stereo-net objective {objective!r}; choose {', '.join(OBJECTIVES)}")
-        if temperature <= 0 or photometric < 0:
-            raise ConfigError("stereo-net needs temperature > 0 and photometric >= 0")
+        if temperature <= 0 or photometric < 0 or slant < 0:
+            raise ConfigError("stereo-net needs temperature > 0, photometric >= 0 and slant >= 0")
+        if not 0 <= census_weight <= 1:
+            raise ConfigError(f"stereo-net's census_weight is a share in [0, 1], got {census_weight}")
         self.options = {"margin": float(margin), "negative_low": float(negative_low),
                         "negative_high": float(negative_high), "samples": int(samples),
                         "max_disparity": float(max_disparity), "p1": float(p1), "p2": float(p2),
                         "objective": objective, "temperature": float(temperature),
-                        "photometric": float(photometric)}
+                        "photometric": float(photometric), "slant": float(slant),
+                        "census_weight": float(census_weight)}
 
     @classmethod
     def training_data(cls, config: Any) -> tuple[Dataset, Dataset]:
@@ -291,11 +314,12 @@ class StereoNet(LearnedModel):
         cases = real_stereo_cases(config.dataset, size) if config.dataset else []
         crops = int(config.max_pairs) if config.max_pairs is not None else max(1, synthetic // 4)
         photos = training_photographs()
+        slant = float(config.method_options.get("slant", 0.02))
         train = StereoPairs(photos, size, synthetic=synthetic, max_disparity=max_disparity, cases=cases,
                             real_crops=crops, seed=config.seed,
-                            photometric=float(config.method_options.get("photometric", 0.0)))
+                            photometric=float(config.method_options.get("photometric", 0.0)), slant=slant)
         validation = StereoPairs(photos, size, synthetic=max(8, synthetic // 6), max_disparity=max_disparity,
-                                 seed=config.seed + 10_000)
+                                 seed=config.seed + 10_000, slant=slant)
         return train, validation
 
     # -- training -------------------------------------------------------------------------------
@@ -377,12 +401,15 @@ class StereoNet(LearnedModel):
     def validation_metrics(self, batch: Mapping[str, Tensor], output: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per pair, the share of its valid pixels off by more than 2 px: ``bad2`` after the whole
         pipeline (SGM, sub-pixel winner-take-all, left-right filling: what inference returns) and
-        ``wta_bad2`` of the network's cost alone (winner-take-all, no aggregation)."""
+        ``wta_bad2`` of the cost alone (winner-take-all, no aggregation); both of the hybrid cost when
+        ``census_weight`` > 0."""
         disparities = np.arange(0, int(np.ceil(self.options["max_disparity"])) + 1)
         scores: dict[str, list[float]] = {"bad2": [], "wta_bad2": []}
         for k in range(output["left_features"].shape[0]):
             volume = self.features.cost_volume(output["left_features"][k : k + 1], output["right_features"][k : k + 1],
                                                disparities).cpu()
+            volume = self._with_census(volume, batch["fixed"][k, 0].cpu(), batch["moving"][k, 0].cpu(), disparities,
+                                       self.options["census_weight"])
             valid = batch["valid"][k, 0].cpu()
             truth = batch["disparity"][k, 0].cpu()
             result = match(batch["fixed"][k, 0].cpu(), batch["moving"][k, 0].cpu(), min_disparity=0,
@@ -396,10 +423,23 @@ class StereoNet(LearnedModel):
     def sgm_options(self) -> dict[str, float]:
         return {"p1": self.options["p1"], "p2": self.options["p2"]}
 
-    def cost_function(self, device: torch.device | str | None = None):
+    @staticmethod
+    def _with_census(volume: Tensor, left: Tensor, right: Tensor, disparities: np.ndarray, weight: float) -> Tensor:
+        """``(1 - weight) * volume + weight * census`` (the classical preset's 7x9 census cost of the
+        grey pair, :func:`alignkit.stereo.cost.cost_volume`; both 1 where ``x - d`` leaves the right
+        image); ``volume`` itself when ``weight`` is 0."""
+        if weight <= 0:
+            return volume
+        census = cost_volume(left, right, disparities, cost="census").to(volume.dtype)
+        return volume.mul(1.0 - weight).add_(census, alpha=weight)
+
+    def cost_function(self, device: torch.device | str | None = None, *, census_weight: float | None = None):
         """``(left (H, W), right (H, W), disparities) -> (D, H, W)`` cost in [0, 1] for
-        :func:`alignkit.stereo.match` (images normalised by :func:`normalise_pair`)."""
+        :func:`alignkit.stereo.match` (images normalised by :func:`normalise_pair`): the network's
+        ``(1 - cos) / 2``, mixed with the census cost by ``census_weight`` (default: the model's
+        option; 0 = the network alone)."""
         device = torch.device(device or "cpu")
+        weight = self.options["census_weight"] if census_weight is None else float(census_weight)
 
         @torch.no_grad()
         def cost(left: Tensor, right: Tensor, disparities: np.ndarray) -> Tensor:
@@ -408,7 +448,8 @@ class StereoNet(LearnedModel):
             left, right = normalise_pair(left, right)
             features_left = self.features(left[None, None].to(device))
             features_right = self.features(right[None, None].to(device))
-            return self.features.cost_volume(features_left, features_right, disparities).cpu()
+            volume = self.features.cost_volume(features_left, features_right, disparities).cpu()
+            return self._with_census(volume, left, right, disparities, weight)
 
         return cost
 
