@@ -109,6 +109,33 @@ def test_seed_makes_cpu_runs_repeatable(brain_slice):
     assert torch.equal(a.world_map(), b.world_map())
 
 
+def test_metrics_are_computed_when_first_read(brain_slice, monkeypatch):
+    from alignkit import registration as registration_module
+    from alignkit.methods import api
+
+    calls = []
+    real = registration_module.compute_metrics
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "compute_metrics", counting)
+    moving = read_image(_r64())
+    result = alignkit.register(brain_slice, moving, config=tiny_config(), seed=0)
+    assert calls == []  # register itself does not resample the images for its metrics
+    metrics = result.metrics
+    assert calls == [1]
+    # the computed entries and those the run recorded, together; computed once
+    assert metrics["ncc_after"] > metrics["ncc_before"]
+    assert "stage_seconds" in metrics and metrics["seconds"] > 0
+    assert result.metrics is metrics and calls == [1]
+    # an assignment replaces everything, pending computation included
+    fresh = alignkit.register(brain_slice, moving, config=tiny_config(), seed=0)
+    fresh.metrics = {"mine": 1}
+    assert fresh.metrics == {"mine": 1} and calls == [1]
+
+
 def _r64():
     from conftest import data_path
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -120,10 +121,12 @@ def register(
         inputs.fixed, inputs.moving, transform, method=method, name=name, stages=stages,
         description=description, fixed_labels=inputs.fixed_labels, moving_labels=inputs.moving_labels,
     )
-    result.metrics = compute_metrics(result, fixed_points=inputs.fixed_points, moving_points=inputs.moving_points,
-                                     seconds=seconds, normalised=output.normalised)
-    result.metrics["stage_seconds"] = stage_seconds
-    result.metrics.update(output.extra)
+    recorded: dict[str, Any] = {"stage_seconds": stage_seconds, **output.extra}
     if info.kind != "optimisation" or refine:
-        result.metrics["refine_iterations"] = int(refine)
+        recorded["refine_iterations"] = int(refine)
+    result.metrics = recorded
+    # the image metrics (similarity, Jacobians, Dice ...) when first read: not part of the run
+    result.defer_metrics(functools.partial(compute_metrics, result, fixed_points=inputs.fixed_points,
+                                           moving_points=inputs.moving_points, seconds=seconds,
+                                           normalised=output.normalised))
     return result
