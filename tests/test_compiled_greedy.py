@@ -14,7 +14,14 @@ import alignkit
 from alignkit.image import Image
 from alignkit.losses import LNCC
 from alignkit.solve import RegistrationConfig, StageConfig
-from alignkit.solve.greedy import LNCCForce, blur, compose_displacement
+from alignkit.solve.greedy import (
+    LNCCForce,
+    blur,
+    compose_displacement,
+    normalised_step,
+    smooth_field,
+    update_displacement,
+)
 from alignkit.spatial import Grid, apply_matrix, gaussian_blur, sample_voxels
 from alignkit.spatial import compiled as kernels
 from alignkit.spatial.banded import fast_box_sum, fast_gaussian_blur
@@ -112,6 +119,56 @@ def test_compose_matches_the_reference(shape):
     step = (_random(shape, ndim, 5) - 0.5) * 2
     expected = compose_displacement(field, step, grid, backend="torch")
     assert torch.allclose(compose_displacement(field, step, grid, backend="compiled"), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("oblique", [False, True])
+def test_fused_update_is_the_three_steps(shape, oblique):
+    """update_displacement = smooth_field(compose_displacement(field, normalised_step(gradient))) on the
+    compiled kernels: to the bit on an axis-aligned grid (the same float32 operations in the same
+    order), to rounding on an oblique one (the world -> voxel products are summed in another order)."""
+    ndim = len(shape)
+    grid = _oblique_grid(shape, 1.3, 0.2) if oblique else Grid.from_spacing(shape, 1.3)
+    field = gaussian_blur(_random(shape, ndim, 4) - 0.5, 1.0) * 3
+    gradient = (_random(shape, ndim, 5) - 0.5) * 1e-3
+    for step, sigma_pre, sigma_post in ((1.0, 2.0, 0.5), (0.37, 0.0, 0.0)):
+        step_field = normalised_step(gradient, grid, sigma_pre, step, backend="compiled")
+        expected = smooth_field(compose_displacement(field, step_field, grid, backend="compiled"), sigma_post,
+                                backend="compiled")
+        found = field.clone()
+        version = found._version
+        update_displacement(found, kernels.volumes(gradient) if ndim == 3 else
+                            np.concatenate([np.zeros_like(kernels.volumes(gradient)[:1]), kernels.volumes(gradient)]),
+                            grid, sigma_pre, step, sigma_post)
+        assert found._version > version  # written in place, and autograd's version counter knows it
+        if oblique:
+            assert torch.allclose(found, expected, atol=1e-6)
+        else:
+            assert torch.equal(found, expected)
+    # no gradient, no step (as normalised_step): the field composed with zero, then smoothed
+    still = field.clone()
+    zero = np.zeros((3, *((1,) if ndim == 2 else ()), *shape), dtype=np.float32)
+    update_displacement(still, zero, grid, 2.0, 1.0, 0.5)
+    unmoved = compose_displacement(field, torch.zeros_like(field), grid, backend="compiled")
+    assert torch.equal(still, smooth_field(unmoved, 0.5, backend="compiled"))
+
+
+def test_longest_vector_and_filter_output_checks():
+    grid = _oblique_grid((9, 8, 7), 1.7, 0.3)
+    vectors = (_random((9, 8, 7), 3, 12) - 0.5) * 4
+    from alignkit.spatial import world_to_voxel_vectors
+
+    expected = float(world_to_voxel_vectors(vectors, grid).square().sum(dim=1).max())
+    assert kernels.longest_squared(kernels.volumes(vectors), grid.voxel_from_world.numpy()) == pytest.approx(expected, rel=1e-6)
+    vectors[0, 1, 4, 4, 4] = float("nan")
+    assert np.isnan(kernels.longest_squared(kernels.volumes(vectors), grid.voxel_from_world.numpy()))
+    volume = kernels.volumes(_random((5, 6, 7), 2, 13))
+    taps = np.array([0.25, 0.5, 0.25], dtype=np.float32)
+    out = np.empty_like(volume)
+    assert kernels.gaussian(volume, taps, out=out) is out
+    assert np.array_equal(out, kernels.gaussian(volume, taps))
+    with pytest.raises(ValueError, match="separate"):
+        kernels.gaussian(volume, taps, out=volume)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -27,7 +27,13 @@ from torch import Tensor
 from alignkit.errors import ConfigError
 from alignkit.image import Image, common_channels
 from alignkit.solve.config import RegistrationConfig, StageConfig
-from alignkit.solve.greedy import LNCCForce, compose_displacement, normalised_step, smooth_field
+from alignkit.solve.greedy import (
+    LNCCForce,
+    compose_displacement,
+    normalised_step,
+    smooth_field,
+    update_displacement,
+)
 from alignkit.solve.optim import PlainAdam
 from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
 from alignkit.spatial.filters import median_filter
@@ -974,10 +980,21 @@ class Engine:
             prior_matrix = None if prior is None else prior.matrix().detach()
             if LNCCForce.applies(similarity, level.fixed, level.moving, prior_matrix):
                 compiled_force = LNCCForce(level.fixed, level.grid, level.moving, level.moving_grid, prior_matrix, similarity)
+        # a displacement then takes the whole update in compiled loops too, its checks on the objective
+        fused = compiled_force is not None and isinstance(transform, DisplacementField)
         for _ in range(cfg.iterations[index]):
             with torch.no_grad():
                 current = transform.displacement()
-            if compiled_force is not None:
+            if fused:
+                with torch.profiler.record_function(f"term {cfg.similarity} (compiled)"):
+                    force_value, chained = compiled_force.chained(current)
+                with torch.profiler.record_function("greedy update (compiled)"):
+                    update_displacement(field, chained, level.grid, cfg.gradient_smoothing, step_voxels,
+                                        cfg.field_smoothing)
+                # a non-finite field makes the next objective non-finite (_record_loss stops there); the
+                # level's last field is checked after the loop
+                value = torch.tensor(force_value)
+            elif compiled_force is not None:
                 with torch.profiler.record_function(f"term {cfg.similarity} (compiled)"):
                     value, gradient = compiled_force(current)
             elif closed_form:
@@ -991,15 +1008,16 @@ class Engine:
                 current.requires_grad_(True)
                 value = objective(current)
                 (gradient,) = torch.autograd.grad(value, current)
-            with torch.no_grad():
-                step = normalised_step(gradient, level.grid, cfg.gradient_smoothing, step_voxels)
-                if isinstance(transform, DisplacementField):
-                    updated = compose_displacement(field, step, level.grid)
-                else:  # Greedy -sv: the update joins the stationary velocity
-                    updated = field + step
-                field.copy_(smooth_field(updated, cfg.field_smoothing))
-            if not bool(torch.isfinite(field).all()):
-                raise _Diverged(f"a greedy step made the field non-finite at level 1/{cfg.levels[index]:g}")
+            if not fused:
+                with torch.no_grad():
+                    step = normalised_step(gradient, level.grid, cfg.gradient_smoothing, step_voxels)
+                    if isinstance(transform, DisplacementField):
+                        updated = compose_displacement(field, step, level.grid)
+                    else:  # Greedy -sv: the update joins the stationary velocity
+                        updated = field + step
+                    field.copy_(smooth_field(updated, cfg.field_smoothing))
+                if not bool(torch.isfinite(field).all()):
+                    raise _Diverged(f"a greedy step made the field non-finite at level 1/{cfg.levels[index]:g}")
             loss_value = _record_loss(value, losses, bar, cfg.levels[index])
             if stopper.update(loss_value):
                 if reductions < cfg.lr_reductions:
@@ -1010,6 +1028,8 @@ class Engine:
                 if bar is not None:
                     bar.update(cfg.iterations[index] - len(losses))
                 break
+        if fused and not bool(torch.isfinite(field).all()):
+            raise _Diverged(f"a greedy step made the field non-finite at level 1/{cfg.levels[index]:g}")
         return losses
 
     @torch.no_grad()

@@ -16,7 +16,8 @@ the volume:
   ``grid_sample`` backward returns), plus the inside mask;
 * :func:`local_ncc_force` -- the squared or signed local NCC (zero-padded box windows, true voxel
   counts at the border), its masked mean and its closed-form gradient with respect to the warped image;
-* :func:`compose_step` -- ``u <- s + u o (id + s)`` with trilinear, border-clamped sampling;
+* :func:`compose_step` -- ``u <- s + u o (id + s)`` with trilinear, border-clamped sampling (the step
+  scaled on the fly), and :func:`longest_squared`, the step's normalisation (its longest voxel vector);
 * :func:`gaussian` / :func:`box_sum` -- separable filters (replicate / zero padding).
 
 Every kernel works on ``(D, H, W)`` volumes; a 2D image is a volume of depth 1 (a singleton axis
@@ -196,7 +197,7 @@ def _filter_axis1(src, out, taps, replicate):
                 target[x] += weight * source[x]
 
 
-def _separable(volume: np.ndarray, taps: np.ndarray, replicate: bool) -> np.ndarray:
+def _separable(volume: np.ndarray, taps: np.ndarray, replicate: bool, out: np.ndarray | None = None) -> np.ndarray:
     kernels = _compiled()
     _threads()
     first = np.empty_like(volume)
@@ -204,18 +205,23 @@ def _separable(volume: np.ndarray, taps: np.ndarray, replicate: bool) -> np.ndar
     channels, depth, height, width = volume.shape
     kernels["_filter_axis2"](volume, first, taps, replicate)
     kernels["_filter_axis1"](first, second, taps, replicate)
+    target = first if out is None else out
     # along D: axis 1 of the (C, 1, D, H*W) view (rows of H*W voxels)
     kernels["_filter_axis1"](
-        second.reshape(channels, 1, depth, height * width), first.reshape(channels, 1, depth, height * width), taps,
+        second.reshape(channels, 1, depth, height * width), target.reshape(channels, 1, depth, height * width), taps,
         replicate,
     )
-    return first
+    return target
 
 
-def gaussian(volume: np.ndarray, taps: np.ndarray) -> np.ndarray:
+def gaussian(volume: np.ndarray, taps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``volume (C, D, H, W)`` float32 filtered by the odd 1D kernel ``taps`` along each of its three
-    spatial axes, samples beyond the border replaced by the edge sample (replicate padding)."""
-    return _separable(volume, taps.astype(np.float32), True)
+    spatial axes, samples beyond the border replaced by the edge sample (replicate padding). ``out``: a
+    contiguous array of the same shape to write the result into (not ``volume`` itself), else a new one."""
+    if out is not None and (out.shape != volume.shape or out.dtype != np.float32 or not out.flags.c_contiguous
+                            or np.shares_memory(out, volume)):
+        raise ValueError("gaussian: out must be a separate contiguous float32 array shaped like the volume")
+    return _separable(volume, taps.astype(np.float32), True, out)
 
 
 def box_sum(volume: np.ndarray, window: int) -> np.ndarray:
@@ -340,16 +346,17 @@ def warp_with_gradient(
 
 
 @_kernel
-def _compose_step(field, step, voxel_from_world, out):
-    # out = step + field sampled at p + (voxel vector of step(p)), border clamping, world units
+def _compose_step(field, step, factor, voxel_from_world, out):
+    # out = s + field sampled at p + (voxel vector of s(p)), s = factor * step (float32, as torch scales
+    # a float32 tensor), border clamping, world units
     channels, depth, height, width = field.shape
     m = voxel_from_world
     for z in prange(depth):
         for y in range(height):
             for x in range(width):
-                s0 = step[0, z, y, x]
-                s1 = step[1, z, y, x]
-                s2 = step[2, z, y, x]
+                s0 = step[0, z, y, x] * factor
+                s1 = step[1, z, y, x] * factor
+                s2 = step[2, z, y, x] * factor
                 q0 = min(max(z + m[0, 0] * s0 + m[0, 1] * s1 + m[0, 2] * s2, 0.0), depth - 1.0)
                 q1 = min(max(y + m[1, 0] * s0 + m[1, 1] * s1 + m[1, 2] * s2, 0.0), height - 1.0)
                 q2 = min(max(x + m[2, 0] * s0 + m[2, 1] * s1 + m[2, 2] * s2, 0.0), width - 1.0)
@@ -363,17 +370,51 @@ def _compose_step(field, step, voxel_from_world, out):
                     c11 = field[c, j0, j1, i2] + f2 * (field[c, j0, j1, j2] - field[c, j0, j1, i2])
                     c0 = c00 + f1 * (c01 - c00)
                     c1 = c10 + f1 * (c11 - c10)
-                    out[c, z, y, x] = step[c, z, y, x] + c0 + f0 * (c1 - c0)
+                    sc = s0 if c == 0 else (s1 if c == 1 else s2)
+                    out[c, z, y, x] = sc + c0 + f0 * (c1 - c0)
 
 
-def compose_step(field: np.ndarray, step: np.ndarray, voxel_from_world: np.ndarray) -> np.ndarray:
-    """``step + field o (id + step)`` for world-unit ``(3, D, H, W)`` float32 fields of one grid
-    (``voxel_from_world``: its homogeneous matrix; only the linear part is used -- these are vectors)."""
+def compose_step(field: np.ndarray, step: np.ndarray, voxel_from_world: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    """``s + field o (id + s)`` with ``s = factor * step``, for world-unit ``(3, D, H, W)`` float32 fields
+    of one grid (``voxel_from_world``: its homogeneous matrix; only the linear part is used -- these are
+    vectors). ``factor`` is applied in float32, as multiplying a float32 tensor by a float32 scalar."""
     kernels = _compiled()
     _threads()
     out = np.empty_like(field)
-    kernels["_compose_step"](field, step, _as_3d_matrix(voxel_from_world), out)
+    kernels["_compose_step"](field, step, np.float32(factor), _as_3d_matrix(voxel_from_world), out)
     return out
+
+
+@_kernel
+def _longest_squared(vectors, linear, per_slice):
+    # the largest squared length of linear @ v over the voxels, rounded as the torch reference rounds it
+    # (a float32 einsum, float32 squares, their sum, max)
+    depth, height, width = vectors.shape[1:]
+    for z in prange(depth):
+        largest = np.float32(0.0)
+        for y in range(height):
+            for x in range(width):
+                v0 = vectors[0, z, y, x]
+                v1 = vectors[1, z, y, x]
+                v2 = vectors[2, z, y, x]
+                w0 = linear[0, 0] * v0 + linear[0, 1] * v1 + linear[0, 2] * v2
+                w1 = linear[1, 0] * v0 + linear[1, 1] * v1 + linear[1, 2] * v2
+                w2 = linear[2, 0] * v0 + linear[2, 1] * v1 + linear[2, 2] * v2
+                length = w0 * w0 + w1 * w1 + w2 * w2
+                if length > largest or math.isnan(length):  # NaN wins, as in torch's max
+                    largest = length
+        per_slice[z] = largest
+
+
+def longest_squared(vectors: np.ndarray, voxel_from_world: np.ndarray) -> float:
+    """The largest squared length, in voxels, of the world-unit vectors ``(3, D, H, W)`` float32 (the
+    linear part of ``voxel_from_world`` applied), a float32 value (NaN if any vector is NaN)."""
+    kernels = _compiled()
+    _threads()
+    linear = np.ascontiguousarray(_as_3d_matrix(voxel_from_world)[:, :3], dtype=np.float32)
+    per_slice = np.empty(vectors.shape[1], dtype=np.float32)
+    kernels["_longest_squared"](vectors, linear, per_slice)
+    return float(per_slice.max())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -444,14 +485,31 @@ def _ncc_gradient(back, x, y, scale, out):
                 out[z, i, j] = scale * (back[0, z, i, j] + y[z, i, j] * back[1, z, i, j] + 2.0 * x[z, i, j] * back[2, z, i, j])
 
 
+@_kernel
+def _ncc_gradient_chained(back, x, y, scale, derivative, out):
+    # _ncc_gradient's force (rounded to float32 as that kernel stores it) times the derivative of the
+    # warped voxel with respect to each displacement component: d loss / d displacement, in one pass
+    depth, height, width = x.shape
+    for z in prange(depth):
+        for i in range(height):
+            for j in range(width):
+                force = np.float32(
+                    scale * (back[0, z, i, j] + y[z, i, j] * back[1, z, i, j] + 2.0 * x[z, i, j] * back[2, z, i, j])
+                )
+                for c in range(3):
+                    out[c, z, i, j] = derivative[c, z, i, j] * force
+
+
 def local_ncc_force(
     warped: np.ndarray, fixed: np.ndarray, mask: np.ndarray | None, window: int, eps: float, squared: bool,
-    *, gradient: bool = True,
+    *, gradient: bool = True, derivative: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray | None]:
     """LNCC's loss ``1 - weighted mean of the local score`` and its gradient with respect to ``warped``
     (``(D, H, W)`` float32 volumes, ``mask`` the voxel weights or None), as
     :meth:`alignkit.losses.LNCC.value_and_gradient` defines them for one channel and an undilated window;
-    ``gradient=False``: the loss alone (None for the gradient)."""
+    ``gradient=False``: the loss alone (None for the gradient). ``derivative``: the ``(3, D, H, W)``
+    derivative of each warped voxel with respect to the displacement (:func:`warp_with_gradient`'s); the
+    gradient returned is then the loss's with respect to the displacement (their product, one pass)."""
     kernels = _compiled()
     _threads()
     depth, height, width = warped.shape
@@ -474,6 +532,11 @@ def local_ncc_force(
     if not gradient:
         return value, None
     back = box_sum(coefficients, window)
+    scale = np.float32(-1.0 / weight_total)
+    if derivative is not None:
+        chained = np.empty_like(derivative)
+        kernels["_ncc_gradient_chained"](back, warped, fixed, scale, derivative, chained)
+        return value, chained
     force = np.empty_like(warped)
-    kernels["_ncc_gradient"](back, warped, fixed, np.float32(-1.0 / weight_total), force)
+    kernels["_ncc_gradient"](back, warped, fixed, scale, force)
     return value, force
