@@ -10,9 +10,11 @@ by disparity errors, so this script:
    ``--float16``) and checks that the exported model's cost volume on a synthetic pair matches the
    run's float32 one;
 3. scores it through the public API on ``stereo/motorcycle`` (full size; the recipe's real training
-   pair: in-sample) and ``stereo/aloe`` (half size; held out) against the classical ``stereo``
-   preset's matcher (:func:`alignkit.stereo.match`) with the same range, using
-   ``benchmarks/stereo.py``'s pairs and scoring;
+   pair: in-sample) and ``stereo/aloe`` (half size; held out, report-only: nothing is chosen on it)
+   -- as shipped (``stereo-net``: the recipe's ``census_weight`` hybrid when it sets one) and with
+   the network's cost alone (``stereo-net:network``) -- against the classical ``stereo`` preset's
+   matcher (:func:`alignkit.stereo.match`) with the same range, using ``benchmarks/stereo.py``'s
+   pairs and scoring;
 4. writes ``NAME.card.json``.
 
 Prints ONE JSON line.
@@ -99,7 +101,7 @@ def score(shipped: Path) -> dict[str, Any]:
     for pair in load_pairs(DATA, full_aloe=False):
         rows = {"note": pair["note"], "ndisp": pair["ndisp"],
                 "role": "training pair (in-sample)" if pair["name"] == "motorcycle" else "held out"}
-        for method in ("stereo-net", "alignkit:sgm"):
+        for method in ("stereo-net", "stereo-net:network", "alignkit:sgm"):
             disparity, predicted, seconds = run_method(method, pair, str(shipped))
             errors = disparity_errors(disparity, pair["gt"], predicted=predicted)
             rows[method] = {k: round(errors[k], 4) for k in ("bad1", "bad2", "bad4", "epe")} | {"seconds": round(seconds, 2)}
@@ -116,8 +118,11 @@ def summary(recipe: dict[str, Any]) -> str:
     layers, features = int(spec["layers"]), int(spec["features"])
     objective = recipe.get("method_options", {}).get("objective", "hinge")
     trained = {"hinge": "MC-CNN-fast's hinge loss", "softmax": "a softmax over all disparities at every pixel"}
+    census = float(recipe.get("method_options", {}).get("census_weight", 0.0))
+    mix = (f", mixed {1 - census:g}:{census:g} with the 7x9 census cost (a learned + census hybrid)" if census > 0
+           else "")
     return (f"MC-CNN-fast matching cost ({layers} x 3x3 conv, {features} features, {2 * layers + 1}x{2 * layers + 1} "
-            f"patches, trained with {trained.get(objective, objective)}) for semi-global matching")
+            f"patches, trained with {trained.get(objective, objective)}){mix} for semi-global matching")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--float16", action="store_true", help="export float16 weights (half the bytes; the check "
                         "against the float32 run must still pass)")
+    parser.add_argument("--note", default=None, help="a line for the card (how the recipe's settings were chosen ...)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     import torch
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": exported,
         "scores": scores,
         "scored_at_commit": git("rev-parse", "--short", "HEAD"),
+        **({"note": args.note} if args.note else {}),
     }
     (MODELS / f"{args.recipe}.card.json").write_text(json.dumps(card, indent=2) + "\n")
     emit({"benchmark": "ship_stereo_net", **{k: card[k] for k in ("name", "training", "export", "scores")}})

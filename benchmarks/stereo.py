@@ -15,7 +15,9 @@ Methods (every one given the same disparity range ``[0, ndisp]``):
   compiled kernels when numba is installed (``backend="auto"``);
 * ``alignkit:sgm-torch`` -- the same with ``backend="torch"`` (the vectorised reference path);
 * ``stereo-net`` -- ``alignkit.register(..., method="stereo-net", checkpoint=CKPT, ...)`` when
-  ``--stereo-net CKPT`` is given (or the shipped model, with ``--stereo-net shipped``);
+  ``--stereo-net CKPT`` is given (or the shipped model, with ``--stereo-net shipped``): the model's
+  own matching cost, which for the shipped model is the learned + census hybrid (``census_weight``);
+* ``stereo-net:network`` -- the same model with ``census_weight=0``: the network's cost alone;
 * ``stereo-volume`` -- ``alignkit.register(..., method="stereo-volume", checkpoint=CKPT, ...)`` when
   ``--stereo-volume CKPT`` is given (repeatable as ``NAME=CKPT`` to compare several runs);
 * ``opencv:sgbm`` / ``opencv:sgbm-hh`` -- ``cv2.StereoSGBM`` as OpenCV's ``stereo_match.py`` sample
@@ -51,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, emit, log, set_threads
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
-METHODS = ("alignkit:stereo", "alignkit:sgm", "alignkit:sgm-torch", "stereo-net", "opencv:sgbm", "opencv:sgbm-hh",
-           "opencv:bm", "opencv:dis")
+METHODS = ("alignkit:stereo", "alignkit:sgm", "alignkit:sgm-torch", "stereo-net", "stereo-net:network", "opencv:sgbm",
+           "opencv:sgbm-hh", "opencv:bm", "opencv:dis")
 
 
 def load_pairs(data: Path, full_aloe: bool) -> list[dict[str, Any]]:
@@ -116,12 +118,13 @@ def run_method(method: str, pair: dict[str, Any], stereo_net: str | None,
                                    checkpoint=(volumes or {})[method], min_disparity=0, max_disparity=ndisp)
         disparity, _ = result.disparity()
         return disparity, None, time.perf_counter() - started
-    if method in ("alignkit:stereo", "stereo-net"):
+    if method in ("alignkit:stereo", "stereo-net", "stereo-net:network"):
         import alignkit
         from alignkit.image import Image
 
         options: dict[str, Any] = {"preset": "stereo"} if method == "alignkit:stereo" else {
-            "method": "stereo-net", **({} if stereo_net in (None, "shipped") else {"checkpoint": stereo_net})}
+            "method": "stereo-net", **({} if stereo_net in (None, "shipped") else {"checkpoint": stereo_net}),
+            **({"census_weight": 0.0} if method == "stereo-net:network" else {})}
         started = time.perf_counter()
         result = alignkit.register(Image.from_array(rgb_left), Image.from_array(rgb_right), min_disparity=0,
                                    max_disparity=ndisp, **options)
@@ -165,7 +168,7 @@ def run_method(method: str, pair: dict[str, Any], stereo_net: str | None,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "stereo-net"))
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if not m.startswith("stereo-net")))
     parser.add_argument("--stereo-net", default=None, help="a stereo-net checkpoint (file or run folder), or 'shipped'")
     parser.add_argument("--stereo-volume", action="append", default=[],
                         help="a stereo-volume checkpoint, or NAME=CKPT (repeatable; scored as stereo-volume[:NAME])")

@@ -170,3 +170,60 @@ def test_photometric_jitter_changes_the_right_camera_only_within_bounds():
     # the order of the intensities is kept (gain > 0, gamma > 0): a monotone response change
     order = np.argsort(left.ravel())
     assert bool((np.diff(out_left.ravel()[order]) >= -1e-6).all())
+
+
+def test_the_hybrid_cost_is_the_census_share_of_the_census_cost_plus_the_rest_of_the_network():
+    from alignkit.stereo.cost import cost_volume
+
+    model = _stereo_net(census_weight=0.25)
+    pair = render_stereo_pair(np.random.default_rng(2).uniform(0, 255, (60, 90)).astype(np.float32), (32, 48),
+                              rng=np.random.default_rng(1), max_disparity=8)
+    left, right = torch.from_numpy(pair.left[0]), torch.from_numpy(pair.right[0])
+    disparities = np.arange(0, 8)
+    network = model.cost_function(census_weight=0.0)(left, right, disparities)
+    census = cost_volume(left, right, disparities, cost="census")
+    hybrid = model.cost_function()(left, right, disparities)  # the model's own weight, 0.25
+    assert float((hybrid - (0.75 * network + 0.25 * census)).abs().max()) < 1e-6
+    assert float((model.cost_function(census_weight=1.0)(left, right, disparities) - census).abs().max()) < 1e-6
+    assert float((network - census).abs().max()) > 0.1  # the two parts differ: the mix is not trivially equal
+    with pytest.raises(alignkit.ConfigError, match="census_weight"):
+        _stereo_net(census_weight=1.5)
+
+
+def test_the_method_option_overrides_the_models_census_weight(tiny_run):
+    run, _ = tiny_run
+    from alignkit.data.synthetic_stereo import training_photographs
+
+    pair = render_stereo_pair(training_photographs()[2], (48, 80), rng=np.random.default_rng(12), max_disparity=10)
+    left, right = (Image.from_array(a.transpose(1, 2, 0)) for a in (pair.left, pair.right))
+    results = {w: alignkit.register(left, right, method="stereo-net", checkpoint=run, max_disparity=10, census_weight=w)
+               for w in (0.0, 1.0)}
+    from alignkit.methods.stereo_net import normalise_pair
+
+    # the pair as the method hands it to match() (the adaptive P2's rounding sees these intensities)
+    normalised = normalise_pair(torch.from_numpy(pair.left), torch.from_numpy(pair.right))
+    census = alignkit.stereo.match(*normalised, min_disparity=0, max_disparity=10, backend="torch")
+    network_only, census_only = (results[w].disparity()[0] for w in (0.0, 1.0))
+    # all census: the classical matcher's disparity (the same cost volume, the model's SGM penalties =
+    # match()'s defaults; the compiled and torch sub-pixel steps round differently); no census: something else
+    assert np.allclose(census_only, census.disparity.numpy(), atol=1e-3)
+    assert float(np.abs(network_only - census_only).max()) > 0.5
+    with pytest.raises(alignkit.ConfigError, match="census_weight"):
+        alignkit.register(left, right, method="stereo-net", checkpoint=run, census_weight=-0.1)
+
+
+def test_synthetic_training_pairs_reach_the_slant_they_are_given():
+    from alignkit.data.synthetic_stereo import training_photographs
+    from alignkit.methods.stereo_net import StereoPairs
+
+    photos = training_photographs()[:2]
+    slopes = {}
+    for slant in (0.0, 0.1):
+        pairs = StereoPairs(photos, (48, 96), synthetic=6, max_disparity=40, slant=slant)
+        steepest = 0.0
+        for index in range(len(pairs)):
+            disparity = pairs[index]["disparity"][0].numpy()
+            step = np.abs(np.diff(disparity, axis=1))
+            steepest = max(steepest, float(np.median(step[step < 0.5])) if (step < 0.5).any() else 0.0)
+        slopes[slant] = steepest
+    assert slopes[0.0] < 1e-6 and 0.02 < slopes[0.1] <= 0.1 + 1e-6, slopes
