@@ -36,8 +36,15 @@ from alignkit.solve.greedy import (
 )
 from alignkit.solve.optim import PlainAdam
 from alignkit.spatial import Grid, apply_matrix, downsample, gaussian_blur, sample_voxels
+from alignkit.spatial.compiled import available as compiled_available
+from alignkit.spatial.compiled import fits as compiled_fits
 from alignkit.spatial.filters import median_filter
-from alignkit.spatial.points import homogeneous_grid, sample_affine, sample_projective
+from alignkit.spatial.points import (
+    homogeneous_grid,
+    sample_affine,
+    sample_projective,
+    sample_voxels_with_inside,
+)
 from alignkit.transforms import (
     ComposedTransform,
     DisplacementField,
@@ -816,6 +823,14 @@ class Engine:
             fixed_level = level.fixed.flatten(2)[..., chosen].reshape(*level.fixed.shape[:2], *as_points)
             world_level = level.world.flatten(2)[..., chosen].reshape(*level.world.shape[:2], *as_points)
 
+        # one float32 image on the CPU with numba: the samples of a linear chain or of a voxel sample and
+        # their gradient by the compiled sampler (grid_sample's backward was two thirds of the brain
+        # preset's affine stage); fields keep grid_sample
+        compiled_sampling = ((linear_chain or sampled) and level.moving.shape[:2] == (1, 1)
+                             and compiled_fits(level.moving) and compiled_available())
+        voxel_points = (level.grid.voxel_points(dtype=level.moving.dtype, device=self.device)
+                        if compiled_sampling and linear_chain and not sampled else None)
+
         def warp_level(displacement: Tensor | None) -> tuple[Tensor, Tensor]:
             if linear_chain and not sampled:
                 matrix = transform.matrix().double()
@@ -823,6 +838,8 @@ class Engine:
                     matrix = prior_matrix @ matrix
                 voxel_matrix = voxel_from_world.to(matrix) @ matrix @ level.grid.world_from_voxel.to(matrix)
                 if bool((matrix[ndim, :ndim] == 0).all()):
+                    if voxel_points is not None:
+                        return sample_voxels_with_inside(level.moving, apply_matrix(voxel_matrix, voxel_points))
                     return sample_affine(level.moving, voxel_matrix, level.grid.shape)
                 # a homography, or a chain through a projective feature start: one matrix, one division
                 return sample_projective(level.moving, voxel_matrix, level.grid.shape, base=base)
@@ -834,6 +851,8 @@ class Engine:
             if prior is not None:
                 points = prior.transform_points(points)
             voxel = apply_matrix(voxel_from_world, points)
+            if sampled and compiled_sampling:
+                return sample_voxels_with_inside(level.moving, voxel)
             inside = ((voxel >= 0) & (voxel <= size - 1)).all(dim=1, keepdim=True).to(level.fixed.dtype)
             return sample_voxels(level.moving, voxel, padding="border"), inside
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -86,6 +87,57 @@ def sample_affine(
     torch_mode = "bilinear" if mode == "linear" else "nearest"
     samples = F.grid_sample(tensor, grid, mode=torch_mode, padding_mode=padding, align_corners=True)
     return samples, inside
+
+
+class _CompiledSample(torch.autograd.Function):
+    """``grid_sample``'s linear, border-padded sampling at voxel coordinates and its backward with
+    respect to the coordinates, by one compiled pass (:func:`alignkit.spatial.compiled.warp_with_gradient`:
+    the samples and the interpolant's derivative together; backward is then one product)."""
+
+    @staticmethod
+    def forward(ctx, voxel: Tensor, image) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        from alignkit.spatial import compiled
+
+        coordinates = compiled.volumes(voxel.detach().float())
+        if coordinates.shape[0] == 2:  # a 2D image is a volume of depth 1: its depth coordinate is 0
+            coordinates = np.concatenate([np.zeros_like(coordinates[:1]), coordinates])
+        # the kernel samples at moving_voxel_from_world @ (world_from_voxel @ p + d(p)): zero and the
+        # identity make that d(p), the coordinates themselves
+        samples, derivative, inside = compiled.warp_with_gradient(image, coordinates, np.zeros((4, 4)), np.eye(4))
+        ctx.derivative = derivative[-voxel.shape[1]:]
+        shape = (1, 1, *voxel.shape[2:])
+        return torch.from_numpy(samples.reshape(shape)), torch.from_numpy(inside.reshape(shape))
+
+    @staticmethod
+    def backward(ctx, grad_samples: Tensor, grad_inside: Tensor):  # type: ignore[override]
+        derivative = torch.from_numpy(ctx.derivative).reshape(1, -1, *grad_samples.shape[2:])
+        return grad_samples * derivative, None
+
+
+def sample_voxels_with_inside(tensor: Tensor, voxel: Tensor, *, compiled: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`sample_voxels` (linear, border padding) and the inside mask (every coordinate within
+    ``[0, n - 1]``), differentiable with respect to ``voxel``. With ``compiled`` (default) one float32
+    CPU image without autograd and numba installed take the compiled kernel (the samples and the
+    coordinates' gradient in one pass: ~4x faster than ``grid_sample`` and its backward on the brain
+    preset's affine levels); otherwise, or with ``compiled=False``, ``grid_sample`` (the reference)."""
+    from alignkit.spatial import compiled as kernels
+
+    ndim = voxel.shape[1]
+    if (
+        compiled
+        and tensor.shape[:2] == (1, 1)
+        and voxel.shape[0] == 1
+        and voxel.dim() == ndim + 2
+        and ndim in (2, 3)
+        and kernels.fits(tensor)
+        and voxel.device.type == "cpu"
+        and kernels.available()
+    ):
+        image = kernels.volumes(tensor)[0]
+        return _CompiledSample.apply(voxel, image)
+    size = torch.tensor(tensor.shape[2:], dtype=voxel.dtype, device=voxel.device).view(1, -1, *([1] * ndim))
+    inside = ((voxel >= 0) & (voxel <= size - 1)).all(dim=1, keepdim=True).to(tensor.dtype)
+    return sample_voxels(tensor, voxel, padding="border"), inside
 
 
 def homogeneous_grid(shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
