@@ -17,7 +17,10 @@ Methods (every one given the same disparity range ``[0, ndisp]``):
 * ``stereo-net`` -- ``alignkit.register(..., method="stereo-net", checkpoint=CKPT, ...)`` when
   ``--stereo-net CKPT`` is given (or the shipped model, with ``--stereo-net shipped``): the model's
   own matching cost, which for the shipped model is the learned + census hybrid (``census_weight``);
-* ``stereo-net:network`` -- the same model with ``census_weight=0``: the network's cost alone;
+* ``stereo-net:network`` -- the same model with ``census_weight=0``: the network's cost alone (the
+  shipped model trained on synthetic pairs and crops of ``motorcycle``, which is in-sample for it;
+  ``aloe`` is its held-out pair and report-only: no setting of the network, its recipe or the hybrid's
+  weight is chosen on it);
 * ``stereo-volume`` -- ``alignkit.register(..., method="stereo-volume", checkpoint=CKPT, ...)`` when
   ``--stereo-volume CKPT`` is given (repeatable as ``NAME=CKPT`` to compare several runs);
 * ``opencv:sgbm`` / ``opencv:sgbm-hh`` -- ``cv2.StereoSGBM`` as OpenCV's ``stereo_match.py`` sample
