@@ -284,6 +284,7 @@ def test_compiled_sampler_matches_grid_sample_and_its_backward(shape, as_points)
     assert found.shape == expected.shape and found_gradient.shape == expected_gradient.shape
     assert torch.allclose(found, expected, atol=1e-5)
     assert torch.equal(found_inside, expected_inside) and 0 < float(expected_inside.mean()) < 1
+    assert not found_inside.requires_grad  # a constant, as the reference's
     assert torch.allclose(found_gradient, expected_gradient, atol=1e-4)
 
 

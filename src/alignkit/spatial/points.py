@@ -98,15 +98,24 @@ class _CompiledSample(torch.autograd.Function):
     def forward(ctx, voxel: Tensor, image) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         from alignkit.spatial import compiled
 
-        coordinates = compiled.volumes(voxel.detach().float())
-        if coordinates.shape[0] == 2:  # a 2D image is a volume of depth 1: its depth coordinate is 0
-            coordinates = np.concatenate([np.zeros_like(coordinates[:1]), coordinates])
+        ndim = voxel.shape[1]
         # the kernel samples at moving_voxel_from_world @ (world_from_voxel @ p + d(p)): zero and the
-        # identity make that d(p), the coordinates themselves
-        samples, derivative, inside = compiled.warp_with_gradient(image, coordinates, np.zeros((4, 4)), np.eye(4))
-        ctx.derivative = derivative[-voxel.shape[1]:]
+        # identity make that d(p), the coordinates themselves, whatever the layout of the points p -- so
+        # they are one column (3, N, 1, 1), whose first axis the kernel splits between threads (a 2D
+        # image's (1, H, W) would run on one)
+        coordinates = voxel.detach().float().reshape(ndim, -1, 1, 1).numpy()
+        if ndim == 2:  # a 2D image is a volume of depth 1: its depth coordinate is 0
+            coordinates = np.concatenate([np.zeros_like(coordinates[:1]), coordinates])
+        samples, derivative, inside = compiled.warp_with_gradient(
+            image, np.ascontiguousarray(coordinates), np.zeros((4, 4)), np.eye(4)
+        )
+        ctx.derivative = derivative[-ndim:]
         shape = (1, 1, *voxel.shape[2:])
-        return torch.from_numpy(samples.reshape(shape)), torch.from_numpy(inside.reshape(shape))
+        inside_tensor = torch.from_numpy(inside.reshape(shape))
+        # a constant of the step, as the reference's comparison makes it (a loss that sees a mask with
+        # a gradient takes its slower, mask-differentiating path: MattesMI's dense histogram)
+        ctx.mark_non_differentiable(inside_tensor)
+        return torch.from_numpy(samples.reshape(shape)), inside_tensor
 
     @staticmethod
     def backward(ctx, grad_samples: Tensor, grad_inside: Tensor):  # type: ignore[override]
