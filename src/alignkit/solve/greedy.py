@@ -32,7 +32,8 @@ With numba installed (``pip install alignkit[fast]``) one float32 field on the C
 kernels of :mod:`alignkit.spatial.compiled` instead: the Gaussians, the composition and, through
 :class:`LNCCForce`, the warp with its derivative and the LNCC force in closed form -- one fused loop
 each instead of a dozen torch operations (a greedy iteration on a 2 mm brain ~2x faster; figures in
-``benchmarks/README.md``, issue 17). The torch code here is the reference they are tested against
+``benchmarks/README.md``, issue 17); a displacement stage then takes its whole update there
+(:func:`update_displacement`: steps 2-5 without the passes between them). The torch code here is the reference they are tested against
 (``tests/test_compiled_greedy.py``); ``backend="torch"`` or ``ALIGNKIT_COMPILED=0`` forces it.
 """
 
