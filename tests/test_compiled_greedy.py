@@ -219,6 +219,16 @@ def test_the_switch_turns_the_compiled_path_off(monkeypatch):
     assert torch.equal(blur(field, 1.0), fast_gaussian_blur(field, 1.0))
 
 
+def _compiled_and_reference_maps(monkeypatch, fixed: Image, moving: Image, stage: StageConfig):
+    """The maps of one stage registered with the compiled kernels, then with ``ALIGNKIT_COMPILED=0``."""
+    config = RegistrationConfig(stages=[stage], init="none", crop_foreground=False)
+    compiled = alignkit.register(fixed, moving, config=config, seed=0, quiet=True)
+    monkeypatch.setenv("ALIGNKIT_COMPILED", "0")
+    reference = alignkit.register(fixed, moving, config=config, seed=0, quiet=True)
+    with torch.no_grad():
+        return compiled.world_map(), reference.world_map()
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_greedy_registration_takes_the_same_steps(monkeypatch, ndim):
     """A whole greedy displacement stage, compiled against torch: the same field to float rounding."""
@@ -233,12 +243,7 @@ def test_greedy_registration_takes_the_same_steps(monkeypatch, ndim):
         transform="displacement", optimizer="greedy", similarity="lncc", similarity_options={"window": 5},
         levels=(2, 1), iterations=(4, 3), learning_rate=0.5, gradient_smoothing=1.5, field_smoothing=0.5, tolerance=0.0,
     )
-    config = RegistrationConfig(stages=[stage], init="none", crop_foreground=False)
-    compiled = alignkit.register(fixed, moving, config=config, seed=0, quiet=True)
-    monkeypatch.setenv("ALIGNKIT_COMPILED", "0")
-    reference = alignkit.register(fixed, moving, config=config, seed=0, quiet=True)
-    with torch.no_grad():
-        found, expected = compiled.world_map(), reference.world_map()
+    found, expected = _compiled_and_reference_maps(monkeypatch, fixed, moving, stage)
     assert float((found - expected).abs().max()) < 1e-3
     assert float((expected - grid.world_points()).abs().max()) > 0.1  # the stage moved the field
 
@@ -302,11 +307,6 @@ def test_affine_stage_with_the_compiled_sampler_finds_the_reference_transform(mo
     fixed, moving = Image(fixed_tensor[0], grid), Image(fixed_tensor[0], moving_grid)
     stage = StageConfig(transform="affine", similarity="ncc", levels=(2, 1), iterations=(60, 40), learning_rate=1e-2,
                         sample_points=sample_points)
-    config = RegistrationConfig(stages=[stage], init="none", crop_foreground=False)
-    compiled = alignkit.register(fixed, moving, config=config, seed=0, quiet=True)
-    monkeypatch.setenv("ALIGNKIT_COMPILED", "0")
-    reference = alignkit.register(fixed, moving, config=config, seed=0, quiet=True)
-    with torch.no_grad():
-        found, expected = compiled.world_map(), reference.world_map()
+    found, expected = _compiled_and_reference_maps(monkeypatch, fixed, moving, stage)
     assert float((found - expected).abs().max()) < 0.2  # mm, voxels of 2 mm
     assert float((expected - grid.world_points()).abs().max()) > 1.0  # the stage moved
