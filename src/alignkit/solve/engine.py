@@ -208,16 +208,24 @@ INLIER_CHI2_LIMIT = 26.12
 OBJECTIVE_TOLERANCE = 1e-5
 
 
+#: a level with at least this many voxels keeps every thread (fewer: one); see :func:`_threads_for`
+PARALLEL_LEVEL_VOXELS = 1 << 18
+#: ... and for a greedy level whose iteration is the compiled loops (:mod:`alignkit.spatial.compiled`)
+PARALLEL_COMPILED_LEVEL_VOXELS = 1 << 15
+
+
 @contextlib.contextmanager
-def _threads_for(voxels: int, device: torch.device) -> Iterator[None]:
+def _threads_for(voxels: int, device: torch.device, threshold: int = PARALLEL_LEVEL_VOXELS) -> Iterator[None]:
     """Run small CPU levels on one thread.
 
-    Below ~250k voxels an op is over in well under a millisecond, and waking a second OpenMP
+    Below ~250k voxels a torch op is over in well under a millisecond, and waking a second OpenMP
     thread costs more than it saves -- up to 30x more when another process holds the other core
-    (measured: a 9-tap box filter on 128², 0.3 ms on one thread vs 11 ms on two under load).
+    (measured: a 9-tap box filter on 128², 0.3 ms on one thread vs 11 ms on two under load). The
+    compiled greedy iteration is a dozen long loops instead of hundreds of short ops, so it pays from
+    ``PARALLEL_COMPILED_LEVEL_VOXELS`` (the numba kernels follow torch's thread count).
     """
     previous = torch.get_num_threads()
-    if device.type != "cpu" or voxels >= 1 << 18 or previous == 1:
+    if device.type != "cpu" or voxels >= threshold or previous == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -749,7 +757,10 @@ class Engine:
                     field_grid = level.grid.downsampled(cfg.field_shrink) if cfg.field_shrink > 1 else level.grid
                     transform = transform.resampled(field_grid).to(self.device)
                 # named ranges for torch.profiler (benchmarks/speed3d.py --profile): free when not profiling
-                with _threads_for(level.grid.numel, self.device), torch.profiler.record_function(
+                compiled_level = (cfg.optimizer == "greedy" and level.fixed.shape[1] == 1
+                                  and compiled_fits(level.fixed, level.moving) and compiled_available())
+                threshold = PARALLEL_COMPILED_LEVEL_VOXELS if compiled_level else PARALLEL_LEVEL_VOXELS
+                with _threads_for(level.grid.numel, self.device, threshold), torch.profiler.record_function(
                     f"level {cfg.transform} 1/{cfg.levels[index]:g}"
                 ):
                     try:
