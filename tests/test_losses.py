@@ -257,6 +257,33 @@ def test_mi_sparse_histogram_matches_dense_soft_assignment() -> None:
         assert torch.allclose(grad_sparse, grad_dense, atol=1e-14)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 170, 190), (1, 1, 29, 30, 31)])
+def test_mi_compiled_histogram_matches_the_torch_form(shape, monkeypatch) -> None:
+    """float32 on the CPU takes the compiled joint histogram and gather (numba); with
+    ``ALIGNKIT_COMPILED=0`` the torch bincounts and gathers: the same value and gradient to float32
+    rounding (sums of 16 float32 products per sample, in another order)."""
+    from alignkit.spatial import compiled
+
+    if not compiled.available():
+        pytest.skip("numba is not installed")
+    gen = torch.Generator().manual_seed(1)
+    warped = torch.rand(shape, generator=gen)
+    fixed = warped ** 2 + 0.1 * torch.rand(shape, generator=gen)
+    mask = (torch.rand(shape[0], 1, *shape[2:], generator=gen) > 0.3).float()
+    mi = MattesMI(bins=32)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("ALIGNKIT_COMPILED", switch)
+        x = warped.clone().requires_grad_(True)
+        value = mi(x, fixed, mask)
+        (gradient,) = torch.autograd.grad(value, x)
+        results.append((value.item(), gradient))
+    (value, gradient), (expected, expected_gradient) = results
+    assert value == pytest.approx(expected, abs=1e-5)
+    scale = float(expected_gradient.abs().max())
+    assert scale > 0 and torch.allclose(gradient, expected_gradient, atol=1e-3 * scale)
+
+
 @pytest.mark.parametrize("shape", [(2, 2, 17, 19), (1, 1, 9, 10, 11)])
 @pytest.mark.parametrize("samples", [None, 300])
 @pytest.mark.parametrize("masked", [False, True])

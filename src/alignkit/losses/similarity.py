@@ -441,6 +441,38 @@ class _SparseJointHistogram(torch.autograd.Function):
         return _parzen_gather(flat, first, list(taps[:4]), list(taps[4:]), ctx.bins), None, None, None
 
 
+class _CompiledJointHistogram(torch.autograd.Function):
+    """:class:`_SparseJointHistogram` by the compiled loops of :mod:`alignkit.spatial.compiled`
+    (:func:`~alignkit.spatial.compiled.parzen_joint` / :func:`~alignkit.spatial.compiled.parzen_gather`):
+    each sample's 16 bins added in place, per thread, instead of four ``bincount`` s over 4N indices, and
+    the gather in one pass. float32 CPU coordinates; the torch form is the reference
+    (``tests/test_losses.py``)."""
+
+    @staticmethod
+    def forward(ctx, moving_coords: Tensor, fixed_coords: Tensor, weights: Tensor, bins: int) -> Tensor:  # type: ignore[override]
+        from alignkit.spatial import compiled
+
+        arrays = tuple(t.detach().contiguous().numpy() for t in (moving_coords, fixed_coords, weights))
+        ctx.arrays = arrays
+        joint = compiled.parzen_joint(*arrays, bins)
+        return torch.from_numpy(joint).to(moving_coords.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_joint: Tensor):  # type: ignore[override]
+        from alignkit.spatial import compiled
+
+        grad = grad_joint.detach().to(torch.float32).contiguous().numpy()
+        return torch.from_numpy(compiled.parzen_gather(*ctx.arrays, grad)), None, None, None
+
+
+def _compiled_histogram_applies(*coords: Tensor) -> bool:
+    """Whether the compiled joint histogram takes these ``(rows, N)`` coordinates: float32 on the CPU,
+    numba installed and ``ALIGNKIT_COMPILED`` not ``0``."""
+    from alignkit.spatial import compiled
+
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in coords) and compiled.available()
+
+
 class MattesMI(nn.Module):
     """Mattes mutual information; returns ``-MI`` (nats), to minimise.
 
@@ -539,7 +571,8 @@ class MattesMI(nn.Module):
         if self.fixed_kernel == "bspline" and not (ty.requires_grad or w.requires_grad):
             batch, channels = tx.shape[:2]
             weights = w.expand_as(ty)
-            joint = _SparseJointHistogram.apply(
+            histogram = _CompiledJointHistogram if _compiled_histogram_applies(tx, ty, weights) else _SparseJointHistogram
+            joint = histogram.apply(
                 tx.flatten(0, 1), ty.flatten(0, 1), weights.flatten(0, 1), self.bins
             ).view(batch, channels, self.bins, self.bins)
         else:

@@ -540,3 +540,97 @@ def local_ncc_force(
     force = np.empty_like(warped)
     kernels["_ncc_gradient"](back, warped, fixed, scale, force)
     return value, force
+
+
+# ------------------------------------------------------------------------------------------------
+# Mattes mutual information: the Parzen joint histogram with cubic B-spline kernels on both sides, and
+# the gather of its gradient back to the samples (alignkit.losses.MattesMI's sparse histogram, whose
+# torch form is four weighted bincounts of 4N indices and sixteen gathers)
+
+#: samples per job of the histogram: each job fills its own histogram (no write races), summed after
+HISTOGRAM_CHUNK = 1 << 14
+
+
+@_helper
+def _bspline_weights(t):
+    # the cubic B-spline's four weights and derivatives at bin coordinate t, and its first bin (floor - 1),
+    # in float32 as the torch form computes them
+    whole = math.floor(t)
+    f = np.float32(t - whole)
+    g = np.float32(1.0) - f
+    f2 = f * f
+    g2 = g * g
+    third = np.float32(2.0 / 3.0)
+    half = np.float32(0.5)
+    w0 = g2 * g / np.float32(6.0)
+    w1 = third - f2 + half * f2 * f
+    w2 = third - g2 + half * g2 * g
+    w3 = f2 * f / np.float32(6.0)
+    d0 = -half * g2
+    d1 = np.float32(1.5) * f2 - np.float32(2.0) * f
+    d2 = np.float32(2.0) * g - np.float32(1.5) * g2
+    d3 = half * f2
+    return int(whole) - 1, w0, w1, w2, w3, d0, d1, d2, d3
+
+
+@_kernel
+def _parzen_joint(moving, fixed, weights, partial):
+    # partial: (jobs, rows, bins, bins) float64 zeros; job j fills partial[j] from its chunk of samples
+    rows, count = moving.shape
+    jobs = partial.shape[0]
+    for job in prange(jobs):
+        start = job * HISTOGRAM_CHUNK
+        stop = min(count, start + HISTOGRAM_CHUNK)
+        for r in range(rows):
+            for i in range(start, stop):
+                m_first, m0, m1, m2, m3, _, _, _, _ = _bspline_weights(moving[r, i])
+                f_first, f0, f1, f2, f3, _, _, _, _ = _bspline_weights(fixed[r, i])
+                w = weights[r, i]
+                for a in range(4):
+                    fa = (f0 if a == 0 else (f1 if a == 1 else (f2 if a == 2 else f3))) * w
+                    partial[job, r, f_first + a, m_first] += fa * m0
+                    partial[job, r, f_first + a, m_first + 1] += fa * m1
+                    partial[job, r, f_first + a, m_first + 2] += fa * m2
+                    partial[job, r, f_first + a, m_first + 3] += fa * m3
+
+
+@_kernel
+def _parzen_gather(moving, fixed, weights, grad, out):
+    # out[r, i]: d (sum_ab grad[r, a, b] J_ab) / d moving[r, i] -- the sample's 4 x 4 bins, weighted by
+    # the fixed kernel (times the sample's weight) and the moving kernel's derivative
+    rows, count = moving.shape
+    for i in prange(count):
+        for r in range(rows):
+            m_first, _, _, _, _, d0, d1, d2, d3 = _bspline_weights(moving[r, i])
+            f_first, f0, f1, f2, f3, _, _, _, _ = _bspline_weights(fixed[r, i])
+            w = weights[r, i]
+            total = 0.0
+            for a in range(4):
+                fa = (f0 if a == 0 else (f1 if a == 1 else (f2 if a == 2 else f3))) * w
+                row = f_first + a
+                total += fa * (d0 * grad[r, row, m_first] + d1 * grad[r, row, m_first + 1]
+                               + d2 * grad[r, row, m_first + 2] + d3 * grad[r, row, m_first + 3])
+            out[r, i] = total
+
+
+def parzen_joint(moving: np.ndarray, fixed: np.ndarray, weights: np.ndarray, bins: int) -> np.ndarray:
+    """The ``(rows, bins, bins)`` float64 joint histogram (fixed bins first) of the ``(rows, N)`` float32
+    bin coordinates ``moving`` and ``fixed`` (within ``[1, bins - 2)``: every sample's 4 x 4 bins exist),
+    each sample counted with its ``weights`` times the two cubic B-spline kernels."""
+    kernels = _compiled()
+    _threads()
+    rows, count = moving.shape
+    jobs = max(1, -(-count // HISTOGRAM_CHUNK))
+    partial = np.zeros((jobs, rows, bins, bins), dtype=np.float64)
+    kernels["_parzen_joint"](moving, fixed, weights, partial)
+    return partial.sum(axis=0)
+
+
+def parzen_gather(moving: np.ndarray, fixed: np.ndarray, weights: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """``(rows, N)`` float32: each sample's derivative of ``sum_ab grad[r, a, b] J[r, a, b]`` with respect to
+    its moving bin coordinate (``J`` = :func:`parzen_joint`; ``grad`` float32 ``(rows, bins, bins)``)."""
+    kernels = _compiled()
+    _threads()
+    out = np.empty_like(moving)
+    kernels["_parzen_gather"](moving, fixed, weights, grad, out)
+    return out
