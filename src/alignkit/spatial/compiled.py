@@ -18,7 +18,11 @@ the volume:
   counts at the border), its masked mean and its closed-form gradient with respect to the warped image;
 * :func:`compose_step` -- ``u <- s + u o (id + s)`` with trilinear, border-clamped sampling (the step
   scaled on the fly), and :func:`longest_squared`, the step's normalisation (its longest voxel vector);
-* :func:`gaussian` / :func:`box_sum` -- separable filters (replicate / zero padding).
+* :func:`gaussian` / :func:`box_sum` -- separable filters (replicate / zero padding);
+* :func:`parzen_joint` / :func:`parzen_gather` -- Mattes mutual information's joint histogram (cubic
+  B-spline kernels on both sides) and its gradient back to the samples (:class:`alignkit.losses.MattesMI`
+  on float32 CPU samples; the 3D compiled sampler of :func:`alignkit.spatial.points.sample_voxels_with_inside`
+  uses :func:`warp_with_gradient` too).
 
 Every kernel works on ``(D, H, W)`` volumes; a 2D image is a volume of depth 1 (a singleton axis
 changes nothing: its window sum is the value itself, its normalised Gaussian too, and a sample along
