@@ -111,7 +111,7 @@ SHIPPED: tuple[ShippedModel, ...] = (
         name="stereo_net_synthetic2d",
         method="stereo-net",
         ndim=2,
-        summary="2D stereo-net (MC-CNN-fast matching cost for SGM), synthetic layered scenes from scikit-image "
+        summary="2D stereo-net (MC-CNN-fast matching cost mixed 1:1 with census, for SGM), synthetic layered scenes from scikit-image "
         "photographs + the Middlebury motorcycle pair; benchmarks/ship_stereo_net.py",
     ),
     # A recipe only, for now: its run (10 'country' pairs harvested by weak-homography, 12 epochs, commit

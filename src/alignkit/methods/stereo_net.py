@@ -6,7 +6,8 @@ by a siamese network that tells matching 9x9 patches from non-matching ones; the
 pipeline stays classical. Here:
 
 * network: ``features`` (:class:`~alignkit.nets.stereo.MatchingFeatures`, MC-CNN-fast: four 3x3
-  convolutions, unit feature vectors; the score of two patches is their cosine);
+  convolutions by default, five -- 11x11 patches, the paper's Middlebury depth -- in the shipped
+  model's recipe; unit feature vectors; the score of two patches is their cosine);
 * training, ``objective="hinge"`` (the paper's "fast" hinge loss): for a left pixel ``p`` with known
   disparity ``d``, the positive is the right pixel at ``x - d``, the negative at ``x - d + o`` with
   ``|o|`` drawn in ``[negative_low, negative_high]`` (1.5 and 6 px in the paper's fast architecture;
