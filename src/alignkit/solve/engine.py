@@ -834,10 +834,10 @@ class Engine:
             fixed_level = level.fixed.flatten(2)[..., chosen].reshape(*level.fixed.shape[:2], *as_points)
             world_level = level.world.flatten(2)[..., chosen].reshape(*level.world.shape[:2], *as_points)
 
-        # one float32 image on the CPU with numba: the samples of a linear chain or of a voxel sample and
+        # one float32 3D image on the CPU with numba: the samples of a linear chain or of a voxel sample and
         # their gradient by the compiled sampler (grid_sample's backward was two thirds of the brain
-        # preset's affine stage); fields keep grid_sample
-        compiled_sampling = ((linear_chain or sampled) and level.moving.shape[:2] == (1, 1)
+        # preset's affine stage); fields and 2D images keep grid_sample (faster in 2D: see the sampler)
+        compiled_sampling = ((linear_chain or sampled) and ndim == 3 and level.moving.shape[:2] == (1, 1)
                              and compiled_fits(level.moving) and compiled_available())
         voxel_points = (level.grid.voxel_points(dtype=level.moving.dtype, device=self.device)
                         if compiled_sampling and linear_chain and not sampled else None)
