@@ -16,6 +16,7 @@ registration. The pairs are held out from the preset's tuning (subjects 07-12; t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -89,7 +90,7 @@ def run_pair(case: Any, device: Any, repeats: int, preset: str, profile: str | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--data", default=os.environ.get("ALIGNKIT_DATA", str(DEFAULT_DATA)))
     parser.add_argument("--resolutions", default="1,2", help="comma-separated mm (1 = native grid)")
     parser.add_argument("--pairs", default="subject12<-subject11,subject08<-subject07")
     parser.add_argument("--repeats", type=int, default=3)

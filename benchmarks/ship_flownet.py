@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="a finished run of the recipe (default: train one)")
     parser.add_argument("--train", action="store_true", help="train the recipe into --run-dir (or a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hardware", default="CPU, one torch thread, on a shared 2-core machine",
+                        help="where the run was trained, for the card (e.g. a lent GPU)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     import torch
@@ -162,25 +164,32 @@ def main(argv: list[str] | None = None) -> int:
     check_recipe(recipe, run_dir)
     shipped = export(run_dir, MODELS / f"{NAME}.pt")
     scores = score(args.threads)
+    training_data = ("alignkit.data.synthetic_flow (synthetic-flow): FlyingChairs-style pairs rendered from the "
+                     f"scikit-image sample photographs {', '.join(PHOTOGRAPHS)}")
     card = {
         "name": NAME,
         "method": "flownet-c",
         "summary": "narrow FlowNetC (16-128 channels, ~0.73 M parameters; FlowNetC has ~39 M) trained on "
                    "synthetic FlyingChairs-style pairs generated on the fly from scikit-image photographs",
-        "data": {"training": "alignkit.data.synthetic_flow (synthetic-flow): scikit-image sample photographs "
-                             f"{', '.join(PHOTOGRAPHS)}",
-                 "licence": "scikit-image sample images: each loader's docstring in skimage.data states its "
-                            "source and licence (public domain, CC0 or CC BY); the weights are released with "
-                            "alignkit under its licence",
-                 "scored_on": "flow/middlebury (4 pairs), flow/sintel clean+final (4 pairs): never trained on"},
+        "dimensions": 2,
+        "parameters": shipped["parameters"],
+        "file": shipped["path"],
+        "file_bytes": shipped["bytes"],
+        "file_sha256": shipped["sha256"],
+        "training_data": training_data,
+        "scored_on": "flow/middlebury (4 pairs), flow/sintel clean+final (4 pairs): never trained on",
+        "weights_licence": "scikit-image sample images: each loader's docstring in skimage.data states its source "
+                           "and licence (public domain, CC0 or CC BY); the weights are released with alignkit under "
+                           "its licence",
+        "recipe": str(recipe_path.relative_to(REPO_ROOT)),
+        "training_config": recipe,
         "command": f"python -m alignkit train --recipe {NAME} -o RUN --quiet; "
                    f"python benchmarks/ship_flownet.py --run-dir RUN --threads {args.threads}",
-        "recipe": recipe,
         "commit": git("rev-parse", "HEAD"),
         "date": dt.date.today().isoformat(),
-        "training": {**training_record(run_dir), **trained,
-                     "hardware": "CPU, one torch thread, on a shared 2-core machine"},
-        "file": shipped,
+        "training": {**training_record(run_dir), **trained, "hardware": args.hardware},
+        "export": {"dtype": "float16", "run_checkpoint_bytes": shipped["run_checkpoint_bytes"],
+                   "fp16_check": shipped["fp16_check"]},
         "scores": scores,
         "narrowing": "FlowNetC's widths (64-1024 channels, ~39 M parameters, 156 MB in float32) would not ship "
                      "in 2 MiB; this model keeps FlowNetC's layout at a fiftieth of the parameters. A wide model "

@@ -445,3 +445,12 @@ def test_models_follow_the_device_of_their_parameters(name: str) -> None:
     assert out.device.type == "cuda" and torch.allclose(out, pts, atol=1e-5)
     if name in ("affine", "svf", "vsvf"):
         assert t.inverse().transform_points(pts).device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to check device placement")
+def test_composed_matrix_of_stages_on_two_devices() -> None:
+    # a chain fitted on a GPU after a stage made on the CPU (the brain preset's affine then field)
+    cpu_stage = MatrixTransform(torch.eye(4, dtype=torch.float64) * 2.0)
+    gpu_stage = Affine(3).to("cuda")
+    matrix = ComposedTransform([gpu_stage, cpu_stage]).matrix()
+    assert matrix.device.type == "cuda" and torch.allclose(matrix.cpu(), cpu_stage.matrix())

@@ -124,16 +124,17 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="2D pseudo-siamese patch descriptor trained on VIS-NIR 'country' patches harvested by weak-homography "
         "(no ground truth); SIFT keypoints + MAGSAC++; benchmarks/ship_descriptor.py",
     ),
-    # A recipe only, for now: trained by it on one CPU thread of a shared machine (6 x 2000 synthetic pairs,
-    # 45 min), the narrow FlowNetC scored a mean EPE of 3.98 px on Middlebury and 8.89 on the Sintel samples
-    # (benchmarks/ship_flownet.py): worse than no motion at all on Middlebury (zero flow: 2.53), barely better on
-    # Sintel (9.05), far behind Farneback (0.52 / 2.70), so its weights do not ship until a longer run beats Farneback.
+    # Trained on a lent H200 (benchmarks/gpu_session.py: 7 x 4096 synthetic 128x128 pairs, 160 s): mean EPE
+    # 0.633 px on Middlebury (Farneback 0.523, zero flow 2.53) and 5.97 on the Sintel samples (Farneback 2.70,
+    # zero flow 9.05), 0.12-0.23 s per pair on one CPU thread (benchmarks/ship_flownet.py, its card). Not yet
+    # Farneback's accuracy; shipped so that `--method flownet-c` runs after install, `--refine` on top.
     ShippedModel(
         name="flownet_c_synthetic2d",
         method="flownet-c",
         ndim=2,
-        summary="2D narrow FlowNetC, synthetic FlyingChairs-style pairs from scikit-image photographs (64x64 crops); "
-        "runs at the frames' own resolution; benchmarks/ship_flownet.py",
+        summary="2D narrow FlowNetC (0.73 M parameters), synthetic FlyingChairs-style pairs from scikit-image "
+        "photographs (128x128 crops, 28,672 pairs on a GPU); runs at the frames' own resolution; below Farneback's "
+        "accuracy (see its card); benchmarks/ship_flownet.py",
     ),
 )
 

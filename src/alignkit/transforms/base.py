@@ -132,10 +132,12 @@ class ComposedTransform(Transform):
         return world
 
     def matrix(self) -> Tensor:
-        out = torch.eye(self.ndim + 1, dtype=torch.float64)
+        # on the first stage's device: a chain fitted on a GPU may start with a stage made on the CPU
+        out: Tensor | None = None
         for stage in self.stage_list():
-            out = out @ stage.matrix().to(torch.float64)
-        return out
+            matrix = stage.matrix().to(torch.float64)
+            out = matrix if out is None else out @ matrix.to(out.device)
+        return torch.eye(self.ndim + 1, dtype=torch.float64) if out is None else out
 
     def inverse(self) -> Transform:
         return ComposedTransform([s.inverse() for s in reversed(self.stage_list())])
