@@ -128,7 +128,11 @@ def plan_epochs(probe_wall: float, probe_rows: list[dict[str, str]], probe_pairs
                     "predicted_epoch_s": round(per_epoch, 1), "fixed_s": round(fixed, 1)}
 
 
-def run_jobs(names: list[str], device: str, budget: float, work: Path, out: Path) -> dict[str, Any]:
+def run_jobs(names: list[str], device: str, budget: float, work: Path, out: Path,
+             hard_stop: float = math.inf) -> dict[str, Any]:
+    """Probe then train every job of ``names``; every process is stopped at ``hard_stop`` (a
+    ``time.perf_counter()`` value) at the latest, so that the packing still happens inside the device
+    call's own limit."""
     results: dict[str, Any] = {}
     probes: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
     for name in names:
@@ -137,7 +141,12 @@ def run_jobs(names: list[str], device: str, budget: float, work: Path, out: Path
         probes[name] = (_start(config, work / f"{name}-probe", device, work / f"{name}.log"), time.perf_counter())
     finals: dict[str, tuple[subprocess.Popen[bytes], float, dict[str, Any]]] = {}
     for name, (process, started) in probes.items():
-        code = process.wait(timeout=max(budget, 120))
+        try:
+            code = process.wait(timeout=max(min(budget, hard_stop - time.perf_counter()), 1))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            code = "probe stopped at the deadline"
         wall = time.perf_counter() - started
         job = JOBS[name]
         rows = _read_log(work / f"{name}-probe")
@@ -156,7 +165,7 @@ def run_jobs(names: list[str], device: str, budget: float, work: Path, out: Path
         log(f"[{BENCHMARK}] {name}: probe {plan}; {epochs} epochs")
         finals[name] = (_start(config, run, device, work / f"{name}.log"), time.perf_counter(),
                         {"epochs_planned": epochs, **plan})
-    deadline = time.perf_counter() + budget + 60
+    deadline = min(time.perf_counter() + budget + 60, hard_stop)
     for name, (process, started, info) in finals.items():
         try:
             code = process.wait(timeout=max(deadline - time.perf_counter(), 1))
@@ -204,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bench-pairs", default="subject12<-subject11,subject08<-subject07")
     parser.add_argument("--bench-repeats", type=int, default=3)
     parser.add_argument("--bench-timeout", type=float, default=180.0)
+    parser.add_argument("--hard-stop", type=float, default=math.inf,
+                        help="seconds after the start by which every training process is stopped (then packing)")
     parser.add_argument("--override", default="{}",
                         help='JSON {job: {"config": {...}, "probe": {...}}} merged into JOBS (e.g. a CPU dry run)')
     args = parser.parse_args(argv)
@@ -237,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         payload["gpu3d_wall_s"] = round(time.perf_counter() - started, 1)
     names = [n for n in args.jobs.split(",") if n]
     if names:
-        payload["training"] = run_jobs(names, args.device, args.train_budget, work, out)
+        payload["training"] = run_jobs(names, args.device, args.train_budget, work, out,
+                                       hard_stop=started + args.hard_stop)
     payload["wall_s"] = round(time.perf_counter() - started, 1)
     emit(payload, out / "session.json")
 
