@@ -12,12 +12,19 @@ and a loss ``L(φ*)`` has ``dL/dF = -(∂²E/∂F∂φ)ᵀ H⁻¹ ∇_φ L`` (th
 * ``"jfb"`` (default): Jacobian-free backprop (Fung et al., JFB: Jacobian-Free Backpropagation for
   Implicit Networks, AAAI 2022; DIO's choice) replaces ``H⁻¹`` by the identity, so the backward pass
   is one differentiable evaluation of ``∇_φ E`` at φ* and one vector-Jacobian product of it with
-  respect to the images -- the mixed second derivative of ``grid_sample``;
+  respect to the images -- the mixed second derivative of the warp;
 * ``"ift"``: the exact implicit-function-theorem gradient, ``H⁻¹ ∇_φ L`` solved by conjugate gradient
-  on Hessian-vector products (double backward through ``grid_sample`` with respect to the sampling
-  grid, which torch 2.13 implements for 2D and 3D linear sampling: checked against central
-  differences of the gradient in float64, relative error 1e-10), with an optional damping ``λ``
-  (``(H + λ I)``) for optima that are not strict minima.
+  on Hessian-vector products (double backward of the warp with respect to the sampling points), with
+  an optional damping ``λ`` (``(H + λ I)``) for optima that are not strict minima.
+
+Both need the warp twice differentiable. ``grid_sample``'s backward has no derivative on CUDA
+(``aten::grid_sampler_3d_backward``, torch 2.11; nor on torch 2.11's CPU in 3D), so the objective of the backward pass is evaluated
+under :func:`alignkit.spatial.twice_differentiable_sampling`: every linear sampling in it (the engine's
+warp, fields interpolated by the transforms, label maps) is
+:func:`alignkit.spatial.sample_voxels_twice_differentiable`, on every device -- the same values and
+derivatives as ``grid_sample`` to float64 round-off, and on the CPU faster than ``grid_sample``'s own
+double backward (64x64x40, two threads, forward + gradient with a graph + double backward: 0.07 against
+0.13 s for one channel, 0.16 against 0.29 s for eight).
 
 Either way the forward pass runs the engine without a graph and the backward pass re-evaluates the
 objective once at the optimum, so memory and time do not grow with the number of solver iterations.
@@ -43,7 +50,7 @@ from alignkit.errors import ConfigError
 from alignkit.image import Image
 from alignkit.solve.config import RegistrationConfig
 from alignkit.solve.engine import Engine, LevelRecord
-from alignkit.spatial import Grid
+from alignkit.spatial import Grid, twice_differentiable_sampling
 from alignkit.transforms import ComposedTransform, Transform
 
 GradientMode = Literal["jfb", "ift"]
@@ -123,7 +130,9 @@ def implicit_image_gradients(
         try:
             fixed_leaf = fixed.detach().requires_grad_(True)
             moving_leaf = moving.detach().requires_grad_(True)
-            energy = engine.level_energy(record, fixed_leaf, moving_leaf)
+            # always, not only on CUDA: faster than grid_sample's double backward on the CPU too (module docstring)
+            with twice_differentiable_sampling():
+                energy = engine.level_energy(record, fixed_leaf, moving_leaf)
             grads = torch.autograd.grad(energy, params, create_graph=True, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             vector = _flat([g.detach() for g in grad_params]).to(grads[0].dtype)

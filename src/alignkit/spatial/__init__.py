@@ -65,6 +65,11 @@ from alignkit.spatial.jacobian import (
     small_determinant,
     spatial_gradient,
 )
+from alignkit.spatial.linear_sampling import (
+    sample_voxels_twice_differentiable,
+    twice_differentiable_sampling,
+    twice_differentiable_sampling_active,
+)
 from alignkit.spatial.points import (
     points_to_tensor,
     rescale_voxel_displacement,
@@ -103,11 +108,14 @@ __all__ = [
     "reverse_components",
     "sample_affine",
     "sample_voxels",
+    "sample_voxels_twice_differentiable",
     "sample_world",
     "separable_filter",
     "small_determinant",
     "spatial_gradient",
     "tensor_to_points",
+    "twice_differentiable_sampling",
+    "twice_differentiable_sampling_active",
     "unit_from_voxel",
     "voxel_identity",
     "voxel_matrix_from_unit_matrix",

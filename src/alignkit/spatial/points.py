@@ -19,11 +19,35 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.errors import ShapeError
-from alignkit.spatial.frames import apply_matrix, normalized_from_voxel, voxel_to_normalized
+from alignkit.spatial.frames import (
+    apply_matrix,
+    normalized_from_voxel,
+    reverse_components,
+    voxel_to_normalized,
+)
 from alignkit.spatial.grid import Grid
+from alignkit.spatial.linear_sampling import (
+    sample_voxels_twice_differentiable,
+    twice_differentiable_sampling_active,
+)
 
 InterpMode = Literal["linear", "nearest"]
 PaddingMode = Literal["zeros", "border", "reflection"]
+
+
+def _twice_differentiable(mode: InterpMode, padding: PaddingMode) -> bool:
+    """Whether a sampling call takes :func:`sample_voxels_twice_differentiable` (see
+    :func:`~alignkit.spatial.linear_sampling.twice_differentiable_sampling`)."""
+    return mode == "linear" and padding in ("zeros", "border") and twice_differentiable_sampling_active()
+
+
+def _voxel_from_normalized(grid: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`voxel_to_normalized` for the grids this module builds: ``grid_sample``'s
+    ``(B, *S, ndim)`` -> voxel coordinates ``(B, ndim, *S)`` of a grid of ``shape``."""
+    ndim = len(shape)
+    size = torch.tensor(shape, dtype=grid.dtype, device=grid.device).view(1, ndim, *([1] * (grid.dim() - 2)))
+    unit = reverse_components(grid.movedim(-1, 1))
+    return (unit + 1.0) * 0.5 * (size - 1)
 
 
 def sample_voxels(
@@ -36,10 +60,14 @@ def sample_voxels(
     """Sample ``tensor (B, C, *S_in)`` at voxel coordinates ``voxel (B, ndim, *S_out)`` of its grid.
 
     ``S_out`` may have any number of dimensions (e.g. a point list ``(B, ndim, N)``); the result is
-    ``(B, C, *S_out)``."""
+    ``(B, C, *S_out)``. Inside :func:`~alignkit.spatial.linear_sampling.twice_differentiable_sampling`,
+    linear sampling with zeros or border padding is :func:`sample_voxels_twice_differentiable` (same
+    values; derivatives of any order on every device)."""
     ndim = voxel.shape[1]
     if tensor.dim() != ndim + 2:
         raise ShapeError(f"sample_voxels: tensor {tuple(tensor.shape)} is not (B, C, *spatial) with {ndim} spatial dims")
+    if _twice_differentiable(mode, padding):
+        return sample_voxels_twice_differentiable(tensor, voxel, padding=padding)  # type: ignore[arg-type]
     if voxel.dim() != ndim + 2:
         # grid_sample wants as many output dims as input dims: sample a flat (N, 1[, 1]) block.
         flat = voxel.reshape(voxel.shape[0], ndim, -1, *([1] * (ndim - 1)))
@@ -84,6 +112,9 @@ def sample_affine(
     theta = theta[:ndim].to(tensor.dtype).unsqueeze(0).expand(tensor.shape[0], ndim, ndim + 1)
     grid = F.affine_grid(theta, [tensor.shape[0], 1, *shape], align_corners=True)
     inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1).to(tensor.dtype)
+    if _twice_differentiable(mode, padding):
+        samples = sample_voxels_twice_differentiable(tensor, _voxel_from_normalized(grid, in_shape), padding=padding)  # type: ignore[arg-type]
+        return samples, inside
     torch_mode = "bilinear" if mode == "linear" else "nearest"
     samples = F.grid_sample(tensor, grid, mode=torch_mode, padding_mode=padding, align_corners=True)
     return samples, inside
@@ -138,6 +169,7 @@ def sample_voxels_with_inside(tensor: Tensor, voxel: Tensor, *, compiled: bool =
         and kernels.fits(tensor)
         and voxel.device.type == "cpu"
         and kernels.available()
+        and not twice_differentiable_sampling_active()  # the kernel is differentiable once, in voxel only
     ):
         image = kernels.volumes(tensor)[0]
         return _CompiledSample.apply(voxel, image)
@@ -183,6 +215,9 @@ def sample_projective(
     mapped = base @ theta.T  # (1, *shape, ndim + 1)
     grid = (mapped[..., :ndim] / mapped[..., ndim:]).expand(tensor.shape[0], *shape, ndim)
     inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1).to(tensor.dtype)
+    if _twice_differentiable(mode, padding):
+        samples = sample_voxels_twice_differentiable(tensor, _voxel_from_normalized(grid, in_shape), padding=padding)  # type: ignore[arg-type]
+        return samples, inside
     torch_mode = "bilinear" if mode == "linear" else "nearest"
     samples = F.grid_sample(tensor, grid, mode=torch_mode, padding_mode=padding, align_corners=True)
     return samples, inside
