@@ -43,4 +43,20 @@ def produced(tmp_path_factory):
 def test_same_result_as_before_the_method_registry(produced, name):
     golden = np.load(GOLDEN)
     assert name in produced, f"the golden case {name} is no longer produced"
+    if name in PLATFORM_SENSITIVE:
+        difference = np.abs(produced[name] - golden[name])
+        mean_limit, p99_limit = PLATFORM_SENSITIVE[name]
+        assert difference.mean() <= mean_limit and np.percentile(difference, 99) <= p99_limit, (
+            f"{name}: mean |difference| {difference.mean():.4f}, 99th percentile {np.percentile(difference, 99):.4f}"
+        )
+        return
     np.testing.assert_allclose(produced[name], golden[name], rtol=1e-5, atol=1e-4)
+
+
+#: The brain preset's greedy iterations filter by matrix products (``spatial.banded``): BLAS's last bits
+#: differ between CPU models (MKL picks its kernels by processor), and a hundred iterations amplify them.
+#: On one machine the same commit (3909d17, which wrote these entries) reproduced them exactly, on another
+#: (2026-12-04, Xeon with AVX-512) it gave mean / 99th-percentile / max differences of 0.076 / 0.49 / 1.37
+#: (2D) and 0.011 / 0.069 / 0.14 (3D), world units, the default2d and flow entries to 4e-5. So these two
+#: are held to about twice that drift on average and in the tail; a real change of results moves them more.
+PLATFORM_SENSITIVE = {"classical_brain_2d": (0.15, 1.0), "classical_brain_3d": (0.03, 0.15)}

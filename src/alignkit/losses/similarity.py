@@ -17,6 +17,7 @@ dtype of ``warped``.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -526,21 +527,55 @@ class MattesMI(nn.Module):
         self.fixed_range = fixed_range
         self.moving_range = moving_range
 
+    def __getstate__(self) -> dict:
+        # the fixed-side cache holds a weak reference, which neither pickles nor means anything elsewhere
+        state = dict(self.__dict__)
+        state.pop("_fixed_cache", None)
+        return state
+
+    def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``percentile`` and ``100 - percentile`` order statistics of ``x (B, C, N)`` along N
+        (``kthvalue``'s, exactly): the k-th smallest is the largest of the k smallest, and ``topk`` of a
+        tail is about twice as fast as ``kthvalue`` (100k samples: 0.85 against 1.58 ms for both bounds,
+        measured) -- it ran for every MI evaluation, ~20 % of the multimodal preset on CT <-> MR.
+        (Not ``torch.quantile``: it refuses inputs above 2^24 elements.)"""
+        n = x.shape[-1]
+        k_lo = min(n, round(self.percentile / 100.0 * (n - 1)) + 1)
+        k_hi = min(n, round((1.0 - self.percentile / 100.0) * (n - 1)) + 1)
+        if k_lo <= n // 20:
+            lo = x.topk(k_lo, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+            hi = x.topk(n - k_hi + 1, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+            return lo, hi
+        return x.kthvalue(k_lo, dim=-1, keepdim=True).values, x.kthvalue(k_hi, dim=-1, keepdim=True).values
+
     def _normalise(self, x: Tensor, value_range: tuple[float, float] | None) -> Tensor:
         """``x (B, C, N)`` -> ``[0, 1]`` per batch item and channel; the range is detached."""
         if value_range is not None:
             lo = torch.full_like(x[..., :1], value_range[0])
             hi = torch.full_like(x[..., :1], value_range[1])
         else:
-            detached = x.detach()
-            n = detached.shape[-1]
-            # kthvalue instead of torch.quantile: quantile refuses inputs above 2^24 elements.
-            k_lo = min(n, round(self.percentile / 100.0 * (n - 1)) + 1)
-            k_hi = min(n, round((1.0 - self.percentile / 100.0) * (n - 1)) + 1)
-            lo = detached.kthvalue(k_lo, dim=-1, keepdim=True).values
-            hi = detached.kthvalue(k_hi, dim=-1, keepdim=True).values
+            lo, hi = self._bounds(x.detach())
         scale = (hi - lo).clamp_min(torch.finfo(x.dtype).eps)
         return ((x - lo) / scale).clamp(0.0, 1.0)
+
+    def _fixed_bins(self, y: Tensor, fixed: Tensor, index: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """The fixed samples' bin coordinates ``2 + (bins - 5) * normalised(y)``, made once per fixed
+        image: an optimiser evaluates the metric hundreds of times against the same fixed image and
+        the same samples (every voxel, or the seeded subset), and their percentiles cost as much as
+        the moving side's. Recomputed when ``fixed`` is another tensor (held by a weak reference, so a
+        freed image's address reused by a new one is never mistaken for it) or was modified in
+        place, when the samples are drawn by a caller's generator, or when ``y`` carries a graph."""
+        span = self.bins - 5
+        if y.requires_grad or (index is not None and generator is not None):
+            return 2.0 + span * self._normalise(y, self.fixed_range)
+        key = (fixed._version, tuple(fixed.shape), y.dtype, y.shape, index is None, self.samples, self.seed,
+               self.percentile, self.fixed_range, self.bins)
+        cached = self.__dict__.get("_fixed_cache")
+        if cached is not None and cached[0]() is fixed and cached[1] == key:
+            return cached[2]
+        ty = 2.0 + span * self._normalise(y, self.fixed_range)
+        self.__dict__["_fixed_cache"] = (weakref.ref(fixed), key, ty)
+        return ty
 
     def _parzen(self, t: Tensor, kernel: ParzenKernel) -> Tensor:
         """Soft assignment ``(..., N, bins)`` of bin coordinates ``t (..., N)``."""
@@ -559,13 +594,13 @@ class MattesMI(nn.Module):
         *,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        x, y, w, _ = self._flat_samples(warped, fixed, mask, generator)
+        x, y, w, index = self._flat_samples(warped, fixed, mask, generator)
         dtype = x.dtype
         # Intensities -> continuous bin coordinates in [2, bins - 3]: two padding bins on each
         # side hold the support of the cubic kernel, so every sample's weights sum to 1.
         span = self.bins - 5
         tx = 2.0 + span * self._normalise(x, self.moving_range)
-        ty = 2.0 + span * self._normalise(y, self.fixed_range)
+        ty = self._fixed_bins(y, fixed, index, generator)
         # the sparse histogram differentiates the warped side only; a learned fixed side (feature
         # images) or a mask that depends on the transform take the dense path
         if self.fixed_kernel == "bspline" and not (ty.requires_grad or w.requires_grad):
@@ -632,17 +667,13 @@ class MattesMI(nn.Module):
             lo = torch.full_like(x[..., :1], self.moving_range[0])
             hi = torch.full_like(x[..., :1], self.moving_range[1])
         else:
-            count = x.shape[-1]
-            k_lo = min(count, round(self.percentile / 100.0 * (count - 1)) + 1)
-            k_hi = min(count, round((1.0 - self.percentile / 100.0) * (count - 1)) + 1)
-            lo = x.kthvalue(k_lo, dim=-1, keepdim=True).values
-            hi = x.kthvalue(k_hi, dim=-1, keepdim=True).values
+            lo, hi = self._bounds(x)
         scale = (hi - lo).clamp_min(torch.finfo(dtype).eps)
         u = (x - lo) / scale
         # clamp's derivative (1 on the closed interval, as autograd's) times the bin scale
         d_t = torch.where((u >= 0.0) & (u <= 1.0), span / scale, torch.zeros_like(u))
         tx = 2.0 + span * u.clamp(0.0, 1.0)
-        ty = 2.0 + span * self._normalise(y, self.fixed_range)
+        ty = self._fixed_bins(y, fixed, index, generator)
         batch, channels = tx.shape[:2]
         bins = self.bins
         tx, ty = tx.flatten(0, 1), ty.flatten(0, 1)  # (rows, N)
