@@ -665,3 +665,31 @@ def test_every_choice_a_stage_accepts_is_callable_the_way_the_engine_calls_it() 
     for name in get_args(FieldRegularizerName):
         StageConfig(transform="svf", regularizer=name, regularizer_weight=1.0)
         assert torch.isfinite(build_regularizer(name)(field, torch.tensor([1.0, 2.0]))), name
+
+
+@pytest.mark.parametrize("n", [7, 200, 100_000])
+@pytest.mark.parametrize("percentile", [0.0, 0.5, 10.0])
+def test_mattes_mi_bounds_are_kthvalues(n: int, percentile: float) -> None:
+    # the tails by topk (the fast path) give kthvalue's order statistics exactly
+    x = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(n))
+    mi = MattesMI(percentile=percentile)
+    lo, hi = mi._bounds(x)
+    k_lo = min(n, round(percentile / 100.0 * (n - 1)) + 1)
+    k_hi = min(n, round((1.0 - percentile / 100.0) * (n - 1)) + 1)
+    assert torch.equal(lo, x.kthvalue(k_lo, dim=-1, keepdim=True).values)
+    assert torch.equal(hi, x.kthvalue(k_hi, dim=-1, keepdim=True).values)
+
+
+def test_mattes_mi_fixed_side_cache_follows_the_fixed_image() -> None:
+    generator = torch.Generator().manual_seed(3)
+    fixed, warped = torch.rand(1, 1, 24, 20, generator=generator), torch.rand(1, 1, 24, 20, generator=generator)
+    cached = MattesMI(samples=200)
+    for _ in range(2):  # the second call reads the cache
+        assert torch.equal(cached(warped, fixed), MattesMI(samples=200)(warped, fixed))
+        value, gradient = cached.value_and_gradient(warped, fixed)
+        fresh_value, fresh_gradient = MattesMI(samples=200).value_and_gradient(warped, fixed)
+        assert torch.equal(value, fresh_value) and torch.equal(gradient, fresh_gradient)
+    fixed.mul_(3.0).add_(fixed.square())  # modified in place: a new range, a new value
+    assert torch.equal(cached(warped, fixed), MattesMI(samples=200)(warped, fixed))
+    other = torch.rand(1, 1, 24, 20, generator=generator)  # another fixed image
+    assert torch.equal(cached(warped, other), MattesMI(samples=200)(warped, other))
