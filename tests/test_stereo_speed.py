@@ -241,3 +241,60 @@ def test_step_penalties_of_opposite_paths_equal_the_direct_ones(tau: float) -> N
     image = _grey01(_pair(8, (31, 45))[0])
     for (dy, dx), penalty in step_penalties(image, 0.05, 0.6, tau, 8):
         assert torch.equal(penalty, _step_penalty(image, dy, dx, round(0.05 * COST_LEVELS), round(0.6 * COST_LEVELS), tau))
+
+
+@needs_numba
+@pytest.mark.parametrize("tau", [0.05, 0.013])
+@pytest.mark.parametrize("directions", [4, 8])
+def test_compiled_step_penalties_equal_reference(tau: float, directions: int) -> None:
+    """One kernel for every direction's adaptive P2: the integers of step_penalties (its reference), on a
+    photograph and on an image of few grey levels (many equal changes, rounding ties)."""
+    rng = np.random.default_rng(5)
+    images = (_grey01(_pair(6, (33, 47))[0]), torch.from_numpy((rng.integers(0, 9, (29, 38)) / 8).astype(np.float32)))
+    for image in images:
+        reference = step_penalties(image, 0.05, 0.6, tau, directions)
+        ours = compiled.step_penalties(image.numpy(), [r for r, _ in reference], round(0.05 * COST_LEVELS),
+                                       round(0.6 * COST_LEVELS), tau)
+        assert ours.dtype == np.int16 and ours.shape == (directions, *image.shape)
+        for (_, penalty), fast in zip(reference, ours, strict=True):
+            np.testing.assert_array_equal(fast, penalty.numpy())
+
+
+@needs_numba
+def test_compiled_check_and_fill_equal_reference() -> None:
+    """The left-right check and the filling in one kernel: the references' masks and values exactly,
+    with rounding ties (x - d at half pixels), differences at the tolerance, matches outside the image,
+    and rows where every pixel is rejected (they keep their values)."""
+    from alignkit.stereo.sgm import fill_invalid, left_right_check
+
+    rng = np.random.default_rng(11)
+    height, width = 23, 31
+    left = (rng.integers(-8, 60, (height, width)) / 4).astype(np.float32)  # quarter pixels: ties of round()
+    right = left + (rng.integers(-3, 4, (height, width)) / 2).astype(np.float32)  # |seen - d| at 1.0 exactly
+    left[5] = 40.0  # every match of this row leaves the image on the left: all rejected
+    for tolerance in (1.0, 0.5):
+        occluded = left_right_check(torch.from_numpy(left), torch.from_numpy(right), tolerance)
+        filled = fill_invalid(torch.from_numpy(left), occluded)
+        ours_occluded, ours_filled = compiled.check_and_fill(left, right, tolerance)
+        assert occluded.any() and (~occluded).any() and bool(occluded[5].all())
+        np.testing.assert_array_equal(ours_occluded, occluded.numpy())
+        np.testing.assert_array_equal(ours_filled, filled.numpy())
+
+
+@needs_numba
+def test_compiled_grey_pair_equals_reference() -> None:
+    """The grey pair rescaled by its joint range in one kernel: the values of grey + min/max + the two
+    tensor operations, for 1 to 4 channels, float and 8-bit data, and an (H, W) pair."""
+    from alignkit.stereo import _channels_first, _unit_pair
+    from alignkit.stereo.cost import grey
+
+    rng = np.random.default_rng(2)
+    cases = [tuple(rng.uniform(-3.7, 250.3, (c, 19, 26)).astype(np.float32) for _ in range(2)) for c in (1, 2, 3, 4)]
+    cases.append(tuple(rng.integers(0, 256, (3, 19, 26)).astype(np.uint8) for _ in range(2)))
+    cases.append(tuple(rng.uniform(0, 1, (19, 26)) for _ in range(2)))  # float64, (H, W)
+    cases.append(_pair(3))
+    for left, right in cases:
+        reference = _unit_pair(grey(left), grey(right))
+        ours = compiled.grey_pair_unit(_channels_first(left), _channels_first(right))
+        for fast, slow in zip(ours, reference, strict=True):
+            np.testing.assert_array_equal(fast, slow.numpy())

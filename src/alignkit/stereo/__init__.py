@@ -32,6 +32,8 @@ from alignkit.stereo import compiled
 from alignkit.stereo.cost import CostName, census_signature, cost_volume, grey
 from alignkit.stereo.sgm import (
     COST_LEVELS,
+    DIRECTIONS_4,
+    DIRECTIONS_8,
     aggregate,
     check_penalties,
     fill_invalid,
@@ -88,6 +90,29 @@ def _median3(disparity: Tensor) -> Tensor:
     return median_filter(disparity[None, None], 3)[0, 0]
 
 
+def _unit_pair(left_g: Tensor, right_g: Tensor) -> tuple[Tensor, Tensor]:
+    """The grey pair rescaled to [0, 1] by its joint range (the reference of ``compiled.grey_pair_unit``)."""
+    if left_g.shape != right_g.shape:
+        raise ConfigError(f"a rectified pair has images of one size; got {tuple(left_g.shape)} and {tuple(right_g.shape)}")
+    low_all = float(torch.minimum(left_g.min(), right_g.min()))
+    span = max(float(torch.maximum(left_g.max(), right_g.max())) - low_all, 1e-6)
+    return (left_g - low_all) / span, (right_g - low_all) / span
+
+
+def _channels_first(image: Tensor | np.ndarray) -> np.ndarray | None:
+    """``(C, H, W)`` float32 numpy data of an ``(H, W)``, ``(C, H, W)`` or ``(1, ..., C, H, W)`` image
+    (what :func:`grey` accepts), or None for anything else (left to :func:`grey`'s message)."""
+    data = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+    if data.dtype == np.float16 or not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
+        return None
+    data = data.astype(np.float32, copy=False)
+    while data.ndim > 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim == 2:
+        data = data[None]
+    return data if data.ndim == 3 else None
+
+
 def _shrink(image: Tensor, factor: int) -> Tensor:
     if factor == 1:
         return image
@@ -128,12 +153,13 @@ def match(
         raise ConfigError("the numba stereo backend needs numba: pip install 'alignkit[fast]'")
     use_compiled = backend == "numba" or (backend == "auto" and compiled.available())
     check_penalties(p1, p2, directions)
-    left_g, right_g = grey(left), grey(right)
-    if left_g.shape != right_g.shape:
-        raise ConfigError(f"a rectified pair has images of one size; got {tuple(left_g.shape)} and {tuple(right_g.shape)}")
-    low_all = float(torch.minimum(left_g.min(), right_g.min()))
-    span = max(float(torch.maximum(left_g.max(), right_g.max())) - low_all, 1e-6)
-    left_g, right_g = (left_g - low_all) / span, (right_g - low_all) / span
+    pair = (_channels_first(left), _channels_first(right)) if use_compiled else (None, None)
+    if (pair[0] is not None and pair[1] is not None and pair[0].shape == pair[1].shape
+            and pair[0].shape[0] <= 4 and np.isfinite(pair[0]).all() and np.isfinite(pair[1]).all()):
+        # one kernel, the reference's values (grey, joint range) exactly
+        left_g, right_g = (torch.from_numpy(g) for g in compiled.grey_pair_unit(*pair))
+    else:
+        left_g, right_g = _unit_pair(grey(left), grey(right))
     height, width = left_g.shape
     low, high = default_disparity_range(width, min_disparity, max_disparity)
     factor = 1
@@ -168,12 +194,16 @@ def match(
     times["cost"] = time.perf_counter() - started
     started = time.perf_counter()
     if use_compiled:
-        steps = step_penalties(left_s, p1, p2, tau, directions)
+        p1_q, p2_q = round(p1 * COST_LEVELS), round(p2 * COST_LEVELS)
+        paths = DIRECTIONS_8 if directions == 8 else DIRECTIONS_4
+        if tau > 0:  # one kernel, the integers of step_penalties (its reference)
+            penalties = list(compiled.step_penalties(left_s.numpy(), paths, p1_q, p2_q, tau))
+        else:
+            penalties = [p.numpy() for _, p in step_penalties(left_s, p1, p2, tau, directions)]
         # aggregation and selection fused (two row sweeps, :func:`alignkit.stereo.compiled.sgm_sweeps`):
         # the same integers as compiled.aggregate + compiled.select, which stay as its plain reference
         disparity_np, disparity_right_np, _ = compiled.sgm_sweeps(
-            volume_hwd, [p.numpy() for _, p in steps], [r for r, _ in steps], round(p1 * COST_LEVELS), low_s,
-            count=len(disparities))
+            volume_hwd, penalties, list(paths), p1_q, low_s, count=len(disparities))
         del volume_hwd
         times["aggregate"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -184,10 +214,16 @@ def match(
         started = time.perf_counter()
         disparity, _ = winner_take_all(aggregated, low_s)
         disparity_right, _ = winner_take_all(right_volume(aggregated, low_s), low_s)
-    median = (lambda t: torch.from_numpy(compiled.median3(t.numpy()))) if use_compiled else _median3
-    disparity = median(disparity)
-    occluded = left_right_check(disparity, median(disparity_right), lr_tolerance)
-    filled = median(fill_invalid(disparity, occluded))
+    if use_compiled:  # numpy / numba from here: no tensor operation (each a parallel region)
+        disparity_np = compiled.median3(disparity_np)
+        occluded_np, filled_np = compiled.check_and_fill(disparity_np, compiled.median3(disparity_right_np),
+                                                         lr_tolerance)
+        disparity, occluded = torch.from_numpy(disparity_np), torch.from_numpy(occluded_np)
+        filled = torch.from_numpy(compiled.median3(filled_np))
+    else:
+        disparity = _median3(disparity)
+        occluded = left_right_check(disparity, _median3(disparity_right), lr_tolerance)
+        filled = _median3(fill_invalid(disparity, occluded))
     if factor > 1:
         def grow(t: Tensor, mode: str) -> Tensor:
             return F.interpolate(t[None, None].float(), scale_factor=factor, mode=mode)[0, 0, :height, :width]

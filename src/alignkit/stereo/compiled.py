@@ -21,6 +21,12 @@ per-pixel recurrence over ``d`` in int16 lanes):
   (:data:`PAD_COST`); :func:`aggregate` and :func:`select` stay as its plain reference. Profiled in
   the fourth pass: the per-direction kernel streamed the volume through memory 8 times and called a
   per-pixel step whose argument passing cost more than its arithmetic.
+* :func:`grey_pair_unit`, :func:`step_penalties`, :func:`check_and_fill` -- the matcher's steps around
+  the sweeps (grey pair on its joint range, the adaptive P2 of every path, the left-right check and the
+  filling), each the values of its torch reference exactly. Seventh pass (issue 16): as ~80 tensor
+  operations on two threads they took 0.025-0.8 s a pair on a 2-core machine with another process on
+  its other core (each operation a two-thread parallel region waiting for that core; the range is the
+  neighbour's load and OpenMP's wait policy), as these kernels ~0.019 s.
 
 Integer results equal the reference's exactly; the sub-pixel disparities agree to float rounding
 (``tests/test_stereo_speed.py``). Install with ``pip install alignkit[fast]`` (numba); without numba
@@ -562,3 +568,116 @@ def median3(image: np.ndarray) -> np.ndarray:
     out = np.empty(image.shape, np.float32)
     _compiled()._median3(np.ascontiguousarray(image, dtype=np.float32), out)
     return out
+
+
+@_jit
+def _step_penalties(image, dys, dxs, p1, p2, tau, out):
+    # out[i, y, x] = P2 of the step from p - r_i to p: the arithmetic of the reference
+    # (:func:`alignkit.stereo.sgm._step_penalty`) in float32, operation by operation -- |I(p) - I(p - r)|
+    # (cyclic, as its roll), divided by tau, plus 1, its reciprocal times P2 (torch's ``p2 / t`` is
+    # ``t.reciprocal() * p2``), rounded half to even, at least P1
+    height, width = image.shape
+    one = np.float32(1.0)
+    for i in range(dys.shape[0]):
+        dy, dx = dys[i], dxs[i]
+        for y in range(height):
+            py = (y - dy) % height
+            for x in range(width):
+                change = abs(image[y, x] - image[py, (x - dx) % width])
+                value = np.rint((one / (one + change / tau)) * p2)
+                out[i, y, x] = np.int16(max(value, p1))
+
+
+def step_penalties(image: np.ndarray, directions, p1: int, p2: int, tau: float) -> np.ndarray:
+    """``(len(directions), H, W)`` int16 adaptive P2 of each path direction ``(dy, dx)`` for a float32
+    grey ``(H, W)`` image, in the aggregation's units (``p1``/``p2`` quantised, ``tau > 0``): the same
+    integers as :func:`alignkit.stereo.sgm.step_penalties` (its reference) without its ~20 tensor
+    operations (each a parallel region: on a loaded 2-core machine ~ms apiece)."""
+    dys = np.array([d[0] for d in directions], np.int64)
+    dxs = np.array([d[1] for d in directions], np.int64)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    out = np.empty((len(dys), *image.shape), np.int16)
+    _compiled()._step_penalties(image, dys, dxs, np.float32(p1), np.float32(p2), np.float32(tau), out)
+    return out
+
+
+@_jit
+def _check_and_fill(left, right, tolerance, occluded, filled):
+    # per row: the left-right check (the right disparity at round(x - d(x)), half to even, as torch.round),
+    # then each rejected pixel takes the smaller of the nearest accepted disparities on its left and right
+    height, width = left.shape
+    inf = np.float32(np.inf)
+    last = np.float32(width - 1)
+    for y in range(height):
+        for x in range(width):
+            d = left[y, x]
+            target = np.rint(np.float32(x) - d)
+            if target < 0 or target > last:
+                occluded[y, x] = True
+            else:
+                occluded[y, x] = abs(right[y, int(target)] - d) > tolerance
+        before = inf
+        for x in range(width):  # the nearest accepted value at or before x (inf: none)
+            if not occluded[y, x]:
+                before = left[y, x]
+                filled[y, x] = before
+            else:
+                filled[y, x] = before
+        after = inf
+        for x in range(width - 1, -1, -1):
+            if not occluded[y, x]:
+                after = left[y, x]
+            else:
+                fill = min(filled[y, x], after)
+                filled[y, x] = fill if fill < inf else left[y, x]
+
+
+def check_and_fill(left: np.ndarray, right: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(occluded (H, W) bool, filled (H, W) float32)``: :func:`alignkit.stereo.sgm.left_right_check`
+    of two float32 disparity maps and :func:`alignkit.stereo.sgm.fill_invalid` of the left one with its
+    result, in one pass over each row (the references' values exactly, ``tests/test_stereo_speed.py``)."""
+    left = np.ascontiguousarray(left, dtype=np.float32)
+    occluded = np.empty(left.shape, np.bool_)
+    filled = np.empty(left.shape, np.float32)
+    _compiled()._check_and_fill(left, np.ascontiguousarray(right, dtype=np.float32), np.float32(tolerance),
+                                occluded, filled)
+    return occluded, filled
+
+
+@_jit
+def _grey_pair_unit(left, right, left_out, right_out):
+    # each image's channel mean as torch's ``mean(0)`` for a few channels (the channels summed in order,
+    # then divided by their count, float32), then both rescaled by their joint range as ``match`` does
+    channels = left.shape[0]
+    count = np.float32(channels)
+    low, high = np.float32(np.inf), np.float32(-np.inf)
+    for image, out in ((left, left_out), (right, right_out)):
+        for y in range(out.shape[0]):
+            for x in range(out.shape[1]):
+                total = image[0, y, x]
+                for c in range(1, channels):
+                    total += image[c, y, x]
+                value = total / count
+                out[y, x] = value
+                low = min(low, value)
+                high = max(high, value)
+    # the span in float64, as the reference takes it (``float(max) - float(min)``), then used in float32
+    span = np.float32(max(np.float64(high) - np.float64(low), 1e-6))
+    for out in (left_out, right_out):
+        for y in range(out.shape[0]):
+            for x in range(out.shape[1]):
+                out[y, x] = (out[y, x] - low) / span
+
+
+def grey_pair_unit(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grey ``(H, W)`` float32 images :func:`alignkit.stereo.match` matches: the channel mean of
+    each ``(C, H, W)`` float32 image (``C <= 4``: torch sums so few channels in order), rescaled to
+    [0, 1] by the pair's joint range -- the values of the reference (``grey``, ``min``/``max``, two
+    tensor operations per image) exactly, in two passes (``tests/test_stereo_speed.py``)."""
+    if left.ndim != 3 or left.shape != right.shape or not 1 <= left.shape[0] <= 4:
+        raise ValueError(f"expected two (C <= 4, H, W) images of one shape, got {left.shape} and {right.shape}")
+    outs = (np.empty(left.shape[1:], np.float32), np.empty(left.shape[1:], np.float32))
+    _compiled()._grey_pair_unit(np.ascontiguousarray(left, dtype=np.float32),
+                                np.ascontiguousarray(right, dtype=np.float32), *outs)
+    return outs
+
