@@ -324,3 +324,35 @@ def test_compiled_sampler_leaves_2d_images_to_grid_sample(monkeypatch):
     samples, inside = points.sample_voxels_with_inside(image, voxel)
     assert torch.equal(samples, sample_voxels(image, voxel, padding="border"))
     assert 0 < float(inside.mean()) < 1
+
+
+def test_capped_smoothing_physical_scales_the_sigmas_of_a_capped_level():
+    """capped_smoothing_physical: on a level max_level_voxels made coarser, the greedy sigmas shrink by the
+    asked / used shrink factor -- the same field as the plain stage given those sigmas; an uncapped level
+    is unchanged."""
+    import math
+
+    from alignkit.solve.engine import level_factor
+
+    shape = (24, 26, 22)
+    grid = Grid.from_spacing(shape, 1.5)
+    fixed = Image(gaussian_blur(_random(shape, 1, 20), 1.5)[0], grid)
+    moving = Image(gaussian_blur(_random(shape, 1, 21), 1.5)[0], Grid.from_spacing(shape, 1.5, origin=[0.37] * 3))
+    cap = math.prod(shape) // 3
+    ratio = 1.0 / level_factor(1, shape, cap)
+    assert ratio < 0.8
+
+    def field(capped: bool, sigma_pre: float, sigma_post: float, max_voxels: int) -> torch.Tensor:
+        stage = StageConfig(
+            transform="displacement", optimizer="greedy", similarity="lncc", similarity_options={"window": 5},
+            levels=(1,), iterations=(4,), learning_rate=0.5, gradient_smoothing=sigma_pre, field_smoothing=sigma_post,
+            tolerance=0.0, max_level_voxels=max_voxels, capped_smoothing_physical=capped,
+        )
+        config = RegistrationConfig(stages=[stage], init="none")
+        with torch.no_grad():
+            return alignkit.register(fixed, moving, config=config, seed=0, quiet=True).world_map()
+
+    scaled = field(True, 1.5, 0.6, cap)
+    assert torch.allclose(scaled, field(False, 1.5 * ratio, 0.6 * ratio, cap), atol=1e-5)
+    assert float((scaled - field(False, 1.5, 0.6, cap)).abs().max()) > 1e-3
+    assert torch.equal(field(True, 1.5, 0.6, 0), field(False, 1.5, 0.6, 0))  # no cap: nothing scaled

@@ -98,6 +98,11 @@ class StageConfig:
     #: raised until it fits, and the model is carried to the full grid by interpolation. It bounds
     #: the cost of a dense stage on big inputs (a 9M-voxel head for a multimodal field).
     max_level_voxels: int = 0
+    #: the greedy smoothings (``gradient_smoothing``, ``field_smoothing``) keep their physical width on a
+    #: level that ``max_level_voxels`` made coarser than ``levels`` asked: their voxel sigmas shrink by
+    #: the same ratio (Greedy's sigmas are voxels of a level at the asked spacing; on a capped 1 mm brain
+    #: the finest level is ~1.15 mm, where the same voxel sigmas would smooth ~15 % wider)
+    capped_smoothing_physical: bool = False
 
     def __post_init__(self) -> None:
         check_choice(self.transform, TransformName, "transform")

@@ -310,6 +310,9 @@ class _Level:
     world: Tensor
     fixed_onehot: Tensor | None = None
     moving_onehot: Tensor | None = None
+    #: the shrink factor the stage asked for this level over the one it got (< 1 where max_level_voxels
+    #: made the level coarser; see StageConfig.capped_smoothing_physical)
+    asked_over_used: float = 1.0
 
 
 @dataclass
@@ -671,6 +674,7 @@ class Engine:
             fixed_l, grid_l, moving_l, moving_grid_l = self._features[index]
             return _Level(fixed_l, grid_l, moving_l, moving_grid_l, grid_l.world_points(device=self.device))
         factor = level_factor(cfg.levels[index], fixed_grid.shape, cfg.max_level_voxels)
+        asked = level_factor(cfg.levels[index], fixed_grid.shape)
         sigma = None if cfg.smoothing is None else cfg.smoothing[index]
         fixed_l, grid_l = self._downsample("fixed", fixed, fixed_grid, factor, sigma, cfg.grey)
         # Shrink the moving image to about the level's spacing, never upsampling it.
@@ -679,7 +683,7 @@ class Engine:
         moving_sigma = None if sigma is None else sigma * moving_factor / max(factor, 1.0)
         moving_l, moving_grid_l = self._downsample("moving", moving, moving_grid, moving_factor, moving_sigma, cfg.grey)
         world = grid_l.world_points(device=self.device)
-        return _Level(fixed_l, grid_l, moving_l, moving_grid_l, world)
+        return _Level(fixed_l, grid_l, moving_l, moving_grid_l, world, asked_over_used=asked / factor)
 
     def _terms(self, cfg: StageConfig) -> tuple[Any, Any, Any]:
         """The stage's similarity, regulariser (or None) and fold penalty (or None)."""
@@ -998,6 +1002,8 @@ class Engine:
         objective = self._objective(cfg, index, level, transform, prior, similarity, regularizer, fold, prompts)
         field = transform.field if isinstance(transform, DisplacementField) else transform.velocity
         step_voxels = float(cfg.learning_rate)
+        scale = level.asked_over_used if cfg.capped_smoothing_physical else 1.0
+        sigma_pre, sigma_post = cfg.gradient_smoothing * scale, cfg.field_smoothing * scale
         losses: list[float] = []
         stopper = _Stopper(cfg.tolerance, cfg.patience)
         reductions = 0
@@ -1019,8 +1025,7 @@ class Engine:
                 with torch.profiler.record_function(f"term {cfg.similarity} (compiled)"):
                     force_value, chained = compiled_force.chained(current)
                 with torch.profiler.record_function("greedy update (compiled)"):
-                    update_displacement(field, chained, level.grid, cfg.gradient_smoothing, step_voxels,
-                                        cfg.field_smoothing)
+                    update_displacement(field, chained, level.grid, sigma_pre, step_voxels, sigma_post)
                 # a non-finite field makes the next objective non-finite (_record_loss stops there); the
                 # level's last field is checked after the loop
                 value = torch.tensor(force_value)
@@ -1040,12 +1045,12 @@ class Engine:
                 (gradient,) = torch.autograd.grad(value, current)
             if not fused:
                 with torch.no_grad():
-                    step = normalised_step(gradient, level.grid, cfg.gradient_smoothing, step_voxels)
+                    step = normalised_step(gradient, level.grid, sigma_pre, step_voxels)
                     if isinstance(transform, DisplacementField):
                         updated = compose_displacement(field, step, level.grid)
                     else:  # Greedy -sv: the update joins the stationary velocity
                         updated = field + step
-                    field.copy_(smooth_field(updated, cfg.field_smoothing))
+                    field.copy_(smooth_field(updated, sigma_post))
                 if not bool(torch.isfinite(field).all()):
                     raise _Diverged(f"a greedy step made the field non-finite at level 1/{cfg.levels[index]:g}")
             loss_value = _record_loss(value, losses, bar, cfg.levels[index])
