@@ -44,52 +44,46 @@ from _common import REPO_ROOT, emit, log
 
 BENCHMARK = "gpu_session"
 
-#: the training jobs: ``config`` is an ``alignkit train`` configuration without ``epochs``; ``probe``
+#: the training jobs: ``config`` is an ``alignkit train`` configuration without ``epochs`` (on top of the
+#: shipped model's committed ``recipe`` when one is named, less its device and epochs); ``probe``
 #: overrides it for the pace measurement; ``pairs_key`` names the setting that sizes an epoch, whose
 #: probe and final values scale the probe's epoch time.
 JOBS: dict[str, dict[str, Any]] = {
     "flownet-c": {
-        # FlyingChairs-style pairs generated on the fly by the data-loader workers; 128x128 crops (the
-        # CPU recipe's 64x64 leaves little room for the 12-pixel motions)
-        "config": {
-            "method": "flownet-c", "dataset": "synthetic-flow", "size": [128], "batch_size": 16, "lr": 0.001,
-            "synthetic_length": 4096, "val_fraction": 0.015625, "seed": 0, "quiet": True, "amp": False,
-            "num_workers": 6,
-        },
+        # the shipped recipe (FlyingChairs-style pairs generated on the fly by the data-loader workers,
+        # 128x128 crops), as many epochs of 4096 pairs as the budget holds
+        "recipe": "flownet_c_synthetic2d",
+        "config": {},
         "probe": {"synthetic_length": 512},
         "pairs_key": "synthetic_length",
     },
     "dio": {
-        # the shipped recipe (src/alignkit/methods/models/dio_oasis3d.recipe.json) with every training pair
-        # of the 8 training subjects instead of 32, and as many epochs as the budget holds
-        "config": {
-            "method": "dio", "seed": 0, "quiet": True, "pairs": "inter", "dataset": "brain3d-oasis-trt20",
-            "subjects": ["subject0[1-9]", "subject10"], "val_subjects": ["subject09", "subject10"],
-            "prealign": "affine", "size": [64, 64, 40], "lr": 0.002, "amp": False,
-            "network": {"name": "feature_encoder", "ndim": 3, "in_channels": 1, "levels": [2, 1, 0],
-                        "out_channels": 8, "features": [8, 16, 16], "independent": False, "decoder": True,
-                        "block": "lk", "large_kernel": 5},
-            "method_options": {"transform": "displacement", "iterations": [40, 20, 10], "image_similarity": "lncc",
-                               "window": 9, "image_weight": 1.0, "dice_weight": 1.0, "feature_spacing": 4.05},
-            "max_pairs": 56,
-        },
+        # the shipped recipe with every training pair of the 8 training subjects instead of 32, and as
+        # many epochs as the budget holds
+        "recipe": "dio_oasis3d",
+        "config": {"amp": False, "max_pairs": 56},
         "probe": {"max_pairs": 6},
         "pairs_key": "max_pairs",
     },
     "avsm-vsvf": {
         # the shipped recipe's vSVF stage again, longer (it had one epoch on the CPU), on top of the
-        # shipped model's affine network (src/alignkit/methods/models/avsm_oasis3d.recipe.json)
-        "config": {
-            "method": "avsm", "seed": 0, "quiet": True, "pairs": "inter", "dataset": "brain3d-oasis-trt20",
-            "subjects": ["subject0[1-9]", "subject10"], "val_subjects": ["subject09", "subject10"],
-            "prealign": None, "size": [40, 40, 24], "batch_size": 1, "lr": 0.001, "amp": False,
-            "method_options": {"ar_epoch_scale": 6.0, "centre_of_mass_start": True},
-            "stages": ["vsvf"], "init_from": "src/alignkit/methods/models/avsm_oasis3d.pt", "max_pairs": 56,
-        },
+        # shipped model's affine network
+        "recipe": "avsm_oasis3d",
+        "config": {"amp": False, "stages": ["vsvf"], "stage_epochs": {},
+                   "init_from": "src/alignkit/methods/models/avsm_oasis3d.pt", "max_pairs": 56},
         "probe": {"max_pairs": 8},
         "pairs_key": "max_pairs",
     },
 }
+
+
+def job_config(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's configuration: its recipe's (without the recipe's device and epochs) under its own."""
+    base: dict[str, Any] = {}
+    if job.get("recipe"):
+        recipe = REPO_ROOT / "src" / "alignkit" / "methods" / "models" / f"{job['recipe']}.recipe.json"
+        base = {k: v for k, v in json.loads(recipe.read_text()).items() if k not in ("device", "epochs")}
+    return {**base, **job["config"]}
 
 
 def _read_log(run: Path) -> list[dict[str, str]]:
@@ -137,7 +131,7 @@ def run_jobs(names: list[str], device: str, budget: float, work: Path, out: Path
     probes: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
     for name in names:
         job = JOBS[name]
-        config = {**job["config"], **job["probe"], "epochs": 1}
+        config = {**job_config(job), **job["probe"], "epochs": 1}
         probes[name] = (_start(config, work / f"{name}-probe", device, work / f"{name}.log"), time.perf_counter())
     finals: dict[str, tuple[subprocess.Popen[bytes], float, dict[str, Any]]] = {}
     for name, (process, started) in probes.items():
@@ -155,9 +149,9 @@ def run_jobs(names: list[str], device: str, budget: float, work: Path, out: Path
             results[name] = {"error": f"probe exited with {code}", "log_tail": tail, "probe_wall_s": round(wall, 1)}
             continue
         key = job["pairs_key"]
-        epochs, plan = plan_epochs(wall, rows, int(job["probe"][key]), int(job["config"][key]),
+        epochs, plan = plan_epochs(wall, rows, int(job["probe"][key]), int(job_config(job)[key]),
                                    budget - (time.perf_counter() - started) + wall)
-        config = {**job["config"], "epochs": epochs}
+        config = {**job_config(job), "epochs": epochs}
         run = work / name
         # the probe's pre-alignments are the final run's too (same subjects, same seed)
         if (work / f"{name}-probe" / "prealign").is_dir():
