@@ -136,7 +136,7 @@ def run_jobs(names: list[str], device: str, budget: float, work: Path, out: Path
     finals: dict[str, tuple[subprocess.Popen[bytes], float, dict[str, Any]]] = {}
     for name, (process, started) in probes.items():
         try:
-            code = process.wait(timeout=max(min(budget, hard_stop - time.perf_counter()), 1))
+            code = process.wait(timeout=max(min(max(budget, 120.0), hard_stop - time.perf_counter()), 1))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
