@@ -324,7 +324,10 @@ def _stereo() -> RegistrationConfig:
     alignkit:stereo,alignkit:sgm,opencv:sgbm --threads 1 --repeat 5``, commit 3589377, one thread,
     shared 2-core machine at load ~2): bad-2 0.0727 / 0.0674 on motorcycle / half-size aloe against
     OpenCV SGBM's 0.182 / 0.298, EPE 1.326 / 1.583, in 4.78x / 3.95x SGBM's time (4.5-5.9x / 3.8-5.5x
-    across five runs at load 1.6-3.3; ``benchmarks/README.md``).
+    across five runs at load 1.6-3.3; ``benchmarks/README.md``). Session 8 (``--threads 2``, commit
+    3f505f8, idle machine): 3.3-3.6x SGBM's time fastest of five, 3.7-4.2x in single runs, the same
+    disparities; with another process on the other core the engine's two-thread refinement makes it
+    unstable (8-35x in that run).
     """
     return RegistrationConfig(
         name="stereo",
