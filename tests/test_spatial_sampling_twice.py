@@ -256,3 +256,11 @@ def test_dio_training_step_backpropagates_through_the_solver_on_cuda(gradient):
         grad = head.weight.grad
         assert grad is not None and grad.device.type == "cuda"
         assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+
+
+def test_normalized_to_voxel_inverts_voxel_to_normalized():
+    from alignkit.spatial.frames import normalized_to_voxel, voxel_to_normalized
+
+    shape = (7, 8, 9)
+    voxel = torch.rand(2, 3, 4, 5, 6, dtype=torch.float64) * torch.tensor([6.0, 7.0, 8.0], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    assert torch.allclose(normalized_to_voxel(voxel_to_normalized(voxel, shape), shape), voxel, atol=1e-12)

@@ -132,6 +132,15 @@ def voxel_to_normalized(voxel: Tensor, shape: Sequence[int]) -> Tensor:
     return reverse_components(unit).movedim(1, -1)
 
 
+def normalized_to_voxel(grid: Tensor, shape: Sequence[int]) -> Tensor:
+    """The inverse of :func:`voxel_to_normalized`: a ``grid_sample`` grid ``(B, *S, ndim)`` of a grid of
+    ``shape`` -> voxel coordinates ``(B, ndim, *S)`` (an axis of size 1 maps to voxel 0)."""
+    ndim = len(shape)
+    size = torch.tensor(tuple(shape), dtype=grid.dtype, device=grid.device).view(1, ndim, *([1] * (grid.dim() - 2)))
+    unit = reverse_components(grid.movedim(-1, 1))
+    return (unit + 1.0) * 0.5 * (size - 1)
+
+
 def voxel_matrix_from_unit_matrix(unit_matrix: Tensor, fixed_shape: Sequence[int], moving_shape: Sequence[int]) -> Tensor:
     """Moving-unit-from-fixed-unit matrices -> ``moving_voxel_from_fixed_voxel`` ``(B, ndim+1, ndim+1)``.
 

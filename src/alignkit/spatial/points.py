@@ -22,7 +22,7 @@ from alignkit.errors import ShapeError
 from alignkit.spatial.frames import (
     apply_matrix,
     normalized_from_voxel,
-    reverse_components,
+    normalized_to_voxel,
     voxel_to_normalized,
 )
 from alignkit.spatial.grid import Grid
@@ -39,15 +39,6 @@ def _twice_differentiable(mode: InterpMode, padding: PaddingMode) -> bool:
     """Whether a sampling call takes :func:`sample_voxels_twice_differentiable` (see
     :func:`~alignkit.spatial.linear_sampling.twice_differentiable_sampling`)."""
     return mode == "linear" and padding in ("zeros", "border") and twice_differentiable_sampling_active()
-
-
-def _voxel_from_normalized(grid: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`voxel_to_normalized` for the grids this module builds: ``grid_sample``'s
-    ``(B, *S, ndim)`` -> voxel coordinates ``(B, ndim, *S)`` of a grid of ``shape``."""
-    ndim = len(shape)
-    size = torch.tensor(shape, dtype=grid.dtype, device=grid.device).view(1, ndim, *([1] * (grid.dim() - 2)))
-    unit = reverse_components(grid.movedim(-1, 1))
-    return (unit + 1.0) * 0.5 * (size - 1)
 
 
 def sample_voxels(
@@ -113,7 +104,7 @@ def sample_affine(
     grid = F.affine_grid(theta, [tensor.shape[0], 1, *shape], align_corners=True)
     inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1).to(tensor.dtype)
     if _twice_differentiable(mode, padding):
-        samples = sample_voxels_twice_differentiable(tensor, _voxel_from_normalized(grid, in_shape), padding=padding)  # type: ignore[arg-type]
+        samples = sample_voxels_twice_differentiable(tensor, normalized_to_voxel(grid, in_shape), padding=padding)  # type: ignore[arg-type]
         return samples, inside
     torch_mode = "bilinear" if mode == "linear" else "nearest"
     samples = F.grid_sample(tensor, grid, mode=torch_mode, padding_mode=padding, align_corners=True)
@@ -216,7 +207,7 @@ def sample_projective(
     grid = (mapped[..., :ndim] / mapped[..., ndim:]).expand(tensor.shape[0], *shape, ndim)
     inside = (grid.abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1).to(tensor.dtype)
     if _twice_differentiable(mode, padding):
-        samples = sample_voxels_twice_differentiable(tensor, _voxel_from_normalized(grid, in_shape), padding=padding)  # type: ignore[arg-type]
+        samples = sample_voxels_twice_differentiable(tensor, normalized_to_voxel(grid, in_shape), padding=padding)  # type: ignore[arg-type]
         return samples, inside
     torch_mode = "bilinear" if mode == "linear" else "nearest"
     samples = F.grid_sample(tensor, grid, mode=torch_mode, padding_mode=padding, align_corners=True)
