@@ -798,8 +798,9 @@ def test_real_brains_initial_transform_from_ants_affine(brain_pair, capsys, reco
     by up to 5e-4 (0.3846-0.3854 against 0.3850), so Dice is recorded, not compared."""
     import json
 
-    from alignkit.solve.engine import OBJECTIVE_TOLERANCE
+    from alignkit.solve.config import StageConfig
 
+    CONVERGED_TIE = 20 * StageConfig.tolerance  # 2e-4 relative: the plateau rule's resolution, with margin
     tmp, paths, result = brain_pair
     affine = result["fwdtransforms"][1]
     config = tmp / "affine.json"
@@ -832,8 +833,11 @@ def test_real_brains_initial_transform_from_ants_affine(brain_pair, capsys, reco
     record_property("dice_ants_affine_alone", alone)
     record_property("objective_default_start", objectives["default"])
     record_property("objective_ants_affine_start", objectives["initial"])
-    # not worse by the objective (float32 evaluation noise: the engine's own tolerance for a tie)
-    assert objectives["initial"] <= objectives["default"] + OBJECTIVE_TOLERANCE * abs(objectives["default"]), objectives
+    # not worse by the objective. Both runs stop by the plateau rule (no relative gain of 1e-5 over
+    # `patience` iterations), so two converged ends of the same basin can differ by a few times that:
+    # CI measured 0.0259442 against 0.0259429 (5e-5 relative). A worse basin costs far more (the
+    # iteration-capped runs above ended 1e-3 to 1e-2 apart in Dice).
+    assert objectives["initial"] <= objectives["default"] + CONVERGED_TIE * abs(objectives["default"]), objectives
     assert scores["initial"] > alone, (scores, alone)  # the refinement improves on ANTs' affine
 
 
