@@ -298,3 +298,23 @@ def test_compiled_grey_pair_equals_reference() -> None:
         ours = compiled.grey_pair_unit(_channels_first(left), _channels_first(right))
         for fast, slow in zip(ours, reference, strict=True):
             np.testing.assert_array_equal(fast, slow.numpy())
+
+
+@needs_numba
+def test_compiled_feature_cost_equals_the_torch_reference() -> None:
+    from alignkit.nets.stereo import MatchingFeatures
+
+    generator = torch.Generator().manual_seed(0)
+    left = torch.nn.functional.normalize(torch.randn(1, 7, 9, 13, generator=generator), dim=1)
+    right = torch.nn.functional.normalize(torch.randn(1, 7, 9, 13, generator=generator), dim=1)
+    disparities = np.array([-14, -13, -3, 0, 1, 5, 12, 13, 20])  # beyond the width on both sides, and inside
+    reference = MatchingFeatures.cost_volume_reference(left, right, disparities)
+    with torch.no_grad():
+        fast = MatchingFeatures.cost_volume(left, right, disparities)
+    assert fast.shape == reference.shape and fast.dtype == reference.dtype
+    assert torch.allclose(fast, reference, atol=1e-6, rtol=0)
+    assert bool((fast[[0, 1, -2, -1]] == 1).all())  # no right pixel at x - d: the worst cost
+    # with autograd on features that need it, the differentiable reference runs
+    grad_left = left.clone().requires_grad_(True)
+    MatchingFeatures.cost_volume(grad_left, right, disparities).sum().backward()
+    assert grad_left.grad is not None

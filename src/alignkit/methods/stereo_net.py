@@ -43,6 +43,7 @@ pipeline stays classical. Here:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -447,8 +448,14 @@ class StereoNet(LearnedModel):
             self.eval()
             # match() hands over its min-max rescaled (maybe shrunk) images: scale them as in training
             left, right = normalise_pair(left, right)
-            features_left = self.features(left[None, None].to(device))
-            features_right = self.features(right[None, None].to(device))
+            network = self.features
+            if device.type == "cpu":
+                # channels-last weights make the convolutions channels-last (oneDNN's faster layout on
+                # the CPU: motorcycle's two feature maps ~0.7 against ~1.1 s on one thread), and the
+                # output is then already the (H, W, F) layout the compiled cost volume reads
+                network = copy.deepcopy(network).to(memory_format=torch.channels_last)
+            features_left = network(left[None, None].to(device))
+            features_right = network(right[None, None].to(device))
             volume = self.features.cost_volume(features_left, features_right, disparities).cpu()
             return self._with_census(volume, left, right, disparities, weight)
 

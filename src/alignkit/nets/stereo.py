@@ -56,7 +56,21 @@ class MatchingFeatures(nn.Module):
     def cost_volume(left_features: Tensor, right_features: Tensor, disparities: np.ndarray) -> Tensor:
         """``(D, H, W)`` cost ``(1 - cos) / 2`` in [0, 1] of left pixel ``x`` against right pixel
         ``x - d`` for each integer ``d`` in ``disparities``, from ``(1, F, H, W)`` unit features;
-        1 (the worst cost) where ``x - d`` leaves the right image, as :mod:`alignkit.stereo.cost`."""
+        1 (the worst cost) where ``x - d`` leaves the right image, as :mod:`alignkit.stereo.cost`.
+
+        On the CPU without autograd and with numba installed, :func:`alignkit.stereo.compiled.feature_cost`
+        computes the same values (to float rounding) in one pass; this loop is its reference."""
+        from alignkit.stereo import compiled
+
+        if (left_features.device.type == "cpu" and left_features.dtype == torch.float32 and compiled.available()
+                and not (torch.is_grad_enabled() and (left_features.requires_grad or right_features.requires_grad))):
+            return torch.from_numpy(compiled.feature_cost(left_features[0].numpy(), right_features[0].numpy(),
+                                                          np.asarray(disparities).astype(np.int64)))
+        return MatchingFeatures.cost_volume_reference(left_features, right_features, disparities)
+
+    @staticmethod
+    def cost_volume_reference(left_features: Tensor, right_features: Tensor, disparities: np.ndarray) -> Tensor:
+        """:meth:`cost_volume` as torch operations (any device, differentiable)."""
         _, _, height, width = left_features.shape
         out = torch.ones(len(disparities), height, width, dtype=left_features.dtype, device=left_features.device)
         left, right = left_features[0], right_features[0]

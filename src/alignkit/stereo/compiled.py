@@ -52,14 +52,19 @@ _KERNELS: list = []
 #: kernels compiled into their callers (numba ``inline="always"``): a small per-pixel step called as a
 #: function pays ~20 ns per call in argument passing and reference counting of the row views
 _INLINE: set[str] = set()
+#: kernels whose float reductions may be reordered (vectorised): only where the result is compared to
+#: its reference within float rounding, never where integers must be equal
+_FASTMATH: set[str] = set()
 
 
-def _jit(function=None, *, inline: bool = False):
+def _jit(function=None, *, inline: bool = False, fastmath: bool = False):
     # registered here, compiled by :func:`_compiled` on first use (cache=True: once per installation)
     def register(function):
         _KERNELS.append(function)
         if inline:
             _INLINE.add(function.__name__)
+        if fastmath:
+            _FASTMATH.add(function.__name__)
         return function
 
     return register(function) if function is not None else register
@@ -74,7 +79,8 @@ def _compiled() -> SimpleNamespace:
     jitted = {}
     for function in _KERNELS:
         inline = "always" if function.__name__ in _INLINE else "never"
-        jitted[function.__name__] = numba.njit(cache=True, nogil=True, inline=inline)(function)
+        fastmath = function.__name__ in _FASTMATH
+        jitted[function.__name__] = numba.njit(cache=True, nogil=True, inline=inline, fastmath=fastmath)(function)
         globals()[function.__name__] = jitted[function.__name__]
     return SimpleNamespace(**jitted)
 
@@ -681,3 +687,37 @@ def grey_pair_unit(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.
                                 np.ascontiguousarray(right, dtype=np.float32), *outs)
     return outs
 
+
+
+@_jit(fastmath=True)
+def _feature_cost(left, right, disparities, out):
+    # left/right (H, W, F): each dot product is one contiguous run of channels, summed in SIMD lanes
+    # (fastmath lets the compiler reorder this float reduction; the features are finite unit vectors)
+    height, width, features = left.shape
+    one, half = np.float32(1.0), np.float32(0.5)
+    for y in range(height):
+        for k in range(disparities.shape[0]):
+            d = disparities[k]
+            for x in range(width):
+                source = x - d
+                if source < 0 or source >= width:
+                    out[k, y, x] = one
+                else:
+                    score = np.float32(0.0)
+                    for c in range(features):
+                        score += left[y, x, c] * right[y, source, c]
+                    out[k, y, x] = (one - score) * half
+
+
+def feature_cost(left: np.ndarray, right: np.ndarray, disparities: np.ndarray) -> np.ndarray:
+    """``(D, H, W)`` float32 cost ``(1 - <left(x), right(x - d)>) / 2`` of ``(F, H, W)`` unit feature
+    maps for each integer ``d`` of ``disparities``, 1 where ``x - d`` leaves the image: the values of
+    :meth:`alignkit.nets.stereo.MatchingFeatures.cost_volume_reference` to float rounding (the channels
+    are summed in another order). The reference streams the whole pair through memory once per
+    disparity; here each row's features stay in cache (motorcycle, 32 features, 65 disparities, one
+    thread: ~0.2 s against ~2.5 s, on a 2-core machine shared with two training jobs)."""
+    left_hwf = np.ascontiguousarray(np.moveaxis(np.asarray(left, dtype=np.float32), 0, -1))
+    right_hwf = np.ascontiguousarray(np.moveaxis(np.asarray(right, dtype=np.float32), 0, -1))
+    out = np.empty((len(disparities), *left_hwf.shape[:2]), np.float32)
+    _compiled()._feature_cost(left_hwf, right_hwf, np.asarray(disparities, dtype=np.int64), out)
+    return out
