@@ -207,3 +207,26 @@ def test_recovers_a_vis_nir_pair_at_a_known_perturbation():
     result = alignkit.register(case.fixed, case.moving, method="weak-homography", initial=start, seed=0)
     estimate = result.transform.matrix().detach().double().numpy()
     assert corner_error(estimate, case.matrix, cols, rows) < 1.0
+
+
+def test_the_start_inliers_rule_out_a_learnt_matrix_they_contradict():
+    from alignkit.methods.weak_homography import WeakHomography
+    from alignkit.solve.features import FeatureFit
+
+    rng = np.random.default_rng(0)
+    fixed_points = torch.from_numpy(rng.uniform(0, 200, size=(60, 2)))
+    start = torch.tensor([[1.0, 0.02, 3.0], [-0.01, 1.0, -2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    moving_points = fixed_points @ start[:2, :2].T + start[:2, 2] + torch.from_numpy(rng.normal(0, 0.5, (60, 2)))
+    fit = FeatureFit(matrix=start, stats={"inliers": 60.0, "noise_px": 0.5}, fixed_points=fixed_points,
+                     moving_points=moving_points)
+    grid = Grid.from_spacing((200, 200))
+    near = start.clone()
+    near[0, 2] += 0.05  # within the matches' noise: the learnt matrix stays
+    record: dict = {}
+    assert torch.equal(WeakHomography._check_inliers(fit, start, near, grid, record), near)
+    assert record["inlier_check"]["kept_learnt"] and record["inlier_check"]["chi2_rise"] < 26.12
+    far = start.clone()
+    far[0, 2] += 2.0  # 4 noise sigmas at every inlier: ruled out, the start comes back
+    assert torch.equal(WeakHomography._check_inliers(fit, start, far, grid, record), start)
+    assert not record["inlier_check"]["kept_learnt"]
+    assert record["inlier_check"]["inlier_median_px_learnt"] > record["inlier_check"]["inlier_median_px_start"] + 1

@@ -32,7 +32,9 @@ runs only the finest ``feature_levels`` pyramid levels --, else the identity; ``
 ``initial`` (a matrix, transform or transform file) overrides them. **Never worse than the start**:
 at the end of every level the start, the last iterate and the average of the last
 ``average_fraction`` iterates (Polyak averaging, which removes the minibatch noise of SGD) are scored
-by the same loss on held-out keypoints with the level's final network, and the lowest is kept.
+by the same loss on held-out keypoints with the level's final network, and the lowest is kept. After a
+SIFT+MAGSAC start, the result must also stay compatible with the start's keypoint inliers
+(``inlier_check``, the engine's chi-square test after a feature start): otherwise the start is returned.
 
 The result is a :class:`~alignkit.transforms.MatrixTransform` from fixed-world to moving-world points,
 like the ``photo`` preset's homography stage.
@@ -202,6 +204,7 @@ class WeakHomography(Method):
         initial: Transform | Tensor | np.ndarray | str | os.PathLike | None = None,
         min_inliers: int = 20,
         feature_levels: int = 1,
+        inlier_check: bool = True,
         keypoints: int = 1500,
         gradient_threshold: float = 0.05,
         patch_size: int = 16,
@@ -247,6 +250,7 @@ class WeakHomography(Method):
         if feature_levels < 1:
             raise ConfigError(f"weak-homography: feature_levels must be >= 1, got {feature_levels}")
         self.feature_levels = int(feature_levels)
+        self.inlier_check = bool(inlier_check)
         self.keypoints = int(keypoints)
         self.gradient_threshold = float(gradient_threshold)
         self.patch_size = int(patch_size)
@@ -273,13 +277,14 @@ class WeakHomography(Method):
         self.held_out = int(held_out)
 
     # -- start --------------------------------------------------------------------------------------
-    def _start(self, inputs: Inputs, seed: int) -> tuple[Tensor, dict[str, Any]]:
-        """The start (moving-world-from-fixed-world, float64) and how it was found."""
+    def _start(self, inputs: Inputs, seed: int) -> tuple[Tensor, dict[str, Any], Any]:
+        """The start (moving-world-from-fixed-world, float64), how it was found, and the SIFT+MAGSAC
+        fit (:class:`~alignkit.solve.features.FeatureFit`) when the start is that fit, else None."""
         if self.initial is not None:
-            return self._given_initial(inputs), {"start": "initial"}
+            return self._given_initial(inputs), {"start": "initial"}, None
         identity = torch.eye(3, dtype=torch.float64)
         if self.start == "identity":
-            return identity, {"start": "identity"}
+            return identity, {"start": "identity"}, None
         from alignkit.solve.features import feature_fit
 
         try:
@@ -288,14 +293,14 @@ class WeakHomography(Method):
         except ValueError as exc:
             if self.start == "features":
                 raise InputError(f"weak-homography: no trusted SIFT+MAGSAC start ({exc})") from None
-            return identity, {"start": "identity", "features": str(exc)}
+            return identity, {"start": "identity", "features": str(exc)}, None
         stats = {k: float(v) for k, v in fit.stats.items()}
         if fit.stats["inliers"] < self.min_inliers:
             if self.start == "features":
                 raise InputError(f"weak-homography: the SIFT+MAGSAC start has {int(fit.stats['inliers'])} inliers, "
                                  f"fewer than min_inliers={self.min_inliers}")
-            return identity, {"start": "identity", "features": stats}
-        return fit.matrix.double(), {"start": "features", "features": stats}
+            return identity, {"start": "identity", "features": stats}, None
+        return fit.matrix.double(), {"start": "features", "features": stats}, fit
 
     def _given_initial(self, inputs: Inputs) -> Tensor:
         initial = self.initial
@@ -501,7 +506,7 @@ class WeakHomography(Method):
         seed = 0 if seed is None else int(seed)
         generator = torch.Generator().manual_seed(seed)
         tic = time.perf_counter()
-        start, start_record = self._start(inputs, seed)
+        start, start_record, feature_fit = self._start(inputs, seed)
         seconds = {"start": round(time.perf_counter() - tic, 3)}
         fixed = descriptor_input(inputs.fixed.batch(device=device), self.colour)
         moving = descriptor_input(inputs.moving.batch(device=device), self.colour)
@@ -532,8 +537,33 @@ class WeakHomography(Method):
                 bar.close()
         seconds["weak-homography"] = round(time.perf_counter() - tic, 3)
         matrix = homography.world().detach().cpu()
+        if feature_fit is not None and self.inlier_check:
+            matrix = self._check_inliers(feature_fit, start, matrix / matrix[2, 2], inputs.fixed.grid, start_record)
         assert net is not None  # at least one level always runs
         return PairFit(matrix / matrix[2, 2], net.eval(), levels, start_record, factors, iterations, seconds)
+
+    @staticmethod
+    def _check_inliers(feature_fit: Any, start: Tensor, matrix: Tensor, grid: Grid, record: dict[str, Any]) -> Tensor:
+        """The learnt ``matrix``, or the SIFT+MAGSAC ``start`` when the start's keypoint inliers rule the
+        learnt one out -- the engine's test for a stage after a feature start
+        (:data:`alignkit.solve.engine.INLIER_CHI2_LIMIT`: their squared residuals may not rise past a
+        chi-square's 0.999 quantile in units of the fit's noise variance). The contrastive loss can
+        prefer another alignment than the matches: on wide-baseline photographs its keypoints also lie
+        off the dominant plane the matches were fitted to (homogr BruggeSquare and Eiffel ended 2.8 and
+        2.6 px further from the manual correspondences than their start), which the loss's own
+        never-worse test cannot see. Writes the test into ``record["inlier_check"]``."""
+        from alignkit.solve.engine import INLIER_CHI2_LIMIT
+
+        def carry(m: Tensor) -> Any:  # a callable on (1, 2, N) world points through a 3x3 matrix
+            return lambda world: MatrixTransform(m.to(world.dtype)).transform_points(world)
+
+        spacing = float(grid.spacing.min())
+        rise = feature_fit.chi2_rise(carry(start), carry(matrix), spacing)
+        medians = [float(feature_fit.residuals(carry(m)).median()) / spacing for m in (start, matrix)]
+        kept = rise <= INLIER_CHI2_LIMIT
+        record["inlier_check"] = {"chi2_rise": rise, "limit": INLIER_CHI2_LIMIT, "kept_learnt": kept,
+                                  "inlier_median_px_start": medians[0], "inlier_median_px_learnt": medians[1]}
+        return matrix if kept else start / start[2, 2]
 
     def run(
         self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory

@@ -561,15 +561,10 @@ class Engine:
         return float(self._feature_fit.residuals(transform_points).median()) / float(self._grids_spacing)
 
     def _inlier_chi2_rise(self, prior: Transform | None, chain: Transform) -> float:
-        """How much worse ``chain`` explains the keypoint inliers than ``prior`` (or the identity): the rise
-        of their summed squared residuals in units of the feature fit's noise variance. Under the
-        hypothesis that ``chain`` is the truth and the keypoints are off by independent noise of that
-        scale, the feature fit's least-squares optimum lies below it by a chi-square with as many
-        degrees of freedom as the fit has parameters (at most 8)."""
-        before = self._feature_fit.residuals(prior.transform_points if prior is not None else (lambda x: x))
-        after = self._feature_fit.residuals(chain.transform_points)
-        noise = float(self._feature_fit.stats.get("noise_px", 1.0)) * float(self._grids_spacing)
-        return float((after.square().sum() - before.square().sum()) / noise**2)
+        """How much worse ``chain`` explains the keypoint inliers than ``prior`` (or the identity), in
+        noise variances (:meth:`~alignkit.solve.features.FeatureFit.chi2_rise`)."""
+        return self._feature_fit.chi2_rise(prior.transform_points if prior is not None else (lambda x: x),
+                                           chain.transform_points, self._grids_spacing)
 
     @torch.no_grad()
     def _judge_stage(

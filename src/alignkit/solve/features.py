@@ -62,6 +62,16 @@ class FeatureFit:
         mapped = transform_points(self.fixed_points.T.unsqueeze(0).float())[0].T.double()
         return torch.linalg.norm(mapped.cpu() - self.moving_points, dim=1)
 
+    def chi2_rise(self, before, after, spacing: float = 1.0) -> float:  # type: ignore[no-untyped-def]
+        """How much worse the map ``after`` explains the inliers than ``before`` (callables on ``(1, 2, N)``
+        world points): the rise of their summed squared residuals in units of the fit's noise variance
+        (``stats["noise_px"]`` pixels of size ``spacing``). Under the hypothesis that ``after`` is the
+        truth and the keypoints are off by independent noise of that scale, the least-squares optimum
+        of the fit lies below it by a chi-square with as many degrees of freedom as the fit has
+        parameters (at most 8), so a rise past that distribution's tail rules ``after`` out."""
+        noise = float(self.stats.get("noise_px", 1.0)) * float(spacing)
+        return float((self.residuals(after).square().sum() - self.residuals(before).square().sum()) / noise**2)
+
 
 def feature_matrix(
     fixed: Tensor,
