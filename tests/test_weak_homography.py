@@ -230,3 +230,23 @@ def test_the_start_inliers_rule_out_a_learnt_matrix_they_contradict():
     assert torch.equal(WeakHomography._check_inliers(fit, start, far, grid, record), start)
     assert not record["inlier_check"]["kept_learnt"]
     assert record["inlier_check"]["inlier_median_px_learnt"] > record["inlier_check"]["inlier_median_px_start"] + 1
+
+
+def test_affine_model_keeps_the_perspective_at_zero_and_evaluate_asks_for_it_on_affine_cases():
+    from alignkit.data.case import Case
+    from alignkit.evaluate.registered import RegisteredMethod
+
+    grid = Grid.from_spacing((64, 80))
+    start = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0], [1e-4, 2e-4, 1.0]], dtype=torch.float64)
+    model = ConditionedHomography(ConditionedHomography.frame_of(grid, 0.5), start, affine=True)
+    model.world().sum().backward()
+    assert torch.equal(model.theta[6:].detach(), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(model.theta.grad[6:], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(model.world()[2, :2].detach(), torch.zeros(2, dtype=torch.float64))
+    method = RegisteredMethod("weak-homography")
+    image = Image.from_array(np.zeros((16, 16), np.float32))
+    affine_case = Case(name="a", fixed=image, moving=image, kind="affine")
+    homography_case = Case(name="h", fixed=image, moving=image, kind="homography")
+    assert method.register_options(affine_case) == {"model": "affine"}
+    assert method.register_options(homography_case) == {}
+    assert RegisteredMethod("weak-homography", model="homography").register_options(affine_case) == {"model": "homography"}

@@ -44,8 +44,23 @@ class RegisteredMethod(Method):
         self.description = f'alignkit.register(method="{method}"' + (f", refine={self.refine}" if self.refine else "") + ")"
 
     def register_options(self, case: Case) -> dict[str, Any]:
-        """The options passed to :func:`alignkit.register` for ``case`` (subclasses resolve presets)."""
-        return dict(self.options)
+        """The options passed to :func:`alignkit.register` for ``case`` (subclasses resolve presets).
+
+        A case that says its pairs are related by an affine map (``kind="affine"``, e.g. VIS-NIR) sets
+        ``model="affine"`` for a method that has that option (``weak-homography``) unless it is given:
+        the presets then run their affine chain and the OpenCV peers fit an affine, so every method is
+        told the same thing about the case (:meth:`AlignkitMethod.config_for`)."""
+        options = dict(self.options)
+        if case.kind == "affine" and "model" not in options and self._accepts("model"):
+            options["model"] = "affine"
+        return options
+
+    def _accepts(self, option: str) -> bool:
+        import inspect
+
+        from alignkit.methods import get_method
+
+        return option in inspect.signature(get_method(self.method).__init__).parameters
 
     def _run(self, case: Case, *, seed: int, device: str) -> Any:
         import alignkit

@@ -29,7 +29,10 @@ largest distance instead of being dropped (dropping let the homography escape to
 Start (``start``): ``"auto"`` uses the SIFT + MAGSAC++ fit of :func:`alignkit.solve.features.feature_fit`
 (the ``photo`` preset's start) when it is trusted and has at least ``min_inliers`` inliers -- and then
 runs only the finest ``feature_levels`` pyramid levels --, else the identity; ``"identity"`` (the paper's protocol); ``"features"`` (an error when no fit is trusted);
-``initial`` (a matrix, transform or transform file) overrides them. **Never worse than the start**:
+``initial`` (a matrix, transform or transform file) overrides them. ``model="affine"`` keeps the two
+perspective parameters at zero and fits the start as an affine map (GRIC then picks an affine or a
+similarity): for pairs known to be related by an affine map (``alignkit evaluate`` sets it for cases of
+kind ``affine``, as the presets run their affine chain and the OpenCV peers fit an affine there). **Never worse than the start**:
 at the end of every level the start, the last iterate and the average of the last
 ``average_fraction`` iterates (Polyak averaging, which removes the minibatch noise of SGD) are scored
 by the same loss on held-out keypoints with the level's final network, and the lowest is kept. After a
@@ -86,6 +89,7 @@ from alignkit.transforms import MatrixTransform, Transform
 Network = Literal["siamese", "pseudo-siamese"]
 Colour = Literal["rgb", "grey"]
 Start = Literal["auto", "identity", "features"]
+Model = Literal["homography", "affine"]
 
 REFERENCE = ("Dong, Burnham, Boots, Rains, Dellaert: Learning to Align Images using Weak Geometric "
              "Supervision (3DV 2018)")
@@ -104,13 +108,18 @@ class ConditionedHomography(nn.Module):
     perspective terms alike; with 1 the perspective terms were 4-8 times weaker and SGD left them
     behind)."""
 
-    def __init__(self, frame: Tensor, start: Tensor) -> None:
+    def __init__(self, frame: Tensor, start: Tensor, affine: bool = False) -> None:
         super().__init__()
         self.register_buffer("frame", frame.to(torch.float64))
         normalised = torch.linalg.inv(self.frame) @ start.to(self.frame) @ self.frame
         normalised = normalised / normalised[2, 2]
         theta = (normalised - torch.eye(3, dtype=torch.float64)).flatten()[:8]
-        self.theta = nn.Parameter(theta.clone())
+        # an affine model keeps the two perspective parameters at zero (masked: no gradient reaches them)
+        mask = torch.ones(8, dtype=torch.float64)
+        if affine:
+            mask[6:] = 0
+        self.register_buffer("mask", mask)
+        self.theta = nn.Parameter(theta * mask)
 
     @staticmethod
     def frame_of(grid: Grid, scale: float = 1.0) -> Tensor:
@@ -123,7 +132,7 @@ class ConditionedHomography(nn.Module):
         return frame
 
     def normalised(self, theta: Tensor | None = None) -> Tensor:
-        theta = self.theta if theta is None else theta
+        theta = (self.theta if theta is None else theta) * self.mask
         return torch.cat([theta, theta.new_zeros(1)]).reshape(3, 3) + torch.eye(3, dtype=theta.dtype, device=theta.device)
 
     def world(self, theta: Tensor | None = None) -> Tensor:
@@ -207,6 +216,7 @@ class WeakHomography(Method):
         min_inliers: int = 20,
         feature_levels: int = 1,
         inlier_check: bool = True,
+        model: Model = "homography",
         keypoints: int = 1500,
         gradient_threshold: float = 0.05,
         patch_size: int = 16,
@@ -253,6 +263,9 @@ class WeakHomography(Method):
             raise ConfigError(f"weak-homography: feature_levels must be >= 1, got {feature_levels}")
         self.feature_levels = int(feature_levels)
         self.inlier_check = bool(inlier_check)
+        if model not in ("homography", "affine"):
+            raise ConfigError(f"weak-homography: model must be 'homography' or 'affine', got {model!r}")
+        self.model = model
         self.keypoints = int(keypoints)
         self.gradient_threshold = float(gradient_threshold)
         self.patch_size = int(patch_size)
@@ -291,7 +304,7 @@ class WeakHomography(Method):
 
         try:
             fit = feature_fit(inputs.fixed.batch(), inputs.fixed.grid, inputs.moving.batch(), inputs.moving.grid,
-                              model="homography", seed=seed)
+                              model=self.model, seed=seed)
         except ValueError as exc:
             if self.start == "features":
                 raise InputError(f"weak-homography: no trusted SIFT+MAGSAC start ({exc})") from None
@@ -514,7 +527,8 @@ class WeakHomography(Method):
         moving = descriptor_input(inputs.moving.batch(device=device), self.colour)
         if self.network == "siamese":
             fixed, moving = common_channels(fixed, moving)
-        homography = ConditionedHomography(ConditionedHomography.frame_of(inputs.fixed.grid, self.frame_scale), start)
+        homography = ConditionedHomography(ConditionedHomography.frame_of(inputs.fixed.grid, self.frame_scale), start,
+                                           affine=self.model == "affine")
         homography = homography.to(device)
         factors = _level_factors(inputs.fixed.shape, inputs.moving.shape, self.coarsest, self.max_size)
         if start_record["start"] == "features":
@@ -574,7 +588,7 @@ class WeakHomography(Method):
         transform = MatrixTransform(fit.matrix)
         transform.kind = "homography"
         description = {
-            "method": self.info.name, "network": self.network, "colour": self.colour,
+            "method": self.info.name, "network": self.network, "colour": self.colour, "model": self.model,
             "start": fit.start, "levels": [float(f) for f in fit.factors], "iterations": fit.iterations,
             "keypoints": self.keypoints, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
             "homography_learning_rate": self.homography_learning_rate, "margin": self.margin,
