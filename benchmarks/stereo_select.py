@@ -31,9 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, log, set_threads
+from _common import DEFAULT_DATA, emit, log, set_threads
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SELECTION_SEED = 30000
 
 
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignkit.metrics import disparity_errors
 
     models = dict(spec.split("=", 1) for spec in args.model) or {"shipped": "shipped"}
-    pairs = [p for p in load_pairs(DATA, full_aloe=False) if p["name"] == "motorcycle"] + synthetic_pairs(args.synthetic)
+    pairs = [p for p in load_pairs(DEFAULT_DATA, full_aloe=False) if p["name"] == "motorcycle"] + synthetic_pairs(args.synthetic)
     methods = [("census", "alignkit:sgm", None)] + [
         (f"{name}:{variant}", method, run) for name, run in models.items()
         for variant, method in (("network", "stereo-net:network"), ("hybrid", "stereo-net"))]

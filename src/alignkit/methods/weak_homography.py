@@ -575,7 +575,7 @@ class WeakHomography(Method):
 
         spacing = float(grid.spacing.min())
         rise = feature_fit.chi2_rise(carry(start), carry(matrix), spacing)
-        medians = [float(feature_fit.residuals(carry(m)).median()) / spacing for m in (start, matrix)]
+        medians = [feature_fit.median_residual_px(carry(m), spacing) for m in (start, matrix)]
         kept = rise <= INLIER_CHI2_LIMIT
         record["inlier_check"] = {"chi2_rise": rise, "limit": INLIER_CHI2_LIMIT, "kept_learnt": kept,
                                   "inlier_median_px_start": medians[0], "inlier_median_px_learnt": medians[1]}

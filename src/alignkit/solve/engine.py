@@ -558,7 +558,7 @@ class Engine:
     def _inlier_median_px(self, transform_points: Callable[[Tensor], Tensor]) -> float:
         """Median distance, in fixed pixels, between the keypoint inliers' matches and where
         ``transform_points`` carries the fixed inliers."""
-        return float(self._feature_fit.residuals(transform_points).median()) / float(self._grids_spacing)
+        return self._feature_fit.median_residual_px(transform_points, self._grids_spacing)
 
     def _inlier_chi2_rise(self, prior: Transform | None, chain: Transform) -> float:
         """How much worse ``chain`` explains the keypoint inliers than ``prior`` (or the identity), in

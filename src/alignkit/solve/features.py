@@ -62,6 +62,10 @@ class FeatureFit:
         mapped = transform_points(self.fixed_points.T.unsqueeze(0).float())[0].T.double()
         return torch.linalg.norm(mapped.cpu() - self.moving_points, dim=1)
 
+    def median_residual_px(self, transform_points, spacing: float = 1.0) -> float:  # type: ignore[no-untyped-def]
+        """The inliers' median :meth:`residuals` in pixels of size ``spacing``."""
+        return float(self.residuals(transform_points).median()) / float(spacing)
+
     def chi2_rise(self, before, after, spacing: float = 1.0) -> float:  # type: ignore[no-untyped-def]
         """How much worse the map ``after`` explains the inliers than ``before`` (callables on ``(1, 2, N)``
         world points): the rise of their summed squared residuals in units of the fit's noise variance

@@ -688,7 +688,6 @@ def grey_pair_unit(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.
     return outs
 
 
-
 @_jit(fastmath=True)
 def _feature_cost(left, right, disparities, out):
     # left/right (H, W, F): each dot product is one contiguous run of channels, summed in SIMD lanes
