@@ -39,9 +39,11 @@ def test_harvested_positives_correspond_and_negatives_do_not():
     fixed = _photo(160)
     truth = np.array([[1.0, 0.03, 4.0], [-0.03, 1.0, -3.0], [0.0, 0.0, 1.0]])
     moving = _warp(fixed, truth)
-    a, b, negative = harvest_pair(Image.from_array(fixed), Image.from_array(moving), torch.as_tensor(truth),
-                                  keypoints=300, negative_distance=16.0, generator=torch.Generator().manual_seed(0))
+    harvest = harvest_pair(Image.from_array(fixed), Image.from_array(moving), torch.as_tensor(truth),
+                           keypoints=300, negative_distance=16.0, generator=torch.Generator().manual_seed(0), pair_index=3)
+    a, b, negative = harvest.fixed, harvest.moving, harvest.negative
     assert a.shape[0] > 50 and a.shape == b.shape == negative.shape
+    assert harvest.xy.shape == (a.shape[0], 2) and bool((harvest.pair == 3).all())
     positive_error = (a - b).pow(2).mean(dim=(1, 2, 3)).median()
     negative_error = (a - negative).pow(2).mean(dim=(1, 2, 3)).median()
     assert positive_error < 0.25 * negative_error

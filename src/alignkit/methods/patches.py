@@ -213,3 +213,29 @@ def contrastive_loss(
     pos = d_pos.mean()
     neg = F.relu(margin - d_neg).mean() if d_neg.numel() else d_pos.new_zeros(())
     return pos + neg, {"positive": pos.detach(), "negative": neg.detach()}
+
+
+def hardest_in_batch_negatives(
+    descriptors_a: Tensor, descriptors_b: Tensor, allowed: Tensor, *, margin: float = 1.0
+) -> Tensor:
+    """The hinge ``max(0, margin - d^2)`` of each row's and each column's *hardest* negative in a batch of
+    positive pairs ``(a_i, b_i)`` (unit descriptors ``(n, D)``): for anchor ``a_i`` the nearest ``b_j``,
+    ``j != i``, and for ``b_j`` the nearest ``a_i``, among the pairs ``allowed (n, n)`` marks as true
+    negatives (e.g. not the same place of the same image); mean over both directions, rows without an
+    allowed negative skipped. HardNet's sampling (Mishchuk et al., NeurIPS 2017) on Dong et al. 2018's
+    contrastive hinge: negatives drawn from the positives' own distribution, so that the loss cannot be
+    lowered by telling *where* a patch was sampled (keypoint or random place) instead of *what* it shows.
+    """
+    n = descriptors_a.shape[0]
+    if n < 2:
+        return descriptors_a.new_zeros(())
+    squared = torch.cdist(descriptors_a, descriptors_b).pow(2)
+    mask = allowed & ~torch.eye(n, dtype=torch.bool, device=squared.device)
+    far = squared.detach().max() + 4.0  # masked entries never win the minimum
+    masked = torch.where(mask, squared, far)
+    terms = []
+    for values, any_allowed in ((masked.min(dim=1).values, mask.any(dim=1)), (masked.min(dim=0).values, mask.any(dim=0))):
+        if bool(any_allowed.any()):
+            terms.append(F.relu(margin - values[any_allowed]).mean())
+    return torch.stack(terms).mean() if terms else descriptors_a.new_zeros(())
+
