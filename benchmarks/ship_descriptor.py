@@ -14,6 +14,7 @@
    size, the scores above.
 
     python benchmarks/ship_descriptor.py --run-dir /tmp/ship_run --pairs-per-subset 5
+    python benchmarks/ship_descriptor.py --run-dir /tmp/ship_run --no-export --skip-per-subset 5 --pairs-per-subset 0
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def export(run_dir: Path, target: Path) -> dict[str, Any]:
     return {"bytes": size, "source": str(source), "fp16_max_abs_descriptor_difference": diff}
 
 
-def score(model_path: Path, data: str, per_subset: int, seed: int) -> dict[str, Any]:
+def score(model_path: Path, data: str, per_subset: int, seed: int, skip: int = 0) -> dict[str, Any]:
     import cv2
     import torch
 
@@ -75,7 +76,8 @@ def score(model_path: Path, data: str, per_subset: int, seed: int) -> dict[str, 
 
     model = load_model(model_path)
     dataset = load_dataset("vis-nir", root=data)
-    names = [n for s in SUBSETS for n in sorted(x for x in dataset.names if x.startswith(s + "/"))[:per_subset]]
+    stop = skip + per_subset if per_subset > 0 else None
+    names = [n for s in SUBSETS for n in sorted(x for x in dataset.names if x.startswith(s + "/"))[skip:stop]]
     sift_peer = resolve_method("opencv:sift-ransac")
     desc: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {"sift": ([], []), "automatic": ([], [])}
     errors: dict[str, list[float]] = {"learned-descriptor-ransac": [], "opencv:sift-ransac": []}
@@ -123,8 +125,12 @@ def score(model_path: Path, data: str, per_subset: int, seed: int) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="descriptor_visnir2d")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--pairs-per-subset", type=int, default=5)
+    parser.add_argument("--run-dir", help="the recipe's training run (needed unless --no-export)")
+    parser.add_argument("--pairs-per-subset", type=int, default=5, help="pairs per vis-nir subset (0: all after --skip)")
+    parser.add_argument("--skip-per-subset", type=int, default=0,
+                        help="leave out the first pairs of each subset by name (e.g. those a choice was made on)")
+    parser.add_argument("--no-export", action="store_true",
+                        help="score the model already exported in the target folder; write no model or card")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also save the JSON line here")
@@ -135,9 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     models = Path(args.target_dir) if args.target_dir else recipes
     models.mkdir(parents=True, exist_ok=True)
     target = models / f"{args.recipe}.pt"
+    if not args.run_dir and not args.no_export:
+        parser.error("--run-dir is needed to export a model (or give --no-export)")
+    if args.no_export:
+        scores = score(target, args.data, args.pairs_per_subset, args.seed, args.skip_per_subset)
+        emit({"benchmark": "ship_descriptor", "status": "ok", "model": str(target), "scores": scores}, args.out)
+        return 0
     run = Path(args.run_dir)
     exported = export(run, target)
-    scores = score(target, args.data, args.pairs_per_subset, args.seed)
+    scores = score(target, args.data, args.pairs_per_subset, args.seed, args.skip_per_subset)
     with open(run / "log.csv") as handle:
         history = list(csv.DictReader(handle))
     train_seconds = sum(float(r["seconds"]) for r in history if r.get("seconds"))
@@ -156,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "weights_licence": "as the training data allow (the EPFL RGB-NIR scene data set: research use)",
         "recipe": recipe,
         "command": f"python -m alignkit train --config src/alignkit/methods/models/{args.recipe}.recipe.json -o RUN; "
-                   f"python benchmarks/ship_descriptor.py --run-dir RUN --pairs-per-subset {args.pairs_per_subset}",
+                   f"python benchmarks/ship_descriptor.py --run-dir RUN --pairs-per-subset {args.pairs_per_subset}"
+                   + (f" --skip-per-subset {args.skip_per_subset}" if args.skip_per_subset else ""),
         "training": {"commit_of_export": commit, "epochs": len([r for r in history if r.get("seconds")]),
                      "train_seconds": round(train_seconds, 1),
                      "train_seconds_note": "sum of log.csv's per-epoch seconds; the weak-homography harvest before "

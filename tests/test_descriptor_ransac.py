@@ -90,3 +90,32 @@ def test_train_weak_homography_trains_the_descriptor(tmp_path):
 def test_bad_options():
     with pytest.raises(alignkit.errors.ConfigError):
         alignkit.register(_photo(), _photo(), method="learned-descriptor-ransac", ratio=1.5)
+
+
+def test_hardest_in_batch_negative_respects_the_mask():
+    """Zero when every allowed negative is at least sqrt(margin) away; a near-duplicate that the mask
+    excludes (same place of the same pair) does not count; an allowed one does."""
+    from alignkit.methods.patches import hardest_in_batch_negatives
+
+    basis = torch.eye(6)[:4]  # orthonormal: squared distance 2 between different rows
+    allowed = torch.ones(4, 4, dtype=torch.bool)
+    assert float(hardest_in_batch_negatives(basis, basis.clone(), allowed, margin=1.0)) == 0.0
+    near = basis.clone()
+    near[1] = basis[0]  # b_1 coincides with a_0
+    assert float(hardest_in_batch_negatives(basis, near, allowed, margin=1.0)) > 0.0
+    allowed[0, 1] = allowed[1, 0] = False
+    assert float(hardest_in_batch_negatives(basis, near, allowed, margin=1.0)) == 0.0
+
+
+def test_model_loss_adds_the_hardest_in_batch_negative():
+    model = build_model("learned-descriptor-ransac", ndim=2, size=(16, 16))
+    plain = build_model("learned-descriptor-ransac", ndim=2, size=(16, 16), in_batch_negatives=False)
+    plain.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    batch = {"fixed": torch.randn(8, 1, 16, 16, generator=g), "moving": torch.randn(8, 1, 16, 16, generator=g),
+             "negative": torch.randn(8, 1, 16, 16, generator=g), "xy": torch.rand(8, 2, generator=g) * 500,
+             "pair": torch.arange(8) % 2}
+    with_hard, parts = model.loss(batch, model(batch), epoch=1)
+    without, plain_parts = plain.loss(batch, plain(batch), epoch=1)
+    assert "hardest_negative" in parts and "hardest_negative" not in plain_parts
+    assert float(with_hard) == pytest.approx(float(without) + float(parts["hardest_negative"]), rel=1e-5)

@@ -155,6 +155,17 @@ def test_never_worse_than_the_start():
     assert np.allclose(result.transform.matrix().detach().double().numpy(), truth, atol=1e-9)
 
 
+def test_iteration_counts_of_skipped_levels_are_dropped():
+    """Counts are given for the whole pyramid; a trusted SIFT+MAGSAC start runs only the finest level,
+    with the finest count (a harvest recipe's counts must fit pairs of either start)."""
+    fixed = _photo(256)
+    moving = _warp(fixed, np.array([[1.0, 0.01, 2.0], [-0.01, 1.0, 1.0], [0.0, 0.0, 1.0]]))
+    result = alignkit.register(Image.from_array(fixed), Image.from_array(moving), method="weak-homography",
+                               keypoints=128, iterations=[3, 7], coarsest=128, seed=0)
+    assert result.metrics["start"] == "features"
+    assert [level["iterations"] for level in result.metrics["levels"]] == [7]
+
+
 def test_siamese_grey_and_bad_options():
     fixed = _photo(128)
     moving = _warp(fixed, np.array([[1.0, 0.0, 1.5], [0.0, 1.0, -1.0], [0.0, 0.0, 1.0]]))

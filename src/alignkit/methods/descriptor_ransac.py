@@ -173,8 +173,9 @@ def harvest_pair(
     pairs stayed at chance). ``orientation_jitter_deg`` / ``scale_jitter``: the fixed keypoint's
     orientation turned by a uniform angle in +-that many degrees and its scale multiplied by
     ``2 ** uniform(+-scale_jitter)``, because at matching time both images' SIFT keypoints are detected
-    independently (measured on vis-nir test pairs: the orientations of repeated keypoints differ by a
-    median of 3-32 degrees across VIS and NIR)."""
+    independently (measured on 13 of the ``vis-nir/country`` training pairs aligned by SIFT+MAGSAC: the
+    orientations of keypoints found at the same place in both images differ by a median of 8-71
+    degrees, 34 over the pairs, with 32-67 % within 20 degrees)."""
     fixed_t, moving_t = _grey_standardised(fixed), _grey_standardised(moving)
     in_moving = sift_keypoints(moving_t, keypoints)
     if len(in_moving) == 0:

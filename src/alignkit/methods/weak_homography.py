@@ -531,12 +531,13 @@ class WeakHomography(Method):
                                            affine=self.model == "affine")
         homography = homography.to(device)
         factors = _level_factors(inputs.fixed.shape, inputs.moving.shape, self.coarsest, self.max_size)
+        # iteration counts are given for the whole pyramid (coarse first); skipped levels drop theirs
+        iterations = self._iterations(len(factors))
         if start_record["start"] == "features":
             # a trusted SIFT+MAGSAC start is a few pixels off: the coarse levels could only add their SGD
             # noise (measured on vis-nir mountain/0000: a 0.66 px start ended 8.0 px off through all
             # three levels), so only the finest feature_levels run
-            factors = factors[-self.feature_levels :]
-        iterations = self._iterations(len(factors))
+            factors, iterations = factors[-self.feature_levels :], iterations[-self.feature_levels :]
         bar = progress(total=sum(iterations), desc="weak-homography", unit="it") if progress else None
         levels = []
         net: nn.Module | None = None
