@@ -164,6 +164,11 @@ def test_iteration_counts_of_skipped_levels_are_dropped():
                                keypoints=128, iterations=[3, 7], coarsest=128, seed=0)
     assert result.metrics["start"] == "features"
     assert [level["iterations"] for level in result.metrics["levels"]] == [7]
+    assert "kept_learnt" in result.metrics["inlier_check"]  # in metrics.json, not only the manifest
+    assert result.transform.kind == "homography"
+    affine = alignkit.register(Image.from_array(fixed), Image.from_array(moving), method="weak-homography",
+                               keypoints=128, iterations=2, coarsest=128, seed=0, model="affine")
+    assert affine.transform.kind == "affine"
 
 
 def test_siamese_grey_and_bad_options():
@@ -204,8 +209,9 @@ def test_cli_register_and_bad_option(tmp_path, capsys):
 @pytest.mark.xfail(strict=True, reason="not met yet: measured 4.39 px from an 8.5 px start at commit 480b4b9 "
                    "(single-level runs from 4 px reached 1.2-1.4 px); the issue's target is under 1 px")
 def test_recovers_a_vis_nir_pair_at_a_known_perturbation():
-    """A VIS <-> NIR pair (vis-nir/field), started 1 % of the image size off its true affine: recovered
-    to under 1 px mean corner error with the pseudo-siamese network (the issue's target)."""
+    """A VIS <-> NIR pair (vis-nir/field), started 1 % of the image size off its true affine by a given
+    ``initial`` (the paper's protocol: no SIFT start): recovered to under 1 px mean corner error with the
+    pseudo-siamese network (the issue's target; measured 3.86 px with ``model="affine"`` this session)."""
     data_path("vis-nir", "field")
     from alignkit.data.datasets import load_dataset
 
@@ -218,6 +224,31 @@ def test_recovers_a_vis_nir_pair_at_a_known_perturbation():
     result = alignkit.register(case.fixed, case.moving, method="weak-homography", initial=start, seed=0)
     estimate = result.transform.matrix().detach().double().numpy()
     assert corner_error(estimate, case.matrix, cols, rows) < 1.0
+
+
+@pytest.mark.slow
+def test_recovers_a_vis_nir_pair_at_a_known_perturbation_from_its_default_start():
+    """The same pair as users run the method: the moving image resampled 5 % of the image size (41 px at
+    the corners) off its true affine, default options (SIFT+MAGSAC start when trusted, one learnt
+    level, the inlier test): under 1 px (measured 0.51 px)."""
+    import cv2
+
+    data_path("vis-nir", "field")
+    from alignkit.data.datasets import load_dataset
+
+    case = load_dataset("vis-nir", root=data_path())["field/0007"]
+    rows, cols = case.fixed.shape[-2:]
+    shift = np.eye(3)
+    shift[0, 2], shift[1, 2] = 0.05 * cols * 0.6, 0.05 * rows * 0.8
+    moving = case.moving.data.permute(1, 2, 0).numpy().astype(np.float32)
+    # moving'(x) = moving(H T x): the pair now differs by T alone, so the truth is T^-1
+    resampled = cv2.warpPerspective(moving, case.matrix @ shift, (cols, rows),
+                                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    truth = np.linalg.inv(shift)
+    assert corner_error(np.eye(3), truth, cols, rows) > 40.0
+    result = alignkit.register(case.fixed, Image.from_array(resampled), method="weak-homography", seed=0)
+    assert result.metrics["start"] == "features"
+    assert corner_error(result.transform.matrix().detach().double().numpy(), truth, cols, rows) < 1.0
 
 
 def test_the_start_inliers_rule_out_a_learnt_matrix_they_contradict():

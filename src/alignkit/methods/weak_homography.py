@@ -587,7 +587,7 @@ class WeakHomography(Method):
     ) -> MethodOutput:
         fit = self.fit(inputs, device=device, seed=seed, progress=progress)
         transform = MatrixTransform(fit.matrix)
-        transform.kind = "homography"
+        transform.kind = "affine" if self.model == "affine" else "homography"  # the perspective row is 0 0 1
         description = {
             "method": self.info.name, "network": self.network, "colour": self.colour, "model": self.model,
             "start": fit.start, "levels": [float(f) for f in fit.factors], "iterations": fit.iterations,
@@ -598,5 +598,8 @@ class WeakHomography(Method):
         }
         return MethodOutput(
             transform=transform, name=self.info.name, stages=["homography"], description=description,
-            stage_seconds=fit.seconds, extra={"method": self.info.name, "start": fit.start["start"], "levels": fit.levels},
+            stage_seconds=fit.seconds,
+            extra={"method": self.info.name, "start": fit.start["start"], "levels": fit.levels,
+                   # whether the learnt matrix passed the start's inlier test (metrics.json, not only the manifest)
+                   **({"inlier_check": fit.start["inlier_check"]} if "inlier_check" in fit.start else {})},
         )
