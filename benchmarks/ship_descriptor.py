@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs-per-subset", type=int, default=5, help="pairs per vis-nir subset (0: all after --skip)")
     parser.add_argument("--skip-per-subset", type=int, default=0,
                         help="leave out the first pairs of each subset by name (e.g. those a choice was made on)")
+    parser.add_argument("--selection", help="a JSON file saying how the recipe was chosen (copied into the card)")
     parser.add_argument("--no-export", action="store_true",
                         help="score the model already exported in the target folder; write no model or card")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -155,29 +156,44 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = sum(float(r["seconds"]) for r in history if r.get("seconds"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                             check=False).stdout.strip()
+    import hashlib
+
+    from alignkit.methods import load_model
+
+    data = target.read_bytes()
+    command = (f"python -m alignkit train --config src/alignkit/methods/models/{args.recipe}.recipe.json -o RUN; "
+               f"python benchmarks/ship_descriptor.py --run-dir RUN --pairs-per-subset {args.pairs_per_subset}"
+               + (f" --skip-per-subset {args.skip_per_subset}" if args.skip_per_subset else ""))
     card = {
         "name": args.recipe,
         "method": "learned-descriptor-ransac",
         "summary": "partly shared pseudo-siamese patch descriptor (Dong et al. 2018 §5.3, grey 16x16 patches, 256-d) "
                    "trained on positives harvested by weak-homography from VIS-NIR 'country' pairs (no ground truth used)",
-        "data": {
+        "dimensions": 2,
+        "parameters": sum(p.numel() for p in load_model(target).parameters()),
+        "file": f"src/alignkit/methods/models/{target.name}",
+        "file_bytes": len(data),
+        "file_sha256": hashlib.sha256(data).hexdigest(),
+        "training_data": {
             "train": "vis-nir/country (VIS-NIR registration set built on the EPFL RGB-NIR scene data set, Brown and "
-                     "Süsstrunk, CVPR 2011): the first pairs of the folder by name, see recipe harvest_pairs",
-            "held_out": "vis-nir test subsets field, forest, indoor, mountain (first pairs by name, see scores.pairs)",
+                     "Süsstrunk, CVPR 2011): the pairs of the folder by name, see recipe harvest_pairs (0 = all)",
+            "held_out": "vis-nir test subsets field, forest, indoor, mountain (see scores.pairs)",
         },
         "weights_licence": "as the training data allow (the EPFL RGB-NIR scene data set: research use)",
-        "recipe": recipe,
-        "command": f"python -m alignkit train --config src/alignkit/methods/models/{args.recipe}.recipe.json -o RUN; "
-                   f"python benchmarks/ship_descriptor.py --run-dir RUN --pairs-per-subset {args.pairs_per_subset}"
-                   + (f" --skip-per-subset {args.skip_per_subset}" if args.skip_per_subset else ""),
+        "recipe": f"src/alignkit/methods/models/{args.recipe}.recipe.json",
+        "training_config": recipe,
+        "command": command,
+        "commit": commit,
         "training": {"commit_of_export": commit, "epochs": len([r for r in history if r.get("seconds")]),
                      "train_seconds": round(train_seconds, 1),
                      "train_seconds_note": "sum of log.csv's per-epoch seconds; the weak-homography harvest before "
                                            "the first epoch is not included",
                      "last": history[-1] if history else {}},
-        "file": exported,
+        "export": exported,
         "scores": scores,
     }
+    if args.selection:  # how this recipe was chosen among candidates (a JSON object, recorded as given)
+        card["selection"] = json.loads(Path(args.selection).read_text())
     card_path = models / f"{args.recipe}.card.json"
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     emit({"benchmark": "ship_descriptor", "status": "ok", "card": card}, args.out)

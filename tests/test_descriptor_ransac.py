@@ -63,9 +63,11 @@ def test_matching_identical_images_gives_the_identity():
     assert result.metrics["matching"]["inliers"] >= 20
 
 
-def test_train_weak_homography_trains_the_descriptor(tmp_path):
-    """``alignkit train --method weak-homography`` harvests a folder of pairs and trains the
-    descriptor; the checkpoint is a learned-descriptor-ransac model."""
+@pytest.mark.parametrize("method", ["weak-homography", "learned-descriptor-ransac"])
+def test_train_weak_homography_trains_the_descriptor(tmp_path, method):
+    """``alignkit train --method weak-homography`` (or the model's own name, as its shipped recipe says)
+    harvests a folder of pairs and trains the descriptor; the checkpoint is a learned-descriptor-ransac
+    model."""
     import imageio.v3 as iio
 
     from alignkit.methods import load_model, train_method
@@ -77,7 +79,7 @@ def test_train_weak_homography_trains_the_descriptor(tmp_path):
         iio.imwrite(folder / f"{k:04d}_nir.png", fixed[..., 1])
         iio.imwrite(folder / f"{k:04d}_rgb.png", _warp(fixed, np.array([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [0, 0, 1.0]])))
     DescriptorRansacModel._harvests.clear()
-    result = train_method({"method": "weak-homography", "dataset": str(folder), "epochs": 1, "batch_size": 16,
+    result = train_method({"method": method, "dataset": str(folder), "epochs": 1, "batch_size": 16,
                            "val_fraction": 0.34, "quiet": True,
                            "method_options": {"harvest_keypoints": 200,
                                               "harvest_options": {"iterations": 3, "keypoints": 128, "coarsest": 128}}},
