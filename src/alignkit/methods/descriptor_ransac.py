@@ -49,6 +49,7 @@ from alignkit.methods.patches import (
     contrastive_loss,
     hardest_in_batch_negatives,
     inside,
+    other_keypoints,
     sample_patches,
     standardise,
     warp_keypoints,
@@ -131,26 +132,6 @@ def folder_pairs(folder: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _other_keypoints(xy: Tensor, min_distance: float, generator: torch.Generator, tries: int = 20) -> tuple[Tensor, Tensor]:
-    """For each of ``n`` keypoints ``xy (n, 2)``, the index of another one at least ``min_distance``
-    pixels away (drawn uniformly, ``tries`` draws), and whether one was found."""
-    n = xy.shape[0]
-    choice = torch.zeros(n, dtype=torch.long)
-    found = torch.zeros(n, dtype=torch.bool)
-    if n < 2:
-        return choice, found
-    points = xy.detach().double().cpu()
-    for _ in range(tries):
-        todo = (~found).nonzero()[:, 0]
-        if todo.numel() == 0:
-            break
-        draw = torch.randint(0, n, (todo.numel(),), generator=generator)
-        far = (points[draw] - points[todo]).norm(dim=1) >= min_distance
-        choice[todo[far]] = draw[far]
-        found[todo[far]] = True
-    return choice, found
-
-
 def harvest_pair(
     fixed: Image,
     moving: Image,
@@ -191,7 +172,7 @@ def harvest_pair(
         factor = torch.exp2((torch.rand(n, generator=generator, dtype=torch.float64) * 2.0 - 1.0) * scale_jitter)
         in_fixed.scale = in_fixed.scale * factor.to(in_fixed.scale)
     in_fixed.scale = in_fixed.scale.clamp(*SCALE_RANGE)
-    other, found = _other_keypoints(in_moving.xy, negative_distance, generator)
+    other, found = other_keypoints(in_moving.xy, negative_distance, generator)
     rows = found.nonzero()[:, 0]
     with torch.no_grad():
         return PatchPairs(

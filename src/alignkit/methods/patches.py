@@ -188,6 +188,27 @@ def negative_keypoints(
     return Keypoints(xy.to(device), orientation.to(device), scale.to(device)), found.to(device)
 
 
+def other_keypoints(xy: Tensor, min_distance: float, generator: torch.Generator, tries: int = 20) -> tuple[Tensor, Tensor]:
+    """For each of ``n`` keypoints ``xy (n, 2)``, the index of another one at least ``min_distance``
+    pixels away (drawn uniformly, ``tries`` draws), and whether one was found: negatives from the
+    keypoints' own distribution, where :func:`negative_keypoints` draws new places."""
+    n = xy.shape[0]
+    choice = torch.zeros(n, dtype=torch.long)
+    found = torch.zeros(n, dtype=torch.bool)
+    if n < 2:
+        return choice, found
+    points = xy.detach().double().cpu()
+    for _ in range(tries):
+        todo = (~found).nonzero()[:, 0]
+        if todo.numel() == 0:
+            break
+        draw = torch.randint(0, n, (todo.numel(),), generator=generator)
+        far = (points[draw] - points[todo]).norm(dim=1) >= min_distance
+        choice[todo[far]] = draw[far]
+        found[todo[far]] = True
+    return choice, found
+
+
 def contrastive_loss(
     positive_a: Tensor,
     positive_b: Tensor,
@@ -238,4 +259,3 @@ def hardest_in_batch_negatives(
         if bool(any_allowed.any()):
             terms.append(F.relu(margin - values[any_allowed]).mean())
     return torch.stack(terms).mean() if terms else descriptors_a.new_zeros(())
-
