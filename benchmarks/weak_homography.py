@@ -12,7 +12,8 @@ Three parts (``--parts``, default ``b,c,a``), all in one run:
   ``presets2d.py``: the data set's matrix extrapolates hundreds of pixels at the corners), through
   :func:`alignkit.evaluate.evaluate` (one isolated worker per run, ``--threads``);
 * **c** -- success against the start perturbation (Dong et al. 2018 Fig. 6/7): for the first
-  ``--perturb-pairs`` vis-nir pairs of the subsets, the moving image is resampled onto the fixed
+  ``--perturb-pairs`` vis-nir pairs of the subsets (after the first ``--perturb-skip`` of each), the
+  case keeping the data set's kind (``affine``, as in part b), the moving image is resampled onto the fixed
   frame through the true matrix composed with a translation of ``p`` times the image size (a
   seeded direction per pair), so that every method starts from the identity with the translation
   as the only error; ``weak-homography`` (``start="identity"``, the paper's protocol), SIFT+RANSAC
@@ -123,7 +124,10 @@ def perturbed_cases(args: argparse.Namespace) -> list[tuple[float, Any]]:
 
     data = load_dataset("vis-nir", root=args.data)
     per_subset = max(1, math.ceil(args.perturb_pairs / len(SUBSETS)))
-    names = _visnir_names(data, per_subset)
+    skip = max(0, int(getattr(args, "perturb_skip", 0)))
+    # the first `skip` pairs of each subset left out (held-out curves), then `per_subset` of each
+    names = [n for n in _visnir_names(data, per_subset + skip)
+             if sorted(m for m in data.names if m.split("/")[0] == n.split("/")[0]).index(n) >= skip]
     names = [n for k in range(per_subset) for n in names if names.index(n) % per_subset == k][: args.perturb_pairs]
     rng = np.random.default_rng(args.seed)
     out = []
@@ -140,7 +144,7 @@ def perturbed_cases(args: argparse.Namespace) -> list[tuple[float, Any]]:
                                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
             image = Image.from_array(warped if warped.ndim == 3 else warped[..., None])
             truth = np.linalg.inv(shift)
-            out.append((p, Case(name=f"{name}@{p:g}", fixed=case.fixed, moving=image, kind="homography",
+            out.append((p, Case(name=f"{name}@{p:g}", fixed=case.fixed, moving=image, kind=case.kind,
                                 matrix=truth / truth[2, 2], meta={"dataset": "vis-nir-perturbed", "pair": name})))
     return out
 
@@ -279,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-visnir", action="store_true", help="leave the vis-nir pairs out of b")
     parser.add_argument("--methods-b", default=",".join(PEERS_B), help="methods of part b")
     parser.add_argument("--perturb-pairs", type=int, default=8, help="vis-nir pairs of parts c and a")
+    parser.add_argument("--perturb-skip", type=int, default=0,
+                        help="leave out the first N pairs of each subset in parts c and a (held-out pairs)")
     parser.add_argument("--perturbations", default="0,0.025,0.05,0.075,0.1", help="start shifts, fractions of the size")
     parser.add_argument("--c-default", action="store_true",
                         help="part c also runs weak-homography with its default start (SIFT+MAGSAC when trusted)")

@@ -292,3 +292,40 @@ def test_affine_model_keeps_the_perspective_at_zero_and_evaluate_asks_for_it_on_
     assert method.register_options(affine_case) == {"model": "affine"}
     assert method.register_options(homography_case) == {}
     assert RegisteredMethod("weak-homography", model="homography").register_options(affine_case) == {"model": "homography"}
+
+
+def test_falls_back_to_the_mutual_information_start_when_sift_is_not_trusted():
+    """No SIFT fit is trusted (``min_inliers`` out of reach): the start is the engine's MI similarity +
+    affine chain, from which only the finest level runs; on a contrast-inverted photograph shifted 16 px
+    (beyond what the learnt objective recovers from the identity at this size) the result is within 1 px.
+    ``fallback="identity"`` keeps the paper's identity start."""
+    fixed = _photo(160)
+    truth = np.array([[1.0, 0.0, 12.0], [0.0, 1.0, -10.0], [0.0, 0.0, 1.0]])
+    moving = 255 - _warp(fixed, truth)  # another "modality": inverted intensities
+    assert corner_error(np.eye(3), truth, 160, 160) > 15.0
+    options = dict(method="weak-homography", keypoints=256, iterations=[5, 30], coarsest=80, min_inliers=10**6,
+                   model="affine", seed=0)
+    result = alignkit.register(Image.from_array(fixed), Image.from_array(moving), **options)
+    assert result.metrics["start"] == "mi" and len(result.metrics["levels"]) == 1
+    assert {"mi_start", "mi_learnt", "kept_learnt"} <= set(result.metrics["mi_check"])
+    assert corner_error(result.transform.matrix().detach().double().numpy(), truth, 160, 160) < 1.0
+    plain = alignkit.register(Image.from_array(fixed), Image.from_array(moving), fallback="identity",
+                              **(options | {"iterations": [1, 1]}))
+    assert plain.metrics["start"] == "identity" and len(plain.metrics["levels"]) == 2
+    with pytest.raises(ConfigError, match="fallback"):
+        alignkit.register(Image.from_array(fixed), Image.from_array(moving), fallback="sift", **options)
+
+
+def test_the_mutual_information_of_an_mi_start_rules_out_a_learnt_matrix_with_less():
+    from alignkit.methods.weak_homography import WeakHomography
+    from alignkit.registration import Inputs
+
+    fixed = _photo(128)
+    truth = np.array([[1.0, 0.0, 6.0], [0.0, 1.0, -4.0], [0.0, 0.0, 1.0]])
+    inputs = Inputs(Image.from_array(fixed), Image.from_array(255 - _warp(fixed, truth)))
+    right, wrong = torch.from_numpy(truth), torch.from_numpy(truth @ np.array([[1, 0, 3.0], [0, 1, 2.0], [0, 0, 1]]))
+    record: dict = {}
+    assert torch.equal(WeakHomography._check_mi(inputs, wrong, right, record), right)
+    assert record["mi_check"]["kept_learnt"] and record["mi_check"]["mi_learnt"] > record["mi_check"]["mi_start"]
+    assert torch.equal(WeakHomography._check_mi(inputs, right, wrong, record), right)
+    assert not record["mi_check"]["kept_learnt"]

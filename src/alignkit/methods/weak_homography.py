@@ -27,9 +27,15 @@ level's steps (an untrained network sent it tens of pixels away); its rate is gi
 largest distance instead of being dropped (dropping let the homography escape to a zero loss).
 
 Start (``start``): ``"auto"`` uses the SIFT + MAGSAC++ fit of :func:`alignkit.solve.features.feature_fit`
-(the ``photo`` preset's start) when it is trusted and has at least ``min_inliers`` inliers -- and then
-runs only the finest ``feature_levels`` pyramid levels --, else the identity; ``"identity"`` (the paper's protocol); ``"features"`` (an error when no fit is trusted);
-``initial`` (a matrix, transform or transform file) overrides them. ``model="affine"`` keeps the two
+(the ``photo`` preset's start) when it is trusted and has at least ``min_inliers`` inliers, else the
+classical engine's Mattes mutual-information similarity then affine stages (the ``multimodal``
+preset's linear chain, about a second a pair; ``fallback="identity"`` for the identity instead);
+from either of those only the finest ``feature_levels`` pyramid levels run. ``"identity"`` (the paper's
+protocol); ``"features"`` (an error when no fit is trusted); ``"mi"`` (the MI chain whatever SIFT
+finds); ``initial`` (a matrix, transform or transform file) overrides them. Why the MI fallback: from
+the identity the learnt objective loses VIS-NIR pairs shifted by more than ~2.5 % of the image size
+(its coarsest level is ~200 px wide), while the MI chain reached 0.0-3.7 px on the 8 pairs of the
+benchmark's perturbation curve at 0 and 10 % (``benchmarks/README.md``, session 11). ``model="affine"`` keeps the two
 perspective parameters at zero and fits the start as an affine map (GRIC then picks an affine or a
 similarity): for pairs known to be related by an affine map (``alignkit evaluate`` sets it for cases of
 kind ``affine``, as the presets run their affine chain and the OpenCV peers fit an affine there). **Never worse than the start**:
@@ -37,7 +43,10 @@ at the end of every level the start, the last iterate and the average of the las
 ``average_fraction`` iterates (Polyak averaging, which removes the minibatch noise of SGD) are scored
 by the same loss on held-out keypoints with the level's final network, and the lowest is kept. After a
 SIFT+MAGSAC start, the result must also stay compatible with the start's keypoint inliers
-(``inlier_check``, the engine's chi-square test after a feature start): otherwise the start is returned.
+(``inlier_check``, the engine's chi-square test after a feature start): otherwise the start is returned;
+after the MI start, its mutual information over the whole overlap may not fall below the start's
+(``mi_check``): on the benchmark's two VIS-NIR pairs that SIFT does not trust, the learnt objective moved
+field/0002 from MI's 0.0 and 1.0 px to 3.1 and 5.1 px (session 11 probe, affine model).
 
 The result is a :class:`~alignkit.transforms.MatrixTransform` from fixed-world to moving-world points,
 like the ``photo`` preset's homography stage.
@@ -88,7 +97,8 @@ from alignkit.transforms import MatrixTransform, Transform
 
 Network = Literal["siamese", "pseudo-siamese"]
 Colour = Literal["rgb", "grey"]
-Start = Literal["auto", "identity", "features"]
+Start = Literal["auto", "identity", "features", "mi"]
+Fallback = Literal["mi", "identity"]
 Model = Literal["homography", "affine"]
 
 REFERENCE = ("Dong, Burnham, Boots, Rains, Dellaert: Learning to Align Images using Weak Geometric "
@@ -212,10 +222,12 @@ class WeakHomography(Method):
         network: Network = "pseudo-siamese",
         colour: Colour = "rgb",
         start: Start = "auto",
+        fallback: Fallback = "mi",
         initial: Transform | Tensor | np.ndarray | str | os.PathLike | None = None,
         min_inliers: int = 20,
         feature_levels: int = 1,
         inlier_check: bool = True,
+        mi_check: bool = True,
         model: Model = "homography",
         keypoints: int = 1500,
         gradient_threshold: float = 0.05,
@@ -242,8 +254,10 @@ class WeakHomography(Method):
             raise ConfigError(f"weak-homography: network must be 'siamese' or 'pseudo-siamese', got {network!r}")
         if colour not in ("rgb", "grey"):
             raise ConfigError(f"weak-homography: colour must be 'rgb' or 'grey', got {colour!r}")
-        if start not in ("auto", "identity", "features"):
-            raise ConfigError(f"weak-homography: start must be 'auto', 'identity' or 'features', got {start!r}")
+        if start not in ("auto", "identity", "features", "mi"):
+            raise ConfigError(f"weak-homography: start must be 'auto', 'identity', 'features' or 'mi', got {start!r}")
+        if fallback not in ("mi", "identity"):
+            raise ConfigError(f"weak-homography: fallback must be 'mi' or 'identity', got {fallback!r}")
         if keypoints < batch_size or batch_size < 2:
             raise ConfigError(f"weak-homography: need keypoints >= batch_size >= 2, got {keypoints} and {batch_size}")
         if len(tuple(log2_scale)) != 2 or log2_scale[0] > log2_scale[1]:
@@ -257,12 +271,14 @@ class WeakHomography(Method):
         self.network = network
         self.colour = colour
         self.start = start
+        self.fallback = fallback
         self.initial = initial
         self.min_inliers = int(min_inliers)
         if feature_levels < 1:
             raise ConfigError(f"weak-homography: feature_levels must be >= 1, got {feature_levels}")
         self.feature_levels = int(feature_levels)
         self.inlier_check = bool(inlier_check)
+        self.mi_check = bool(mi_check)
         if model not in ("homography", "affine"):
             raise ConfigError(f"weak-homography: model must be 'homography' or 'affine', got {model!r}")
         self.model = model
@@ -292,7 +308,7 @@ class WeakHomography(Method):
         self.held_out = int(held_out)
 
     # -- start --------------------------------------------------------------------------------------
-    def _start(self, inputs: Inputs, seed: int) -> tuple[Tensor, dict[str, Any], Any]:
+    def _start(self, inputs: Inputs, seed: int, device: torch.device) -> tuple[Tensor, dict[str, Any], Any]:
         """The start (moving-world-from-fixed-world, float64), how it was found, and the SIFT+MAGSAC
         fit (:class:`~alignkit.solve.features.FeatureFit`) when the start is that fit, else None."""
         if self.initial is not None:
@@ -300,7 +316,14 @@ class WeakHomography(Method):
         identity = torch.eye(3, dtype=torch.float64)
         if self.start == "identity":
             return identity, {"start": "identity"}, None
+        if self.start == "mi":
+            return self._mi_start(inputs, seed, device, {"start": "mi"})
         from alignkit.solve.features import feature_fit
+
+        def untrusted(record: dict[str, Any]) -> tuple[Tensor, dict[str, Any], Any]:
+            if self.fallback == "mi":
+                return self._mi_start(inputs, seed, device, {"start": "mi", **record})
+            return identity, {"start": "identity", **record}, None
 
         try:
             fit = feature_fit(inputs.fixed.batch(), inputs.fixed.grid, inputs.moving.batch(), inputs.moving.grid,
@@ -308,14 +331,34 @@ class WeakHomography(Method):
         except ValueError as exc:
             if self.start == "features":
                 raise InputError(f"weak-homography: no trusted SIFT+MAGSAC start ({exc})") from None
-            return identity, {"start": "identity", "features": str(exc)}, None
+            return untrusted({"features": str(exc)})
         stats = {k: float(v) for k, v in fit.stats.items()}
         if fit.stats["inliers"] < self.min_inliers:
             if self.start == "features":
                 raise InputError(f"weak-homography: the SIFT+MAGSAC start has {int(fit.stats['inliers'])} inliers, "
                                  f"fewer than min_inliers={self.min_inliers}")
-            return identity, {"start": "identity", "features": stats}, None
+            return untrusted({"features": stats})
         return fit.matrix.double(), {"start": "features", "features": stats}, fit
+
+    @staticmethod
+    def _mi_start(
+        inputs: Inputs, seed: int, device: torch.device, record: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Any], Any]:
+        """The classical engine's Mattes-MI similarity then affine stages (the ``multimodal`` preset's
+        linear chain, its centre start) as the start; the engine's own never-worse rule keeps the
+        identity-like centre start where MI does not improve."""
+        from alignkit.solve.engine import Engine
+        from alignkit.solve.presets import resolve_config
+        from alignkit.transforms import ComposedTransform
+        from alignkit.transforms.base import flatten_stages
+
+        config = resolve_config(2, preset="multimodal", transform="similarity,affine")
+        engine = Engine(config, device=device, seed=seed)
+        chain = engine.run(inputs.fixed, inputs.moving)
+        matrix = ComposedTransform(flatten_stages(chain)).matrix().detach().double().cpu()
+        record["mi"] = {"stages": [s.transform for s in config.stages],
+                        "stage_checks": [dict(check) for check in engine.stage_checks]}
+        return matrix / matrix[2, 2], record, None
 
     def _given_initial(self, inputs: Inputs) -> Tensor:
         initial = self.initial
@@ -521,7 +564,7 @@ class WeakHomography(Method):
         seed = 0 if seed is None else int(seed)
         generator = torch.Generator().manual_seed(seed)
         tic = time.perf_counter()
-        start, start_record, feature_fit = self._start(inputs, seed)
+        start, start_record, feature_fit = self._start(inputs, seed, device)
         seconds = {"start": round(time.perf_counter() - tic, 3)}
         fixed = descriptor_input(inputs.fixed.batch(device=device), self.colour)
         moving = descriptor_input(inputs.moving.batch(device=device), self.colour)
@@ -533,10 +576,10 @@ class WeakHomography(Method):
         factors = _level_factors(inputs.fixed.shape, inputs.moving.shape, self.coarsest, self.max_size)
         # iteration counts are given for the whole pyramid (coarse first); skipped levels drop theirs
         iterations = self._iterations(len(factors))
-        if start_record["start"] == "features":
-            # a trusted SIFT+MAGSAC start is a few pixels off: the coarse levels could only add their SGD
-            # noise (measured on vis-nir mountain/0000: a 0.66 px start ended 8.0 px off through all
-            # three levels), so only the finest feature_levels run
+        if start_record["start"] in ("features", "mi"):
+            # a trusted SIFT+MAGSAC start (or the MI chain's) is a few pixels off: the coarse levels could
+            # only add their SGD noise (measured on vis-nir mountain/0000: a 0.66 px start ended 8.0 px
+            # off through all three levels), so only the finest feature_levels run
             factors, iterations = factors[-self.feature_levels :], iterations[-self.feature_levels :]
         bar = progress(total=sum(iterations), desc="weak-homography", unit="it") if progress else None
         levels = []
@@ -556,6 +599,8 @@ class WeakHomography(Method):
         matrix = homography.world().detach().cpu()
         if feature_fit is not None and self.inlier_check:
             matrix = self._check_inliers(feature_fit, start, matrix / matrix[2, 2], inputs.fixed.grid, start_record)
+        if start_record["start"] == "mi" and self.mi_check:
+            matrix = self._check_mi(inputs, start, matrix / matrix[2, 2], start_record)
         assert net is not None  # at least one level always runs
         return PairFit(matrix / matrix[2, 2], net.eval(), levels, start_record, factors, iterations, seconds)
 
@@ -582,6 +627,31 @@ class WeakHomography(Method):
                                   "inlier_median_px_start": medians[0], "inlier_median_px_learnt": medians[1]}
         return matrix if kept else start / start[2, 2]
 
+    @staticmethod
+    @torch.no_grad()
+    def _check_mi(inputs: Inputs, start: Tensor, matrix: Tensor, record: dict[str, Any]) -> Tensor:
+        """The learnt ``matrix``, or the MI ``start`` when the learnt one has less mutual information
+        (Mattes, every pixel of the overlap, grey levels) -- the start's own evidence, as the keypoint
+        inliers are a feature start's. Writes the test into ``record["mi_check"]``."""
+        from alignkit.losses import MattesMI
+        from alignkit.spatial.points import sample_world
+
+        grid_f = inputs.fixed.grid
+        fixed = grey_channels(inputs.fixed.batch().float())
+        moving = grey_channels(inputs.moving.batch().float())
+        metric = MattesMI()
+
+        def information(m: Tensor) -> float:
+            world = MatrixTransform(m.float()).map_on(grid_f)
+            warped = sample_world(moving, inputs.moving.grid, world)
+            overlap = sample_world(torch.ones_like(moving), inputs.moving.grid, world) > 0.999
+            return -float(metric(warped, fixed, overlap.to(fixed.dtype)))
+
+        values = [information(m) for m in (start, matrix)]
+        kept = values[1] >= values[0]
+        record["mi_check"] = {"mi_start": values[0], "mi_learnt": values[1], "kept_learnt": kept}
+        return matrix if kept else start / start[2, 2]
+
     def run(
         self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory
     ) -> MethodOutput:
@@ -601,5 +671,5 @@ class WeakHomography(Method):
             stage_seconds=fit.seconds,
             extra={"method": self.info.name, "start": fit.start["start"], "levels": fit.levels,
                    # whether the learnt matrix passed the start's inlier test (metrics.json, not only the manifest)
-                   **({"inlier_check": fit.start["inlier_check"]} if "inlier_check" in fit.start else {})},
+                   **{check: fit.start[check] for check in ("inlier_check", "mi_check") if check in fit.start}},
         )
