@@ -303,8 +303,8 @@ def test_falls_back_to_the_mutual_information_start_when_sift_is_not_trusted():
     truth = np.array([[1.0, 0.0, 12.0], [0.0, 1.0, -10.0], [0.0, 0.0, 1.0]])
     moving = 255 - _warp(fixed, truth)  # another "modality": inverted intensities
     assert corner_error(np.eye(3), truth, 160, 160) > 15.0
-    options = dict(method="weak-homography", keypoints=256, iterations=[5, 30], coarsest=80, min_inliers=10**6,
-                   model="affine", seed=0)
+    options = {"method": "weak-homography", "keypoints": 256, "iterations": [5, 30], "coarsest": 80,
+               "min_inliers": 10**6, "model": "affine", "seed": 0}
     result = alignkit.register(Image.from_array(fixed), Image.from_array(moving), **options)
     assert result.metrics["start"] == "mi" and len(result.metrics["levels"]) == 1
     assert {"mi_start", "mi_learnt", "kept_learnt"} <= set(result.metrics["mi_check"])
