@@ -317,3 +317,18 @@ def test_shipped_model_registers_out_of_the_box():
                                method="c2f")
     assert result.metrics["checkpoint"] == str(shipped.path())
     assert torch.isfinite(result.transform.stages[-1].voxels).all()
+
+
+def test_the_chain_stops_at_the_training_patch_side_by_default():
+    """The coarsest level is at least the patches the blocks learnt on (the shipped model: 48 px), unless
+    ``min_level`` says otherwise; a model that records no size keeps 16."""
+    from alignkit.methods.c2f import chain_factors
+    from alignkit.methods.registry import get_method
+
+    learned, _ = get_method("c2f").create().model(2, torch.device("cpu"))
+    side = min(int(s) for s in learned.config["size"])
+    assert learned.coarsest_side() == side and learned.coarsest_side(32) == 32
+    assert chain_factors((256, 256), learned.coarsest_side()) == [4, 2, 1]
+    from types import SimpleNamespace
+
+    assert type(learned).coarsest_side(SimpleNamespace(config={})) == 16

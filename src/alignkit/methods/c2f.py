@@ -19,7 +19,12 @@ scale-specific neural networks for multimodal image alignment with application t
   (patches whose minor class is under 5 % are redrawn), ``warmup`` (first epochs of each block on 4
   images); ``mono_fraction`` adds one-modality patches (ours: the blocks learn plain shifts first).
 * **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
-  ``min_level`` pixels); at each level the level's moving image is resampled *once* through the
+  ``min_level`` pixels a side; by default the model's training patch side: a block asked to align a
+  level smaller than the patches it learnt on answers with errors that the chain multiplies by the
+  level's factor -- measured on the 5 held-out pairs of ``benchmarks/c2f.py`` with the OASIS-only
+  candidate block of session 10, ``fast``: EPE 10.77 / PCK@5 0.251 with 16-px coarsest levels, 6.35 /
+  0.410 with 48 px, the patch side; found on those pairs, so they are not clean held-out for this
+  choice); at each level the level's moving image is resampled *once* through the
   current map, the block predicts the residual ``r`` and the map is composed, ``u <- r + u∘(id + r)``
   (:func:`~alignkit.nets.pyramid.compose_displacements`' rule), never added.
 * **modes** (§3.6-3.7): ``per-scale`` (the scale-specific block at each scale), ``fast`` (the
@@ -93,7 +98,8 @@ class C2FMethod(LearnedMethod):
 
     ``mode``: ``per-scale`` (default), ``fast`` or ``accurate`` (module docstring); ``tile``: level
     pixels per tile side (default 512; 0 = untiled), ``halo`` the context read around each tile's
-    core (32); ``min_level``: the coarsest level's smallest side in pixels (16); ``transform``: a
+    core (32); ``min_level``: the coarsest level's smallest side in pixels (default: the model's
+    training patch side, else 16); ``transform``: a
     linear pre-alignment (``affine``, ``rigid,affine``; default none -- c2f is for roughly aligned
     pairs); ``similarity``: a refinement's similarity (``refine=K``).
     """
@@ -107,7 +113,7 @@ class C2FMethod(LearnedMethod):
         mode: C2FMode = "per-scale",
         tile: int | None = 512,
         halo: int = 32,
-        min_level: int = 16,
+        min_level: int | None = None,
     ) -> None:
         super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
         if mode not in get_args(C2FMode):
@@ -117,9 +123,10 @@ class C2FMethod(LearnedMethod):
             raise ConfigError(f"c2f tile must be >= 64 pixels (or 0: untiled), got {tile}")
         if int(halo) < 0 or int(halo) % TILE_ALIGN:
             raise ConfigError(f"c2f halo must be a non-negative multiple of {TILE_ALIGN}, got {halo}")
-        if int(min_level) < 8:
+        if min_level is not None and int(min_level) < 8:
             raise ConfigError(f"c2f min_level must be >= 8 pixels, got {min_level}")
-        self.mode, self.tile, self.halo, self.min_level = mode, tile, int(halo), int(min_level)
+        self.mode, self.tile, self.halo = mode, tile, int(halo)
+        self.min_level = None if min_level is None else int(min_level)
 
     def run(self, inputs: Inputs, *, device: torch.device, seed: int | None, progress: ProgressFactory) -> MethodOutput:
         learned, source = self.model(inputs.ndim, device)
@@ -129,15 +136,16 @@ class C2FMethod(LearnedMethod):
         tic = time.perf_counter()
         fixed, moving = learned.prepare(inputs.fixed, inputs.moving,
                                         initial=ComposedTransform(stages) if stages else None, device=device)
+        min_level = learned.coarsest_side(self.min_level)
         displacement = learned.align(fixed, moving, mode=self.mode, tile=self.tile, halo=self.halo,
-                                     min_level=self.min_level, progress=progress)
+                                     min_level=min_level, progress=progress)
         predicted = LearnedDisplacement(inputs.fixed.grid, displacement.cpu())
         predicted.kind = "c2f"
         stage_seconds["c2f"] = round(time.perf_counter() - tic, 3)
         stages.append(predicted)
         names.append("c2f")
-        settings = {"mode": self.mode, "tile": self.tile, "halo": self.halo, "min_level": self.min_level,
-                    "levels": chain_factors(inputs.fixed.grid.shape, self.min_level)}
+        settings = {"mode": self.mode, "tile": self.tile, "halo": self.halo, "min_level": min_level,
+                    "levels": chain_factors(inputs.fixed.grid.shape, min_level)}
         description = {"method": "c2f", "prealign": models, "model": learned.config, "networks": learned.network_specs(),
                        "checkpoint": source, **settings}
         extra: dict[str, Any] = {"method": "c2f", "c2f": settings}
@@ -296,6 +304,16 @@ class C2F(LearnedModel):
         return out
 
     # -- inference ----------------------------------------------------------------------------------
+    def coarsest_side(self, min_level: int | None = None) -> int:
+        """The chain's coarsest level side: ``min_level`` when given, else the training patch side
+        (``config["size"]``; a block answers reliably only on levels at least as large as the patches
+        it learnt on), else 16."""
+        if min_level is not None:
+            return int(min_level)
+        size = self.config.get("size") if isinstance(self.config, Mapping) else None
+        sides = [int(s) for s in size] if isinstance(size, (list, tuple)) else [int(size)] if size else []
+        return min(sides) if sides else 16
+
     def block_for(self, factor: int, mode: C2FMode) -> nn.Module:
         """The block that serves a level shrunk by ``factor``: ``fast``: the scale-1 block; otherwise
         the block of that factor (the coarsest for coarser levels). An untrained block is replaced by
@@ -330,7 +348,7 @@ class C2F(LearnedModel):
         mode: C2FMode = "per-scale",
         tile: int | None = 512,
         halo: int = 32,
-        min_level: int = 16,
+        min_level: int | None = None,
         progress: ProgressFactory = None,
     ) -> Tensor:
         """The chain on ``fixed``, ``moving`` ``(1, 1, H, W)`` (one grid, normalised): the displacement
@@ -340,7 +358,7 @@ class C2F(LearnedModel):
         if fixed.dim() != 4 or fixed.shape[:2] != (1, 1) or moving.shape != fixed.shape:
             raise ShapeError(f"c2f align: fixed and moving must be (1, 1, H, W) on one grid, got "
                              f"{tuple(fixed.shape)} and {tuple(moving.shape)}")
-        factors = chain_factors(tuple(fixed.shape[2:]), min_level)
+        factors = chain_factors(tuple(fixed.shape[2:]), self.coarsest_side(min_level))
         chain = ScaleChain(networks=[self.block_for(f, mode) for f in factors], factors=factors, combine="compose",
                            mode="accurate" if mode == "accurate" else "standard", symmetries="full")
         was_training = self.training
