@@ -40,8 +40,11 @@ from _common import REPO_ROOT, emit, log
 NAME = "c2f_multimodal2d"
 MODELS = REPO_ROOT / "src" / "alignkit" / "methods" / "models"
 MAX_BYTES = 2 * 1024 * 1024
-#: the float16 model's displacement may differ from the fp32 run's by this much (pixels)
-TOLERANCE_PX = 0.05
+#: the float16 model's displacement may differ from the fp32 run's by this much (pixels). 0.05 held for
+#: the near-identity block of 2026-12-03; the session-11 block (OASIS only, 18,000 steps) moves pixels by
+#: up to 6.9 px on the check pair through 3 composed levels and differs there by 0.112 px at most, while the
+#: held-out benchmark moved by 0.008 px EPE (6.348 fp32 -> 6.356 fp16) and 0.0006 PCK@5
+TOLERANCE_PX = 0.15
 DATA = {
     "brain3d-oasis-trt20": {
         "use": "sagittal T1 slices (every 8th through the middle half) against their label edges",
@@ -141,16 +144,18 @@ def main() -> None:
     config = json.loads(recipe.read_text())
     card: dict[str, Any] = {
         "name": NAME, "method": "c2f", "dimensions": 2,
-        "modality": "multimodal 2D: T1 MRI <-> rasterised label edges, NIR <-> visible; also one-modality pairs",
+        "modality": "multimodal 2D: T1 MRI <-> rasterised label edges"
+        + (", NIR <-> visible" if "vis-nir" in str(config["dataset"]) else "") + "; also one-modality pairs",
         "file": f"src/alignkit/methods/models/{NAME}.pt", **exported,
         "storage": "alignkit checkpoint (method, networks, model; every floating tensor float16)",
         "training_data": [DATA[s] | {"name": s} for s in str(config["dataset"]).split(",")],
         "split": {"train": config.get("subjects"), "validate": config.get("val_subjects"),
                   "scored_on": ["OASIS subject11, subject12 slices", "vis-nir/mountain", "ITK T1/PD slices",
                                 "CT/MR slices"],
-                  "note": "no scored pair was trained on; OASIS subjects 10-12 (and vis-nir/field) were the run's "
-                          "validation subjects, logged each epoch but never used to choose weights (the last "
-                          "epoch ships); mountain, T1/PD and CT/MR were never seen"},
+                  "note": f"no scored pair was trained on; the validation subjects {config.get('val_subjects')} "
+                          + ("(and vis-nir/field) " if "vis-nir" in str(config["dataset"]) else "")
+                          + "were logged each epoch but never used to choose weights (the last epoch ships); "
+                          "mountain, T1/PD and CT/MR were never seen"},
         "weights_licence": "CC BY-NC-SA 3.0 (derived from OASIS-TRT-20 among others; non-commercial)",
         "recipe": f"src/alignkit/methods/models/{NAME}.recipe.json",
         "command": "python benchmarks/ship_c2f.py" + (f" --run {args.run}" if args.run else "")
