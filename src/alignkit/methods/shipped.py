@@ -104,8 +104,8 @@ SHIPPED: tuple[ShippedModel, ...] = (
         method="c2f",
         ndim=2,
         summary="2D c2f chain of half-width A.1 blocks (only the scale-1 block trained: it serves every level), "
-        "OASIS-TRT-20 T1 slices <-> label edges and VIS-NIR scenes, eq.-3 deformations of at most 2 px; "
-        "700 CPU steps, near the identity on multimodal pairs (see its card)",
+        "OASIS-TRT-20 T1 slices <-> label edges, eq.-3 deformations of at most 2 px; 18,000 CPU steps; "
+        "held-out EPE 6.36 px from the identity's 8.58, far behind ANTs SyN (see its card)",
     ),
     ShippedModel(
         name="stereo_net_synthetic2d",
