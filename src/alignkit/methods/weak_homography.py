@@ -641,18 +641,19 @@ class WeakHomography(Method):
         (Mattes, every pixel of the overlap, grey levels) -- the start's own evidence, as the keypoint
         inliers are a feature start's. Writes the test into ``record["mi_check"]``."""
         from alignkit.losses import MattesMI
-        from alignkit.spatial.points import sample_world
+        from alignkit.spatial.frames import apply_matrix
+        from alignkit.spatial.points import sample_voxels_with_inside
 
-        grid_f = inputs.fixed.grid
+        grid_f, grid_m = inputs.fixed.grid, inputs.moving.grid
         fixed = grey_channels(inputs.fixed.batch().float())
         moving = grey_channels(inputs.moving.batch().float())
         metric = MattesMI()
 
         def information(m: Tensor) -> float:
-            world = MatrixTransform(m.float()).map_on(grid_f)
-            warped = sample_world(moving, inputs.moving.grid, world)
-            overlap = sample_world(torch.ones_like(moving), inputs.moving.grid, world) > 0.999
-            return -float(metric(warped, fixed, overlap.to(fixed.dtype)))
+            voxel = apply_matrix(grid_m.voxel_from_world, MatrixTransform(m.float()).map_on(grid_f))
+            warped, overlap = sample_voxels_with_inside(moving, voxel)  # the overlap: inside the moving image
+            # zeros outside it, as the engine pads: MattesMI's intensity range is taken over every pixel
+            return -float(metric(warped * overlap, fixed, overlap))
 
         values = [information(m) for m in (start, matrix)]
         kept = values[1] >= values[0]
