@@ -11,15 +11,21 @@ Prints ONE JSON line. For every data set (``flow/middlebury``, ``flow/sintel`` c
 
 Methods, all in this process with ``--threads`` threads:
 
-* each trained model given as ``--model LABEL=RUNDIR`` (a run folder of ``alignkit train``, e.g.
-  ``flownet-c=runs/flownet-c``, ``flownet-c+ft=runs/flownet-c-ft``), alone and ``+refineK``
+* each trained model given as ``--model LABEL=RUNDIR`` (a run folder of ``alignkit train`` or a
+  checkpoint file, e.g. ``flownet-c=runs/flownet-c``, ``flownet-c+ft=runs/flownet-c-ft``), alone and ``+refineK``
   (:func:`alignkit.register` with ``refine=K``: K iterations of the ``flow`` preset's variational stage
-  on top of the network's flow);
+  on top of the network's flow), with the runner's default inference (coarse to fine, finest level 1.5x
+  the frames); ``--single-scale`` adds a row ``LABEL@1x`` per model: the network once at the frames'
+  size, as it was trained (``coarse_to_fine=False, scale=1``);
 * ``alignkit:flow``: the classical ``flow`` preset (``--no-classical`` skips it: ~15-40 s a pair);
 * ``opencv:dis``, ``opencv:farneback``: OpenCV through alignkit's peer adapters (the settings of
   ``alignkit evaluate``);
 * ``tvl1``: OpenCV's ``DualTVL1OpticalFlow`` when this OpenCV has the contrib module, else
   scikit-image's ``optical_flow_tvl1`` (its defaults; named ``skimage:tvl1``).
+
+``time_640x480``: per method, the median of 5 timed registrations (after one untimed) of one
+synthetic 480x640 pair (:class:`alignkit.data.synthetic_flow.SyntheticFlowPairs`, seed 0): the issue's
+speed target is "under 0.2 s per 640x480 pair on the 2-core CPU".
 
 Also ``training``: per model, what its run folder's ``log.csv`` and ``config.json`` record (epochs,
 seconds, mean pairs/s, pairs seen, data set, size, last validation EPE), and ``epe_ratio_vs`` the
@@ -48,6 +54,8 @@ from typing import Any
 import numpy as np
 
 DATASETS = ("flow/middlebury", "flow/sintel", "flow/mmflow-crops")
+#: the network once at the frames' size, as trained (the runner's inference options)
+SINGLE_SCALE = {"coarse_to_fine": False, "scale": 1.0}
 
 
 def _cases(names: list[str], max_cases: int | None) -> dict[str, list[Any]]:
@@ -123,6 +131,39 @@ def _tvl1() -> tuple[str, Any]:
     return "skimage:tvl1", run_skimage
 
 
+def _time_640x480(models: dict[str, Any], args: Any) -> dict[str, float]:
+    """Median seconds of 5 registrations (after one untimed) of a synthetic 480x640 pair, per method."""
+    import alignkit
+    from alignkit.data.synthetic_flow import SyntheticFlowPairs
+    from alignkit.evaluate.peers import PEERS
+    from alignkit.data.case import Case
+    from alignkit.image import Image
+
+    item = SyntheticFlowPairs((480, 640), length=1, seed=0, per_epoch=False)[0]
+    fixed, moving = Image.from_array(item["fixed"][0].numpy()), Image.from_array(item["moving"][0].numpy())
+    runs: dict[str, Any] = {}
+    for label, model in models.items():
+        runs[label] = lambda model=model: alignkit.register(fixed, moving, method=model.method_name,
+                                                            checkpoint=model, seed=0).flow()
+        if args.single_scale:
+            runs[f"{label}@1x"] = lambda model=model: alignkit.register(
+                fixed, moving, method=model.method_name, checkpoint=model, seed=0, **SINGLE_SCALE).flow()
+    if not args.no_peers:
+        case = Case(name="synthetic-640x480", fixed=fixed, moving=moving, kind="flow")
+        for peer in ("opencv:dis", "opencv:farneback"):
+            runs[peer] = lambda peer=peer: PEERS[peer]().register(case, threads=args.threads)
+    out: dict[str, float] = {}
+    for name, run in runs.items():
+        run()
+        seconds = []
+        for _ in range(5):
+            started = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - started)
+        out[name] = round(float(np.median(seconds)), 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="LABEL=RUNDIR",
@@ -135,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-cases", type=int, default=None, help="at most this many cases per data set")
     parser.add_argument("--no-classical", action="store_true", help="skip the classical flow preset")
     parser.add_argument("--no-peers", action="store_true", help="skip OpenCV and TV-L1")
+    parser.add_argument("--single-scale", action="store_true",
+                        help="also run each model once at the frames' size (no pyramid), as LABEL@1x")
+    parser.add_argument("--no-timing", action="store_true", help="skip the 640x480 timing")
     args = parser.parse_args(argv)
 
     cases = _cases([d.strip() for d in args.datasets.split(",") if d.strip()], args.max_cases)
@@ -185,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
                     flow = result.flow()
                     name = label if refine == 0 else f"{label}+refine{refine}"
                     record(dataset, name, _scores(flow, case), time.perf_counter() - started)
+                if args.single_scale:
+                    started = time.perf_counter()
+                    flow = alignkit.register(case.fixed, case.moving, method=model.method_name, checkpoint=model,
+                                             seed=0, **SINGLE_SCALE).flow()
+                    record(dataset, f"{label}@1x", _scores(flow, case), time.perf_counter() - started)
             if not args.no_classical:
                 started = time.perf_counter()
                 flow = alignkit.register(case.fixed, case.moving, preset="flow", seed=0).flow()
@@ -216,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             if base:
                 ratios.setdefault(dataset, {})[reference] = {
                     m: round(v["epe"] / base, 3) for m, v in methods.items() if v.get("epe") is not None}
+    timing = {} if args.no_timing else _time_640x480(models, args)
     print(json.dumps({
         "benchmark": "learned_flow",
         "threads": args.threads,
@@ -224,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": {dataset: [c.name for c in items] for dataset, items in cases.items()},
         "table": table,
         "epe_ratio_vs": ratios,
+        "time_640x480": timing,
         "training": training,
     }))
     return 0

@@ -288,3 +288,38 @@ def test_synthetic_pair_keys():
     out = synthetic_flow_pair(torch.Generator().manual_seed(0), (32, 32))
     assert set(out) == {"frame1", "frame2", "flow", "occluded", "layer"}
     assert isinstance(FlowLayer, type)
+
+
+def test_pyramid_depth_keeps_the_coarsest_side_above_the_minimum():
+    from alignkit.methods.flownet import pyramid_depth
+
+    assert pyramid_depth([654, 1536], 48) == 3  # 654 -> 327 -> 163 -> 81 (40 would be below 48)
+    assert pyramid_depth([75, 75], 48) == 0
+    assert pyramid_depth([96, 200], 48) == 1
+
+
+def test_coarse_to_fine_inference_reaches_motion_beyond_the_training_range():
+    """The shipped flownet-c learnt motions of at most 12 px; a photograph moved by 28 px is out of its
+    reach at one scale and recovered by the pyramid (each level's residual within reach)."""
+    from skimage import data as skdata
+
+    import alignkit
+    from alignkit.image import Image
+    from alignkit.methods.shipped import shipped_for
+
+    model = shipped_for("flownet-c", 2)
+    if model is None or not model.available():
+        pytest.skip("no shipped flownet-c model in this install")
+    photo = torch.as_tensor(skdata.camera()[::2, ::2].astype("float32"))  # 256 x 256
+    shift = (-20.0, 20.0)  # rows, columns: 28 px
+    moving = torch.roll(photo, shifts=(int(shift[0]), int(shift[1])), dims=(0, 1))
+    # fixed(p) = moving(p + flow): rolling by +s moves content by +s, so the flow is +s
+    fixed, moved = Image.from_array(photo.numpy()), Image.from_array(moving.numpy())
+    inner = (slice(40, -40), slice(40, -40))  # away from the wrapped border
+    errors = {}
+    for name, options in (("pyramid", {}), ("single", {"coarse_to_fine": False, "scale": 1.0})):
+        flow = torch.as_tensor(alignkit.register(fixed, moved, method="flownet-c", **options).flow())
+        truth = torch.tensor(shift).view(2, 1, 1)
+        errors[name] = float(torch.linalg.vector_norm(flow - truth, dim=0)[inner].median())
+    assert errors["pyramid"] < 1.0, errors
+    assert errors["single"] > 8.0, errors

@@ -18,8 +18,9 @@ The whole system, wired from parts that live elsewhere:
   occlusion-aware loss of :class:`alignkit.losses.unsupervised_flow.UnsupervisedFlowLoss` (soft census
   + optional Charbonnier photometric terms weighted by forward-backward occlusion masks, edge-aware
   smoothness, forward-backward consistency; Meister et al., UnFlow, AAAI 2018);
-* **inference** at the image's own resolution (the networks are fully convolutional; ``scale``
-  runs them on a resized grid), padded to a multiple of ``2**levels``; the flow is a
+* **inference** coarse to fine on a pyramid of the frames, the second frame warped by the flow so far
+  at each finer level (:class:`FlowNetRunner`: how far real motion reaches beyond the training pairs'),
+  the finest level ``scale`` times the frames' size, each padded to a multiple of ``2**levels``; the flow is a
   :class:`~alignkit.methods.heads.LearnedDisplacement` -- ``flow.flo`` (x then y, pixels) and the
   colour-wheel QC panel come from :class:`~alignkit.registration.Registration`; ``refine=K`` refines it
   with the classical ``flow`` preset's objective (``refine_preset``).
@@ -36,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError
@@ -44,6 +46,7 @@ from alignkit.methods.base import MethodInfo
 from alignkit.methods.heads import LearnedDisplacement
 from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
 from alignkit.nets.flownet import pad_to_multiple, stacked_flows, upsample_flow
+from alignkit.nets.pyramid import compose_displacements, warp_voxels
 from alignkit.registration import Inputs
 from alignkit.spatial import Grid
 from alignkit.train.protocol import TrainingStage
@@ -57,9 +60,24 @@ _KERNELS = [7, 5, 5, 3, 3]
 
 
 class FlowNetRunner(LearnedMethod):
-    """Registers a pair of frames with a trained FlowNet: the network at the frames' own resolution
-    (``scale`` < 1 runs it on a grid that many times smaller, for speed or motions beyond its reach),
-    then, with ``refine=K``, K iterations of the classical ``flow`` preset's variational stage.
+    """Registers a pair of frames with a trained FlowNet, coarse to fine, then (``refine=K``) K
+    iterations of the classical ``flow`` preset's variational stage.
+
+    The network is trained on motions of at most ``max_motion`` pixels (12 for the shipped model) and
+    predicts at a quarter of its input's resolution; real frames move further and have finer detail.
+    Inference therefore runs it on a pyramid (``coarse_to_fine``, on by default): at the coarsest level
+    on both frames, then at each finer level on the first frame and the second frame warped by the
+    flow so far (FlowNet 2.0's stacking through the differentiable warp, §2.3 of the survey, with the one
+    network at every scale as in SPyNet: Ranjan and Black, Optical Flow Estimation using a Spatial
+    Pyramid Network, CVPR 2017), composing each level's residual with the flow so far (``u <- u o
+    (id + r)``, not a sum). Each coarser level halves the sides, down to a shortest side of at least
+    ``min_side`` pixels; ``scale`` is the finest level's size relative to the frames (> 1 up-samples
+    them, which refines the quarter-resolution output).
+
+    Defaults (``scale`` 1.5, ``min_side`` 48) chosen on tuning pairs that no benchmark scores -- six
+    384x512 synthetic pairs with motions up to 40 px (``SyntheticFlowPairs`` seed 4242) and the two
+    Middlebury stereo pairs as flow -- among settings whose 640x480 time stays under 0.2 s on two CPU
+    threads (``benchmarks/README.md``, ``learned_flow.py``, session 12).
 
     ``checkpoint``: a checkpoint file or run folder (default: the model shipped with alignkit, where
     one ships); ``transform``: a linear pre-alignment (``"affine"``; default none: frames of a video);
@@ -69,15 +87,27 @@ class FlowNetRunner(LearnedMethod):
 
     def __init__(self, *, checkpoint: LearnedModel | str | os.PathLike | None = None,
                  transform: str | list[str] | None = None, similarity: str | None = None,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.5, coarse_to_fine: bool = True, min_side: int = 48) -> None:
         super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
         if not 0.05 <= float(scale) <= 4.0:
             raise ConfigError(f"scale must lie in [0.05, 4], got {scale}")
+        if int(min_side) < 8:
+            raise ConfigError(f"min_side must be at least 8 pixels, got {min_side}")
         self.scale = float(scale)
+        self.coarse_to_fine = bool(coarse_to_fine)
+        self.min_side = int(min_side)
 
     def predict_options(self, learned: LearnedModel, inputs: Inputs) -> dict[str, Any]:
-        shape = inputs.fixed.grid.shape
-        return {"size": [max(8, round(s * self.scale)) for s in shape]}
+        size = [max(8, round(s * self.scale)) for s in inputs.fixed.grid.shape]
+        return {"size": size, "coarse_levels": pyramid_depth(size, self.min_side) if self.coarse_to_fine else 0}
+
+
+def pyramid_depth(size: Sequence[int], min_side: int) -> int:
+    """How many times ``size`` can be halved with its shortest side staying at least ``min_side``."""
+    levels, side = 0, min(int(s) for s in size)
+    while side / 2 ** (levels + 1) >= min_side:
+        levels += 1
+    return levels
 
 
 class FlowNetModel(LearnedModel):
@@ -227,12 +257,54 @@ class FlowNetModel(LearnedModel):
     def multiple(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def predict_transform(self, grid: Grid, fixed: Tensor, moving: Tensor) -> Transform:
-        first, size = pad_to_multiple(fixed.float(), self.multiple())
-        second, _ = pad_to_multiple(moving.float(), self.multiple())
-        flow = self.full_resolution(self.flows(first, second))
-        flow = flow[(slice(None), slice(None), *(slice(0, s) for s in size))]
-        return LearnedDisplacement(grid, flow.contiguous())
+    def network_flow(self, first: Tensor, second: Tensor) -> Tensor:
+        """The network's full-resolution flow from ``first`` to ``second`` (any size: padded to the
+        network's multiple at the far end, then cropped back)."""
+        first_p, size = pad_to_multiple(first.float(), self.multiple())
+        second_p, _ = pad_to_multiple(second.float(), self.multiple())
+        flow = self.full_resolution(self.flows(first_p, second_p))
+        return flow[(slice(None), slice(None), *(slice(0, s) for s in size))].contiguous()
+
+    def coarse_to_fine_flow(self, first: Tensor, second: Tensor, coarse_levels: int) -> Tensor:
+        """The flow on ``first``'s grid from the network run coarse to fine (:class:`FlowNetRunner`):
+        ``coarse_levels`` halvings below the frames' size, each finer level on ``first`` and ``second``
+        warped by the flow so far, its residual composed with that flow."""
+        size = [int(s) for s in first.shape[2:]]
+        flow: Tensor | None = None
+        for level in range(int(coarse_levels), -1, -1):
+            shape = [max(8, round(s / 2**level)) for s in size]
+            first_l, second_l = resize_frames(first, shape), resize_frames(second, shape)
+            if flow is None:
+                flow = self.network_flow(first_l, second_l)
+                continue
+            flow = resize_flow(flow, shape)
+            residual = self.network_flow(first_l, warp_voxels(second_l, flow))
+            flow = compose_displacements(flow, residual)
+        assert flow is not None
+        return flow
+
+    def predict_transform(self, grid: Grid, fixed: Tensor, moving: Tensor, *, coarse_levels: int = 0) -> Transform:
+        flow = self.coarse_to_fine_flow(fixed.float(), moving.float(), coarse_levels)
+        return LearnedDisplacement(grid, flow)
+
+
+def resize_frames(frames: Tensor, shape: Sequence[int]) -> Tensor:
+    """``frames (B, C, *S)`` resampled to ``shape``: bilinear, anti-aliased when shrinking."""
+    if list(frames.shape[2:]) == [int(s) for s in shape]:
+        return frames
+    return F.interpolate(frames, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False,
+                         antialias=any(int(s) < n for s, n in zip(shape, frames.shape[2:])))
+
+
+def resize_flow(flow: Tensor, shape: Sequence[int]) -> Tensor:
+    """A flow ``(B, 2, *S)`` in pixels of its grid, on a grid of ``shape`` over the same field of view
+    (cell-aligned, as :func:`~alignkit.nets.flownet.upsample_flow`) and in that grid's pixels."""
+    old = [int(s) for s in flow.shape[2:]]
+    if old == [int(s) for s in shape]:
+        return flow
+    out = F.interpolate(flow, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False)
+    factors = torch.tensor([n / o for n, o in zip(shape, old)], dtype=flow.dtype, device=flow.device)
+    return out * factors.view(1, -1, *([1] * len(old)))
 
 
 class _SingleFlowNet(FlowNetModel):

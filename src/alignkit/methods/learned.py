@@ -208,6 +208,7 @@ class LearnedModel(nn.Module):
         initial: Transform | None = None,
         device: str | torch.device | None = None,
         size: Sequence[int] | None = None,
+        **options: Any,
     ) -> Transform:
         """The fixed → moving transform of a pair of :class:`~alignkit.image.Image` s (world space).
 
@@ -215,7 +216,8 @@ class LearnedModel(nn.Module):
         the training :attr:`size`; a fully convolutional network may run at another); the moving one is then
         sampled on the fixed network grid through ``initial`` (e.g. an affine pre-alignment;
         default: the world identity). The returned transform is meant to be composed *after*
-        ``initial``: ``y = initial(T(x))``, i.e. ``ComposedTransform([initial, T])``.
+        ``initial``: ``y = initial(T(x))``, i.e. ``ComposedTransform([initial, T])``. Other ``options``
+        (a runner's inference options, e.g. FlowNet's ``coarse_levels``) go to :meth:`predict_transform`.
         """
         from alignkit.train.subjects import to_network_grid
 
@@ -238,7 +240,7 @@ class LearnedModel(nn.Module):
                 world = initial.to(device).transform_points(world)
             if initial is not None or not moving_grid.same_as(grid):
                 moving_t = sample_world(moving_t, moving_grid, world)
-            return self.predict_transform(grid, fixed_t, moving_t)
+            return self.predict_transform(grid, fixed_t, moving_t, **options)
         finally:
             self.train(was_training)
 
