@@ -134,9 +134,9 @@ def _tvl1() -> tuple[str, Any]:
 def _time_640x480(models: dict[str, Any], args: Any) -> dict[str, float]:
     """Median seconds of 5 registrations (after one untimed) of a synthetic 480x640 pair, per method."""
     import alignkit
+    from alignkit.data.case import Case
     from alignkit.data.synthetic_flow import SyntheticFlowPairs
     from alignkit.evaluate.peers import PEERS
-    from alignkit.data.case import Case
     from alignkit.image import Image
 
     item = SyntheticFlowPairs((480, 640), length=1, seed=0, per_epoch=False)[0]
