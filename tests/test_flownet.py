@@ -221,6 +221,13 @@ def test_unsupervised_fine_tuning_on_unlabelled_frames(tmp_path):
     row = tuned.history[-1]
     assert {"photometric", "val_epe"} <= set(row) or "val_epe" in row
     assert math.isfinite(row["train_loss"]) and base.history[-1]["val_epe"] > 0
+    # through the coarse-to-fine inference (one halving below the crop), as users run the model
+    config = dict(config, size=64, method_options={"unsupervised": True, "train_coarse_levels": 1})
+    pyramid = train_method(config, tmp_path / "tuned-pyramid")
+    assert math.isfinite(pyramid.history[-1]["train_loss"]) and pyramid.history[-1]["val_epe"] > 0
+    assert pyramid.history[-1]["train_loss"] != row["train_loss"]
+    supervised = _train_tiny(tmp_path, method_options={"train_coarse_levels": 1}, size=64)
+    assert math.isfinite(supervised.history[-1]["train_loss"]) and supervised.history[-1]["val_epe"] > 0
 
 
 def test_stacked_network_trains_on_a_frozen_flownet_c(tmp_path):

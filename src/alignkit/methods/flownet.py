@@ -120,7 +120,12 @@ class FlowNetModel(LearnedModel):
       whether the unlabelled pairs may include those the data set scores;
     * ``level_weights``: the multi-scale EPE weights, finest first (FlowNet's 0.32 ... 0.005);
     * ``max_motion`` (pixels, 12), ``layers`` ([3, 8]): the synthetic pairs' largest object motion and
-      object count (:func:`alignkit.data.synthetic_flow.random_scene`).
+      object count (:func:`alignkit.data.synthetic_flow.random_scene`);
+    * ``train_coarse_levels`` (0): train through the runner's coarse-to-fine inference with this many
+      halvings below the crop (the loss sees the composed flow of every level; supervised training then
+      scores that flow's end-point error, not the per-level ones). Fine-tuning a model that users run
+      coarse to fine should see what that inference feeds the network: small residual motions between
+      a frame and the other one warped, at every scale.
     """
 
     def __init__(
@@ -141,10 +146,13 @@ class FlowNetModel(LearnedModel):
         max_motion: float = 12.0,
         layers: Sequence[int] = (3, 8),
         prealign: str | None = None,
+        train_coarse_levels: int = 0,
     ) -> None:
         super().__init__(networks=networks, ndim=ndim, size=size)
         if ndim != 2:
             raise ConfigError(f"{self.method_name} is trained on 2D frames; got ndim={ndim}")
+        if int(train_coarse_levels) < 0:
+            raise ConfigError(f"train_coarse_levels must be >= 0, got {train_coarse_levels}")
         if max_motion <= 0 or len(layers) != 2 or not 0 <= int(layers[0]) <= int(layers[1]):
             raise ConfigError(f"need max_motion > 0 and layers = [min, max]; got {max_motion}, {layers}")
         self.unsupervised_loss = UnsupervisedFlowLoss(
@@ -158,6 +166,7 @@ class FlowNetModel(LearnedModel):
             "consistency_weight": float(consistency_weight), "occlusion": bool(occlusion),
             "frames_include_scored": bool(frames_include_scored), "max_motion": float(max_motion),
             "layers": [int(v) for v in layers], "prealign": prealign,
+            "train_coarse_levels": int(train_coarse_levels),
         }
 
     # -- data -------------------------------------------------------------------------------------
@@ -228,8 +237,14 @@ class FlowNetModel(LearnedModel):
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Any]:
         fixed, moving = batch["fixed"].float(), batch["moving"].float()
+        levels = self.options.get("train_coarse_levels", 0)
+        if levels:
+            out: dict[str, Any] = {"displacement": self.coarse_to_fine_flow(fixed, moving, levels)}
+            if self.options["unsupervised"]:
+                out["backward"] = self.coarse_to_fine_flow(moving, fixed, levels)
+            return out
         flows = self.flows(fixed, moving)
-        out: dict[str, Any] = {"flows": flows}
+        out = {"flows": flows}
         with torch.autocast(device_type=fixed.device.type, enabled=False):
             out["displacement"] = self.full_resolution([f.float() for f in flows])
             if self.options["unsupervised"]:
@@ -245,6 +260,11 @@ class FlowNetModel(LearnedModel):
         if "flow" not in batch:
             raise ConfigError(f"{self.method_name}: supervised training needs pairs with a true flow "
                               f"(--dataset {SYNTHETIC_DATASET}), or --option unsupervised=true")
+        if "flows" not in output:  # trained through the pyramid: the composed flow's end-point error
+            error = torch.linalg.vector_norm(output["displacement"] - batch["flow"].float(), dim=1, keepdim=True)
+            mask = batch.get("flow_mask")
+            total = error.mean() if mask is None else (error * mask).sum() / mask.sum().clamp_min(1.0)
+            return total, {"epe": total.detach()}
         level = self.output_level()
         total, errors = multiscale_epe(output["flows"], batch["flow"].float(), output_level=level,
                                        weights=self.options["level_weights"], mask=batch.get("flow_mask"))
