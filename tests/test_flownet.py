@@ -330,3 +330,21 @@ def test_coarse_to_fine_inference_reaches_motion_beyond_the_training_range():
         errors[name] = float(torch.linalg.vector_norm(flow - truth, dim=0)[inner].median())
     assert errors["pyramid"] < 1.0, errors
     assert errors["single"] > 8.0, errors
+
+
+def test_training_can_start_from_a_shipped_model(tmp_path):
+    from alignkit.methods import load_model, train_method
+    from alignkit.methods.shipped import get_shipped
+
+    shipped = get_shipped("flownet_c_synthetic2d")
+    if not shipped.available():
+        pytest.skip("no shipped flownet-c model in this install")
+    config = {"method": "flownet-c", "dataset": "synthetic-flow", "size": 64, "epochs": 1, "synthetic_length": 2,
+              "batch_size": 2, "quiet": True, "val_fraction": 0.0, "lr": 1e-12,
+              "init_from": "shipped:flownet_c_synthetic2d"}
+    train_method(config, tmp_path / "continued")
+    start = load_model(shipped.path()).network.state_dict()
+    for key, value in load_model(tmp_path / "continued").network.state_dict().items():
+        assert torch.allclose(value.float(), start[key].float(), atol=1e-3), key
+    with pytest.raises(ConfigError):
+        train_method(dict(config, init_from="shipped:no_such_model"), tmp_path / "bad")

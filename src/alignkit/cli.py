@@ -152,7 +152,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--stage", help="train only these stages of the method, comma-separated (e.g. affine or vsvf "
                     "for avsm; default: all)")
     tr.add_argument("--init-from", help="checkpoint or RUNDIR whose weights start the training (e.g. a trained "
-                    "affine stage under --stage vsvf)")
+                    "affine stage under --stage vsvf), or shipped:NAME for a model shipped with alignkit")
     tr.add_argument("--dataset", help="data set name (a folder name of the shared data) or a folder of images")
     tr.add_argument("--layout", help="layout of a --dataset folder; 'folder' reads it as a plain folder of images")
     tr.add_argument(

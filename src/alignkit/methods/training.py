@@ -20,6 +20,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from alignkit.errors import ConfigError
 from alignkit.methods.learned import LearnedModel, build_model, learned_class
 from alignkit.train import TrainConfig, TrainResult, train
 from alignkit.train.loop import EpochCallback
@@ -40,6 +41,10 @@ def model_factory(config: TrainConfig) -> Any:
     return build
 
 
+#: ``init_from`` of the form ``shipped:<name>`` starts from a model shipped with alignkit
+SHIPPED_PREFIX = "shipped:"
+
+
 def train_method(
     config: TrainConfig | Mapping[str, Any],
     out_dir: str | os.PathLike,
@@ -50,8 +55,17 @@ def train_method(
     resume: bool = False,
     callbacks: Sequence[EpochCallback] = (),
 ) -> TrainResult:
-    """Train the learned method ``config.method`` (or the given ``model``) with :func:`alignkit.train.train`."""
+    """Train the learned method ``config.method`` (or the given ``model``) with :func:`alignkit.train.train`.
+    ``init_from`` may name a shipped model (``"shipped:flownet_c_synthetic2d"``)."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if cfg.init_from and str(cfg.init_from).startswith(SHIPPED_PREFIX):
+        # a recipe that continues a shipped model names it, not a path of one installation
+        from alignkit.methods.shipped import get_shipped
+
+        shipped = get_shipped(str(cfg.init_from)[len(SHIPPED_PREFIX):])
+        if not shipped.available():
+            raise ConfigError(f"init_from {cfg.init_from}: the shipped model's weights are not in this installation")
+        cfg = dataclasses.replace(cfg, init_from=str(shipped.path()))
     cls = type(model) if model is not None else learned_class(cfg.method)
     if cfg.intensity_percentiles is None:
         # the data are normalised as the method's inference will normalise them
