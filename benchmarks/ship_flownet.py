@@ -13,7 +13,7 @@ through the coarse-to-fine inference, its recipe's ``init_from: shipped:flownet_
 3. scores it through the public API (``alignkit.register(f, m, method="flownet-c")`` without a checkpoint,
    i.e. the shipped model) on Middlebury (4 pairs) and MPI-Sintel (clean and final, 4 pairs) -- data it never
    saw -- with OpenCV's Farneback on the same pairs for reference: mean EPE and seconds;
-4. writes the card ``flownet_c_synthetic2d.card.json``: every number in it measured by this run.
+4. writes the card ``NAME.card.json``: every number in it measured by this run.
 
 Prints ONE JSON line (progress on stderr)::
 

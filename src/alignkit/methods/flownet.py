@@ -368,7 +368,7 @@ class FlowNetSimple(_SingleFlowNet):
     name="flownet-c",
     summary="FlowNetCorr: a shared feature tower, the correlation layer (cost volume), aggregation and a "
     "multi-scale decoder; trained on synthetic FlyingChairs-style motion, optionally fine-tuned without "
-    "ground truth (recipe flownet_c_synthetic2d)",
+    "ground truth (shipped model flownet_c_pyramid2d)",
     needs_checkpoint=True,
     reference=f"{_FLOWNET}; {_UNFLOW}",
     **_INFO,
