@@ -305,6 +305,17 @@ def test_pyramid_depth_keeps_the_coarsest_side_above_the_minimum():
     assert pyramid_depth([96, 200], 48) == 1
 
 
+def test_the_finest_level_is_capped_in_pixels():
+    from alignkit.methods.flownet import FlowNetRunner
+
+    runner = FlowNetRunner()
+    assert runner.finest_scale((480, 640)) == 1.5
+    assert abs(runner.finest_scale((2160, 3840)) ** 2 * 2160 * 3840 - (1 << 22)) < 1.0
+    assert FlowNetRunner(max_pixels=0).finest_scale((2160, 3840)) == 1.5
+    with pytest.raises(ConfigError):
+        FlowNetRunner(max_pixels=-1)
+
+
 def test_coarse_to_fine_inference_reaches_motion_beyond_the_training_range():
     """The shipped flownet-c learnt motions of at most 12 px; a photograph moved by 28 px is out of its
     reach at one scale and recovered by the pyramid (each level's residual within reach)."""
