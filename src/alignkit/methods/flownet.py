@@ -37,7 +37,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alignkit.errors import ConfigError
@@ -45,7 +44,7 @@ from alignkit.losses.unsupervised_flow import FLOWNET_LEVEL_WEIGHTS, Unsupervise
 from alignkit.methods.base import MethodInfo
 from alignkit.methods.heads import LearnedDisplacement
 from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
-from alignkit.nets.flownet import pad_to_multiple, stacked_flows, upsample_flow
+from alignkit.nets.flownet import pad_to_multiple, resize_flow, resize_frames, stacked_flows, upsample_flow
 from alignkit.nets.pyramid import compose_displacements, warp_voxels
 from alignkit.registration import Inputs
 from alignkit.spatial import Grid
@@ -321,25 +320,6 @@ class FlowNetModel(LearnedModel):
     def predict_transform(self, grid: Grid, fixed: Tensor, moving: Tensor, *, coarse_levels: int = 0) -> Transform:
         flow = self.coarse_to_fine_flow(fixed.float(), moving.float(), coarse_levels)
         return LearnedDisplacement(grid, flow)
-
-
-def resize_frames(frames: Tensor, shape: Sequence[int]) -> Tensor:
-    """``frames (B, C, *S)`` resampled to ``shape``: bilinear, anti-aliased when shrinking."""
-    if list(frames.shape[2:]) == [int(s) for s in shape]:
-        return frames
-    return F.interpolate(frames, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False,
-                         antialias=any(int(s) < n for s, n in zip(shape, frames.shape[2:])))
-
-
-def resize_flow(flow: Tensor, shape: Sequence[int]) -> Tensor:
-    """A flow ``(B, 2, *S)`` in pixels of its grid, on a grid of ``shape`` over the same field of view
-    (cell-aligned, as :func:`~alignkit.nets.flownet.upsample_flow`) and in that grid's pixels."""
-    old = [int(s) for s in flow.shape[2:]]
-    if old == [int(s) for s in shape]:
-        return flow
-    out = F.interpolate(flow, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False)
-    factors = torch.tensor([n / o for n, o in zip(shape, old)], dtype=flow.dtype, device=flow.device)
-    return out * factors.view(1, -1, *([1] * len(old)))
 
 
 class _SingleFlowNet(FlowNetModel):

@@ -81,6 +81,30 @@ def downsample_flow(flow: Tensor, factor: int) -> Tensor:
     return pool(flow, factor, factor) / float(factor)
 
 
+def resize_frames(frames: Tensor, shape: Sequence[int]) -> Tensor:
+    """``frames (B, C, *S)`` on a grid of ``shape`` over the same field of view, cell-aligned as the
+    levels here (``align_corners=False``); anti-aliased when shrinking where torch supports it (2D)."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(frames.shape[2:]) == shape:
+        return frames
+    ndim = frames.dim() - 2
+    shrinking = any(s < n for s, n in zip(shape, frames.shape[2:]))
+    return F.interpolate(frames, size=shape, mode=_INTERP[ndim], align_corners=False,
+                         antialias=shrinking and ndim == 2)
+
+
+def resize_flow(flow: Tensor, shape: Sequence[int]) -> Tensor:
+    """A flow ``(B, ndim, *S)`` in voxels of its grid, on a grid of ``shape`` over the same field of view
+    (cell-aligned, as :func:`upsample_flow`; any ratio) and in voxels of that grid."""
+    shape = tuple(int(s) for s in shape)
+    old = [int(s) for s in flow.shape[2:]]
+    if tuple(old) == shape:
+        return flow
+    out = F.interpolate(flow, size=shape, mode=_INTERP[len(old)], align_corners=False)
+    factors = torch.tensor([n / o for n, o in zip(shape, old)], dtype=flow.dtype, device=flow.device)
+    return out * factors.view(1, -1, *([1] * len(old)))
+
+
 def pad_to_multiple(tensor: Tensor, multiple: int) -> tuple[Tensor, tuple[int, ...]]:
     """``tensor (B, C, *S)`` padded at the far end of each axis (edge values repeated) to multiples of
     ``multiple``, and the original spatial size (crop back with ``out[..., :S0, :S1]``)."""
