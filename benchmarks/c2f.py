@@ -60,6 +60,19 @@ def held_out_pairs(oasis_count: int, mountain_count: int) -> list[Any]:
     return oasis[:oasis_count] + mountain[:mountain_count] + single
 
 
+def tuning_pairs() -> list[Any]:
+    """The pairs settings are chosen on (``--tuning``), none of them scored by the default run: two
+    OASIS-TRT-20 ``subject10`` slices (a validation subject of the recipes), the first two VIS-NIR
+    ``field`` scenes (validation) and two slices of the 3D T1 <-> PD head (``multimodal/t1-pd-3d``, a head
+    other than the ITK slices'; validation, never trained on)."""
+    from alignkit.data.aligned import aligned_pairs
+
+    oasis = [p for p in aligned_pairs("brain3d-oasis-trt20", slice_stride=24) if p.group == "subject10"]
+    field = aligned_pairs("vis-nir", subsets=["field"])
+    head = aligned_pairs("multimodal/t1-pd-3d", slice_stride=12)
+    return oasis[:2] + field[:2] + head[2:3] + head[6:7]
+
+
 def deformed_case(pair: Any, seed: list[int], max_displacement: float) -> tuple[Any, Any]:
     """(Case, scoring mask): fixed = the pair's first image through an eq.-3 field, moving = the second."""
     import numpy as np
@@ -125,7 +138,7 @@ def run_peer(case: Any, name: str, seed: int, threads: int) -> tuple[Any, float]
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    pairs = held_out_pairs(args.oasis, args.mountain)
+    pairs = tuning_pairs() if args.tuning else held_out_pairs(args.oasis, args.mountain)
     methods = ["identity"] + [f"c2f:{m}" for m in args.modes.split(",") if m and m != "none"] + \
         [p for p in (PEERS if args.peers == "all" else args.peers.split(",")) if p and p != "none"]
     per_method: dict[str, dict[str, Any]] = {m: {"errors": [], "seconds": [], "status": "ok"} for m in methods}
@@ -236,6 +249,8 @@ def main() -> None:
     parser.add_argument("--oasis", type=int, default=2, help="held-out OASIS slices (subjects 11, 12)")
     parser.add_argument("--mountain", type=int, default=2, help="held-out VIS-NIR mountain scenes")
     parser.add_argument("--no-accuracy", action="store_true", help="timing only")
+    parser.add_argument("--tuning", action="store_true",
+                        help="score the tuning pairs instead of the held-out ones (tuning_pairs)")
     parser.add_argument("--accurate-max-pixels", type=int, default=0,
                         help="run c2f:accurate only on pairs of at most this many pixels (0: all)")
     parser.add_argument("--max-displacement", type=float, default=12.0)

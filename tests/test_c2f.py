@@ -17,6 +17,7 @@ from alignkit.data.aligned import (
     aligned_pairs,
     minor_class_fraction,
     split_pairs,
+    synthetic_contrast,
 )
 from alignkit.data.synthetic import random_mixture_field
 from alignkit.errors import ConfigError
@@ -87,6 +88,79 @@ def test_minor_class_and_split():
     assert {p.group for p in val} == {"s4"} and "s4" not in {p.group for p in train}
     train, val = split_pairs(pairs, train=None, val=None, val_fraction=0.4, seed=0)
     assert not {p.group for p in train} & {p.group for p in val} and len({p.group for p in val}) == 2
+
+
+def two_label_scene() -> tuple[Tensor, Tensor]:
+    """A 64x64 scene: background, a disc (label 1) and a square (label 2); the image is a T1-like
+    contrast of it (disc bright, square dark, unlabelled tissue between them mid-grey)."""
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    labels = torch.zeros(1, 64, 64, dtype=torch.int32)
+    labels[0][(yy - 20) ** 2 + (xx - 20) ** 2 < 100] = 1
+    labels[0, 36:56, 36:56] = 2
+    image = torch.zeros(1, 64, 64)
+    image[0, 8:60, 8:60] = 0.5
+    image[labels == 1] = 0.9
+    image[labels == 2] = 0.2
+    return labels, image
+
+
+def test_synthetic_contrast_keeps_structure_and_varies_contrast():
+    """Each draw is a new contrast of the same anatomy: seeded, in [0, 1], flat inside each label (up to
+    blur, bias and noise) with different label means from one draw to the next."""
+    labels, image = two_label_scene()
+    draws = [synthetic_contrast(labels, image, np.random.default_rng(k)) for k in range(6)]
+    assert torch.equal(draws[0], synthetic_contrast(labels, image, np.random.default_rng(0)))
+    inner_disc = torch.zeros_like(labels, dtype=torch.bool)
+    inner_disc[0, 16:24, 16:24] = True
+    inner_square = torch.zeros_like(inner_disc)
+    inner_square[0, 40:52, 40:52] = True
+    differences = []
+    for out in draws:
+        assert out.shape == (1, 64, 64) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+        disc, square = out[inner_disc], out[inner_square]
+        differences.append(float(disc.mean() - square.mean()))
+        # inside a label the draw is nearly flat compared to the image's range
+        assert float(disc.std()) < 0.15 and float(square.std()) < 0.15
+    # the contrast between the two labels changes sign across draws: a new "modality" each time
+    assert min(differences) < -0.1 and max(differences) > 0.1, differences
+
+
+def test_patch_pairs_synthetic_contrast_only_in_training():
+    labels, image = two_label_scene()
+    edges = (labels != torch.roll(labels, 1, -1)).float()
+    pair = AlignedPair("scene", "scene", image, edges, torch.ones_like(image, dtype=torch.bool), binary_moving=True,
+                       pad_is_background=True, labels=labels)
+    common = {"size": 24, "scale_of_epoch": lambda e: (1, False), "max_displacement": 2.0, "min_minor_class": 0.0}
+    train = ScalePatchPairs([pair], length=8, synth_fraction=1.0, seed=0, **common)
+    held = ScalePatchPairs([pair], length=8, synth_fraction=1.0, seed=0, held_out=True, **common)
+    plain = ScalePatchPairs([pair], length=8, seed=0, **common)
+    for i in range(8):
+        synth_moving = train[i]["moving"]
+        # the map (0/1) is replaced by a grey-level contrast; held-out patches keep the real pair
+        assert ((synth_moving > 0.05) & (synth_moving < 0.95)).any()
+        assert torch.equal(train[i]["moving"], synth_moving)  # a pure function of (seed, epoch, index)
+        assert torch.equal(held[i]["moving"], ScalePatchPairs([pair], length=8, seed=0, held_out=True, **common)[i]["moving"])
+        assert set(plain[i]["moving"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_t1_pd_3d_slices_are_aligned():
+    """The 3D head's T1 and its PD brought onto the T1 grid (measured rigid map): the two slices'
+    gradient magnitudes correlate best at zero shift."""
+    data_path("multimodal", "t1-pd-3d")
+    pairs = aligned_pairs("multimodal/t1-pd-3d", slice_stride=40)
+    assert pairs and all(p.group == "t1-pd-3d" and p.fixed.shape == p.moving.shape for p in pairs)
+
+    def gradient(a: Tensor) -> Tensor:
+        gy, gx = torch.gradient(a[0])
+        return torch.hypot(gy, gx)[8:-8, 8:-8]
+
+    for pair in pairs:
+        g_fixed = gradient(pair.fixed)
+        scores = {}
+        for shift in (-3, 0, 3):
+            g_moving = gradient(torch.roll(pair.moving, shift, dims=-1))
+            scores[shift] = float(torch.corrcoef(torch.stack([g_fixed.flatten(), g_moving.flatten()]))[0, 1])
+        assert scores[0] > max(scores[-3], scores[3]), (pair.name, scores)
 
 
 # -- a block learns its scale's task -----------------------------------------------------------------------

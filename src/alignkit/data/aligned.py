@@ -15,7 +15,10 @@ pairs "which visually look already well aligned": two modalities of one scene on
   so each ``country`` pair is aligned by such a fit first and kept only when the fit's correlation
   reaches :data:`COUNTRY_MIN_CORRELATION`;
 * ``multimodal/itk-t1-pd-slices``: the T1 and PD ``Border20`` slices (aligned, within 0.5 px);
-* ``multimodal/ct-mr-2d``: MR ↔ the aligned CT (good to ~2 px), cropped to their common extent.
+* ``multimodal/ct-mr-2d``: MR ↔ the aligned CT (good to ~2 px), cropped to their common extent;
+* ``multimodal/t1-pd-3d``: slices of one head's T1 against its PD brought onto the T1 grid through the
+  measured rigid map of :class:`~alignkit.data.multimodal.T1PD3DDataset` (good to ~1 mm; a head other
+  than the ITK slices'), cut across the PD's thick (2.4 mm) axis, where the PD covers the head.
 
 Images are grey, float32, their intensity percentiles (0.5, 99.5) mapped to [0, 1]; ``valid`` marks
 pixels that hold data (a resampled image's outside is not). Each pair has a ``group`` (subject or scene)
@@ -27,6 +30,13 @@ chain downsamples at inference), its fixed image resampled through a random eq.-
 most ``max_displacement`` pixels at that scale (:func:`alignkit.data.synthetic.random_mixture_field`),
 so the true displacement is known (§3.3, §3.5). The moving (map) patch stays put:
 ``moving(x + flow(x)) = fixed(x)``, alignkit's direction.
+
+Modalities never seen in training (T1 ↔ PD, CT ↔ MR) are what a multimodal block must still align:
+``synth_fraction`` of the training patches of pairs with a label map (OASIS) replace the moving
+image -- and half of those the fixed one too -- by :func:`synthetic_contrast`, a new random "modality"
+of the same anatomy drawn from its labels, the idea of SynthMorph (Hoffmann et al., "SynthMorph:
+learning contrast-invariant registration without acquired images", IEEE TMI 2022): a block that
+never sees the same contrast twice has to match structure, not intensities.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from alignkit.spatial.pyramid import downsample
 COUNTRY_MIN_CORRELATION = 0.5
 PERCENTILES = (0.5, 99.5)
 MapKind = str  # "edges" | "cortex"
-SOURCES = ("brain3d-oasis-trt20", "vis-nir", "multimodal/itk-t1-pd-slices", "multimodal/ct-mr-2d")
+SOURCES = ("brain3d-oasis-trt20", "vis-nir", "multimodal/itk-t1-pd-slices", "multimodal/ct-mr-2d", "multimodal/t1-pd-3d")
 
 
 @dataclass(eq=False)
@@ -67,6 +77,9 @@ class AlignedPair:
     binary_moving: bool = False
     #: pixels outside the image may be read as zero background (brain slices), not as missing data
     pad_is_background: bool = False
+    #: ``(1, H, W)`` integer label map of the scene (0 = unlabelled) when it has one: the source of
+    #: :func:`synthetic_contrast`
+    labels: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -125,6 +138,7 @@ def _oasis(folder: Path, map_kind: MapKind, stride: int) -> list[AlignedPair]:
                 fixed=torch.from_numpy(image.astype(np.float32))[None],
                 moving=torch.from_numpy(drawn.astype(np.float32))[None],
                 valid=torch.ones(1, *slab.shape, dtype=torch.bool), binary_moving=True, pad_is_background=True,
+                labels=torch.from_numpy(slab.astype(np.int32))[None],
             ))
     return pairs
 
@@ -183,6 +197,43 @@ def _vis_nir(folder: Path, subsets: Sequence[str] | None) -> list[AlignedPair]:
     return pairs
 
 
+def _t1_pd_3d(folder: Path, stride: int) -> list[AlignedPair]:
+    from alignkit.data.datasets import load_dataset
+    from alignkit.registration import resample_image
+    from alignkit.transforms import MatrixTransform
+
+    case = load_dataset(folder, layout="multimodal/t1-pd-3d")["t1<-pd"]
+    t1, pd = case.fixed, case.moving
+    to_pd = MatrixTransform(case.matrix)
+    on_t1 = resample_image(to_pd, t1.grid, pd).data[0].numpy()
+    inside = resample_image(to_pd, t1.grid, pd.with_data(torch.ones_like(pd.data))).data[0].numpy() > 0.999
+    # slice across the PD's thick axis: the T1 array axis closest to it in world space
+    thick = int(torch.argmax(pd.grid.spacing))
+    thick_world = pd.world_from_voxel[: pd.ndim, thick].double().numpy()
+    t1_axes = t1.world_from_voxel[: t1.ndim, : t1.ndim].double().numpy()
+    cosines = np.abs(thick_world @ t1_axes) / np.linalg.norm(t1_axes, axis=0)
+    axis = int(np.argmax(cosines))
+    t1_data = t1.data[0].numpy().astype(np.float32)
+    head = t1_data > np.percentile(t1_data, 60)  # the scan's air is most of the volume
+    lo_t1, hi_t1 = np.percentile(t1_data[head], PERCENTILES)
+    lo_pd, hi_pd = np.percentile(on_t1[inside & head], PERCENTILES)
+    pairs = []
+    depth = t1_data.shape[axis]
+    for k in range(int(depth * 0.2), int(depth * 0.8), stride):
+        cut = [slice(None)] * 3
+        cut[axis] = k
+        t1_slice, pd_slice, covered, in_head = (a[tuple(cut)] for a in (t1_data, on_t1, inside, head))
+        if in_head.mean() < 0.15 or (covered & in_head).sum() < 0.97 * in_head.sum():
+            continue
+        fixed = np.clip((t1_slice - lo_t1) / max(hi_t1 - lo_t1, 1e-6), 0, 1) * covered
+        moving = np.clip((pd_slice - lo_pd) / max(hi_pd - lo_pd, 1e-6), 0, 1) * covered
+        pairs.append(AlignedPair(f"t1-pd-3d/{'xyz'[axis]}{k:03d}", "t1-pd-3d",
+                                 torch.from_numpy(fixed.astype(np.float32))[None],
+                                 torch.from_numpy(moving.astype(np.float32))[None],
+                                 torch.ones(1, *t1_slice.shape, dtype=torch.bool), pad_is_background=True))
+    return pairs
+
+
 def aligned_pairs(
     source: str, *, root: str | Path | None = None, map_kind: MapKind = "edges", slice_stride: int = 8,
     subsets: Sequence[str] | None = None,
@@ -206,6 +257,8 @@ def aligned_pairs(
         h, w = min(mr.shape[0], ct.shape[0]), min(mr.shape[1], ct.shape[1])
         return [AlignedPair("mri<-ct_true", "ct-mr", _normalise(mr[:h, :w]), _normalise(ct[:h, :w]),
                             torch.ones(1, h, w, dtype=torch.bool), pad_is_background=True)]
+    if key.endswith("t1-pd-3d"):
+        return _t1_pd_3d(folder, max(slice_stride, 1))
     raise ConfigError(f"c2f trains on aligned pairs of {', '.join(SOURCES)} (comma-separated); got {source!r}")
 
 
@@ -232,6 +285,51 @@ def split_pairs(
     return training, held_out
 
 
+def synthetic_contrast(labels: Tensor, intensity: Tensor, rng: np.random.Generator) -> Tensor:
+    """A new random "modality" of a labelled scene (module docstring), ``(1, H, W)`` in [0, 1].
+
+    Each label gets a uniform random mean; unlabelled pixels are split by ``intensity`` (the scene's
+    image in [0, 1]) into background (under 0.02) and three intensity tertiles, each its own class, so
+    tissue without a label keeps its structure. Then, each drawn per call: up to half of the image
+    replaced by a random non-monotonic remap of ``intensity`` (:func:`~alignkit.data.synthetic.random_intensity_map`:
+    texture inside the labels), a smooth multiplicative bias field (up to ±35 %), a gamma (log-normal, σ 0.3),
+    a Gaussian blur (σ up to 1.2 px), additive noise (σ up to 0.04), and the percentile scaling of
+    real images. The background is black 3 times in 4, as in most scans."""
+    from alignkit.data.synthetic import random_intensity_map
+    from alignkit.spatial import gaussian_blur
+
+    value = intensity.float().clamp(0, 1)
+    ids, classes = torch.unique(labels.long(), return_inverse=True)
+    unlabelled = labels == 0
+    foreground = unlabelled & (value >= 0.02)
+    if bool(foreground.any()):
+        edges = torch.quantile(value[foreground][::7], torch.tensor([1 / 3, 2 / 3]))  # a sample is enough
+        tertile = torch.bucketize(value.contiguous(), edges)  # 0, 1, 2
+    else:
+        tertile = torch.zeros_like(classes)
+    # classes: 0 background, 1-3 unlabelled tertiles, 4+ the labels (the id 0, if present, unused)
+    classes = torch.where(unlabelled, torch.where(foreground, 1 + tertile, torch.zeros_like(classes)), 4 + classes)
+    means = torch.from_numpy(rng.uniform(0.0, 1.0, 4 + len(ids)).astype(np.float32))
+    if rng.random() < 0.75:
+        means[0] = 0.0
+    out = means[classes]
+    texture = float(rng.uniform(0.0, 0.5))
+    table = random_intensity_map(rng)
+    remapped = np.interp(value.numpy(), np.linspace(0.0, 1.0, len(table)), table).astype(np.float32)
+    out = (1 - texture) * out + texture * torch.from_numpy(remapped) * (classes > 0)
+    h, w = out.shape[-2:]
+    coarse = torch.from_numpy(rng.standard_normal((1, 1, 4, 4)).astype(np.float32))
+    bias = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)[0]
+    out = out * torch.exp(float(rng.uniform(0.0, 0.3)) * bias.clamp(-2, 2) / 2)
+    out = out.clamp(0, None) ** float(np.exp(rng.normal(0.0, 0.3)))
+    sigma = float(rng.uniform(0.0, 1.2))
+    if sigma > 0.1:
+        out = gaussian_blur(out[None], sigma)[0]
+    out = out + float(rng.uniform(0.0, 0.04)) * torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32))
+    lo, hi = torch.quantile(out[..., ::3, ::3].flatten(), torch.tensor(PERCENTILES) / 100)
+    return ((out - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+
+
 def minor_class_fraction(patch: Tensor) -> float:
     """The share of the smaller class when ``patch`` is split at its mean (0 for a flat patch)."""
     above = float((patch > patch.mean()).float().mean())
@@ -253,7 +351,9 @@ class ScalePatchPairs(torch.utils.data.Dataset):
     has an edge, else 1). Patches whose minor class is below ``min_minor_class`` are redrawn (up to 20
     times), as are patches reaching outside an image's data. ``mono_fraction`` of the training
     patches (never the held-out ones) pair the fixed modality with itself: c2f serves one-modality
-    pairs too, and plain shifts are the easier half of the task to learn first."""
+    pairs too, and plain shifts are the easier half of the task to learn first. ``synth_fraction``
+    of the other training patches whose pair has labels get :func:`synthetic_contrast` images: the
+    moving one always, the fixed one half the time."""
 
     ndim = 2
 
@@ -268,6 +368,7 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         min_minor_class: float = 0.05,
         edge_weight: float = 1.0,
         mono_fraction: float = 0.0,
+        synth_fraction: float = 0.0,
         seed: int = 0,
         held_out: bool = False,
         clock: list[int] | None = None,
@@ -286,6 +387,9 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         if not 0.0 <= mono_fraction <= 1.0:
             raise ConfigError(f"mono_fraction must be in [0, 1], got {mono_fraction}")
         self.mono_fraction = float(mono_fraction)
+        if not 0.0 <= synth_fraction <= 1.0:
+            raise ConfigError(f"synth_fraction must be in [0, 1], got {synth_fraction}")
+        self.synth_fraction = float(synth_fraction)
         self.seed = int(seed)
         self.held_out = held_out
         # one epoch counter shared by a training set and its held-out set: the loop tells the
@@ -322,12 +426,19 @@ class ScalePatchPairs(torch.utils.data.Dataset):
                 break
         if crop is None:
             raise ConfigError(f"no aligned pair holds a {region}-pixel region of data for the block at scale {factor}")
-        fixed, moving, binary = crop
+        fixed, moving, binary, labels = crop
         if self.mono_fraction > 0 and not self.held_out and rng.random() < self.mono_fraction:
             moving, binary = fixed, False  # a one-modality pair: the block sees plain shifts too
+        elif (self.synth_fraction > 0 and not self.held_out and labels is not None
+              and rng.random() < self.synth_fraction):
+            intensity = fixed
+            moving, binary = synthetic_contrast(labels, intensity, rng), False
+            if rng.random() < 0.5:
+                fixed = synthetic_contrast(labels, intensity, rng)
         return self._deform(fixed, moving, binary, factor, rng)
 
-    def _crop(self, pair: AlignedPair, region: int, rng: np.random.Generator) -> tuple[Tensor, Tensor, bool] | None:
+    def _crop(self, pair: AlignedPair, region: int,
+              rng: np.random.Generator) -> tuple[Tensor, Tensor, bool, Tensor | None] | None:
         h, w = pair.shape
         if pair.pad_is_background:  # the region may reach past the image into its zero background
             top = int(rng.integers(-region // 4, max(h - 3 * region // 4, -region // 4 + 1)))
@@ -347,7 +458,8 @@ class ScalePatchPairs(torch.utils.data.Dataset):
                 out[:, t0 - top : t1 - top, l0 - left : l1 - left] = image[:, t0:t1, l0:l1]
             return out
 
-        return cut(pair.fixed), cut(pair.moving), pair.binary_moving
+        labels = cut(pair.labels) if pair.labels is not None else None
+        return cut(pair.fixed), cut(pair.moving), pair.binary_moving, labels
 
     def _deform(self, fixed: Tensor, moving: Tensor, binary: bool, factor: int, rng: np.random.Generator) -> dict[str, Tensor]:
         region = fixed.shape[-1]

@@ -17,7 +17,10 @@ scale-specific neural networks for multimodal image alignment with application t
   (``block1``, ``block2``, ``block4``), trained independently as in §3.6. The paper's training
   tricks are options: ``edge_weight`` (loss multiplier on the map's edges), ``min_minor_class``
   (patches whose minor class is under 5 % are redrawn), ``warmup`` (first epochs of each block on 4
-  images); ``mono_fraction`` adds one-modality patches (ours: the blocks learn plain shifts first).
+  images); ``mono_fraction`` adds one-modality patches (ours: the blocks learn plain shifts first);
+  ``synth_fraction`` gives patches of labelled pairs random synthetic contrasts drawn from their labels
+  (ours, after SynthMorph: :func:`alignkit.data.aligned.synthetic_contrast`), so that the blocks match
+  structure in modalities they never saw.
 * **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
   ``min_level`` pixels a side; by default the model's training patch side: a block asked to align a
   level smaller than the patches it learnt on answers with errors that the chain multiplies by the
@@ -190,6 +193,7 @@ class C2F(LearnedModel):
         min_minor_class: float = 0.05,
         warmup: int = 0,
         mono_fraction: float = 0.0,
+        synth_fraction: float = 0.0,
         map_kind: str = "edges",
         slice_stride: int = 8,
     ) -> None:
@@ -207,7 +211,7 @@ class C2F(LearnedModel):
         self.options = {
             "max_displacement": float(max_displacement), "laplacian_weight": float(laplacian_weight),
             "edge_weight": float(edge_weight), "min_minor_class": float(min_minor_class), "warmup": int(warmup),
-            "mono_fraction": float(mono_fraction),
+            "mono_fraction": float(mono_fraction), "synth_fraction": float(synth_fraction),
             "map_kind": map_kind, "slice_stride": int(slice_stride),
         }
         self.laplacian = Laplacian()
@@ -272,7 +276,8 @@ class C2F(LearnedModel):
                   "max_displacement": float(options.get("max_displacement", 2.0)),
                   "min_minor_class": float(options.get("min_minor_class", 0.05)),
                   "edge_weight": float(options.get("edge_weight", 1.0)),
-                  "mono_fraction": float(options.get("mono_fraction", 0.0)), "seed": config.seed}
+                  "mono_fraction": float(options.get("mono_fraction", 0.0)),
+                  "synth_fraction": float(options.get("synth_fraction", 0.0)), "seed": config.seed}
         clock = [1]
         length = int(config.synthetic_length or 100 * config.batch_size)
         train_set = ScalePatchPairs(train_pairs, length=length, clock=clock, **common)
