@@ -20,7 +20,8 @@ scale-specific neural networks for multimodal image alignment with application t
   images); ``mono_fraction`` adds one-modality patches (ours: the blocks learn plain shifts first);
   ``synth_fraction`` gives patches of labelled pairs random synthetic contrasts drawn from their labels
   (ours, after SynthMorph: :func:`alignkit.data.aligned.synthetic_contrast`), so that the blocks match
-  structure in modalities they never saw.
+  structure in modalities they never saw; ``max_misalignment`` keeps pairs known to be aligned only to
+  ~1.5 px (VIS-NIR) away from the blocks whose task that error would drown (the scale-1 and scale-2 blocks).
 * **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
   ``min_level`` pixels a side; by default the model's training patch side: a block asked to align a
   level smaller than the patches it learnt on answers with errors that the chain multiplies by the
@@ -194,6 +195,7 @@ class C2F(LearnedModel):
         warmup: int = 0,
         mono_fraction: float = 0.0,
         synth_fraction: float = 0.0,
+        max_misalignment: float = 0.25,
         map_kind: str = "edges",
         slice_stride: int = 8,
     ) -> None:
@@ -212,7 +214,7 @@ class C2F(LearnedModel):
             "max_displacement": float(max_displacement), "laplacian_weight": float(laplacian_weight),
             "edge_weight": float(edge_weight), "min_minor_class": float(min_minor_class), "warmup": int(warmup),
             "mono_fraction": float(mono_fraction), "synth_fraction": float(synth_fraction),
-            "map_kind": map_kind, "slice_stride": int(slice_stride),
+            "max_misalignment": float(max_misalignment), "map_kind": map_kind, "slice_stride": int(slice_stride),
         }
         self.laplacian = Laplacian()
         # which blocks have been trained (a buffer: saved with the weights, restored on resume); an
@@ -277,7 +279,8 @@ class C2F(LearnedModel):
                   "min_minor_class": float(options.get("min_minor_class", 0.05)),
                   "edge_weight": float(options.get("edge_weight", 1.0)),
                   "mono_fraction": float(options.get("mono_fraction", 0.0)),
-                  "synth_fraction": float(options.get("synth_fraction", 0.0)), "seed": config.seed}
+                  "synth_fraction": float(options.get("synth_fraction", 0.0)),
+                  "max_misalignment": float(options.get("max_misalignment", 0.25)), "seed": config.seed}
         clock = [1]
         length = int(config.synthetic_length or 100 * config.batch_size)
         train_set = ScalePatchPairs(train_pairs, length=length, clock=clock, **common)
