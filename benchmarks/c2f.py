@@ -107,10 +107,12 @@ def scores(predicted_voxels: Any, truth: Any, mask: Any) -> dict[str, Any]:
     return {"epe": float(error.mean()), "pck": [float((error <= t).mean()) for t in THRESHOLDS]}
 
 
-def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int) -> tuple[Any, float]:
+def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | None = None) -> tuple[Any, float]:
     import alignkit
 
     options: dict[str, Any] = {"mode": mode, "tile": tile}
+    if min_level:
+        options["min_level"] = min_level
     if checkpoint:
         options["checkpoint"] = checkpoint
     started, cpu = time.perf_counter(), time.process_time()
@@ -159,7 +161,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 if name == "identity":
                     voxels, seconds = identity, 0.0
                 elif name.startswith("c2f:"):
-                    world, seconds = run_c2f(case, name[4:], args.checkpoint, args.tile)
+                    world, seconds = run_c2f(case, name[4:], args.checkpoint, args.tile, args.min_level)
                     voxels = world  # world = voxels on these grids (Grid.from_spacing, unit spacing)
                 else:
                     world, seconds = run_peer(case, name, args.seed, args.threads)
@@ -257,6 +259,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,1024,2048,3500,5000")
     parser.add_argument("--time-modes", default="per-scale")
     parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--min-level", type=int, help="c2f's coarsest level side (default: the model's own rule)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--scratch", default=os.environ.get("TMPDIR", "/tmp"))

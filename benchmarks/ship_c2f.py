@@ -1,15 +1,16 @@
-"""Export a trained ``c2f`` run as the model shipped in the package (``c2f_multimodal2d``), with its card.
+"""Export a trained ``c2f`` run as a model shipped in the package (``--name``, default ``c2f_synth2d``),
+with its card.
 
-The recipe is ``src/alignkit/methods/models/c2f_multimodal2d.recipe.json`` (an ``alignkit train``
-configuration). This script
+The recipe is ``src/alignkit/methods/models/NAME.recipe.json`` (an ``alignkit train`` configuration;
+``--recipe FILE`` copies a recipe there first). This script
 
 1. (unless ``--run`` is given) trains it: ``python -m alignkit train --config RECIPE -o RUN --quiet``
    with ``--threads`` threads, timing it;
-2. exports the run's last checkpoint as ``c2f_multimodal2d.pt`` (method record, network specs, every
+2. exports the run's last checkpoint as ``NAME.pt`` (method record, network specs, every
    floating tensor float16; at most 2 MiB), loads it back and checks that the float16 model predicts
    the run's fp32 displacement on a held-out pair (the ITK T1/PD slices, ``fast``) within
    :data:`TOLERANCE_PX`;
-3. writes ``c2f_multimodal2d.card.json``: data and licences, the command, commit, training budget and
+3. writes ``NAME.card.json``: data and licences, the command, commit, training budget and
    the run's last validation scores per block (``log.csv``), and -- with ``--benchmark FILE``, the JSON
    line of ``benchmarks/c2f.py`` run on the exported model -- its held-out PCK/EPE table.
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO_ROOT, emit, log
 
-NAME = "c2f_multimodal2d"
+NAME = "c2f_synth2d"
 MODELS = REPO_ROOT / "src" / "alignkit" / "methods" / "models"
 MAX_BYTES = 2 * 1024 * 1024
 #: the float16 model's displacement may differ from the fp32 run's by this much (pixels). 0.05 held for
@@ -56,6 +57,12 @@ DATA = {
         "correlation >= 0.5), forest and indoor through their ground-truth affines",
         "source": "VIS-NIR registration dataset (github.com/YuChuang1205) built on the EPFL RGB-NIR scene dataset",
         "licence": "research use, as the EPFL RGB-NIR scene dataset (not redistributed here)",
+    },
+    "multimodal/t1-pd-3d": {
+        "use": "validation only (logged each epoch, never trained on): slices of one head's T1 against its PD "
+        "brought onto the T1 grid by the measured rigid map",
+        "source": "niivue-images chris_t1, chris_PD (multimodal/t1-pd-3d/LICENSE)",
+        "licence": "CC BY-NC 4.0",
     },
 }
 
@@ -130,23 +137,28 @@ def main() -> None:
     parser.add_argument("--benchmark", help="the JSON line of benchmarks/c2f.py on the exported model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scratch", default="/tmp/c2f_ship")
+    parser.add_argument("--name", default=NAME, help="the shipped model's name (file stem)")
+    parser.add_argument("--recipe", help="copy this recipe to models/NAME.recipe.json first")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    recipe = MODELS / f"{NAME}.recipe.json"
+    name = args.name
+    recipe = MODELS / f"{name}.recipe.json"
+    if args.recipe:
+        recipe.write_text(Path(args.recipe).read_text())
     trained: dict[str, Any] = {}
     run = Path(args.run) if args.run else Path(args.scratch) / "run"
     if not args.run:
         trained = train(recipe, run, args.threads)
-    out = MODELS / f"{NAME}.pt"
+    out = MODELS / f"{name}.pt"
     exported = export(run, out)
     config = json.loads(recipe.read_text())
     card: dict[str, Any] = {
-        "name": NAME, "method": "c2f", "dimensions": 2,
+        "name": name, "method": "c2f", "dimensions": 2,
         "modality": "multimodal 2D: T1 MRI <-> rasterised label edges"
         + (", NIR <-> visible" if "vis-nir" in str(config["dataset"]) else "") + "; also one-modality pairs",
-        "file": f"src/alignkit/methods/models/{NAME}.pt", **exported,
+        "file": f"src/alignkit/methods/models/{name}.pt", **exported,
         "storage": "alignkit checkpoint (method, networks, model; every floating tensor float16)",
         "training_data": [DATA[s] | {"name": s} for s in str(config["dataset"]).split(",")],
         "split": {"train": config.get("subjects"), "validate": config.get("val_subjects"),
@@ -157,8 +169,8 @@ def main() -> None:
                           + "were logged each epoch but never used to choose weights (the last epoch ships); "
                           "mountain, T1/PD and CT/MR were never seen"},
         "weights_licence": "CC BY-NC-SA 3.0 (derived from OASIS-TRT-20 among others; non-commercial)",
-        "recipe": f"src/alignkit/methods/models/{NAME}.recipe.json",
-        "command": "python benchmarks/ship_c2f.py" + (f" --run {args.run}" if args.run else "")
+        "recipe": f"src/alignkit/methods/models/{name}.recipe.json",
+        "command": f"python benchmarks/ship_c2f.py --name {name}" + (f" --run {args.run}" if args.run else "")
         + f" --threads {args.threads}",
         "training": {**last_scores(run), **trained, "note": args.runs_note or None},
         "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "src")),
@@ -172,7 +184,7 @@ def main() -> None:
                           "methods": {k: {kk: v.get(kk) for kk in ("pairs", "epe", "status")} |
                                       {"pck5": (v.get("pck") or {}).get("5"), "pck1": (v.get("pck") or {}).get("1")}
                                       for k, v in bench.get("accuracy", {}).get("methods", {}).items()}}
-    path = MODELS / f"{NAME}.card.json"
+    path = MODELS / f"{name}.card.json"
     path.write_text(json.dumps(card, indent=2) + "\n")
     emit({"benchmark": "ship_c2f", "card": str(path.relative_to(REPO_ROOT)), **exported})
 
