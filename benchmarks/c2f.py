@@ -107,10 +107,11 @@ def scores(predicted_voxels: Any, truth: Any, mask: Any) -> dict[str, Any]:
     return {"epe": float(error.mean()), "pck": [float((error <= t).mean()) for t in THRESHOLDS]}
 
 
-def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | None = None) -> tuple[Any, float]:
+def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | None = None,
+            coarsest_passes: int = 1) -> tuple[Any, float]:
     import alignkit
 
-    options: dict[str, Any] = {"mode": mode, "tile": tile}
+    options: dict[str, Any] = {"mode": mode, "tile": tile, "coarsest_passes": coarsest_passes}
     if min_level:
         options["min_level"] = min_level
     if checkpoint:
@@ -161,7 +162,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 if name == "identity":
                     voxels, seconds = identity, 0.0
                 elif name.startswith("c2f:"):
-                    world, seconds = run_c2f(case, name[4:], args.checkpoint, args.tile, args.min_level)
+                    world, seconds = run_c2f(case, name[4:], args.checkpoint, args.tile, args.min_level,
+                                             args.coarsest_passes)
                     voxels = world  # world = voxels on these grids (Grid.from_spacing, unit spacing)
                 else:
                     world, seconds = run_peer(case, name, args.seed, args.threads)
@@ -260,6 +262,7 @@ def main() -> None:
     parser.add_argument("--time-modes", default="per-scale")
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--min-level", type=int, help="c2f's coarsest level side (default: the model's own rule)")
+    parser.add_argument("--coarsest-passes", type=int, default=1, help="c2f's passes at its coarsest level")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--scratch", default=os.environ.get("TMPDIR", "/tmp"))

@@ -247,6 +247,30 @@ def test_chain_composes_maps_and_resamples_once():
     assert torch.allclose(u, reference, atol=1e-4)
 
 
+def test_coarsest_passes_compose_again_from_the_level_image():
+    """A second pass at the coarsest level composes one more residual: a block answering a shift ``t``
+    twice gives ``2 t`` there (the composition of two shifts); its second look is the level's own
+    moving image resampled once through the first pass's map; passes must be >= 1, one per level."""
+    t = (1.0, -0.5)
+    coarse, fine = AffineField(shift=t), AffineField()
+    model = stub_model(coarse, fine)
+    gen = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 1, 65, 65, generator=gen)
+    moving = torch.rand(1, 1, 65, 65, generator=gen)
+    once = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32)
+    twice = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, coarsest_passes=2)
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    assert torch.allclose(twice[inner], 2 * once[inner], atol=1e-4)
+    assert len(coarse.seen) == 3  # one pass, then two
+    level_moving = coarse.seen[1]  # the first pass of the second chain saw the level image itself
+    x = Grid.from_spacing(tuple(level_moving.shape[2:])).voxel_points()
+    first_pass = torch.tensor(t).view(1, 2, 1, 1)  # the block answers in pixels of its level
+    expected = sample_voxels(level_moving, x + first_pass, padding="border")
+    assert torch.allclose(coarse.seen[2], expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="passes"):
+        ScaleChain(networks=[coarse, fine], factors=(2, 1), passes=[0, 1])
+
+
 def test_symmetry_average_of_symmetric_pair_is_symmetric():
     """``accurate``: for a pair symmetric under a grid symmetry g, the 8-symmetry average of even an
     untrained block is g-equivariant (``push(u, g) == u``); the block's plain answer is not."""

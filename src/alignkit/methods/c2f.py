@@ -103,7 +103,8 @@ class C2FMethod(LearnedMethod):
     ``mode``: ``per-scale`` (default), ``fast`` or ``accurate`` (module docstring); ``tile``: level
     pixels per tile side (default 512; 0 = untiled), ``halo`` the context read around each tile's
     core (32); ``min_level``: the coarsest level's smallest side in pixels (default: the model's
-    training patch side, else 16); ``transform``: a
+    training patch side, else 16); ``coarsest_passes``: how many times the coarsest level's block runs
+    (each pass composes one more residual; default 1); ``transform``: a
     linear pre-alignment (``affine``, ``rigid,affine``; default none -- c2f is for roughly aligned
     pairs); ``similarity``: a refinement's similarity (``refine=K``).
     """
@@ -118,8 +119,12 @@ class C2FMethod(LearnedMethod):
         tile: int | None = 512,
         halo: int = 32,
         min_level: int | None = None,
+        coarsest_passes: int = 1,
     ) -> None:
         super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
+        if int(coarsest_passes) < 1:
+            raise ConfigError(f"c2f coarsest_passes must be >= 1, got {coarsest_passes}")
+        self.coarsest_passes = int(coarsest_passes)
         if mode not in get_args(C2FMode):
             raise ConfigError(f"c2f mode must be one of {', '.join(get_args(C2FMode))}, got {mode!r}")
         tile = None if tile in (None, 0) else int(tile)
@@ -142,13 +147,14 @@ class C2FMethod(LearnedMethod):
                                         initial=ComposedTransform(stages) if stages else None, device=device)
         min_level = learned.coarsest_side(self.min_level)
         displacement = learned.align(fixed, moving, mode=self.mode, tile=self.tile, halo=self.halo,
-                                     min_level=min_level, progress=progress)
+                                     min_level=min_level, coarsest_passes=self.coarsest_passes, progress=progress)
         predicted = LearnedDisplacement(inputs.fixed.grid, displacement.cpu())
         predicted.kind = "c2f"
         stage_seconds["c2f"] = round(time.perf_counter() - tic, 3)
         stages.append(predicted)
         names.append("c2f")
         settings = {"mode": self.mode, "tile": self.tile, "halo": self.halo, "min_level": min_level,
+                    "coarsest_passes": self.coarsest_passes,
                     "levels": chain_factors(inputs.fixed.grid.shape, min_level)}
         description = {"method": "c2f", "prealign": models, "model": learned.config, "networks": learned.network_specs(),
                        "checkpoint": source, **settings}
@@ -357,6 +363,7 @@ class C2F(LearnedModel):
         tile: int | None = 512,
         halo: int = 32,
         min_level: int | None = None,
+        coarsest_passes: int = 1,
         progress: ProgressFactory = None,
     ) -> Tensor:
         """The chain on ``fixed``, ``moving`` ``(1, 1, H, W)`` (one grid, normalised): the displacement
@@ -368,7 +375,8 @@ class C2F(LearnedModel):
                              f"{tuple(fixed.shape)} and {tuple(moving.shape)}")
         factors = chain_factors(tuple(fixed.shape[2:]), self.coarsest_side(min_level))
         chain = ScaleChain(networks=[self.block_for(f, mode) for f in factors], factors=factors, combine="compose",
-                           mode="accurate" if mode == "accurate" else "standard", symmetries="full")
+                           mode="accurate" if mode == "accurate" else "standard", symmetries="full",
+                           passes=[int(coarsest_passes)] + [1] * (len(factors) - 1))
         was_training = self.training
         self.eval()
         try:

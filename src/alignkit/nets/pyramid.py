@@ -383,9 +383,13 @@ class ScaleChain(nn.Module):
         fast_index: int = -1,
         symmetries: SymmetryGroup = "full",
         padding: PaddingMode = "border",
+        passes: int | Sequence[int] = 1,
     ) -> None:
         super().__init__()
         factor_list = [float(f) for f in factors]
+        pass_list = [int(passes)] * len(factor_list) if isinstance(passes, int) else [int(p) for p in passes]
+        if len(pass_list) != len(factor_list) or min(pass_list) < 1:
+            raise ConfigError(f"ScaleChain: passes must be >= 1, one per factor ({len(factor_list)}), got {passes}")
         if not factor_list or min(factor_list) < 1 or any(a <= b for a, b in itertools.pairwise(factor_list)):
             raise ConfigError(
                 f"ScaleChain: factors must be >= 1 and strictly decreasing (coarse first), got {factors}"
@@ -403,6 +407,7 @@ class ScaleChain(nn.Module):
                 f"ScaleChain: fast_index {fast_index} out of range for {len(self.networks)} networks"
             )
         self.factors = factor_list
+        self.passes = pass_list
         self.combine = combine
         self.mode = mode
         self.fast_index = fast_index
@@ -417,6 +422,7 @@ class ScaleChain(nn.Module):
                 "fast_index": fast_index,
                 "symmetries": symmetries,
                 "padding": padding,
+                "passes": pass_list,
             }
         )
 
@@ -456,7 +462,8 @@ class ScaleChain(nn.Module):
         grid = Grid.from_spacing(tuple(fixed.shape[2:]))
         shapes = [grid.downsampled(f).shape if f > 1 else grid.shape for f in self.factors]
         plans = [tile_slices(shape, tile, halo) for shape in shapes]
-        bar = progress(total=sum(len(p) for p in plans), desc="scale chain", unit="tile") if progress else None
+        bar = (progress(total=sum(len(p) * n for p, n in zip(plans, self.passes)), desc="scale chain", unit="tile")
+               if progress else None)
         u: Tensor | None = None
         out = []
         all_channels = (slice(None), slice(None))
@@ -469,23 +476,27 @@ class ScaleChain(nn.Module):
                 else:
                     u = rescale_voxel_displacement(u, level_grid.shape)
                 net = self.network_for(index, mode)
-                updated = torch.empty_like(u)
-                for core, ext in plan:
-                    origin = torch.tensor([e.start for e in ext], dtype=u.dtype, device=u.device)
-                    identity = voxel_identity(tuple(e.stop - e.start for e in ext), like=u) + origin.view(
-                        1, ndim, *([1] * ndim))
-                    current = u[(*all_channels, *ext)]
-                    warped = sample_voxels(moving_l, identity + current, padding=self.padding)
-                    r = self._residual(net, fixed_l[(*all_channels, *ext)], warped, mode)  # type: ignore[arg-type]
-                    if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
-                        new = r + sample_voxels(u, identity + r, padding="border")
-                    else:
-                        new = current + r
-                    inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
-                    updated[(*all_channels, *core)] = new[(*all_channels, *inner)]
-                    if bar is not None:
-                        bar.update(1)
-                u = updated
+                # each pass reads the level's own moving image through the map so far (never a resample
+                # of a resample) and composes one more residual: a block whose level holds displacements
+                # beyond its task (the coarsest level) catches up with a second look
+                for _ in range(self.passes[index]):
+                    updated = torch.empty_like(u)
+                    for core, ext in plan:
+                        origin = torch.tensor([e.start for e in ext], dtype=u.dtype, device=u.device)
+                        identity = voxel_identity(tuple(e.stop - e.start for e in ext), like=u) + origin.view(
+                            1, ndim, *([1] * ndim))
+                        current = u[(*all_channels, *ext)]
+                        warped = sample_voxels(moving_l, identity + current, padding=self.padding)
+                        r = self._residual(net, fixed_l[(*all_channels, *ext)], warped, mode)  # type: ignore[arg-type]
+                        if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
+                            new = r + sample_voxels(u, identity + r, padding="border")
+                        else:
+                            new = current + r
+                        inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
+                        updated[(*all_channels, *core)] = new[(*all_channels, *inner)]
+                        if bar is not None:
+                            bar.update(1)
+                    u = updated
                 out.append(u)
         finally:
             if bar is not None:
