@@ -434,7 +434,7 @@ def test_the_chain_stops_at_the_training_patch_side_by_default():
 
 def test_blocks_draw_only_pairs_aligned_well_enough_for_their_scale():
     """A pair known to 1.5 px teaches the scale-4 block (0.375 px there) but not the scale-1 or scale-2 ones."""
-    labels, image = two_label_scene()
+    _, image = two_label_scene()
     valid = torch.ones_like(image, dtype=torch.bool)
     exact = AlignedPair("exact", "a", image, image, valid, pad_is_background=True)
     rough = AlignedPair("rough", "b", image, image, valid, pad_is_background=True, misalignment=1.5)
