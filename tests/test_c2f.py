@@ -417,16 +417,19 @@ def test_shipped_model_registers_out_of_the_box():
     assert torch.isfinite(result.transform.stages[-1].voxels).all()
 
 
-def test_the_chain_stops_at_the_training_patch_side_by_default():
-    """The coarsest level is at least the patches the blocks learnt on (the shipped model: 48 px), unless
-    ``min_level`` says otherwise; a model that records no size keeps 16."""
+def test_the_chain_stops_near_the_training_patch_side_by_default():
+    """The coarsest level is at least 90 % of the patches the blocks learnt on (the shipped model: 48 px,
+    so 43 px: a 188-px slice's quarter, 47 px, is a level), unless ``min_level`` says otherwise; a model
+    that records no size keeps 16."""
     from alignkit.methods.c2f import chain_factors
     from alignkit.methods.registry import get_method
 
     learned, _ = get_method("c2f").create().model(2, torch.device("cpu"))
     side = min(int(s) for s in learned.config["size"])
-    assert learned.coarsest_side() == side and learned.coarsest_side(32) == 32
+    assert learned.coarsest_side() == int(0.9 * side) and learned.coarsest_side(32) == 32
     assert chain_factors((256, 256), learned.coarsest_side()) == [4, 2, 1]
+    assert chain_factors((188, 256), learned.coarsest_side()) == [4, 2, 1]
+    assert chain_factors((188, 256), side) == [2, 1]
     from types import SimpleNamespace
 
     assert type(learned).coarsest_side(SimpleNamespace(config={})) == 16

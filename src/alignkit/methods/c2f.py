@@ -23,7 +23,7 @@ scale-specific neural networks for multimodal image alignment with application t
   structure in modalities they never saw; ``max_misalignment`` keeps pairs known to be aligned only to
   ~1.5 px (VIS-NIR) away from the blocks whose task that error would drown (the scale-1 and scale-2 blocks).
 * **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
-  ``min_level`` pixels a side; by default the model's training patch side: a block asked to align a
+  ``min_level`` pixels a side; by default 90 % of the model's training patch side: a block asked to align a
   level smaller than the patches it learnt on answers with errors that the chain multiplies by the
   level's factor -- measured on the 5 held-out pairs of ``benchmarks/c2f.py`` with the OASIS-only
   candidate block of session 10, ``fast``: EPE 10.77 / PCK@5 0.251 with 16-px coarsest levels, 6.35 /
@@ -68,6 +68,8 @@ from alignkit.train.protocol import TrainingStage
 from alignkit.transforms import ComposedTransform, Transform
 
 C2FMode = Literal["per-scale", "fast", "accurate"]
+#: the coarsest level's side may be this fraction of the training patch side (:meth:`C2F.coarsest_side`)
+COARSEST_FRACTION = 0.9
 #: shrink factors of the scale-specific blocks (networks ``block1``, ``block2``, ``block4``)
 BLOCK_FACTORS = (1, 2, 4)
 def block_name(factor: int) -> str:
@@ -319,14 +321,16 @@ class C2F(LearnedModel):
 
     # -- inference ----------------------------------------------------------------------------------
     def coarsest_side(self, min_level: int | None = None) -> int:
-        """The chain's coarsest level side: ``min_level`` when given, else the training patch side
-        (``config["size"]``; a block answers reliably only on levels at least as large as the patches
-        it learnt on), else 16."""
+        """The chain's coarsest level side: ``min_level`` when given, else 90 % of the training patch
+        side (``config["size"]``; a block answers reliably only on levels about as large as the patches
+        it learnt on -- and a 188-px slice, whose quarter is 47 px, still needs that quarter: with the
+        whole patch side as the bound its chain started at half size with 6-px displacements there;
+        chosen on the tuning pairs of ``benchmarks/c2f.py --tuning``), else 16."""
         if min_level is not None:
             return int(min_level)
         size = self.config.get("size") if isinstance(self.config, Mapping) else None
         sides = [int(s) for s in size] if isinstance(size, (list, tuple)) else [int(size)] if size else []
-        return min(sides) if sides else 16
+        return int(COARSEST_FRACTION * min(sides)) if sides else 16
 
     def block_for(self, factor: int, mode: C2FMode) -> nn.Module:
         """The block that serves a level shrunk by ``factor``: ``fast``: the scale-1 block; otherwise
