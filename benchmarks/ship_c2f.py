@@ -1,4 +1,4 @@
-"""Export a trained ``c2f`` run as a model shipped in the package (``--name``, default ``c2f_synth2d``),
+"""Export a trained ``c2f`` run as a model shipped in the package (``--name``, default ``c2f_multimodal2d``),
 with its card.
 
 The recipe is ``src/alignkit/methods/models/NAME.recipe.json`` (an ``alignkit train`` configuration;
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO_ROOT, emit, log
 
-NAME = "c2f_synth2d"
+NAME = "c2f_multimodal2d"
 MODELS = REPO_ROOT / "src" / "alignkit" / "methods" / "models"
 MAX_BYTES = 2 * 1024 * 1024
 #: the float16 model's displacement may differ from the fp32 run's by this much (pixels). 0.05 held for
