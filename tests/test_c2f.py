@@ -297,6 +297,24 @@ def test_symmetry_average_of_symmetric_pair_is_symmetric():
     assert torch.allclose(symmetry_push_field(u, mirror), u, atol=1e-4)
 
 
+def test_accurate_averages_the_chosen_blocks():
+    """``accurate`` averages the scale-1 block's answers at every level by default (``accurate_blocks``
+    ``shared``) and the scale-specific blocks' with ``per-scale``: 8 symmetric calls per level either way."""
+    coarse, fine = AffineField(), AffineField()
+    model = stub_model(coarse, fine)
+    gen = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 1, 65, 65, generator=gen)
+    moving = torch.rand(1, 1, 65, 65, generator=gen)
+    model.align(fixed, moving, mode="accurate", tile=None, min_level=32)
+    assert (len(coarse.seen), len(fine.seen)) == (0, 16)
+    model.align(fixed, moving, mode="accurate", tile=None, min_level=32, accurate_blocks="per-scale")
+    assert (len(coarse.seen), len(fine.seen)) == (8, 24)
+    from alignkit.methods.registry import get_method
+
+    with pytest.raises(ConfigError, match="accurate_blocks"):
+        get_method("c2f").create(accurate_blocks="all")
+
+
 def test_tiled_equals_untiled_away_from_seams():
     """Tiles of 128 pixels with a 32-pixel halo against one tile, random (untrained, non-zero) blocks on
     a real 221x257 slice: the fields agree to 0.02 px everywhere (the blocks see ~34 pixels around a
