@@ -463,3 +463,16 @@ def test_blocks_draw_only_pairs_aligned_well_enough_for_their_scale():
     assert ds.pool(1) == [exact] and ds.pool(2) == [exact] and ds.pool(4) == [exact, rough]
     with pytest.raises(ConfigError, match="aligned well enough"):
         ScalePatchPairs([rough], size=16, length=4, max_displacement=2.0).pool(1)
+    # misaligned_as_mono: the rough pair teaches the scale-1 block as itself against itself only
+    inverted = AlignedPair("rough", "b", image, 1 - image, valid, pad_is_background=True, misalignment=1.5)
+    common = {"size": 24, "length": 6, "max_displacement": 2.0, "min_minor_class": 0.0, "seed": 0}
+    mono = ScalePatchPairs([inverted], misaligned_as_mono=True, scale_of_epoch=lambda e: (1, False), **common)
+    paired = ScalePatchPairs([inverted], misaligned_as_mono=True, scale_of_epoch=lambda e: (4, False), **common)
+    identity = Grid.from_spacing((24, 24)).voxel_points()
+    inner = (slice(None), slice(3, -3), slice(3, -3))
+    for i in range(6):
+        for ds, is_mono in ((mono, True), (paired, False)):
+            item = ds[i]
+            warped = sample_voxels(item["moving"][None], identity + item["flow"][None], padding="border")[0]
+            reproduces = float((warped - item["fixed"])[inner].abs().max()) < 1e-4
+            assert reproduces == is_mono

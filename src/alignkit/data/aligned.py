@@ -365,7 +365,8 @@ class ScalePatchPairs(torch.utils.data.Dataset):
     pairs whose :attr:`AlignedPair.misalignment` shrinks to at most ``max_misalignment`` of its task
     (``misalignment / f <= max_misalignment * max_displacement``): a VIS-NIR pair known to 1.5 px teaches
     the scale-4 block (0.4 px there) but would teach the scale-1 block noise as large as its task
-    (training sets only)."""
+    (training sets only). With ``misaligned_as_mono`` such a pair still teaches that block, but only as a
+    one-modality pair (its fixed image against itself, exactly aligned): the block sees its kind of image."""
 
     ndim = 2
 
@@ -382,6 +383,7 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         mono_fraction: float = 0.0,
         synth_fraction: float = 0.0,
         max_misalignment: float = 0.25,
+        misaligned_as_mono: bool = False,
         seed: int = 0,
         held_out: bool = False,
         clock: list[int] | None = None,
@@ -404,6 +406,7 @@ class ScalePatchPairs(torch.utils.data.Dataset):
             raise ConfigError(f"synth_fraction must be in [0, 1], got {synth_fraction}")
         self.synth_fraction = float(synth_fraction)
         self.max_misalignment = float(max_misalignment)
+        self.misaligned_as_mono = bool(misaligned_as_mono)
         self._pools: dict[int, list[AlignedPair]] = {}
         self.seed = int(seed)
         self.held_out = held_out
@@ -423,7 +426,8 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         if factor not in self._pools:
             bound = self.max_misalignment * self.max_displacement * factor
             # held-out sets measure on every pair they were given (their scores are only logged)
-            self._pools[factor] = [p for p in self.pairs if self.held_out or p.misalignment <= bound]
+            self._pools[factor] = [p for p in self.pairs
+                                   if self.held_out or self.misaligned_as_mono or p.misalignment <= bound]
             if not self._pools[factor]:
                 worst = min(p.misalignment for p in self.pairs)
                 raise ConfigError(f"no aligned pair is aligned well enough for the block at scale {factor}: the best "
@@ -454,7 +458,9 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         if crop is None:
             raise ConfigError(f"no aligned pair holds a {region}-pixel region of data for the block at scale {factor}")
         fixed, moving, binary, labels = crop
-        if self.mono_fraction > 0 and not self.held_out and rng.random() < self.mono_fraction:
+        if not self.held_out and pair.misalignment > self.max_misalignment * self.max_displacement * factor:
+            moving, binary = fixed, False  # too rough for this scale as a pair (misaligned_as_mono): itself only
+        elif self.mono_fraction > 0 and not self.held_out and rng.random() < self.mono_fraction:
             moving, binary = fixed, False  # a one-modality pair: the block sees plain shifts too
         elif (self.synth_fraction > 0 and not self.held_out and labels is not None
               and rng.random() < self.synth_fraction):

@@ -21,7 +21,8 @@ scale-specific neural networks for multimodal image alignment with application t
   ``synth_fraction`` gives patches of labelled pairs random synthetic contrasts drawn from their labels
   (ours, after SynthMorph: :func:`alignkit.data.aligned.synthetic_contrast`), so that the blocks match
   structure in modalities they never saw; ``max_misalignment`` keeps pairs known to be aligned only to
-  ~1.5 px (VIS-NIR) away from the blocks whose task that error would drown (the scale-1 and scale-2 blocks).
+  ~1.5 px (VIS-NIR) away from the blocks whose task that error would drown (the scale-1 and scale-2 blocks), or,
+  with ``misaligned_as_mono``, gives them those pairs as one-modality pairs only.
 * **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
   ``min_level`` pixels a side; by default 90 % of the model's training patch side: a block asked to align a
   level smaller than the patches it learnt on answers with errors that the chain multiplies by the
@@ -223,6 +224,7 @@ class C2F(LearnedModel):
         mono_fraction: float = 0.0,
         synth_fraction: float = 0.0,
         max_misalignment: float = 0.25,
+        misaligned_as_mono: bool = False,
         map_kind: str = "edges",
         slice_stride: int = 8,
     ) -> None:
@@ -241,7 +243,8 @@ class C2F(LearnedModel):
             "max_displacement": float(max_displacement), "laplacian_weight": float(laplacian_weight),
             "edge_weight": float(edge_weight), "min_minor_class": float(min_minor_class), "warmup": int(warmup),
             "mono_fraction": float(mono_fraction), "synth_fraction": float(synth_fraction),
-            "max_misalignment": float(max_misalignment), "map_kind": map_kind, "slice_stride": int(slice_stride),
+            "max_misalignment": float(max_misalignment), "misaligned_as_mono": bool(misaligned_as_mono),
+            "map_kind": map_kind, "slice_stride": int(slice_stride),
         }
         self.laplacian = Laplacian()
         # which blocks have been trained (a buffer: saved with the weights, restored on resume); an
@@ -307,7 +310,8 @@ class C2F(LearnedModel):
                   "edge_weight": float(options.get("edge_weight", 1.0)),
                   "mono_fraction": float(options.get("mono_fraction", 0.0)),
                   "synth_fraction": float(options.get("synth_fraction", 0.0)),
-                  "max_misalignment": float(options.get("max_misalignment", 0.25)), "seed": config.seed}
+                  "max_misalignment": float(options.get("max_misalignment", 0.25)),
+                  "misaligned_as_mono": bool(options.get("misaligned_as_mono", False)), "seed": config.seed}
         clock = [1]
         length = int(config.synthetic_length or 100 * config.batch_size)
         train_set = ScalePatchPairs(train_pairs, length=length, clock=clock, **common)
