@@ -108,10 +108,12 @@ def scores(predicted_voxels: Any, truth: Any, mask: Any) -> dict[str, Any]:
 
 
 def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | None = None,
-            coarsest_passes: int = 1) -> tuple[Any, float]:
+            coarsest_passes: int = 1, smoothing: float | None = None) -> tuple[Any, float]:
     import alignkit
 
     options: dict[str, Any] = {"mode": mode, "tile": tile, "coarsest_passes": coarsest_passes}
+    if smoothing is not None:
+        options["smoothing"] = smoothing
     if min_level:
         options["min_level"] = min_level
     if checkpoint:
@@ -142,7 +144,9 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     pairs = tuning_pairs() if args.tuning else held_out_pairs(args.oasis, args.mountain)
-    methods = ["identity"] + [f"c2f:{m}" for m in args.modes.split(",") if m and m != "none"] + \
+    # c2f:MODE with the method's default smoothing; c2f:MODE/sX with --smoothing's value X
+    variants = [""] + [f"/s{float(x):g}" for x in args.smoothing.split(",") if x.strip()]
+    methods = ["identity"] + [f"c2f:{m}{v}" for m in args.modes.split(",") if m and m != "none" for v in variants] + \
         [p for p in (PEERS if args.peers == "all" else args.peers.split(",")) if p and p != "none"]
     per_method: dict[str, dict[str, Any]] = {m: {"errors": [], "seconds": [], "status": "ok"} for m in methods}
     per_pair = []
@@ -155,15 +159,16 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         for name in methods:
             if per_method[name]["status"] != "ok":
                 continue
-            if name == "c2f:accurate" and args.accurate_max_pixels and case.fixed.grid.numel > args.accurate_max_pixels:
+            if name.startswith("c2f:accurate") and args.accurate_max_pixels and case.fixed.grid.numel > args.accurate_max_pixels:
                 row[name] = "not run (more pixels than --accurate-max-pixels)"
                 continue
             try:
                 if name == "identity":
                     voxels, seconds = identity, 0.0
                 elif name.startswith("c2f:"):
-                    world, seconds = run_c2f(case, name[4:], args.checkpoint, args.tile, args.min_level,
-                                             args.coarsest_passes)
+                    mode, _, sigma = name[4:].partition("/s")
+                    world, seconds = run_c2f(case, mode, args.checkpoint, args.tile, args.min_level,
+                                             args.coarsest_passes, float(sigma) if sigma else None)
                     voxels = world  # world = voxels on these grids (Grid.from_spacing, unit spacing)
                 else:
                     world, seconds = run_peer(case, name, args.seed, args.threads)
@@ -263,6 +268,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--min-level", type=int, help="c2f's coarsest level side (default: the model's own rule)")
     parser.add_argument("--coarsest-passes", type=int, default=1, help="c2f's passes at its coarsest level")
+    parser.add_argument("--smoothing", default="",
+                        help="comma-separated c2f residual smoothings (σ px) to score beside the default, as c2f:MODE/sX")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--scratch", default=os.environ.get("TMPDIR", "/tmp"))

@@ -16,13 +16,14 @@ from alignkit.data.aligned import (
     ScalePatchPairs,
     aligned_pairs,
     minor_class_fraction,
+    segment_labels,
     split_pairs,
     synthetic_contrast,
 )
 from alignkit.data.synthetic import random_mixture_field
 from alignkit.errors import ConfigError
 from alignkit.methods import build_model
-from alignkit.methods.c2f import C2F, block_spec, chain_factors
+from alignkit.methods.c2f import C2F, C2FMethod, block_spec, chain_factors
 from alignkit.nets import register_network
 from alignkit.nets.pyramid import (
     ScaleChain,
@@ -32,7 +33,7 @@ from alignkit.nets.pyramid import (
     symmetry_push_field,
     tile_slices,
 )
-from alignkit.spatial import Grid, sample_voxels
+from alignkit.spatial import Grid, gaussian_blur, sample_voxels
 from tests.conftest import data_path
 
 BLOCKS = ("block1", "block2", "block4")
@@ -476,3 +477,79 @@ def test_blocks_draw_only_pairs_aligned_well_enough_for_their_scale():
             warped = sample_voxels(item["moving"][None], identity + item["flow"][None], padding="border")[0]
             reproduces = float((warped - item["fixed"])[inner].abs().max()) < 1e-4
             assert reproduces == is_mono
+
+
+def test_segment_labels_cut_an_image_into_intensity_regions():
+    """Every pixel is labelled; on a ramp the regions are bands across it (3-8 of them), in the ramp's order."""
+    ramp = torch.linspace(0, 1, 64).view(1, 1, 64).expand(1, 48, 64).contiguous()
+    counts = set()
+    for seed in range(8):
+        labels = segment_labels(ramp, np.random.default_rng(seed))
+        assert labels.shape == (1, 48, 64) and labels.dtype == torch.int64 and int(labels.min()) >= 1
+        assert torch.equal(labels, segment_labels(ramp, np.random.default_rng(seed)))
+        assert bool((labels == labels[:, :1, :]).all())  # constant down each column
+        row = labels[0, 0]
+        assert bool((row[1:] >= row[:-1]).all())  # one band after the other along the ramp
+        counts.add(len(row.unique()))
+    assert min(counts) >= 2 and max(counts) <= 8 and len(counts) > 1, counts
+
+
+def test_segment_synth_makes_exact_multimodal_pairs_from_one_image(monkeypatch):
+    """``segment_synth``: a pair too rough for the scale-1 block (and without labels) teaches it through
+    synthetic contrasts of ONE of its images, so the patch pair is exact whatever the pair's own error. With
+    the contrast generator replaced by an inversion, the moving side pulled through the true field gives back
+    the fixed side or its inverse to interpolation error (it never does for the real, 6-px-off pair, which
+    held-out sets keep), and the synthetic side follows the base image's segments."""
+    from alignkit.data import aligned
+
+    _, image = two_label_scene()
+    image = gaussian_blur(image[None], 1.0)[0]
+    valid = torch.ones_like(image, dtype=torch.bool)
+    shifted = torch.roll(1 - image, shifts=(5, -4), dims=(1, 2))  # another modality, 6 px off
+    rough = AlignedPair("rough", "b", image, shifted, valid, pad_is_background=True, misalignment=1.5)
+    common = {"size": 32, "length": 8, "max_displacement": 3.0, "min_minor_class": 0.0, "seed": 0,
+              "scale_of_epoch": lambda e: (1, False)}
+    with pytest.raises(ConfigError, match="aligned well enough"):
+        ScalePatchPairs([rough], **common).pool(1)
+    seen_labels = []
+
+    def inverted(labels: Tensor, intensity: Tensor, rng: np.random.Generator) -> Tensor:
+        seen_labels.append((labels, intensity))
+        return 1 - intensity
+
+    monkeypatch.setattr(aligned, "synthetic_contrast", inverted)
+    ds = ScalePatchPairs([rough], segment_synth=1.0, **common)
+    assert ds.pool(1) == [rough]
+    identity = Grid.from_spacing((32, 32)).voxel_points()
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    for i in range(8):
+        item = ds[i]
+        warped = sample_voxels(item["moving"][None], identity + item["flow"][None], padding="border")[0]
+        error = min(float((warped - item["fixed"])[inner].abs().max()),
+                    float((1 - warped - item["fixed"])[inner].abs().max()))
+        assert error < 0.05, (i, error)
+    for labels, intensity in seen_labels:  # drawn from the segments of the image they recolour
+        assert labels.shape == intensity.shape and int(labels.min()) >= 1
+    held = ScalePatchPairs([rough], segment_synth=1.0, held_out=True, **common)
+    for i in range(4):
+        item = held[i]
+        warped = sample_voxels(item["moving"][None], identity + item["flow"][None], padding="border")[0]
+        error = min(float((warped - item["fixed"])[inner].abs().max()),
+                    float((1 - warped - item["fixed"])[inner].abs().max()))
+        assert error > 0.2
+
+
+def test_residual_smoothing_blurs_each_residual_before_composing():
+    """``smoothing`` σ: the one-level chain's map is the block's answer blurred by a Gaussian of σ pixels."""
+    fine = AffineField(scale=0.05, shift=(0.5, 0.0))
+    model = stub_model(AffineField(), fine)
+    gen = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(1, 1, 40, 40, generator=gen), torch.rand(1, 1, 40, 40, generator=gen)
+    plain = model.align(fixed, moving, mode="fast", tile=None, min_level=32)
+    smooth = model.align(fixed, moving, mode="fast", tile=None, min_level=32, smoothing=2.0)
+    assert torch.allclose(smooth, gaussian_blur(plain, 2.0), atol=1e-5)
+    assert not torch.allclose(smooth, plain, atol=1e-3)  # replicated borders bend a linear field
+    with pytest.raises(ConfigError, match="residual_sigma"):
+        ScaleChain(networks=[fine], factors=(1,), residual_sigma=-1.0)
+    with pytest.raises(ConfigError, match="smoothing"):
+        C2FMethod(smoothing=-0.5)

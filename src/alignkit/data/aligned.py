@@ -338,6 +338,30 @@ def synthetic_contrast(labels: Tensor, intensity: Tensor, rng: np.random.Generat
     return ((out - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
 
 
+def segment_labels(image: Tensor, rng: np.random.Generator) -> Tensor:
+    """A label map for an image that has none, the source of :func:`synthetic_contrast` for natural scenes:
+    ``image`` ``(1, H, W)`` blurred (σ 0.5-2 px) and cut at 2-7 random intensity quantiles into 3-8 classes;
+    half the time each class's connected regions are numbered apart (so one material may change contrast
+    from region to region, as vegetation or water does between visible and near-infrared), else each class
+    is one label. ``(1, H, W)`` int64, every pixel labelled (1, 2, ...)."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(image[0].float().numpy(), float(rng.uniform(0.5, 2.0)))
+    count = int(rng.integers(3, 9))
+    thresholds = np.sort(np.quantile(smooth, rng.uniform(0.05, 0.95, count - 1)))
+    classes = np.digitize(smooth, thresholds)  # 0 .. count - 1
+    if rng.random() < 0.5:
+        labels = classes + 1
+    else:
+        labels = np.zeros(classes.shape, dtype=np.int64)
+        offset = 0
+        for c in range(count):
+            regions, found = ndimage.label(classes == c)
+            labels = np.where(regions > 0, regions + offset, labels)
+            offset += found
+    return torch.from_numpy(labels.astype(np.int64))[None]
+
+
 def minor_class_fraction(patch: Tensor) -> float:
     """The share of the smaller class when ``patch`` is split at its mean (0 for a flat patch)."""
     above = float((patch > patch.mean()).float().mean())
@@ -366,7 +390,11 @@ class ScalePatchPairs(torch.utils.data.Dataset):
     (``misalignment / f <= max_misalignment * max_displacement``): a VIS-NIR pair known to 1.5 px teaches
     the scale-4 block (0.4 px there) but would teach the scale-1 block noise as large as its task
     (training sets only). With ``misaligned_as_mono`` such a pair still teaches that block, but only as a
-    one-modality pair (its fixed image against itself, exactly aligned): the block sees its kind of image."""
+    one-modality pair (its fixed image against itself, exactly aligned): the block sees its kind of image.
+    ``segment_synth`` does better for pairs without labels (natural scenes): that share of their patches,
+    and every patch of a pair too rough for the block's scale, pairs one of the two images (either alone is
+    exact) with a :func:`synthetic_contrast` of its own :func:`segment_labels` (half the time both sides
+    synthetic): exactly aligned multimodal patches of the kind of scene the pair shows."""
 
     ndim = 2
 
@@ -384,6 +412,7 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         synth_fraction: float = 0.0,
         max_misalignment: float = 0.25,
         misaligned_as_mono: bool = False,
+        segment_synth: float = 0.0,
         seed: int = 0,
         held_out: bool = False,
         clock: list[int] | None = None,
@@ -407,6 +436,9 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         self.synth_fraction = float(synth_fraction)
         self.max_misalignment = float(max_misalignment)
         self.misaligned_as_mono = bool(misaligned_as_mono)
+        if not 0.0 <= segment_synth <= 1.0:
+            raise ConfigError(f"segment_synth must be in [0, 1], got {segment_synth}")
+        self.segment_synth = float(segment_synth)
         self._pools: dict[int, list[AlignedPair]] = {}
         self.seed = int(seed)
         self.held_out = held_out
@@ -427,7 +459,8 @@ class ScalePatchPairs(torch.utils.data.Dataset):
             bound = self.max_misalignment * self.max_displacement * factor
             # held-out sets measure on every pair they were given (their scores are only logged)
             self._pools[factor] = [p for p in self.pairs
-                                   if self.held_out or self.misaligned_as_mono or p.misalignment <= bound]
+                                   if self.held_out or self.misaligned_as_mono or self.segment_synth > 0
+                                   or p.misalignment <= bound]
             if not self._pools[factor]:
                 worst = min(p.misalignment for p in self.pairs)
                 raise ConfigError(f"no aligned pair is aligned well enough for the block at scale {factor}: the best "
@@ -458,7 +491,11 @@ class ScalePatchPairs(torch.utils.data.Dataset):
         if crop is None:
             raise ConfigError(f"no aligned pair holds a {region}-pixel region of data for the block at scale {factor}")
         fixed, moving, binary, labels = crop
-        if not self.held_out and pair.misalignment > self.max_misalignment * self.max_displacement * factor:
+        rough = not self.held_out and pair.misalignment > self.max_misalignment * self.max_displacement * factor
+        if rough and self.segment_synth > 0:
+            # too rough for this scale as a pair: either image alone against a new contrast of itself
+            fixed, moving, binary = self._segment_synthetic(fixed if rng.random() < 0.5 else moving, rng)
+        elif rough:
             moving, binary = fixed, False  # too rough for this scale as a pair (misaligned_as_mono): itself only
         elif self.mono_fraction > 0 and not self.held_out and rng.random() < self.mono_fraction:
             moving, binary = fixed, False  # a one-modality pair: the block sees plain shifts too
@@ -468,7 +505,18 @@ class ScalePatchPairs(torch.utils.data.Dataset):
             moving, binary = synthetic_contrast(labels, intensity, rng), False
             if rng.random() < 0.5:
                 fixed = synthetic_contrast(labels, intensity, rng)
+        elif (self.segment_synth > 0 and not self.held_out and labels is None and not binary
+              and rng.random() < self.segment_synth):
+            fixed, moving, binary = self._segment_synthetic(fixed, rng)
         return self._deform(fixed, moving, binary, factor, rng)
+
+    @staticmethod
+    def _segment_synthetic(image: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor, bool]:
+        """(fixed, moving, binary) of an exactly aligned pair made from one image (class docstring)."""
+        labels = segment_labels(image, rng)
+        moving = synthetic_contrast(labels, image, rng)
+        fixed = synthetic_contrast(labels, image, rng) if rng.random() < 0.5 else image
+        return fixed, moving, False
 
     def _crop(self, pair: AlignedPair, region: int,
               rng: np.random.Generator) -> tuple[Tensor, Tensor, bool, Tensor | None] | None:

@@ -22,7 +22,10 @@ scale-specific neural networks for multimodal image alignment with application t
   (ours, after SynthMorph: :func:`alignkit.data.aligned.synthetic_contrast`), so that the blocks match
   structure in modalities they never saw; ``max_misalignment`` keeps pairs known to be aligned only to
   ~1.5 px (VIS-NIR) away from the blocks whose task that error would drown (the scale-1 and scale-2 blocks), or,
-  with ``misaligned_as_mono``, gives them those pairs as one-modality pairs only.
+  with ``misaligned_as_mono``, gives them those pairs as one-modality pairs only; ``segment_synth`` gives
+  pairs without labels (natural scenes) synthetic contrasts drawn from segments of their own images
+  (:func:`alignkit.data.aligned.segment_labels`), and gives every block the pairs too rough for its scale
+  as exactly aligned synthetic pairs made from one of their images.
 * **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
   ``min_level`` pixels a side; by default 90 % of the model's training patch side: a block asked to align a
   level smaller than the patches it learnt on answers with errors that the chain multiplies by the
@@ -81,6 +84,9 @@ DEFAULT_MODE: C2FMode = "fast"
 #: ``per-scale`` 4.42 / 0.632 (and ``fast`` without the average 3.85 / 0.693)
 AccurateBlocks = Literal["shared", "per-scale"]
 DEFAULT_ACCURATE_BLOCKS: AccurateBlocks = "shared"
+#: σ (pixels of each level) of the Gaussian that smooths every block's residual before it is composed
+#: (``smoothing``); 0 = the blocks' answers as they are
+DEFAULT_SMOOTHING = 0.0
 #: the coarsest level's side may be this fraction of the training patch side (:meth:`C2F.coarsest_side`)
 COARSEST_FRACTION = 0.9
 #: shrink factors of the scale-specific blocks (networks ``block1``, ``block2``, ``block4``)
@@ -120,7 +126,8 @@ class C2FMethod(LearnedMethod):
     core (32); ``min_level``: the coarsest level's smallest side in pixels (default: the model's
     training patch side, else 16); ``accurate_blocks``: the blocks ``accurate`` averages
     (:data:`DEFAULT_ACCURATE_BLOCKS`); ``coarsest_passes``: how many times the coarsest level's block runs
-    (each pass composes one more residual; default 1); ``transform``: a
+    (each pass composes one more residual; default 1); ``smoothing``: σ in pixels of each level of the
+    Gaussian applied to every block's residual before it is composed (:data:`DEFAULT_SMOOTHING`); ``transform``: a
     linear pre-alignment (``affine``, ``rigid,affine``; default none -- c2f is for roughly aligned
     pairs); ``similarity``: a refinement's similarity (``refine=K``).
     """
@@ -137,8 +144,12 @@ class C2FMethod(LearnedMethod):
         min_level: int | None = None,
         coarsest_passes: int = 1,
         accurate_blocks: AccurateBlocks = DEFAULT_ACCURATE_BLOCKS,
+        smoothing: float = DEFAULT_SMOOTHING,
     ) -> None:
         super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
+        if not float(smoothing) >= 0:
+            raise ConfigError(f"c2f smoothing must be >= 0 pixels, got {smoothing}")
+        self.smoothing = float(smoothing)
         if accurate_blocks not in get_args(AccurateBlocks):
             raise ConfigError(f"c2f accurate_blocks must be one of {', '.join(get_args(AccurateBlocks))}, "
                               f"got {accurate_blocks!r}")
@@ -169,7 +180,8 @@ class C2FMethod(LearnedMethod):
         min_level = learned.coarsest_side(self.min_level)
         displacement = learned.align(fixed, moving, mode=self.mode, tile=self.tile, halo=self.halo,
                                      min_level=min_level, coarsest_passes=self.coarsest_passes,
-                                     accurate_blocks=self.accurate_blocks, progress=progress)
+                                     accurate_blocks=self.accurate_blocks, smoothing=self.smoothing,
+                                     progress=progress)
         predicted = LearnedDisplacement(inputs.fixed.grid, displacement.cpu())
         predicted.kind = "c2f"
         stage_seconds["c2f"] = round(time.perf_counter() - tic, 3)
@@ -177,7 +189,7 @@ class C2FMethod(LearnedMethod):
         names.append("c2f")
         settings = {"mode": self.mode, "tile": self.tile, "halo": self.halo, "min_level": min_level,
                     "coarsest_passes": self.coarsest_passes, "accurate_blocks": self.accurate_blocks,
-                    "levels": chain_factors(inputs.fixed.grid.shape, min_level)}
+                    "smoothing": self.smoothing, "levels": chain_factors(inputs.fixed.grid.shape, min_level)}
         description = {"method": "c2f", "prealign": models, "model": learned.config, "networks": learned.network_specs(),
                        "checkpoint": source, **settings}
         extra: dict[str, Any] = {"method": "c2f", "c2f": settings}
@@ -225,6 +237,7 @@ class C2F(LearnedModel):
         synth_fraction: float = 0.0,
         max_misalignment: float = 0.25,
         misaligned_as_mono: bool = False,
+        segment_synth: float = 0.0,
         map_kind: str = "edges",
         slice_stride: int = 8,
     ) -> None:
@@ -244,7 +257,7 @@ class C2F(LearnedModel):
             "edge_weight": float(edge_weight), "min_minor_class": float(min_minor_class), "warmup": int(warmup),
             "mono_fraction": float(mono_fraction), "synth_fraction": float(synth_fraction),
             "max_misalignment": float(max_misalignment), "misaligned_as_mono": bool(misaligned_as_mono),
-            "map_kind": map_kind, "slice_stride": int(slice_stride),
+            "segment_synth": float(segment_synth), "map_kind": map_kind, "slice_stride": int(slice_stride),
         }
         self.laplacian = Laplacian()
         # which blocks have been trained (a buffer: saved with the weights, restored on resume); an
@@ -311,7 +324,8 @@ class C2F(LearnedModel):
                   "mono_fraction": float(options.get("mono_fraction", 0.0)),
                   "synth_fraction": float(options.get("synth_fraction", 0.0)),
                   "max_misalignment": float(options.get("max_misalignment", 0.25)),
-                  "misaligned_as_mono": bool(options.get("misaligned_as_mono", False)), "seed": config.seed}
+                  "misaligned_as_mono": bool(options.get("misaligned_as_mono", False)),
+                  "segment_synth": float(options.get("segment_synth", 0.0)), "seed": config.seed}
         clock = [1]
         length = int(config.synthetic_length or 100 * config.batch_size)
         train_set = ScalePatchPairs(train_pairs, length=length, clock=clock, **common)
@@ -392,6 +406,7 @@ class C2F(LearnedModel):
         min_level: int | None = None,
         coarsest_passes: int = 1,
         accurate_blocks: AccurateBlocks = DEFAULT_ACCURATE_BLOCKS,
+        smoothing: float = 0.0,
         progress: ProgressFactory = None,
     ) -> Tensor:
         """The chain on ``fixed``, ``moving`` ``(1, 1, H, W)`` (one grid, normalised): the displacement
@@ -405,7 +420,7 @@ class C2F(LearnedModel):
         serving: C2FMode = ("fast" if accurate_blocks == "shared" else "per-scale") if mode == "accurate" else mode
         chain = ScaleChain(networks=[self.block_for(f, serving) for f in factors], factors=factors, combine="compose",
                            mode="accurate" if mode == "accurate" else "standard", symmetries="full",
-                           passes=[int(coarsest_passes)] + [1] * (len(factors) - 1))
+                           passes=[int(coarsest_passes)] + [1] * (len(factors) - 1), residual_sigma=smoothing)
         was_training = self.training
         self.eval()
         try:

@@ -38,6 +38,7 @@ from alignkit.nets.blocks import (
 )
 from alignkit.nets.registry import as_network, network_config, plain, register_network
 from alignkit.nets.unet import check_input
+from alignkit.spatial.filters import gaussian_blur
 from alignkit.spatial.frames import voxel_identity
 from alignkit.spatial.grid import Grid
 from alignkit.spatial.points import PaddingMode, rescale_voxel_displacement, resize_field, sample_voxels
@@ -368,6 +369,9 @@ class ScaleChain(nn.Module):
       network's answers mapped back by :func:`symmetry_pull_field` (8 evaluations per scale in 2D,
       48 in 3D with ``"full"``, 8 with ``"flips"``).
 
+    ``residual_sigma`` (voxels of each level, default 0) smooths every residual by a Gaussian before it is
+    composed: a block's answer varies from pixel to pixel more than a smooth deformation does.
+
     ``forward`` returns the displacement ``(B, ndim, *S)`` on the input grid, in its voxels;
     :meth:`levels` returns the estimate after each level on that level's grid. Zampieri et al. 2018 trains each block
     on its own scale; the chain is the inference (and optional end-to-end fine-tuning) path.
@@ -384,8 +388,12 @@ class ScaleChain(nn.Module):
         symmetries: SymmetryGroup = "full",
         padding: PaddingMode = "border",
         passes: int | Sequence[int] = 1,
+        residual_sigma: float = 0.0,
     ) -> None:
         super().__init__()
+        if not float(residual_sigma) >= 0:
+            raise ConfigError(f"ScaleChain: residual_sigma must be >= 0 voxels, got {residual_sigma}")
+        self.residual_sigma = float(residual_sigma)
         factor_list = [float(f) for f in factors]
         pass_list = [int(passes)] * len(factor_list) if isinstance(passes, int) else [int(p) for p in passes]
         if len(pass_list) != len(factor_list) or min(pass_list) < 1:
@@ -423,6 +431,7 @@ class ScaleChain(nn.Module):
                 "symmetries": symmetries,
                 "padding": padding,
                 "passes": pass_list,
+                "residual_sigma": float(residual_sigma),
             }
         )
 
@@ -488,6 +497,8 @@ class ScaleChain(nn.Module):
                         current = u[(*all_channels, *ext)]
                         warped = sample_voxels(moving_l, identity + current, padding=self.padding)
                         r = self._residual(net, fixed_l[(*all_channels, *ext)], warped, mode)  # type: ignore[arg-type]
+                        if self.residual_sigma > 0:  # a block's answer is noisy pixel to pixel; the field is not
+                            r = gaussian_blur(r, self.residual_sigma)
                         if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
                             new = r + sample_voxels(u, identity + r, padding="border")
                         else:
