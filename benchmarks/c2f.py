@@ -108,10 +108,15 @@ def scores(predicted_voxels: Any, truth: Any, mask: Any) -> dict[str, Any]:
 
 
 def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | None = None,
-            coarsest_passes: int = 1, smoothing: float | None = None) -> tuple[Any, float]:
+            coarsest_passes: int = 1, smoothing: float | None = None, passes: int | None = None,
+            finest_passes: int | None = None) -> tuple[Any, float]:
     import alignkit
 
     options: dict[str, Any] = {"mode": mode, "tile": tile, "coarsest_passes": coarsest_passes}
+    if passes is not None:
+        options["passes"] = passes
+    if finest_passes is not None:
+        options["finest_passes"] = finest_passes
     if smoothing is not None:
         options["smoothing"] = smoothing
     if min_level:
@@ -168,7 +173,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 elif name.startswith("c2f:"):
                     mode, _, sigma = name[4:].partition("/s")
                     world, seconds = run_c2f(case, mode, args.checkpoint, args.tile, args.min_level,
-                                             args.coarsest_passes, float(sigma) if sigma else None)
+                                             args.coarsest_passes, float(sigma) if sigma else None,
+                                             args.passes, args.finest_passes)
                     voxels = world  # world = voxels on these grids (Grid.from_spacing, unit spacing)
                 else:
                     world, seconds = run_peer(case, name, args.seed, args.threads)
@@ -268,6 +274,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--min-level", type=int, help="c2f's coarsest level side (default: the model's own rule)")
     parser.add_argument("--coarsest-passes", type=int, default=1, help="c2f's passes at its coarsest level")
+    parser.add_argument("--passes", type=int, help="c2f's passes at every level but the finest (default: the method's)")
+    parser.add_argument("--finest-passes", type=int, help="c2f's passes at its finest level (default: the method's)")
     parser.add_argument("--smoothing", default="",
                         help="comma-separated c2f residual smoothings (σ px) to score beside the default, as c2f:MODE/sX")
     parser.add_argument("--threads", type=int, default=2)

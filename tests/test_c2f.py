@@ -23,7 +23,7 @@ from alignkit.data.aligned import (
 from alignkit.data.synthetic import random_mixture_field
 from alignkit.errors import ConfigError
 from alignkit.methods import build_model
-from alignkit.methods.c2f import C2F, C2FMethod, block_spec, chain_factors
+from alignkit.methods.c2f import C2F, C2FMethod, block_spec, chain_factors, level_passes
 from alignkit.nets import register_network
 from alignkit.nets.pyramid import (
     ScaleChain,
@@ -553,3 +553,22 @@ def test_residual_smoothing_blurs_each_residual_before_composing():
         ScaleChain(networks=[fine], factors=(1,), residual_sigma=-1.0)
     with pytest.raises(ConfigError, match="smoothing"):
         C2FMethod(smoothing=-0.5)
+
+
+def test_passes_at_every_level_but_the_finest():
+    """``passes``: each level coarser than the finest runs its block that many times, the finest
+    ``finest_passes``; ``coarsest_passes`` is a floor for the coarsest level."""
+    assert level_passes(3, 2, 1, 1) == [2, 2, 1]
+    assert level_passes(3, 1, 3, 2) == [3, 1, 2]
+    assert level_passes(1, 2, 1, 1) == [1] and level_passes(1, 2, 3, 1) == [3]
+    coarse, fine = AffineField(shift=(0.5, 0.0)), AffineField(shift=(0.25, 0.0))
+    model = stub_model(coarse, fine)
+    gen = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(1, 1, 65, 65, generator=gen), torch.rand(1, 1, 65, 65, generator=gen)
+    u = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, passes=3)
+    assert len(coarse.seen) == 3 and len(fine.seen) == 1
+    inner = (slice(None), 0, slice(8, -8), slice(8, -8))
+    # three coarse shifts of 0.5 level pixels (x2 on the fine grid) and one fine shift of 0.25
+    assert torch.allclose(u[inner], torch.full_like(u[inner], 3 * 0.5 * 2 + 0.25), atol=1e-4)
+    with pytest.raises(ConfigError, match="finest_passes"):
+        C2FMethod(finest_passes=0)

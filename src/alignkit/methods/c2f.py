@@ -87,6 +87,8 @@ DEFAULT_ACCURATE_BLOCKS: AccurateBlocks = "shared"
 #: σ (pixels of each level) of the Gaussian that smooths every block's residual before it is composed
 #: (``smoothing``); 0 = the blocks' answers as they are
 DEFAULT_SMOOTHING = 0.0
+#: passes of the block at each level coarser than the finest (``passes``)
+DEFAULT_PASSES = 1
 #: the coarsest level's side may be this fraction of the training patch side (:meth:`C2F.coarsest_side`)
 COARSEST_FRACTION = 0.9
 #: shrink factors of the scale-specific blocks (networks ``block1``, ``block2``, ``block4``)
@@ -118,6 +120,16 @@ def chain_factors(shape: Sequence[int], min_level: int) -> list[int]:
     return [2**i for i in range(k, -1, -1)]
 
 
+def level_passes(levels: int, passes: int, coarsest_passes: int, finest_passes: int) -> list[int]:
+    """Passes per level, coarse to fine: ``passes`` at every level but the finest (``finest_passes``), at least
+    ``coarsest_passes`` at the coarsest; a chain of one level is both coarsest and finest."""
+    if levels == 1:
+        return [max(int(coarsest_passes), int(finest_passes))]
+    out = [int(passes)] * (levels - 1) + [int(finest_passes)]
+    out[0] = max(out[0], int(coarsest_passes))
+    return out
+
+
 class C2FMethod(LearnedMethod):
     """Registers a pair with a trained ``c2f`` chain (default: the model shipped with alignkit).
 
@@ -125,8 +137,10 @@ class C2FMethod(LearnedMethod):
     pixels per tile side (default 512; 0 = untiled), ``halo`` the context read around each tile's
     core (32); ``min_level``: the coarsest level's smallest side in pixels (default: the model's
     training patch side, else 16); ``accurate_blocks``: the blocks ``accurate`` averages
-    (:data:`DEFAULT_ACCURATE_BLOCKS`); ``coarsest_passes``: how many times the coarsest level's block runs
-    (each pass composes one more residual; default 1); ``smoothing``: σ in pixels of each level of the
+    (:data:`DEFAULT_ACCURATE_BLOCKS`); ``passes``: how many times the block of each level coarser than the
+    finest runs (each pass reads the level's moving image through the map so far and composes one more
+    residual; :data:`DEFAULT_PASSES`); ``coarsest_passes``: at least this many at the coarsest level (default 1);
+    ``finest_passes``: at the finest level (default 1); ``smoothing``: σ in pixels of each level of the
     Gaussian applied to every block's residual before it is composed (:data:`DEFAULT_SMOOTHING`); ``transform``: a
     linear pre-alignment (``affine``, ``rigid,affine``; default none -- c2f is for roughly aligned
     pairs); ``similarity``: a refinement's similarity (``refine=K``).
@@ -145,6 +159,8 @@ class C2FMethod(LearnedMethod):
         coarsest_passes: int = 1,
         accurate_blocks: AccurateBlocks = DEFAULT_ACCURATE_BLOCKS,
         smoothing: float = DEFAULT_SMOOTHING,
+        passes: int = DEFAULT_PASSES,
+        finest_passes: int = 1,
     ) -> None:
         super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
         if not float(smoothing) >= 0:
@@ -154,9 +170,10 @@ class C2FMethod(LearnedMethod):
             raise ConfigError(f"c2f accurate_blocks must be one of {', '.join(get_args(AccurateBlocks))}, "
                               f"got {accurate_blocks!r}")
         self.accurate_blocks = accurate_blocks
-        if int(coarsest_passes) < 1:
-            raise ConfigError(f"c2f coarsest_passes must be >= 1, got {coarsest_passes}")
-        self.coarsest_passes = int(coarsest_passes)
+        for name, value in (("coarsest_passes", coarsest_passes), ("passes", passes), ("finest_passes", finest_passes)):
+            if int(value) < 1:
+                raise ConfigError(f"c2f {name} must be >= 1, got {value}")
+        self.coarsest_passes, self.passes, self.finest_passes = int(coarsest_passes), int(passes), int(finest_passes)
         if mode not in get_args(C2FMode):
             raise ConfigError(f"c2f mode must be one of {', '.join(get_args(C2FMode))}, got {mode!r}")
         tile = None if tile in (None, 0) else int(tile)
@@ -180,6 +197,7 @@ class C2FMethod(LearnedMethod):
         min_level = learned.coarsest_side(self.min_level)
         displacement = learned.align(fixed, moving, mode=self.mode, tile=self.tile, halo=self.halo,
                                      min_level=min_level, coarsest_passes=self.coarsest_passes,
+                                     passes=self.passes, finest_passes=self.finest_passes,
                                      accurate_blocks=self.accurate_blocks, smoothing=self.smoothing,
                                      progress=progress)
         predicted = LearnedDisplacement(inputs.fixed.grid, displacement.cpu())
@@ -188,7 +206,8 @@ class C2FMethod(LearnedMethod):
         stages.append(predicted)
         names.append("c2f")
         settings = {"mode": self.mode, "tile": self.tile, "halo": self.halo, "min_level": min_level,
-                    "coarsest_passes": self.coarsest_passes, "accurate_blocks": self.accurate_blocks,
+                    "coarsest_passes": self.coarsest_passes, "passes": self.passes,
+                    "finest_passes": self.finest_passes, "accurate_blocks": self.accurate_blocks,
                     "smoothing": self.smoothing, "levels": chain_factors(inputs.fixed.grid.shape, min_level)}
         description = {"method": "c2f", "prealign": models, "model": learned.config, "networks": learned.network_specs(),
                        "checkpoint": source, **settings}
@@ -407,6 +426,8 @@ class C2F(LearnedModel):
         coarsest_passes: int = 1,
         accurate_blocks: AccurateBlocks = DEFAULT_ACCURATE_BLOCKS,
         smoothing: float = 0.0,
+        passes: int = 1,
+        finest_passes: int = 1,
         progress: ProgressFactory = None,
     ) -> Tensor:
         """The chain on ``fixed``, ``moving`` ``(1, 1, H, W)`` (one grid, normalised): the displacement
@@ -420,7 +441,8 @@ class C2F(LearnedModel):
         serving: C2FMode = ("fast" if accurate_blocks == "shared" else "per-scale") if mode == "accurate" else mode
         chain = ScaleChain(networks=[self.block_for(f, serving) for f in factors], factors=factors, combine="compose",
                            mode="accurate" if mode == "accurate" else "standard", symmetries="full",
-                           passes=[int(coarsest_passes)] + [1] * (len(factors) - 1), residual_sigma=smoothing)
+                           passes=level_passes(len(factors), passes, coarsest_passes, finest_passes),
+                           residual_sigma=smoothing)
         was_training = self.training
         self.eval()
         try:
