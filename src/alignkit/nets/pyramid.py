@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from alignkit.errors import ConfigError, ShapeError
 from alignkit.nets.blocks import (
@@ -340,6 +341,23 @@ def tile_slices(shape: Sequence[int], tile: int | None, halo: int) -> list[Tile]
 
 
 @register_network("scale_chain")
+def smooth_field(field: Tensor, sigma: float) -> Tensor:
+    """``field (B, C, *S)`` smoothed by a Gaussian of ``sigma`` voxels. A wide Gaussian runs on a grid
+    shrunk so that it spans ~2 of its voxels (area average, blur, linear resize back): the cost stays that of a
+    short kernel whatever ``sigma``, so a level of 5000 x 5000 pixels smooths at the price of a small one."""
+    if sigma <= 0:
+        return field
+    shrink = max(1, int(sigma // 2))
+    if shrink == 1:
+        return gaussian_blur(field, sigma)
+    shape = tuple(field.shape[2:])
+    small_shape = tuple(max(1, round(s / shrink)) for s in shape)
+    small = F.adaptive_avg_pool2d(field, small_shape) if len(shape) == 2 else F.adaptive_avg_pool3d(field, small_shape)
+    small = gaussian_blur(small, sigma / shrink)
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(small, size=shape, mode=mode, align_corners=False)
+
+
 class ScaleChain(nn.Module):
     """Chain of scale-specific networks, coarse to fine (Zampieri et al. 2018 §3.6, Fig. 4).
 
@@ -369,8 +387,10 @@ class ScaleChain(nn.Module):
       network's answers mapped back by :func:`symmetry_pull_field` (8 evaluations per scale in 2D,
       48 in 3D with ``"full"``, 8 with ``"flips"``).
 
-    ``residual_sigma`` (voxels of each level, default 0) smooths every residual by a Gaussian before it is
-    composed: a block's answer varies from pixel to pixel more than a smooth deformation does.
+    ``residual_smoothing`` (default 0) smooths every level's residual by a Gaussian of σ = that fraction of the
+    level's shortest side before it is composed (:func:`smooth_field`): a block's answer varies from pixel to
+    pixel more than a smooth deformation does, and a fraction of the level keeps the prior the same at every
+    scale and image size, as eq. 3's deformations are (bumps of 0.1-0.3 of the image's extent).
 
     ``forward`` returns the displacement ``(B, ndim, *S)`` on the input grid, in its voxels;
     :meth:`levels` returns the estimate after each level on that level's grid. Zampieri et al. 2018 trains each block
@@ -388,12 +408,13 @@ class ScaleChain(nn.Module):
         symmetries: SymmetryGroup = "full",
         padding: PaddingMode = "border",
         passes: int | Sequence[int] = 1,
-        residual_sigma: float = 0.0,
+        residual_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if not float(residual_sigma) >= 0:
-            raise ConfigError(f"ScaleChain: residual_sigma must be >= 0 voxels, got {residual_sigma}")
-        self.residual_sigma = float(residual_sigma)
+        if not 0 <= float(residual_smoothing) <= 1:
+            raise ConfigError(f"ScaleChain: residual_smoothing must be in [0, 1] (a fraction of the level's side), "
+                              f"got {residual_smoothing}")
+        self.residual_smoothing = float(residual_smoothing)
         factor_list = [float(f) for f in factors]
         pass_list = [int(passes)] * len(factor_list) if isinstance(passes, int) else [int(p) for p in passes]
         if len(pass_list) != len(factor_list) or min(pass_list) < 1:
@@ -431,7 +452,7 @@ class ScaleChain(nn.Module):
                 "symmetries": symmetries,
                 "padding": padding,
                 "passes": pass_list,
-                "residual_sigma": float(residual_sigma),
+                "residual_smoothing": float(residual_smoothing),
             }
         )
 
@@ -489,25 +510,31 @@ class ScaleChain(nn.Module):
                 # of a resample) and composes one more residual: a block whose level holds displacements
                 # beyond its task (the coarsest level) catches up with a second look
                 for _ in range(self.passes[index]):
-                    updated = torch.empty_like(u)
+                    # the level's residual, tile by tile (each tile's core, read with its halo of context)
+                    residual = torch.empty_like(u)
                     for core, ext in plan:
                         origin = torch.tensor([e.start for e in ext], dtype=u.dtype, device=u.device)
                         identity = voxel_identity(tuple(e.stop - e.start for e in ext), like=u) + origin.view(
                             1, ndim, *([1] * ndim))
-                        current = u[(*all_channels, *ext)]
-                        warped = sample_voxels(moving_l, identity + current, padding=self.padding)
+                        warped = sample_voxels(moving_l, identity + u[(*all_channels, *ext)], padding=self.padding)
                         r = self._residual(net, fixed_l[(*all_channels, *ext)], warped, mode)  # type: ignore[arg-type]
-                        if self.residual_sigma > 0:  # a block's answer is noisy pixel to pixel; the field is not
-                            r = gaussian_blur(r, self.residual_sigma)
-                        if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
-                            new = r + sample_voxels(u, identity + r, padding="border")
-                        else:
-                            new = current + r
                         inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
-                        updated[(*all_channels, *core)] = new[(*all_channels, *inner)]
+                        residual[(*all_channels, *core)] = r[(*all_channels, *inner)]
                         if bar is not None:
                             bar.update(1)
-                    u = updated
+                    if self.residual_smoothing > 0:  # a block's answer varies pixel to pixel; the field does not
+                        residual = smooth_field(residual, self.residual_smoothing * min(level_grid.shape))
+                    if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
+                        updated = torch.empty_like(u)
+                        for core, _ in plan:
+                            origin = torch.tensor([c.start for c in core], dtype=u.dtype, device=u.device)
+                            identity = voxel_identity(tuple(c.stop - c.start for c in core), like=u) + origin.view(
+                                1, ndim, *([1] * ndim))
+                            r = residual[(*all_channels, *core)]
+                            updated[(*all_channels, *core)] = r + sample_voxels(u, identity + r, padding="border")
+                        u = updated
+                    else:
+                        u = u + residual
                 out.append(u)
         finally:
             if bar is not None:
