@@ -334,8 +334,8 @@ def test_tiled_equals_untiled_away_from_seams():
     assert float(whole.norm(dim=1).mean()) > 0.05  # the blocks do answer something
     assert float(difference.max()) < 0.02 and float(difference.mean()) < 1e-3
     # smoothing acts on each level's whole residual, after the tiles: it keeps the agreement
-    whole = model.align(fixed, moving, tile=None, smoothing=0.05)
-    tiled = model.align(fixed, moving, tile=128, halo=32, smoothing=0.05)
+    whole = model.align(fixed, moving, tile=None, smoothing=8.0)
+    tiled = model.align(fixed, moving, tile=128, halo=32, smoothing=8.0)
     difference = (whole - tiled).norm(dim=1)
     assert float(difference.max()) < 0.02 and float(difference.mean()) < 1e-3
 
@@ -546,24 +546,24 @@ def test_segment_synth_makes_exact_multimodal_pairs_from_one_image(monkeypatch):
 
 
 def test_residual_smoothing_blurs_each_residual_before_composing():
-    """``smoothing`` s: the one-level chain's map is the block's answer blurred by a Gaussian of σ = s x the
-    level's side; a wide Gaussian, run on a shrunk grid, matches the direct one."""
+    """``smoothing`` σ: the one-level chain's map is the block's answer blurred by a Gaussian of σ pixels; a
+    wide Gaussian, run on a shrunk grid, matches the direct one."""
     fine = AffineField(scale=0.05, shift=(0.5, 0.0))
     model = stub_model(AffineField(), fine)
     gen = torch.Generator().manual_seed(0)
     fixed, moving = torch.rand(1, 1, 40, 40, generator=gen), torch.rand(1, 1, 40, 40, generator=gen)
     plain = model.align(fixed, moving, mode="fast", tile=None, min_level=32)
-    smooth = model.align(fixed, moving, mode="fast", tile=None, min_level=32, smoothing=0.05)  # σ 2 px
+    smooth = model.align(fixed, moving, mode="fast", tile=None, min_level=32, smoothing=2.0)
     assert torch.allclose(smooth, gaussian_blur(plain, 2.0), atol=1e-5)
     assert not torch.allclose(smooth, plain, atol=1e-3)  # replicated borders bend a linear field
     noise = gaussian_blur(torch.randn(1, 2, 160, 160, generator=gen), 3.0)
     wide, direct = smooth_field(noise, 12.0), gaussian_blur(noise, 12.0)
     inner = (slice(None), slice(None), slice(40, -40), slice(40, -40))
     assert float((wide - direct)[inner].abs().max()) < 0.1 * float(direct[inner].abs().max())
-    with pytest.raises(ConfigError, match="residual_smoothing"):
-        ScaleChain(networks=[fine], factors=(1,), residual_smoothing=-1.0)
+    with pytest.raises(ConfigError, match="residual_sigma"):
+        ScaleChain(networks=[fine], factors=(1,), residual_sigma=-1.0)
     with pytest.raises(ConfigError, match="smoothing"):
-        C2FMethod(smoothing=2.0)
+        C2FMethod(smoothing=-2.0)
 
 
 def test_passes_at_every_level_but_the_finest():

@@ -84,9 +84,9 @@ DEFAULT_MODE: C2FMode = "fast"
 #: ``per-scale`` 4.42 / 0.632 (and ``fast`` without the average 3.85 / 0.693)
 AccurateBlocks = Literal["shared", "per-scale"]
 DEFAULT_ACCURATE_BLOCKS: AccurateBlocks = "shared"
-#: σ of the Gaussian that smooths every block's residual before it is composed, as a fraction of the level's
-#: shortest side (``smoothing``; :class:`~alignkit.nets.pyramid.ScaleChain`'s ``residual_smoothing``); 0 = the
-#: blocks' answers as they are
+#: σ, in pixels of each level, of the Gaussian that smooths every block's residual before it is composed
+#: (``smoothing``; :class:`~alignkit.nets.pyramid.ScaleChain`'s ``residual_sigma``); 0 = the blocks' answers as
+#: they are
 DEFAULT_SMOOTHING = 0.0
 #: passes of the block at each level coarser than the finest (``passes``)
 DEFAULT_PASSES = 1
@@ -141,8 +141,8 @@ class C2FMethod(LearnedMethod):
     (:data:`DEFAULT_ACCURATE_BLOCKS`); ``passes``: how many times the block of each level coarser than the
     finest runs (each pass reads the level's moving image through the map so far and composes one more
     residual; :data:`DEFAULT_PASSES`); ``coarsest_passes``: at least this many at the coarsest level (default 1);
-    ``finest_passes``: at the finest level (default 1); ``smoothing``: σ of the Gaussian applied to every
-    block's residual before it is composed, as a fraction of the level's shortest side (:data:`DEFAULT_SMOOTHING`); ``transform``: a
+    ``finest_passes``: at the finest level (default 1); ``smoothing``: σ, in pixels of each level, of the
+    Gaussian applied to every block's whole residual before it is composed (:data:`DEFAULT_SMOOTHING`); ``transform``: a
     linear pre-alignment (``affine``, ``rigid,affine``; default none -- c2f is for roughly aligned
     pairs); ``similarity``: a refinement's similarity (``refine=K``).
     """
@@ -164,8 +164,8 @@ class C2FMethod(LearnedMethod):
         finest_passes: int = 1,
     ) -> None:
         super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
-        if not 0 <= float(smoothing) <= 1:
-            raise ConfigError(f"c2f smoothing must be in [0, 1] (a fraction of each level's side), got {smoothing}")
+        if not float(smoothing) >= 0:
+            raise ConfigError(f"c2f smoothing must be >= 0 pixels, got {smoothing}")
         self.smoothing = float(smoothing)
         if accurate_blocks not in get_args(AccurateBlocks):
             raise ConfigError(f"c2f accurate_blocks must be one of {', '.join(get_args(AccurateBlocks))}, "
@@ -443,7 +443,7 @@ class C2F(LearnedModel):
         chain = ScaleChain(networks=[self.block_for(f, serving) for f in factors], factors=factors, combine="compose",
                            mode="accurate" if mode == "accurate" else "standard", symmetries="full",
                            passes=level_passes(len(factors), passes, coarsest_passes, finest_passes),
-                           residual_smoothing=smoothing)
+                           residual_sigma=smoothing)
         was_training = self.training
         self.eval()
         try:

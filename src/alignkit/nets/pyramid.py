@@ -387,10 +387,10 @@ class ScaleChain(nn.Module):
       network's answers mapped back by :func:`symmetry_pull_field` (8 evaluations per scale in 2D,
       48 in 3D with ``"full"``, 8 with ``"flips"``).
 
-    ``residual_smoothing`` (default 0) smooths every level's residual by a Gaussian of σ = that fraction of the
-    level's shortest side before it is composed (:func:`smooth_field`): a block's answer varies from pixel to
-    pixel more than a smooth deformation does, and a fraction of the level keeps the prior the same at every
-    scale and image size, as eq. 3's deformations are (bumps of 0.1-0.3 of the image's extent).
+    ``residual_sigma`` (voxels of each level, default 0) smooths every level's whole residual by a Gaussian
+    before it is composed (:func:`smooth_field`, after the tiles, so tiling changes nothing): a block's answer
+    varies from pixel to pixel more than the deformations it learnt do (eq. 3's bumps are 0.1-0.3 of a
+    training patch wide, in pixels of the block's level).
 
     ``forward`` returns the displacement ``(B, ndim, *S)`` on the input grid, in its voxels;
     :meth:`levels` returns the estimate after each level on that level's grid. Zampieri et al. 2018 trains each block
@@ -408,13 +408,12 @@ class ScaleChain(nn.Module):
         symmetries: SymmetryGroup = "full",
         padding: PaddingMode = "border",
         passes: int | Sequence[int] = 1,
-        residual_smoothing: float = 0.0,
+        residual_sigma: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0 <= float(residual_smoothing) <= 1:
-            raise ConfigError(f"ScaleChain: residual_smoothing must be in [0, 1] (a fraction of the level's side), "
-                              f"got {residual_smoothing}")
-        self.residual_smoothing = float(residual_smoothing)
+        if not float(residual_sigma) >= 0:
+            raise ConfigError(f"ScaleChain: residual_sigma must be >= 0 voxels, got {residual_sigma}")
+        self.residual_sigma = float(residual_sigma)
         factor_list = [float(f) for f in factors]
         pass_list = [int(passes)] * len(factor_list) if isinstance(passes, int) else [int(p) for p in passes]
         if len(pass_list) != len(factor_list) or min(pass_list) < 1:
@@ -452,7 +451,7 @@ class ScaleChain(nn.Module):
                 "symmetries": symmetries,
                 "padding": padding,
                 "passes": pass_list,
-                "residual_smoothing": float(residual_smoothing),
+                "residual_sigma": float(residual_sigma),
             }
         )
 
@@ -522,8 +521,8 @@ class ScaleChain(nn.Module):
                         residual[(*all_channels, *core)] = r[(*all_channels, *inner)]
                         if bar is not None:
                             bar.update(1)
-                    if self.residual_smoothing > 0:  # a block's answer varies pixel to pixel; the field does not
-                        residual = smooth_field(residual, self.residual_smoothing * min(level_grid.shape))
+                    if self.residual_sigma > 0:  # a block's answer varies pixel to pixel; the field does not
+                        residual = smooth_field(residual, self.residual_sigma)
                     if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
                         updated = torch.empty_like(u)
                         for core, _ in plan:
