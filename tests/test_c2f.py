@@ -38,6 +38,8 @@ from alignkit.spatial import Grid, gaussian_blur, sample_voxels
 from tests.conftest import data_path
 
 BLOCKS = ("block1", "block2", "block4")
+#: the chain's raw mechanism: no residual smoothing, one pass per level
+RAW = {"smoothing": 0.0, "passes": 1}
 
 
 def small_blocks(width: float = 0.25, **extra) -> dict[str, dict]:
@@ -231,7 +233,7 @@ def test_chain_composes_maps_and_resamples_once():
     fixed = torch.rand(1, 1, 65, 65, generator=gen)
     moving = torch.rand(1, 1, 65, 65, generator=gen)
     assert chain_factors((65, 65), 32) == [2, 1]
-    u = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32)
+    u = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, **RAW)
     x = Grid.from_spacing((65, 65)).voxel_points()
     c = torch.full((1, 2, 1, 1), 32.0)
     shift = torch.tensor(t).view(1, 2, 1, 1)
@@ -259,8 +261,8 @@ def test_coarsest_passes_compose_again_from_the_level_image():
     gen = torch.Generator().manual_seed(0)
     fixed = torch.rand(1, 1, 65, 65, generator=gen)
     moving = torch.rand(1, 1, 65, 65, generator=gen)
-    once = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32)
-    twice = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, coarsest_passes=2)
+    once = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, **RAW)
+    twice = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, coarsest_passes=2, **RAW)
     inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
     assert torch.allclose(twice[inner], 2 * once[inner], atol=1e-4)
     assert len(coarse.seen) == 3  # one pass, then two
@@ -307,9 +309,9 @@ def test_accurate_averages_the_chosen_blocks():
     gen = torch.Generator().manual_seed(0)
     fixed = torch.rand(1, 1, 65, 65, generator=gen)
     moving = torch.rand(1, 1, 65, 65, generator=gen)
-    model.align(fixed, moving, mode="accurate", tile=None, min_level=32)
+    model.align(fixed, moving, mode="accurate", tile=None, min_level=32, **RAW)
     assert (len(coarse.seen), len(fine.seen)) == (0, 16)
-    model.align(fixed, moving, mode="accurate", tile=None, min_level=32, accurate_blocks="per-scale")
+    model.align(fixed, moving, mode="accurate", tile=None, min_level=32, accurate_blocks="per-scale", **RAW)
     assert (len(coarse.seen), len(fine.seen)) == (8, 24)
     from alignkit.methods.registry import get_method
 
@@ -552,8 +554,8 @@ def test_residual_smoothing_blurs_each_residual_before_composing():
     model = stub_model(AffineField(), fine)
     gen = torch.Generator().manual_seed(0)
     fixed, moving = torch.rand(1, 1, 40, 40, generator=gen), torch.rand(1, 1, 40, 40, generator=gen)
-    plain = model.align(fixed, moving, mode="fast", tile=None, min_level=32)
-    smooth = model.align(fixed, moving, mode="fast", tile=None, min_level=32, smoothing=2.0)
+    plain = model.align(fixed, moving, mode="fast", tile=None, min_level=32, **RAW)
+    smooth = model.align(fixed, moving, mode="fast", tile=None, min_level=32, smoothing=2.0, passes=1)
     assert torch.allclose(smooth, gaussian_blur(plain, 2.0), atol=1e-5)
     assert not torch.allclose(smooth, plain, atol=1e-3)  # replicated borders bend a linear field
     noise = gaussian_blur(torch.randn(1, 2, 160, 160, generator=gen), 3.0)

@@ -86,10 +86,19 @@ AccurateBlocks = Literal["shared", "per-scale"]
 DEFAULT_ACCURATE_BLOCKS: AccurateBlocks = "shared"
 #: σ, in pixels of each level, of the Gaussian that smooths every block's residual before it is composed
 #: (``smoothing``; :class:`~alignkit.nets.pyramid.ScaleChain`'s ``residual_sigma``); 0 = the blocks' answers as
-#: they are
-DEFAULT_SMOOTHING = 0.0
-#: passes of the block at each level coarser than the finest (``passes``)
-DEFAULT_PASSES = 1
+#: they are. Chosen with :data:`DEFAULT_PASSES` on the tuning pairs of ``benchmarks/c2f.py --tuning`` (shipped
+#: model; mean EPE px / PCK@5 of ``fast`` | ``accurate``): none, 1 pass 3.85 / 0.693 | 3.29 / 0.747; σ 16, 2 passes
+#: 2.10 / 0.909 | 1.87 / 0.933; **σ 24, 2 passes 1.88 / 0.947 | 1.71 / 0.965**; σ 32, 2 passes 1.84 / 0.957 |
+#: 1.69 / 0.963 (24 kept: within 0.05 px of 32, less smoothing of detail). The block's answers vary from pixel to
+#: pixel (a speckled Jacobian) and it is unreliable where it never learnt the modality (VIS-NIR for the scale-1
+#: block), where a wide smoothing helps most; it costs detail finer than σ: an OASIS slice's EPE went 1.19
+#: (σ 16) -> 1.77 px (σ 24) in ``fast``. ``smoothing=0`` gives the raw answers.
+DEFAULT_SMOOTHING = 24.0
+#: passes of the block at each level coarser than the finest (``passes``): with smoothing, a second look at the
+#: coarse levels catches up with displacements beyond a block's task there (a head slice of the tuning pairs:
+#: ``fast``, σ 16 px: EPE 6.53 px with one pass, 2.11 with two); without smoothing it made things worse
+#: (``coarsest_passes``, session 13). The finest level runs once (``finest_passes``): it holds most of the pixels.
+DEFAULT_PASSES = 2
 #: the coarsest level's side may be this fraction of the training patch side (:meth:`C2F.coarsest_side`)
 COARSEST_FRACTION = 0.9
 #: shrink factors of the scale-specific blocks (networks ``block1``, ``block2``, ``block4``)
@@ -426,8 +435,8 @@ class C2F(LearnedModel):
         min_level: int | None = None,
         coarsest_passes: int = 1,
         accurate_blocks: AccurateBlocks = DEFAULT_ACCURATE_BLOCKS,
-        smoothing: float = 0.0,
-        passes: int = 1,
+        smoothing: float = DEFAULT_SMOOTHING,
+        passes: int = DEFAULT_PASSES,
         finest_passes: int = 1,
         progress: ProgressFactory = None,
     ) -> Tensor:
