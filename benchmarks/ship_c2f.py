@@ -161,8 +161,12 @@ def main() -> None:
         path = MODELS / f"{args.name}.card.json"
         card = json.loads(path.read_text())
         card["scores"] = scores([json.loads(Path(f).read_text()) for f in args.rescore])
+        from alignkit.methods import c2f
+
         card["scores"]["rescored"] = {"commit": git("rev-parse", "HEAD"),
-                                      "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                                      "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                      "inference_defaults": {"smoothing": c2f.DEFAULT_SMOOTHING, "passes": c2f.DEFAULT_PASSES,
+                                                             "finest_passes": c2f.DEFAULT_FINEST_PASSES}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(card, indent=2) + "\n")
         os.replace(tmp, path)
