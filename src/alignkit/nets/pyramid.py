@@ -340,7 +340,6 @@ def tile_slices(shape: Sequence[int], tile: int | None, halo: int) -> list[Tile]
     return [(tuple(c for c, _ in combo), tuple(e for _, e in combo)) for combo in itertools.product(*spans)]
 
 
-@register_network("scale_chain")
 def smooth_field(field: Tensor, sigma: float) -> Tensor:
     """``field (B, C, *S)`` smoothed by a Gaussian of ``sigma`` voxels. A wide Gaussian runs on a grid
     shrunk so that it spans ~2 of its voxels (area average, blur, linear resize back): the cost stays that of a
@@ -358,6 +357,7 @@ def smooth_field(field: Tensor, sigma: float) -> Tensor:
     return F.interpolate(small, size=shape, mode=mode, align_corners=False)
 
 
+@register_network("scale_chain")
 class ScaleChain(nn.Module):
     """Chain of scale-specific networks, coarse to fine (Zampieri et al. 2018 §3.6, Fig. 4).
 
