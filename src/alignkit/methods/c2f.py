@@ -78,7 +78,7 @@ C2FMode = Literal["per-scale", "fast", "accurate"]
 #: the mode users get: ``fast`` (the scale-1 block at every level). With the shipped model and the default smoothing
 #: and passes, on the tuning pairs of ``benchmarks/c2f.py --tuning`` (OASIS subject10, VIS-NIR field, the T1/PD
 #: head's slices): mean EPE 1.88 px / PCK@5 0.947, against ``per-scale``'s coarse blocks (less trained) and
-#: ``accurate`` 1.57 / 0.971 at ~8 times the time: ``fast`` is the mode that keeps a 5000 x 5000 pair under
+#: ``accurate`` 1.57 / 0.971 at ~12 times the time: ``fast`` is the mode that keeps a 5000 x 5000 pair under
 #: two minutes on two CPU cores
 DEFAULT_MODE: C2FMode = "fast"
 #: which blocks ``accurate`` averages over the 8 symmetries (§3.7's two options are independent: "fast" picks
