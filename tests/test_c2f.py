@@ -585,3 +585,21 @@ def test_passes_at_every_level_but_the_finest():
     assert torch.allclose(u[inner], torch.full_like(u[inner], 3 * 0.5 * 2 + 0.25), atol=1e-4)
     with pytest.raises(ConfigError, match="finest_passes"):
         C2FMethod(finest_passes=0)
+
+
+def test_measured_misalignment_option_decides_which_blocks_a_pair_teaches():
+    """``misalignment`` ``{"pattern": px}`` replaces a source's default: the CT/MR pair (known to ~2 px) teaches only
+    the scale-4 block by default, every block once measured at 0.2 px; negative values are refused."""
+    data_path("multimodal", "ct-mr-2d")
+    from alignkit.train.config import TrainConfig
+
+    base = {"method": "c2f", "dataset": "multimodal/ct-mr-2d,multimodal/itk-t1-pd-slices", "val_subjects": ["itk-t1-pd"],
+            "size": 32, "batch_size": 4, "synthetic_length": 8, "epochs": 1, "device": "cpu", "quiet": True}
+    train, _ = C2F.training_data(TrainConfig.from_dict({**base, "method_options": {}}))
+    assert [p.name for p in train.pool(4)] == ["mri<-ct_true"]
+    with pytest.raises(ConfigError, match="aligned well enough"):
+        train.pool(1)
+    measured, _ = C2F.training_data(TrainConfig.from_dict({**base, "method_options": {"misalignment": {"ct-mr": 0.2}}}))
+    assert [p.name for p in measured.pool(1)] == ["mri<-ct_true"]
+    with pytest.raises(ConfigError, match="misalignment"):
+        C2F.training_data(TrainConfig.from_dict({**base, "method_options": {"misalignment": {"ct-mr": -1}}}))

@@ -25,7 +25,8 @@ scale-specific neural networks for multimodal image alignment with application t
   with ``misaligned_as_mono``, gives them those pairs as one-modality pairs only; ``segment_synth`` gives
   pairs without labels (natural scenes) synthetic contrasts drawn from segments of their own images
   (:func:`alignkit.data.aligned.segment_labels`), and gives every block the pairs too rough for its scale
-  as exactly aligned synthetic pairs made from one of their images.
+  as exactly aligned synthetic pairs made from one of their images; ``misalignment`` (``{"pattern": px}``) sets a
+  measured residual misalignment for the pairs a pattern matches, instead of their source's default.
 * **chain** (§3.6): the pair is shrunk by ``2^K, ..., 2, 1`` (the coarsest level at least
   ``min_level`` pixels a side; by default 90 % of the model's training patch side: a block asked to align a
   level smaller than the patches it learnt on answers with errors that the chain multiplies by the
@@ -52,6 +53,7 @@ grid through the world frames (and a linear pre-alignment, ``transform="affine"`
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import time
@@ -276,6 +278,7 @@ class C2F(LearnedModel):
         max_misalignment: float = 0.25,
         misaligned_as_mono: bool = False,
         segment_synth: float = 0.0,
+        misalignment: Mapping[str, float] | None = None,
         map_kind: str = "edges",
         slice_stride: int = 8,
     ) -> None:
@@ -295,7 +298,8 @@ class C2F(LearnedModel):
             "edge_weight": float(edge_weight), "min_minor_class": float(min_minor_class), "warmup": int(warmup),
             "mono_fraction": float(mono_fraction), "synth_fraction": float(synth_fraction),
             "max_misalignment": float(max_misalignment), "misaligned_as_mono": bool(misaligned_as_mono),
-            "segment_synth": float(segment_synth), "map_kind": map_kind, "slice_stride": int(slice_stride),
+            "segment_synth": float(segment_synth), "misalignment": {str(k): float(v) for k, v in (misalignment or {}).items()},
+            "map_kind": map_kind, "slice_stride": int(slice_stride),
         }
         self.laplacian = Laplacian()
         # which blocks have been trained (a buffer: saved with the weights, restored on resume); an
@@ -342,6 +346,14 @@ class C2F(LearnedModel):
         for source in str(config.dataset).split(","):
             pairs += aligned_pairs(source.strip(), map_kind=options.get("map_kind", "edges"),
                                    slice_stride=int(options.get("slice_stride", 8)))
+        # {"pattern": px}: a measured residual misalignment for the pairs a pattern matches (name or group, shell
+        # style), instead of their source's default (which decides which blocks they teach)
+        for pattern, px in dict(options.get("misalignment", {})).items():
+            if not float(px) >= 0:
+                raise ConfigError(f"c2f misalignment for {pattern!r} must be >= 0 pixels, got {px}")
+            for pair in pairs:
+                if fnmatch.fnmatchcase(pair.name, pattern) or fnmatch.fnmatchcase(pair.group, pattern):
+                    pair.misalignment = float(px)
         train_pairs, val_pairs = split_pairs(pairs, train=config.subjects, val=config.val_subjects,
                                              val_fraction=config.val_fraction, seed=config.seed)
         stand_in = SimpleNamespace(method_name="c2f", training_stages=cls.stage_list,
