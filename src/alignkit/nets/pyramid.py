@@ -16,12 +16,12 @@ size ``s'`` resizes it with :func:`alignkit.spatial.resize_field` and multiplies
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from alignkit.errors import ConfigError, ShapeError
 from alignkit.nets.blocks import (
@@ -340,21 +340,34 @@ def tile_slices(shape: Sequence[int], tile: int | None, halo: int) -> list[Tile]
     return [(tuple(c for c, _ in combo), tuple(e for _, e in combo)) for combo in itertools.product(*spans)]
 
 
+def _box_voxels(box: Sequence[slice], like: Tensor) -> Tensor:
+    """``(1, ndim, *box shape)``: the voxel coordinates, on the whole level's grid, of the points of a tile's box."""
+    ndim = len(box)
+    origin = torch.tensor([b.start for b in box], dtype=like.dtype, device=like.device).view(1, ndim, *([1] * ndim))
+    return voxel_identity(tuple(b.stop - b.start for b in box), like=like) + origin
+
+
+#: the anti-alias blur of :func:`~alignkit.spatial.pyramid.downsample` by halving, input voxels per shrink factor
+ANTI_ALIAS_SIGMA_PER_FACTOR = 0.55
+
+
 def smooth_field(field: Tensor, sigma: float) -> Tensor:
-    """``field (B, C, *S)`` smoothed by a Gaussian of ``sigma`` voxels. A wide Gaussian runs on a grid
-    shrunk so that it spans ~2 of its voxels (area average, blur, linear resize back): the cost stays that of a
-    short kernel whatever ``sigma``, so a level of 5000 x 5000 pixels smooths at the price of a small one."""
+    """``field (B, C, *S)`` smoothed by a Gaussian of ``sigma`` voxels. A wide Gaussian runs on a grid shrunk so
+    that it spans ~2 of its voxels (:func:`~alignkit.spatial.pyramid.downsample`, whose anti-alias blur counts
+    towards ``sigma``, the rest of the blur there, then a corner-aligned :func:`resize_field` back): the cost stays
+    that of a short kernel whatever ``sigma``, so a level of 5000 x 5000 pixels smooths at the price of a small one."""
     if sigma <= 0:
         return field
     shrink = max(1, int(sigma // 2))
     if shrink == 1:
         return gaussian_blur(field, sigma)
     shape = tuple(field.shape[2:])
-    small_shape = tuple(max(1, round(s / shrink)) for s in shape)
-    small = F.adaptive_avg_pool2d(field, small_shape) if len(shape) == 2 else F.adaptive_avg_pool3d(field, small_shape)
-    small = gaussian_blur(small, sigma / shrink)
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return F.interpolate(small, size=shape, mode=mode, align_corners=False)
+    small, _ = downsample(field, Grid.from_spacing(shape), shrink)
+    # Gaussians add in quadrature; the halving blur of ``downsample`` is ~0.55 x shrink input voxels
+    remaining = math.sqrt(max(sigma**2 - (ANTI_ALIAS_SIGMA_PER_FACTOR * shrink) ** 2, 0.0)) / shrink
+    if remaining > 0:
+        small = gaussian_blur(small, remaining)
+    return resize_field(small, shape)
 
 
 @register_network("scale_chain")
@@ -512,9 +525,7 @@ class ScaleChain(nn.Module):
                     # the level's residual, tile by tile (each tile's core, read with its halo of context)
                     residual = torch.empty_like(u)
                     for core, ext in plan:
-                        origin = torch.tensor([e.start for e in ext], dtype=u.dtype, device=u.device)
-                        identity = voxel_identity(tuple(e.stop - e.start for e in ext), like=u) + origin.view(
-                            1, ndim, *([1] * ndim))
+                        identity = _box_voxels(ext, u)
                         warped = sample_voxels(moving_l, identity + u[(*all_channels, *ext)], padding=self.padding)
                         r = self._residual(net, fixed_l[(*all_channels, *ext)], warped, mode)  # type: ignore[arg-type]
                         inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
@@ -526,11 +537,9 @@ class ScaleChain(nn.Module):
                     if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
                         updated = torch.empty_like(u)
                         for core, _ in plan:
-                            origin = torch.tensor([c.start for c in core], dtype=u.dtype, device=u.device)
-                            identity = voxel_identity(tuple(c.stop - c.start for c in core), like=u) + origin.view(
-                                1, ndim, *([1] * ndim))
                             r = residual[(*all_channels, *core)]
-                            updated[(*all_channels, *core)] = r + sample_voxels(u, identity + r, padding="border")
+                            updated[(*all_channels, *core)] = r + sample_voxels(u, _box_voxels(core, u) + r,
+                                                                                padding="border")
                         u = updated
                     else:
                         u = u + residual
