@@ -270,23 +270,25 @@ def aligned_pairs(
     raise ConfigError(f"c2f trains on aligned pairs of {', '.join(SOURCES)} (comma-separated); got {source!r}")
 
 
+def pair_matches(pair: AlignedPair, patterns: Sequence[str]) -> bool:
+    """Whether a pair's group or name matches one of the shell-style ``patterns``."""
+    return any(fnmatch.fnmatchcase(pair.group, p) or fnmatch.fnmatchcase(pair.name, p) for p in patterns)
+
+
 def split_pairs(
     pairs: Sequence[AlignedPair], *, train: Sequence[str] | None, val: Sequence[str] | None, val_fraction: float,
     seed: int,
 ) -> tuple[list[AlignedPair], list[AlignedPair]]:
     """(training, held-out) pairs. Patterns match a pair's group or name (shell style); without
     ``val`` patterns a seeded ``val_fraction`` of the groups is held out (never a group on both sides)."""
-    def matches(pair: AlignedPair, patterns: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(pair.group, p) or fnmatch.fnmatchcase(pair.name, p) for p in patterns)
-
     groups = sorted({p.group for p in pairs})
     if val:
-        held = {g for g in groups if any(matches(p, val) for p in pairs if p.group == g)}
+        held = {g for g in groups if any(pair_matches(p, val) for p in pairs if p.group == g)}
     else:
         order = np.random.default_rng(seed).permutation(len(groups))
         count = round(val_fraction * len(groups)) if len(groups) > 1 else 0
         held = {groups[i] for i in order[:count]}
-    training = [p for p in pairs if p.group not in held and (not train or matches(p, train))]
+    training = [p for p in pairs if p.group not in held and (not train or pair_matches(p, train))]
     held_out = [p for p in pairs if p.group in held]
     if not training:
         raise ConfigError(f"no aligned pair left to train on (groups: {', '.join(groups)})")

@@ -53,7 +53,6 @@ grid through the world frames (and a linear pre-alignment, ``transform="affine"`
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 import time
@@ -332,7 +331,7 @@ class C2F(LearnedModel):
         ``synthetic_length`` the patches per epoch (default 100 batches)."""
         from types import SimpleNamespace
 
-        from alignkit.data.aligned import ScalePatchPairs, aligned_pairs, split_pairs
+        from alignkit.data.aligned import ScalePatchPairs, aligned_pairs, pair_matches, split_pairs
         from alignkit.train.loop import plan_stages
 
         if not config.dataset:
@@ -352,7 +351,7 @@ class C2F(LearnedModel):
             if not float(px) >= 0:
                 raise ConfigError(f"c2f misalignment for {pattern!r} must be >= 0 pixels, got {px}")
             for pair in pairs:
-                if fnmatch.fnmatchcase(pair.name, pattern) or fnmatch.fnmatchcase(pair.group, pattern):
+                if pair_matches(pair, [pattern]):
                     pair.misalignment = float(px)
         train_pairs, val_pairs = split_pairs(pairs, train=config.subjects, val=config.val_subjects,
                                              val_fraction=config.val_fraction, seed=config.seed)
