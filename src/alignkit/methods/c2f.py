@@ -96,7 +96,8 @@ DEFAULT_ACCURATE_BLOCKS: AccurateBlocks = "shared"
 #: 1.69 / 0.963 (24 kept: within 0.05 px of 32, less smoothing of detail). The block's answers vary from pixel to
 #: pixel (a speckled Jacobian) and it is unreliable where it never learnt the modality (VIS-NIR for the scale-1
 #: block), where a wide smoothing helps most; it costs detail finer than σ: an OASIS slice's EPE went 1.19
-#: (σ 16) -> 1.77 px (σ 24) in ``fast``. ``smoothing=0`` gives the raw answers.
+#: (σ 16) -> 1.77 px (σ 24) in ``fast``. ``smoothing=0`` gives the raw answers. (Figures measured before
+#: :func:`~alignkit.nets.pyramid.smooth_field` shrank through ``downsample``, which moved held-out means by 0.02 px.)
 DEFAULT_SMOOTHING = 24.0
 #: passes of the block at each level coarser than the finest (``passes``): with smoothing, a second look at the
 #: coarse levels catches up with displacements beyond a block's task there (a head slice of the tuning pairs:
