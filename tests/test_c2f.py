@@ -26,13 +26,16 @@ from alignkit.methods import build_model
 from alignkit.methods.c2f import C2F, C2FMethod, block_spec, chain_factors, level_passes
 from alignkit.nets import register_network
 from alignkit.nets.pyramid import (
+    STRUCTURE_FLOOR,
     ScaleChain,
     apply_symmetry,
     predict_residual,
     smooth_field,
+    structure_confidence,
     symmetry_group,
     symmetry_push_field,
     tile_slices,
+    weighted_smooth_field,
 )
 from alignkit.spatial import Grid, gaussian_blur, sample_voxels
 from tests.conftest import data_path
@@ -555,7 +558,8 @@ def test_residual_smoothing_blurs_each_residual_before_composing():
     gen = torch.Generator().manual_seed(0)
     fixed, moving = torch.rand(1, 1, 40, 40, generator=gen), torch.rand(1, 1, 40, 40, generator=gen)
     plain = model.align(fixed, moving, mode="fast", tile=None, min_level=32, **RAW)
-    smooth = model.align(fixed, moving, mode="fast", tile=None, min_level=32, smoothing=2.0, passes=1, finest_passes=1)
+    smooth = model.align(fixed, moving, mode="fast", tile=None, min_level=32, smoothing=2.0, passes=1, finest_passes=1,
+                         weighting="uniform")
     assert torch.allclose(smooth, gaussian_blur(plain, 2.0), atol=1e-5)
     assert not torch.allclose(smooth, plain, atol=1e-3)  # replicated borders bend a linear field
     noise = gaussian_blur(torch.randn(1, 2, 160, 160, generator=gen), 3.0)
@@ -566,6 +570,51 @@ def test_residual_smoothing_blurs_each_residual_before_composing():
         ScaleChain(networks=[fine], factors=(1,), residual_sigma=-1.0)
     with pytest.raises(ConfigError, match="smoothing"):
         C2FMethod(smoothing=-2.0)
+
+
+def test_structure_weighting_lets_structured_neighbours_answer_for_flat_regions():
+    """``weighting="structure"``: the weights are high where both images show structure, at the floor where either
+    is flat or the moving image is read outside its grid; a constant weight is the plain smoothing; and a block that
+    answers 1 px where it sees texture and 0 on the flat half is, near the texture, answered for by the textured
+    side (normalised convolution), where the plain Gaussian halves the answer."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.zeros(1, 1, 64, 96)
+    image[..., :48] = torch.rand(1, 1, 64, 48, generator=gen)  # textured left, flat (background) right
+    zero = torch.zeros(1, 2, 64, 96)
+    weight = structure_confidence(image, image, zero)
+    assert weight.shape == (1, 1, 64, 96)
+    assert float(weight[..., 8:-8, 4:40].mean()) > 0.4
+    assert float(weight[..., 60:].max()) <= STRUCTURE_FLOOR + 1e-6
+    pushed = zero.clone()
+    pushed[:, 1] = 60.0  # x + 60 leaves the 96-px grid for x > 35
+    assert float(structure_confidence(image, image, pushed)[..., 36:].max()) <= STRUCTURE_FLOOR + 1e-6
+    flat_moving = torch.full_like(image, 0.5)  # either image flat: no trust
+    assert float(structure_confidence(image, flat_moving, zero).max()) <= STRUCTURE_FLOOR + 1e-6
+    field = torch.randn(1, 2, 64, 96, generator=gen)
+    assert torch.allclose(weighted_smooth_field(field, torch.full_like(weight, 0.3), 6.0), smooth_field(field, 6.0),
+                          atol=1e-5)
+    structured = weight[0, 0, 32] > 0.05
+    edge = int(structured.nonzero().max())  # the last column with structure (the texture's edge, blurred)
+    answer = torch.zeros(1, 2, 64, 96)
+    answer[:, 1, :, : edge + 1] = 1.0
+    near = (slice(None), 1, slice(16, 48), slice(edge + 4, edge + 10))  # flat pixels 4-10 px from any structure
+    weighted, plain = weighted_smooth_field(answer, weight, 8.0), smooth_field(answer, 8.0)
+    assert float(weighted[near].min()) > 0.75 and float(plain[near].max()) < 0.4
+    # the chain applies it: the one-level chain's map is the weighted smoothing of the block's answer
+    fine = AffineField(scale=0.05, shift=(0.5, 0.0))
+    model = stub_model(AffineField(), fine)
+    fixed = torch.rand(1, 1, 40, 40, generator=gen)
+    fixed[..., 20:] = 0.5
+    moving = torch.rand(1, 1, 40, 40, generator=gen)
+    raw = model.align(fixed, moving, mode="fast", tile=None, min_level=32, **RAW)
+    chained = model.align(fixed, moving, mode="fast", tile=None, min_level=32, smoothing=4.0, passes=1,
+                          finest_passes=1, weighting="structure")
+    expected = weighted_smooth_field(raw, structure_confidence(fixed, moving, torch.zeros_like(raw)), 4.0)
+    assert torch.allclose(chained, expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="weighting"):
+        C2FMethod(weighting="median")
+    with pytest.raises(ConfigError, match="residual weighting"):
+        ScaleChain(networks=[fine], factors=(1,), residual_weighting="median")
 
 
 def test_passes_at_every_level_but_the_finest():

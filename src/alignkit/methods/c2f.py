@@ -36,7 +36,8 @@ scale-specific neural networks for multimodal image alignment with application t
   choice); at each level the level's moving image is resampled *once* through the
   current map, the block predicts the residual ``r`` and the map is composed, ``u <- r + u∘(id + r)``
   (:func:`~alignkit.nets.pyramid.compose_displacements`' rule), never added. Ours: each level's residual is
-  smoothed by a Gaussian of ``smoothing`` pixels of the level before it is composed, and each level but the
+  smoothed by a Gaussian of ``smoothing`` pixels of the level (weighted by how much structure both images show
+  there, ``weighting``) before it is composed, and each level but the
   finest runs its block ``passes`` times (:data:`DEFAULT_SMOOTHING`, :data:`DEFAULT_PASSES`).
 * **modes** (§3.6-3.7): ``per-scale`` (the scale-specific block at each scale), ``fast`` (the
   scale-1 block at every scale; the default), ``accurate`` (the blocks of ``accurate_blocks``: the scale-1
@@ -68,7 +69,7 @@ from alignkit.losses import Laplacian
 from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.heads import LearnedDisplacement
 from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
-from alignkit.nets.pyramid import TILE_ALIGN, ScaleChain
+from alignkit.nets.pyramid import TILE_ALIGN, ResidualWeighting, ScaleChain
 from alignkit.registration import Inputs
 from alignkit.solve.engine import normalize_intensity
 from alignkit.spatial import Grid, sample_world
@@ -99,6 +100,17 @@ DEFAULT_ACCURATE_BLOCKS: AccurateBlocks = "shared"
 #: (σ 16) -> 1.77 px (σ 24) in ``fast``. ``smoothing=0`` gives the raw answers. (Figures measured before
 #: :func:`~alignkit.nets.pyramid.smooth_field` shrank through ``downsample``, which moved held-out means by 0.02 px.)
 DEFAULT_SMOOTHING = 24.0
+#: how that smoothing weighs the block's answers (``weighting``; :class:`~alignkit.nets.pyramid.ScaleChain`'s
+#: ``residual_weighting``): ``structure``, a normalised convolution that trusts an answer as much as both images show
+#: structure there and the moving image is read inside its grid (:func:`~alignkit.nets.pyramid.structure_confidence`),
+#: or ``uniform``, a plain Gaussian. Chosen on the tuning pairs of ``benchmarks/c2f.py --tuning`` (session 15's: field
+#: scenes 0015/0019; shipped model; mean EPE px / PCK@1 / PCK@5): ``fast`` uniform 1.112 / 0.594 / 0.993,
+#: structure 0.982 / 0.616 / 1.000; ``accurate`` uniform 0.868 / 0.667 / 0.999, structure 0.779 / 0.723 / 1.000
+#: (better on 5 of the 6 pairs in each mode). Also tried there (with each image's gradient against its median, which
+#: is 0 on a brain slice: 0.987 in ``fast``) and not kept: the smaller of the two images' weights instead of their
+#: product (``fast`` 0.978), a blur of 1 or 4 px (0.981, 0.984), a floor of 0.1 (1.022), and, in ``accurate``, also
+#: down-weighting where the 8 symmetric answers disagree (0.772 against 0.780: not worth a knob).
+DEFAULT_WEIGHTING: ResidualWeighting = "structure"
 #: passes of the block at each level coarser than the finest (``passes``): with smoothing, a second look at the
 #: coarse levels catches up with displacements beyond a block's task there (a head slice of the tuning pairs:
 #: ``fast``, σ 16 px: EPE 6.53 px with one pass, 2.11 with two); without smoothing it made things worse
@@ -178,6 +190,7 @@ class C2FMethod(LearnedMethod):
         coarsest_passes: int = 1,
         accurate_blocks: AccurateBlocks = DEFAULT_ACCURATE_BLOCKS,
         smoothing: float = DEFAULT_SMOOTHING,
+        weighting: ResidualWeighting = DEFAULT_WEIGHTING,
         passes: int = DEFAULT_PASSES,
         finest_passes: int | None = None,
     ) -> None:
@@ -185,6 +198,9 @@ class C2FMethod(LearnedMethod):
         if not float(smoothing) >= 0:
             raise ConfigError(f"c2f smoothing must be >= 0 pixels, got {smoothing}")
         self.smoothing = float(smoothing)
+        if weighting not in get_args(ResidualWeighting):
+            raise ConfigError(f"c2f weighting must be one of {', '.join(get_args(ResidualWeighting))}, got {weighting!r}")
+        self.weighting = weighting
         if accurate_blocks not in get_args(AccurateBlocks):
             raise ConfigError(f"c2f accurate_blocks must be one of {', '.join(get_args(AccurateBlocks))}, "
                               f"got {accurate_blocks!r}")
@@ -220,7 +236,7 @@ class C2FMethod(LearnedMethod):
                                      min_level=min_level, coarsest_passes=self.coarsest_passes,
                                      passes=self.passes, finest_passes=self.finest_passes,
                                      accurate_blocks=self.accurate_blocks, smoothing=self.smoothing,
-                                     progress=progress)
+                                     weighting=self.weighting, progress=progress)
         predicted = LearnedDisplacement(inputs.fixed.grid, displacement.cpu())
         predicted.kind = "c2f"
         stage_seconds["c2f"] = round(time.perf_counter() - tic, 3)
@@ -229,7 +245,7 @@ class C2FMethod(LearnedMethod):
         settings = {"mode": self.mode, "tile": self.tile, "halo": self.halo, "min_level": min_level,
                     "coarsest_passes": self.coarsest_passes, "passes": self.passes,
                     "finest_passes": self.finest_passes, "accurate_blocks": self.accurate_blocks,
-                    "smoothing": self.smoothing, "levels": chain_factors(inputs.fixed.grid.shape, min_level)}
+                    "smoothing": self.smoothing, "weighting": self.weighting, "levels": chain_factors(inputs.fixed.grid.shape, min_level)}
         description = {"method": "c2f", "prealign": models, "model": learned.config, "networks": learned.network_specs(),
                        "checkpoint": source, **settings}
         extra: dict[str, Any] = {"method": "c2f", "c2f": settings}
@@ -457,6 +473,7 @@ class C2F(LearnedModel):
         coarsest_passes: int = 1,
         accurate_blocks: AccurateBlocks = DEFAULT_ACCURATE_BLOCKS,
         smoothing: float = DEFAULT_SMOOTHING,
+        weighting: ResidualWeighting = DEFAULT_WEIGHTING,
         passes: int = DEFAULT_PASSES,
         finest_passes: int | None = None,
         progress: ProgressFactory = None,
@@ -474,7 +491,7 @@ class C2F(LearnedModel):
                            mode="accurate" if mode == "accurate" else "standard", symmetries="full",
                            passes=level_passes(len(factors), passes, coarsest_passes,
                                                DEFAULT_FINEST_PASSES[mode] if finest_passes is None else finest_passes),
-                           residual_sigma=smoothing)
+                           residual_sigma=smoothing, residual_weighting=weighting)
         was_training = self.training
         self.eval()
         try:

@@ -46,6 +46,9 @@ from alignkit.spatial.points import PaddingMode, rescale_voxel_displacement, res
 from alignkit.spatial.pyramid import downsample
 
 ChainMode = Literal["standard", "fast", "accurate"]
+#: how :class:`ScaleChain` weighs a block's answers when it smooths a residual: ``uniform`` (a plain Gaussian) or
+#: ``structure`` (a normalised convolution by :func:`structure_confidence`)
+ResidualWeighting = Literal["uniform", "structure"]
 Combine = Literal["compose", "add"]
 SymmetryGroup = Literal["full", "flips"]
 #: one symmetry of the sampling grid: an axis permutation, then flips of the permuted axes.
@@ -370,6 +373,47 @@ def smooth_field(field: Tensor, sigma: float) -> Tensor:
     return resize_field(small, shape)
 
 
+#: :func:`structure_confidence`: σ (voxels of the level) of the blur of the gradient magnitude, and the weight left to
+#: pixels with no structure (so that a level with none at all still averages its answers)
+STRUCTURE_SIGMA = 2.0
+STRUCTURE_FLOOR = 0.01
+
+
+def structure_confidence(fixed: Tensor, moving: Tensor, displacement: Tensor) -> Tensor:
+    """``(B, 1, *S)`` in ``[STRUCTURE_FLOOR, 1]``: how much a block's answer at each voxel can be trusted, from what
+    it could see there -- the product, over the fixed image and the moving image read through ``displacement``
+    (voxels, the map so far), of ``g / (g + mean g)`` with ``g`` the gradient magnitude blurred by
+    :data:`STRUCTURE_SIGMA` voxels (each image against its own mean: no contrast scale is assumed), times 0 where
+    the moving image is read outside its grid (a block sees only replicated border there). A flat region of
+    either modality (the inside of the brain in CT, the sky) says nothing about the displacement; a block still
+    answers there, and a normalised convolution by these weights lets the neighbours with structure answer
+    instead (Knutsson and Westin, "Normalized and differential convolution", 1993)."""
+    ndim = displacement.shape[1]
+    shape = tuple(displacement.shape[2:])
+    points = voxel_identity(shape, like=displacement) + displacement
+    weight = torch.ones_like(displacement[:, :1])
+    for image in (fixed, sample_voxels(moving, points, padding="border")):
+        grey = image.mean(dim=1, keepdim=True)
+        magnitude = torch.zeros_like(grey)
+        for derivative in torch.gradient(grey, dim=tuple(range(2, 2 + ndim))):
+            magnitude += derivative.square()
+        magnitude = gaussian_blur(magnitude.sqrt_(), STRUCTURE_SIGMA)
+        # against the mean, not the median: where most of the image is flat background (a brain slice, CT) the
+        # median is 0 and every voxel with any gradient at all would count as fully structured
+        scale = magnitude.flatten(1).mean(dim=1).view(-1, *([1] * (ndim + 1)))
+        weight *= magnitude / (magnitude + scale + 1e-12)
+    for axis, size in enumerate(shape):
+        coordinate = points[:, axis : axis + 1]
+        weight *= ((coordinate >= 0) & (coordinate <= size - 1)).to(weight)
+    return weight.clamp_(min=STRUCTURE_FLOOR)
+
+
+def weighted_smooth_field(field: Tensor, weight: Tensor, sigma: float) -> Tensor:
+    """Normalised convolution of ``field (B, C, *S)`` by ``weight (B, 1, *S)`` (> 0): ``G*(w f) / G*(w)``, with
+    ``G`` the Gaussian of :func:`smooth_field`; a constant weight gives :func:`smooth_field`."""
+    return smooth_field(field * weight, sigma) / smooth_field(weight, sigma).clamp_min(1e-12)
+
+
 @register_network("scale_chain")
 class ScaleChain(nn.Module):
     """Chain of scale-specific networks, coarse to fine (Zampieri et al. 2018 §3.6, Fig. 4).
@@ -403,7 +447,10 @@ class ScaleChain(nn.Module):
     ``residual_sigma`` (voxels of each level, default 0) smooths every level's whole residual by a Gaussian
     before it is composed (:func:`smooth_field`, after the tiles, so tiling changes nothing): a block's answer
     varies from pixel to pixel more than the deformations it learnt do (eq. 3's bumps are 0.1-0.3 of a
-    training patch wide, in pixels of the block's level).
+    training patch wide, in pixels of the block's level). ``residual_weighting="structure"`` makes that smoothing a
+    normalised convolution by :func:`structure_confidence` of the level's fixed image and moving image read
+    through the map so far (:func:`weighted_smooth_field`): where either image is flat, the block's answer gives
+    way to its neighbours'.
 
     ``forward`` returns the displacement ``(B, ndim, *S)`` on the input grid, in its voxels;
     :meth:`levels` returns the estimate after each level on that level's grid. Zampieri et al. 2018 trains each block
@@ -422,8 +469,10 @@ class ScaleChain(nn.Module):
         padding: PaddingMode = "border",
         passes: int | Sequence[int] = 1,
         residual_sigma: float = 0.0,
+        residual_weighting: ResidualWeighting = "uniform",
     ) -> None:
         super().__init__()
+        self.residual_weighting = check_choice(residual_weighting, ResidualWeighting, "residual weighting")
         if not float(residual_sigma) >= 0:
             raise ConfigError(f"ScaleChain: residual_sigma must be >= 0 voxels, got {residual_sigma}")
         self.residual_sigma = float(residual_sigma)
@@ -465,6 +514,7 @@ class ScaleChain(nn.Module):
                 "padding": padding,
                 "passes": pass_list,
                 "residual_sigma": float(residual_sigma),
+                "residual_weighting": residual_weighting,
             }
         )
 
@@ -532,7 +582,11 @@ class ScaleChain(nn.Module):
                         residual[(*all_channels, *core)] = r[(*all_channels, *inner)]
                         if bar is not None:
                             bar.update(1)
-                    if self.residual_sigma > 0:  # a block's answer varies pixel to pixel; the field does not
+                    # a block's answer varies pixel to pixel; the field does not
+                    if self.residual_sigma > 0 and self.residual_weighting == "structure":
+                        residual = weighted_smooth_field(residual, structure_confidence(fixed_l, moving_l, u),
+                                                         self.residual_sigma)
+                    elif self.residual_sigma > 0:
                         residual = smooth_field(residual, self.residual_sigma)
                     if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
                         updated = torch.empty_like(u)
