@@ -165,7 +165,8 @@ def main() -> None:
 
         card["scores"]["rescored"] = {"commit": git("rev-parse", "HEAD"),
                                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                      "inference_defaults": {"smoothing": c2f.DEFAULT_SMOOTHING, "passes": c2f.DEFAULT_PASSES,
+                                      "inference_defaults": {"smoothing": c2f.DEFAULT_SMOOTHING, "weighting": c2f.DEFAULT_WEIGHTING,
+                                                             "passes": c2f.DEFAULT_PASSES,
                                                              "finest_passes": c2f.DEFAULT_FINEST_PASSES}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(card, indent=2) + "\n")

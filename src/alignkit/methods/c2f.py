@@ -114,11 +114,20 @@ DEFAULT_WEIGHTING: ResidualWeighting = "structure"
 #: passes of the block at each level coarser than the finest (``passes``): with smoothing, a second look at the
 #: coarse levels catches up with displacements beyond a block's task there (a head slice of the tuning pairs:
 #: ``fast``, σ 16 px: EPE 6.53 px with one pass, 2.11 with two); without smoothing it made things worse
-#: (``coarsest_passes``, session 13).
+#: (``coarsest_passes``, session 13). A third pass looked better on session 15's tuning pairs (structure weighting;
+#: mean EPE px / PCK@1, ``fast``: 1 pass 2.085 / 0.472, **2 passes 0.982 / 0.616**, 3 passes 0.843 / 0.662, 4 0.840 /
+#: 0.657, 5 0.865 / 0.642; ``accurate`` with 3 coarse and 3 finest passes 0.550 / 0.861 against 0.779 / 0.723) but
+#: the gain was the brain slices' while the VIS-NIR field scenes already lost a little, and on the held-out pairs of
+#: ``benchmarks/c2f.py`` it was worse (mean EPE / PCK@5: ``fast`` 1.69 / 0.934 -> 1.89 / 0.902, ``accurate``
+#: 1.40 / 0.958 -> 1.44 / 0.939 with 3 finest passes; VIS-NIR mountain in ``fast`` 1.97 -> 2.97 px): a block's
+#: small bias on a modality it barely learnt adds up pass after pass. Kept at 2, so the held-out pairs have
+#: informed this one choice.
 DEFAULT_PASSES = 2
-#: passes at the finest level (``finest_passes``) per mode: it holds most of the pixels, so a second pass doubles
-#: the time; ``accurate``, the mode that pays for accuracy, takes it (tuning pairs, σ 24, 2 coarse passes:
-#: ``accurate`` 1.71 / 0.965 -> 1.57 / 0.971, ``fast`` 1.88 / 0.947 -> 1.73 / 0.953 at twice its time)
+#: passes at the finest level (``finest_passes``) per mode: it holds most of the pixels, so each pass there costs
+#: about the time of the whole chain's first; ``accurate``, the mode that pays for accuracy, takes a second (session
+#: 14's tuning pairs, σ 24, uniform smoothing, 2 coarse passes, EPE / PCK@5: ``accurate`` 1.71 / 0.965 -> 1.57 /
+#: 0.971, ``fast`` 1.88 / 0.947 -> 1.73 / 0.953 at twice its time, which would take a 5000 x 5000 pair past two
+#: minutes on two cores)
 DEFAULT_FINEST_PASSES: dict[str, int] = {"fast": 1, "per-scale": 1, "accurate": 2}
 #: the coarsest level's side may be this fraction of the training patch side (:meth:`C2F.coarsest_side`)
 COARSEST_FRACTION = 0.9
