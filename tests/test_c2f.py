@@ -24,7 +24,7 @@ from alignkit.data.synthetic import random_mixture_field
 from alignkit.errors import ConfigError
 from alignkit.methods import build_model
 from alignkit.methods.c2f import C2F, C2FMethod, block_spec, chain_factors, level_passes
-from alignkit.nets import register_network
+from alignkit.nets import pyramid, register_network
 from alignkit.nets.pyramid import (
     STRUCTURE_FLOOR,
     ScaleChain,
@@ -572,7 +572,7 @@ def test_residual_smoothing_blurs_each_residual_before_composing():
         C2FMethod(smoothing=-2.0)
 
 
-def test_structure_weighting_lets_structured_neighbours_answer_for_flat_regions():
+def test_structure_weighting_lets_structured_neighbours_answer_for_flat_regions(monkeypatch):
     """``weighting="structure"``: the weights are high where both images show structure, at the floor where either
     is flat or the moving image is read outside its grid; a constant weight is the plain smoothing; and a block that
     answers 1 px where it sees texture and 0 on the flat half is, near the texture, answered for by the textured
@@ -590,9 +590,17 @@ def test_structure_weighting_lets_structured_neighbours_answer_for_flat_regions(
     assert float(structure_confidence(image, image, pushed)[..., 36:].max()) <= STRUCTURE_FLOOR + 1e-6
     flat_moving = torch.full_like(image, 0.5)  # either image flat: no trust
     assert float(structure_confidence(image, flat_moving, zero).max()) <= STRUCTURE_FLOOR + 1e-6
+    # strips: the same weights whatever the strip length (a shifted, partly outside read)
+    shifted = zero.clone()
+    shifted[:, 0] = torch.linspace(-3.0, 5.0, 64).view(64, 1)
+    moving = torch.roll(image, 2, dims=3)
+    whole = structure_confidence(image, moving, shifted)
+    monkeypatch.setattr(pyramid, "STRUCTURE_STRIP", 7)
+    assert torch.allclose(structure_confidence(image, moving, shifted), whole, atol=1e-6)
     field = torch.randn(1, 2, 64, 96, generator=gen)
-    assert torch.allclose(weighted_smooth_field(field, torch.full_like(weight, 0.3), 6.0), smooth_field(field, 6.0),
-                          atol=1e-5)
+    for sigma in (3.0, 6.0):  # on the level's grid, and on a shrunk one
+        assert torch.allclose(weighted_smooth_field(field, torch.full_like(weight, 0.3), sigma),
+                              smooth_field(field, sigma), atol=1e-5)
     structured = weight[0, 0, 32] > 0.05
     edge = int(structured.nonzero().max())  # the last column with structure (the texture's edge, blurred)
     answer = torch.zeros(1, 2, 64, 96)

@@ -379,6 +379,20 @@ STRUCTURE_SIGMA = 2.0
 STRUCTURE_FLOOR = 0.01
 
 
+#: voxels of the first axis per strip of :func:`structure_confidence` (a 5000 x 5000 level in ~20 strips: its
+#: temporaries are a strip's, not the level's)
+STRUCTURE_STRIP = 256
+
+
+def _blurred_gradient_magnitude(image: Tensor) -> Tensor:
+    """``|∇ mean-over-channels(image)|`` (central differences) blurred by :data:`STRUCTURE_SIGMA`, ``(B, 1, *S)``."""
+    grey = image.mean(dim=1, keepdim=True)
+    magnitude = torch.zeros_like(grey)
+    for derivative in torch.gradient(grey, dim=tuple(range(2, grey.dim()))):
+        magnitude += derivative.square()
+    return gaussian_blur(magnitude.sqrt_(), STRUCTURE_SIGMA)
+
+
 def structure_confidence(fixed: Tensor, moving: Tensor, displacement: Tensor) -> Tensor:
     """``(B, 1, *S)`` in ``[STRUCTURE_FLOOR, 1]``: how much a block's answer at each voxel can be trusted, from what
     it could see there -- the product, over the fixed image and the moving image read through ``displacement``
@@ -387,31 +401,59 @@ def structure_confidence(fixed: Tensor, moving: Tensor, displacement: Tensor) ->
     the moving image is read outside its grid (a block sees only replicated border there). A flat region of
     either modality (the inside of the brain in CT, the sky) says nothing about the displacement; a block still
     answers there, and a normalised convolution by these weights lets the neighbours with structure answer
-    instead (Knutsson and Westin, "Normalized and differential convolution", 1993)."""
+    instead (Knutsson and Westin, "Normalized and differential convolution", 1993).
+
+    Computed in strips of :data:`STRUCTURE_STRIP` voxels along the first axis, each read with a margin that
+    covers the differences and the blur, so the result is the whole level's and the memory a strip's."""
     ndim = displacement.shape[1]
     shape = tuple(displacement.shape[2:])
-    points = voxel_identity(shape, like=displacement) + displacement
-    weight = torch.ones_like(displacement[:, :1])
-    for image in (fixed, sample_voxels(moving, points, padding="border")):
-        grey = image.mean(dim=1, keepdim=True)
-        magnitude = torch.zeros_like(grey)
-        for derivative in torch.gradient(grey, dim=tuple(range(2, 2 + ndim))):
-            magnitude += derivative.square()
-        magnitude = gaussian_blur(magnitude.sqrt_(), STRUCTURE_SIGMA)
-        # against the mean, not the median: where most of the image is flat background (a brain slice, CT) the
-        # median is 0 and every voxel with any gradient at all would count as fully structured
+    length = shape[0]
+    margin = math.ceil(3.0 * STRUCTURE_SIGMA) + 1  # gaussian_blur's reach (truncate 3) + the central difference
+    magnitudes = torch.empty(2, displacement.shape[0], 1, *shape, dtype=displacement.dtype, device=displacement.device)
+    inside = torch.empty(displacement.shape[0], 1, *shape, dtype=torch.bool, device=displacement.device)
+    for start in range(0, length, STRUCTURE_STRIP):
+        stop = min(start + STRUCTURE_STRIP, length)
+        low, high = max(0, start - margin), min(length, stop + margin)
+        core = slice(start - low, stop - low)
+        rows = (slice(None), slice(None), slice(low, high))
+        points = _box_voxels((slice(low, high), *(slice(0, n) for n in shape[1:])), displacement) + displacement[rows]
+        warped = sample_voxels(moving, points, padding="border")
+        magnitudes[0][:, :, start:stop] = _blurred_gradient_magnitude(fixed[rows])[:, :, core]
+        magnitudes[1][:, :, start:stop] = _blurred_gradient_magnitude(warped)[:, :, core]
+        within = torch.ones_like(points[:, :1, core], dtype=torch.bool)
+        for axis, size in enumerate(shape):
+            coordinate = points[:, axis : axis + 1, core]
+            within &= (coordinate >= 0) & (coordinate <= size - 1)
+        inside[:, :, start:stop] = within
+    # against the mean, not the median: where most of the image is flat background (a brain slice, CT) the
+    # median is 0 and every voxel with any gradient at all would count as fully structured
+    weight = None
+    for magnitude in magnitudes:
         scale = magnitude.flatten(1).mean(dim=1).view(-1, *([1] * (ndim + 1)))
-        weight *= magnitude / (magnitude + scale + 1e-12)
-    for axis, size in enumerate(shape):
-        coordinate = points[:, axis : axis + 1]
-        weight *= ((coordinate >= 0) & (coordinate <= size - 1)).to(weight)
-    return weight.clamp_(min=STRUCTURE_FLOOR)
+        ratio = magnitude.div_(magnitude + scale + 1e-12)
+        weight = ratio if weight is None else weight.mul_(ratio)
+    assert weight is not None
+    return weight.mul_(inside).clamp_(min=STRUCTURE_FLOOR)
 
 
 def weighted_smooth_field(field: Tensor, weight: Tensor, sigma: float) -> Tensor:
     """Normalised convolution of ``field (B, C, *S)`` by ``weight (B, 1, *S)`` (> 0): ``G*(w f) / G*(w)``, with
-    ``G`` the Gaussian of :func:`smooth_field`; a constant weight gives :func:`smooth_field`."""
-    return smooth_field(field * weight, sigma) / smooth_field(weight, sigma).clamp_min(1e-12)
+    ``G`` the Gaussian of :func:`smooth_field`; a constant weight gives :func:`smooth_field`. A wide Gaussian runs
+    on :func:`smooth_field`'s shrunk grid, where the ratio is taken before the one resize back (both terms are
+    smooth there; the level-sized temporaries are the product ``w f`` and the result)."""
+    if sigma <= 0:
+        return field
+    shrink = max(1, int(sigma // 2))
+    if shrink == 1:
+        return gaussian_blur(field * weight, sigma).div_(gaussian_blur(weight, sigma).clamp_min(1e-12))
+    shape = tuple(field.shape[2:])
+    grid = Grid.from_spacing(shape)
+    remaining = math.sqrt(max(sigma**2 - (ANTI_ALIAS_SIGMA_PER_FACTOR * shrink) ** 2, 0.0)) / shrink
+    smoothed = []
+    for term in (field * weight, weight):
+        small, _ = downsample(term, grid, shrink)
+        smoothed.append(gaussian_blur(small, remaining) if remaining > 0 else small)
+    return resize_field(smoothed[0] / smoothed[1].clamp_min(1e-12), shape)
 
 
 @register_network("scale_chain")
