@@ -77,11 +77,12 @@ from alignkit.train.protocol import TrainingStage
 from alignkit.transforms import ComposedTransform, Transform
 
 C2FMode = Literal["per-scale", "fast", "accurate"]
-#: the mode users get: ``fast`` (the scale-1 block at every level). With the shipped model and the default smoothing
-#: and passes, on the tuning pairs of ``benchmarks/c2f.py --tuning`` (OASIS subject10, VIS-NIR field, the T1/PD
-#: head's slices): mean EPE 1.88 px / PCK@5 0.947, against ``per-scale``'s coarse blocks (less trained) and
-#: ``accurate`` 1.57 / 0.971 at ~12 times the time: ``fast`` is the mode that keeps a 5000 x 5000 pair under
-#: two minutes on two CPU cores
+#: the mode users get: ``fast`` (the scale-1 block at every level). With the shipped model and the default smoothing,
+#: weighting and passes, on the tuning pairs of ``benchmarks/c2f.py --tuning`` (OASIS subject10, VIS-NIR field
+#: 0015/0019, the T1/PD head's slices): mean EPE 0.98 px / PCK@1 0.616, against ``per-scale``'s coarse blocks (less
+#: trained) and ``accurate`` 0.78 / 0.723 at ~10 times the time (session 14's tuning pairs, field 0001/0002, uniform
+#: smoothing: 1.88 / PCK@5 0.947 against 1.57 / 0.971): ``fast`` is the mode that keeps a 5000 x 5000 pair under two
+#: minutes on two CPU cores
 DEFAULT_MODE: C2FMode = "fast"
 #: which blocks ``accurate`` averages over the 8 symmetries (§3.7's two options are independent: "fast" picks
 #: the blocks, "accurate" averages each block's answers): ``shared`` (the scale-1 block at every level) or
