@@ -41,8 +41,8 @@ from alignkit.spatial import Grid, gaussian_blur, sample_voxels
 from tests.conftest import data_path
 
 BLOCKS = ("block1", "block2", "block4")
-#: the chain's raw mechanism: no residual smoothing, one pass per level
-RAW = {"smoothing": 0.0, "passes": 1, "finest_passes": 1}
+#: the chain's raw mechanism: no residual smoothing, one pass per level (and no further ones)
+RAW = {"smoothing": 0.0, "passes": 1, "finest_passes": 1, "pass_tolerance": 0.0}
 
 
 def small_blocks(width: float = 0.25, **extra) -> dict[str, dict]:
@@ -635,13 +635,54 @@ def test_passes_at_every_level_but_the_finest():
     model = stub_model(coarse, fine)
     gen = torch.Generator().manual_seed(0)
     fixed, moving = torch.rand(1, 1, 65, 65, generator=gen), torch.rand(1, 1, 65, 65, generator=gen)
-    u = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, passes=3)
+    u = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, passes=3, pass_tolerance=0.0)
     assert len(coarse.seen) == 3 and len(fine.seen) == 1
     inner = (slice(None), 0, slice(8, -8), slice(8, -8))
     # three coarse shifts of 0.5 level pixels (x2 on the fine grid) and one fine shift of 0.25
     assert torch.allclose(u[inner], torch.full_like(u[inner], 3 * 0.5 * 2 + 0.25), atol=1e-4)
     with pytest.raises(ConfigError, match="finest_passes"):
         C2FMethod(finest_passes=0)
+
+
+def test_coarse_levels_pass_again_while_a_pass_still_moves_them():
+    """``max_passes`` / ``pass_tolerance``: after its ``passes``, a coarse level runs its block again while the last
+    residual's mean length is at least the tolerance (level pixels), never past ``max_passes``; the finest level
+    runs exactly its own passes; a tolerance of 0 runs exactly ``passes``."""
+    gen = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(1, 1, 65, 65, generator=gen), torch.rand(1, 1, 65, 65, generator=gen)
+    inner = (slice(None), 0, slice(8, -8), slice(8, -8))
+    for tolerance, coarse_runs in ((0.4, 4), (0.6, 2), (0.0, 2)):
+        coarse, fine = AffineField(shift=(0.5, 0.0)), AffineField(shift=(0.25, 0.0))
+        model = stub_model(coarse, fine)
+        u = model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, smoothing=0.0, passes=2,
+                        finest_passes=1, max_passes=4, pass_tolerance=tolerance)
+        assert len(coarse.seen) == coarse_runs and len(fine.seen) == 1, tolerance
+        # each coarse pass shifts 0.5 level pixels (x2 on the fine grid), the fine one 0.25
+        assert torch.allclose(u[inner], torch.full_like(u[inner], coarse_runs * 0.5 * 2 + 0.25), atol=1e-4)
+    bar_steps = []
+
+    class Bar:
+        def __init__(self, total: int, **_: object) -> None:
+            bar_steps.append(total)
+
+        def update(self, n: int) -> None:
+            bar_steps.append(n)
+
+        def close(self) -> None:
+            pass
+
+    model = stub_model(AffineField(shift=(0.5, 0.0)), AffineField())
+    model.align(fixed, moving, mode="per-scale", tile=None, min_level=32, smoothing=0.0, passes=1, finest_passes=1,
+                max_passes=3, pass_tolerance=0.6, progress=Bar)
+    assert sum(bar_steps[1:]) == bar_steps[0]  # the passes a level skips still fill the bar
+    with pytest.raises(ConfigError, match="min_passes"):
+        ScaleChain(networks=[AffineField()], factors=(1,), passes=1, min_passes=2)
+    with pytest.raises(ConfigError, match="pass_tolerance"):
+        ScaleChain(networks=[AffineField()], factors=(1,), pass_tolerance=-1.0)
+    with pytest.raises(ConfigError, match="pass_tolerance"):
+        C2FMethod(pass_tolerance=-0.5)
+    with pytest.raises(ConfigError, match="max_passes"):
+        C2FMethod(max_passes=0)
 
 
 def test_measured_misalignment_option_decides_which_blocks_a_pair_teaches():

@@ -486,6 +486,11 @@ class ScaleChain(nn.Module):
       network's answers mapped back by :func:`symmetry_pull_field` (8 evaluations per scale in 2D,
       48 in 3D with ``"full"``, 8 with ``"flips"``).
 
+    ``passes`` (per level, or one for all): how many times each level's block runs, each pass reading the level's
+    moving image through the map so far and composing one more residual; with ``pass_tolerance`` > 0 (voxels of
+    the level), a level stops after ``min_passes`` (default ``passes``) as soon as a pass's residual has a mean
+    length under the tolerance.
+
     ``residual_sigma`` (voxels of each level, default 0) smooths every level's whole residual by a Gaussian
     before it is composed (:func:`smooth_field`, after the tiles, so tiling changes nothing): a block's answer
     varies from pixel to pixel more than the deformations it learnt do (eq. 3's bumps are 0.1-0.3 of a
@@ -512,8 +517,13 @@ class ScaleChain(nn.Module):
         passes: int | Sequence[int] = 1,
         residual_sigma: float = 0.0,
         residual_weighting: ResidualWeighting = "uniform",
+        min_passes: int | Sequence[int] | None = None,
+        pass_tolerance: float = 0.0,
     ) -> None:
         super().__init__()
+        if not float(pass_tolerance) >= 0:
+            raise ConfigError(f"ScaleChain: pass_tolerance must be >= 0 voxels, got {pass_tolerance}")
+        self.pass_tolerance = float(pass_tolerance)
         self.residual_weighting = check_choice(residual_weighting, ResidualWeighting, "residual weighting")
         if not float(residual_sigma) >= 0:
             raise ConfigError(f"ScaleChain: residual_sigma must be >= 0 voxels, got {residual_sigma}")
@@ -522,6 +532,13 @@ class ScaleChain(nn.Module):
         pass_list = [int(passes)] * len(factor_list) if isinstance(passes, int) else [int(p) for p in passes]
         if len(pass_list) != len(factor_list) or min(pass_list) < 1:
             raise ConfigError(f"ScaleChain: passes must be >= 1, one per factor ({len(factor_list)}), got {passes}")
+        if min_passes is None:
+            min_list = list(pass_list)
+        else:
+            min_list = [int(min_passes)] * len(factor_list) if isinstance(min_passes, int) else [int(p) for p in min_passes]
+        if len(min_list) != len(factor_list) or any(not 1 <= m <= p for m, p in zip(min_list, pass_list)):
+            raise ConfigError(f"ScaleChain: min_passes must be between 1 and passes ({pass_list}), one per factor, "
+                              f"got {min_passes}")
         if not factor_list or min(factor_list) < 1 or any(a <= b for a, b in itertools.pairwise(factor_list)):
             raise ConfigError(
                 f"ScaleChain: factors must be >= 1 and strictly decreasing (coarse first), got {factors}"
@@ -540,6 +557,7 @@ class ScaleChain(nn.Module):
             )
         self.factors = factor_list
         self.passes = pass_list
+        self.min_passes = min_list
         self.combine = combine
         self.mode = mode
         self.fast_index = fast_index
@@ -555,6 +573,8 @@ class ScaleChain(nn.Module):
                 "symmetries": symmetries,
                 "padding": padding,
                 "passes": pass_list,
+                "min_passes": min_list,
+                "pass_tolerance": float(pass_tolerance),
                 "residual_sigma": float(residual_sigma),
                 "residual_weighting": residual_weighting,
             }
@@ -613,7 +633,7 @@ class ScaleChain(nn.Module):
                 # each pass reads the level's own moving image through the map so far (never a resample
                 # of a resample) and composes one more residual: a block whose level holds displacements
                 # beyond its task (the coarsest level) catches up with a second look
-                for _ in range(self.passes[index]):
+                for done in range(1, self.passes[index] + 1):
                     # the level's residual, tile by tile (each tile's core, read with its halo of context)
                     residual = torch.empty_like(u)
                     for core, ext in plan:
@@ -639,6 +659,13 @@ class ScaleChain(nn.Module):
                         u = updated
                     else:
                         u = u + residual
+                    # past its minimum a level stops once a pass moves it little: each look at a level a block
+                    # has caught up with adds its small bias on the pair, which the later passes would pile up
+                    if (done >= self.min_passes[index] and self.pass_tolerance > 0
+                            and float(residual.norm(dim=1).mean()) < self.pass_tolerance):
+                        if bar is not None:  # the passes not run: the bar still ends full
+                            bar.update(len(plan) * (self.passes[index] - done))
+                        break
                 out.append(u)
         finally:
             if bar is not None:
