@@ -167,7 +167,8 @@ def main() -> None:
                                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                       "inference_defaults": {"smoothing": c2f.DEFAULT_SMOOTHING, "weighting": c2f.DEFAULT_WEIGHTING,
                                                              "passes": c2f.DEFAULT_PASSES,
-                                                             "finest_passes": c2f.DEFAULT_FINEST_PASSES}}
+                                                             "finest_passes": c2f.DEFAULT_FINEST_PASSES,
+                                                             "pass_tolerance": c2f.DEFAULT_PASS_TOLERANCE}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(card, indent=2) + "\n")
         os.replace(tmp, path)
