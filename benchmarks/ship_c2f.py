@@ -168,7 +168,8 @@ def main() -> None:
                                       "inference_defaults": {"smoothing": c2f.DEFAULT_SMOOTHING, "weighting": c2f.DEFAULT_WEIGHTING,
                                                              "passes": c2f.DEFAULT_PASSES,
                                                              "finest_passes": c2f.DEFAULT_FINEST_PASSES,
-                                                             "pass_tolerance": c2f.DEFAULT_PASS_TOLERANCE}}
+                                                             "pass_tolerance": c2f.DEFAULT_PASS_TOLERANCE,
+                                                             "symmetric": c2f.DEFAULT_SYMMETRIC}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(card, indent=2) + "\n")
         os.replace(tmp, path)

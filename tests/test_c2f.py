@@ -29,6 +29,8 @@ from alignkit.nets.pyramid import (
     STRUCTURE_FLOOR,
     ScaleChain,
     apply_symmetry,
+    compose_displacements,
+    invert_displacement,
     predict_residual,
     smooth_field,
     structure_confidence,
@@ -41,8 +43,8 @@ from alignkit.spatial import Grid, gaussian_blur, sample_voxels
 from tests.conftest import data_path
 
 BLOCKS = ("block1", "block2", "block4")
-#: the chain's raw mechanism: no residual smoothing, one pass per level (and no further ones)
-RAW = {"smoothing": 0.0, "passes": 1, "finest_passes": 1, "pass_tolerance": 0.0}
+#: the chain's raw mechanism: no residual smoothing, one pass per level (and no further ones), one direction
+RAW = {"smoothing": 0.0, "passes": 1, "finest_passes": 1, "pass_tolerance": 0.0, "symmetric": False}
 
 
 def small_blocks(width: float = 0.25, **extra) -> dict[str, dict]:
@@ -683,6 +685,30 @@ def test_coarse_levels_pass_again_while_a_pass_still_moves_them():
         C2FMethod(pass_tolerance=-0.5)
     with pytest.raises(ConfigError, match="max_passes"):
         C2FMethod(max_passes=0)
+
+
+def test_symmetric_averages_with_the_inverse_of_the_swapped_run():
+    """``symmetric``: the chain runs both ways and the forward map is averaged with the inverse of the backward one
+    -- two blocks biased alike in either order (a constant shift ``t`` whichever image is fixed) cancel to 0, and a
+    bias that flips with the order stays; the fixed-point inverse of a smooth field composes with it to ~identity."""
+    gen = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(1, 1, 65, 65, generator=gen), torch.rand(1, 1, 65, 65, generator=gen)
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    model = stub_model(AffineField(shift=(0.5, -0.25)), AffineField(shift=(0.25, 0.5)))
+    options = {"mode": "per-scale", "tile": None, "min_level": 32, **RAW}
+    one_way = model.align(fixed, moving, **options)
+    both = model.align(fixed, moving, **(options | {"symmetric": True}))
+    assert float(one_way[inner].abs().max()) > 0.5
+    assert float(both[inner].abs().max()) < 1e-4
+    field = gaussian_blur(torch.randn(1, 2, 48, 48, generator=gen), 6.0)
+    field = field * (3.0 / float(field.norm(dim=1).max()))  # a smooth field of up to 3 voxels
+    inverse = invert_displacement(field)
+    round_trip = compose_displacements(field, inverse)  # (id + field) ∘ (id + inverse)
+    assert float(round_trip[inner].norm(dim=1).max()) < 0.02
+    assert C2FMethod(mode="accurate").symmetric and not C2FMethod(mode="fast").symmetric
+    assert not C2FMethod(mode="accurate", symmetric=False).symmetric
+    with pytest.raises(ConfigError, match="symmetric"):
+        C2FMethod(symmetric="yes")
 
 
 def test_measured_misalignment_option_decides_which_blocks_a_pair_teaches():

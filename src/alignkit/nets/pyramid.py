@@ -75,6 +75,16 @@ def compose_displacements(outer: Tensor, inner: Tensor) -> Tensor:
     return inner + warp_voxels(outer, inner, padding="border")
 
 
+def invert_displacement(displacement: Tensor, *, iterations: int = 20) -> Tensor:
+    """Displacement ``v`` of ``(id + displacement)^-1`` on the same grid: the fixed point of
+    ``v(x) = -displacement(x + v(x))`` (border padding), reached by iterating it from ``v = 0`` -- a contraction
+    wherever the map's Jacobian stays near the identity, as smooth fields of a few voxels do."""
+    inverse = torch.zeros_like(displacement)
+    for _ in range(int(iterations)):
+        inverse = -warp_voxels(displacement, inverse, padding="border")
+    return inverse
+
+
 # -- symmetries of the grid (Zampieri et al. 2018 "accurate") ----------------------------------------------------
 def symmetry_group(ndim: int, kind: SymmetryGroup = "full") -> list[Symmetry]:
     """``full``: every axis permutation and flip (``2^n n!``: the 8 rotations/reflections of a square in
