@@ -127,24 +127,11 @@ def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | N
     import alignkit
 
     options: dict[str, Any] = {"mode": mode, "tile": tile, "coarsest_passes": coarsest_passes}
-    if symmetric is not None:
-        options["symmetric"] = symmetric
-    if max_passes is not None:
-        options["max_passes"] = max_passes
-    if pass_tolerance is not None:
-        options["pass_tolerance"] = pass_tolerance
-    if weighting is not None:
-        options["weighting"] = weighting
-    if passes is not None:
-        options["passes"] = passes
-    if finest_passes is not None:
-        options["finest_passes"] = finest_passes
-    if smoothing is not None:
-        options["smoothing"] = smoothing
-    if min_level:
-        options["min_level"] = min_level
-    if checkpoint:
-        options["checkpoint"] = checkpoint
+    # the settings not given keep the method's defaults
+    given = {"symmetric": symmetric, "max_passes": max_passes, "pass_tolerance": pass_tolerance, "weighting": weighting,
+             "passes": passes, "finest_passes": finest_passes, "smoothing": smoothing,
+             "min_level": min_level or None, "checkpoint": checkpoint if checkpoint else None}
+    options.update({k: v for k, v in given.items() if v is not None})
     started, cpu = time.perf_counter(), time.process_time()
     result = alignkit.register(case.fixed, case.moving, method="c2f", **options)
     seconds = time.perf_counter() - started
