@@ -123,7 +123,7 @@ def scores(predicted_voxels: Any, truth: Any, mask: Any) -> dict[str, Any]:
 def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | None = None,
             coarsest_passes: int = 1, smoothing: float | None = None, passes: int | None = None,
             finest_passes: int | None = None, weighting: str | None = None, max_passes: int | None = None,
-            pass_tolerance: float | None = None, symmetric: bool | None = None) -> tuple[Any, float]:
+            pass_tolerance: float | None = None, symmetric: str | None = None) -> tuple[Any, float]:
     import alignkit
 
     options: dict[str, Any] = {"mode": mode, "tile": tile, "coarsest_passes": coarsest_passes}
@@ -184,8 +184,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                     world, seconds = run_c2f(case, mode, args.checkpoint, args.tile, args.min_level,
                                              args.coarsest_passes, float(sigma) if sigma else None,
                                              args.passes, args.finest_passes, args.weighting, args.max_passes,
-                                             args.pass_tolerance,
-                                             None if args.symmetric is None else args.symmetric == "true")
+                                             args.pass_tolerance, args.symmetric)
                     voxels = world  # world = voxels on these grids (Grid.from_spacing, unit spacing)
                 else:
                     world, seconds = run_peer(case, name, args.seed, args.threads)
@@ -290,8 +289,8 @@ def main() -> None:
     parser.add_argument("--max-passes", type=int, help="c2f's most passes at a coarse level (default: the method's)")
     parser.add_argument("--pass-tolerance", type=float,
                         help="c2f's mean residual (level px) under which a level stops after --passes (0: never)")
-    parser.add_argument("--symmetric", choices=("true", "false"),
-                        help="c2f's symmetric option: also run with the images swapped and average (default: the mode's)")
+    parser.add_argument("--symmetric", choices=("none", "coarse", "all"),
+                        help="c2f's levels that also run with the images swapped (default: the mode's)")
     parser.add_argument("--weighting", choices=("structure", "uniform"),
                         help="how c2f's smoothing weighs the blocks' answers (default: the method's)")
     parser.add_argument("--smoothing", default="",

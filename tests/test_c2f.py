@@ -23,7 +23,7 @@ from alignkit.data.aligned import (
 from alignkit.data.synthetic import random_mixture_field
 from alignkit.errors import ConfigError
 from alignkit.methods import build_model
-from alignkit.methods.c2f import C2F, C2FMethod, block_spec, chain_factors, level_passes
+from alignkit.methods.c2f import C2F, C2FMethod, block_spec, chain_factors, level_passes, symmetric_levels
 from alignkit.nets import pyramid, register_network
 from alignkit.nets.pyramid import (
     STRUCTURE_FLOOR,
@@ -44,7 +44,7 @@ from tests.conftest import data_path
 
 BLOCKS = ("block1", "block2", "block4")
 #: the chain's raw mechanism: no residual smoothing, one pass per level (and no further ones), one direction
-RAW = {"smoothing": 0.0, "passes": 1, "finest_passes": 1, "pass_tolerance": 0.0, "symmetric": False}
+RAW = {"smoothing": 0.0, "passes": 1, "finest_passes": 1, "pass_tolerance": 0.0, "symmetric": "none"}
 
 
 def small_blocks(width: float = 0.25, **extra) -> dict[str, dict]:
@@ -688,27 +688,37 @@ def test_coarse_levels_pass_again_while_a_pass_still_moves_them():
 
 
 def test_symmetric_averages_with_the_inverse_of_the_swapped_run():
-    """``symmetric``: the chain runs both ways and the forward map is averaged with the inverse of the backward one
-    -- two blocks biased alike in either order (a constant shift ``t`` whichever image is fixed) cancel to 0, and a
-    bias that flips with the order stays; the fixed-point inverse of a smooth field composes with it to ~identity."""
+    """``symmetric``: a level run both ways has its map averaged with the inverse of the swapped answer -- blocks
+    biased alike in either order (a constant shift whichever image is fixed) cancel to 0 on every such level
+    (``all``), the finest level's stays with ``coarse``; the fixed-point inverse of a smooth field composes with it to
+    ~identity; the modes' defaults and the option's spellings."""
     gen = torch.Generator().manual_seed(0)
     fixed, moving = torch.rand(1, 1, 65, 65, generator=gen), torch.rand(1, 1, 65, 65, generator=gen)
     inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
     model = stub_model(AffineField(shift=(0.5, -0.25)), AffineField(shift=(0.25, 0.5)))
     options = {"mode": "per-scale", "tile": None, "min_level": 32, **RAW}
     one_way = model.align(fixed, moving, **options)
-    both = model.align(fixed, moving, **(options | {"symmetric": True}))
+    both = model.align(fixed, moving, **(options | {"symmetric": "all"}))
     assert float(one_way[inner].abs().max()) > 0.5
     assert float(both[inner].abs().max()) < 1e-4
+    # only the coarse level both ways: its shift cancels, the fine one's stays
+    coarse_only = model.align(fixed, moving, **(options | {"symmetric": "coarse"}))
+    assert torch.allclose(coarse_only[inner], torch.tensor([0.25, 0.5]).view(1, 2, 1, 1).expand_as(coarse_only[inner]),
+                          atol=1e-3)
     field = gaussian_blur(torch.randn(1, 2, 48, 48, generator=gen), 6.0)
     field = field * (3.0 / float(field.norm(dim=1).max()))  # a smooth field of up to 3 voxels
     inverse = invert_displacement(field)
     round_trip = compose_displacements(field, inverse)  # (id + field) ∘ (id + inverse)
     assert float(round_trip[inner].norm(dim=1).max()) < 0.02
-    assert C2FMethod(mode="accurate").symmetric and not C2FMethod(mode="fast").symmetric
-    assert not C2FMethod(mode="accurate", symmetric=False).symmetric
+    assert (C2FMethod(mode="accurate").symmetric, C2FMethod(mode="fast").symmetric) == ("coarse", "none")
+    assert C2FMethod(mode="accurate", symmetric=False).symmetric == "none"
+    assert C2FMethod(symmetric=True).symmetric == "all"
+    assert symmetric_levels(3, "coarse") == [True, True, False] and symmetric_levels(2, "all") == [True, True]
+    assert symmetric_levels(3, "none") == [False, False, False]
     with pytest.raises(ConfigError, match="symmetric"):
         C2FMethod(symmetric="yes")
+    with pytest.raises(ConfigError, match="symmetric_levels"):
+        ScaleChain(networks=[AffineField()], factors=(2, 1), symmetric_levels=[True])
 
 
 def test_measured_misalignment_option_decides_which_blocks_a_pair_teaches():

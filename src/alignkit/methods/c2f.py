@@ -71,7 +71,7 @@ from alignkit.losses import Laplacian
 from alignkit.methods.base import MethodInfo, MethodOutput, ProgressFactory
 from alignkit.methods.heads import LearnedDisplacement
 from alignkit.methods.learned import LearnedMethod, LearnedModel, learned_method
-from alignkit.nets.pyramid import TILE_ALIGN, ResidualWeighting, ScaleChain, invert_displacement
+from alignkit.nets.pyramid import TILE_ALIGN, ResidualWeighting, ScaleChain
 from alignkit.registration import Inputs
 from alignkit.solve.engine import normalize_intensity
 from alignkit.spatial import Grid, sample_world
@@ -147,14 +147,36 @@ DEFAULT_FINEST_PASSES: dict[str, int] = {"fast": 1, "per-scale": 1, "accurate": 
 #: lost (1.98 -> 2.61), as with a fixed third pass. An option for one-modality or MR pairs with large displacements.
 DEFAULT_MAX_PASSES = 4
 DEFAULT_PASS_TOLERANCE = 0.0
-#: ``symmetric`` per mode: also run the chain with the two images swapped and average the forward map with the
-#: inverse of the backward one (a block's bias that depends on which image it reads as fixed cancels; twice the
-#: time). Session 15's 8 tuning pairs (EPE px / PCK@1 / PCK@5): ``fast`` 1.383 / 0.603 / 0.943 -> 1.274 / 0.666 /
-#: 0.952 (the swapped run alone 1.357 / 0.623 / 0.950), ``accurate`` 1.095 / 0.711 / 0.958 -> 1.002 / 0.713 / 0.977
-#: (most of it one head slice, 3.08 -> 2.35 px). ``accurate``, the mode that pays for accuracy, takes it; ``fast``
-#: would take a 5000 x 5000 pair past two minutes on two cores (``--option symmetric=true`` there: on the held-out
-#: pairs of ``benchmarks/c2f.py`` it gave ``fast`` its best PCK@5, 0.968 against 0.933, at 2.5 times the time).
-DEFAULT_SYMMETRIC: dict[str, bool] = {"fast": False, "per-scale": False, "accurate": True}
+#: ``symmetric``: which levels also run with the two images swapped (``ScaleChain``'s ``symmetric_levels``: from the
+#: inverse of the incoming map, the level's answer averaged with the inverse of that one, so a block's bias that
+#: depends on which image it reads as fixed cancels): ``none``, ``coarse`` (every level but the finest: ~1.4 times
+#: the time of ``none``) or ``all`` (twice the time); ``true`` / ``false`` mean ``all`` / ``none``.
+Symmetric = Literal["none", "coarse", "all"]
+#: The default per mode, from session 15's 8 tuning pairs (EPE px / PCK@1 / PCK@5). ``fast``: none 1.383 / 0.603 /
+#: 0.943, coarse 1.275 / 0.668 / 0.952, all 1.263 / 0.667 / 0.952; the whole chain run both ways and averaged (the
+#: option's first version) 1.274 / 0.666 / 0.952 -- the gain is the coarse levels'. ``accurate``: none 1.095 / 0.711 /
+#: 0.958, **coarse 1.016 / 0.720 / 0.971**, all 1.016 / 0.715 / 0.972, two whole chains 1.002 / 0.713 / 0.977.
+#: ``fast`` stays ``none``: with ``coarse`` a 5000 x 5000 pair took 119.7 s on two cores (``benchmarks/c2f.py
+#: --no-accuracy --sizes 5000``), at the issue's two-minute bound with no margin, against ~76 s; ask for it with
+#: ``--option symmetric=coarse``.
+DEFAULT_SYMMETRIC: dict[str, Symmetric] = {"fast": "none", "per-scale": "none", "accurate": "coarse"}
+
+
+def symmetric_choice(value: Any, mode: str) -> Symmetric:
+    """The ``symmetric`` setting as one of :data:`Symmetric` (``None``: the mode's default; ``true`` = ``all``)."""
+    if value is None:
+        return DEFAULT_SYMMETRIC.get(mode, "none")
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    if value not in get_args(Symmetric):
+        raise ConfigError(f"c2f symmetric must be one of {', '.join(get_args(Symmetric))} (or true / false), "
+                          f"got {value!r}")
+    return value
+
+
+def symmetric_levels(levels: int, symmetric: Symmetric) -> list[bool]:
+    """Per level, coarse to fine, whether it also runs with the images swapped."""
+    return [symmetric == "all" or (symmetric == "coarse" and k < levels - 1) for k in range(levels)]
 #: the coarsest level's side may be this fraction of the training patch side (:meth:`C2F.coarsest_side`)
 COARSEST_FRACTION = 0.9
 #: shrink factors of the scale-specific blocks (networks ``block1``, ``block2``, ``block4``)
@@ -207,8 +229,8 @@ class C2FMethod(LearnedMethod):
     finest runs (each pass reads the level's moving image through the map so far and composes one more
     residual; :data:`DEFAULT_PASSES`); ``max_passes`` / ``pass_tolerance``: further passes there, up to ``max_passes``
     in all, while the last one's mean residual is at least ``pass_tolerance`` level pixels (:data:`DEFAULT_MAX_PASSES`,
-    :data:`DEFAULT_PASS_TOLERANCE`: 0, which runs exactly ``passes``); ``symmetric``: average with the chain run
-    the other way round (default :data:`DEFAULT_SYMMETRIC` of the mode: ``accurate`` only); ``coarsest_passes``: at least this
+    :data:`DEFAULT_PASS_TOLERANCE`: 0, which runs exactly ``passes``); ``symmetric``: the levels that also run
+    the other way round, ``none``, ``coarse`` or ``all`` (default :data:`DEFAULT_SYMMETRIC` of the mode); ``coarsest_passes``: at least this
     many at the coarsest level (default 1);
     ``finest_passes``: at the finest level (default :data:`DEFAULT_FINEST_PASSES` of the mode); ``smoothing``: σ, in pixels of each level, of the
     Gaussian applied to every block's whole residual before it is composed (:data:`DEFAULT_SMOOTHING`); ``transform``: a
@@ -234,14 +256,10 @@ class C2FMethod(LearnedMethod):
         finest_passes: int | None = None,
         max_passes: int = DEFAULT_MAX_PASSES,
         pass_tolerance: float = DEFAULT_PASS_TOLERANCE,
-        symmetric: bool | None = None,
+        symmetric: Symmetric | bool | None = None,
     ) -> None:
         super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
-        if symmetric is None:
-            symmetric = DEFAULT_SYMMETRIC.get(str(mode), False)
-        if not isinstance(symmetric, bool):
-            raise ConfigError(f"c2f symmetric must be true or false, got {symmetric!r}")
-        self.symmetric = symmetric
+        self.symmetric = symmetric_choice(symmetric, str(mode))
         if not float(pass_tolerance) >= 0:
             raise ConfigError(f"c2f pass_tolerance must be >= 0 pixels, got {pass_tolerance}")
         self.max_passes, self.pass_tolerance = int(max_passes), float(pass_tolerance)
@@ -533,7 +551,7 @@ class C2F(LearnedModel):
         finest_passes: int | None = None,
         max_passes: int = DEFAULT_MAX_PASSES,
         pass_tolerance: float = DEFAULT_PASS_TOLERANCE,
-        symmetric: bool | None = None,
+        symmetric: Symmetric | bool | None = None,
         progress: ProgressFactory = None,
     ) -> Tensor:
         """The chain on ``fixed``, ``moving`` ``(1, 1, H, W)`` (one grid, normalised): the displacement
@@ -552,15 +570,12 @@ class C2F(LearnedModel):
         chain = ScaleChain(networks=[self.block_for(f, serving) for f in factors], factors=factors, combine="compose",
                            mode="accurate" if mode == "accurate" else "standard", symmetries="full",
                            passes=most, min_passes=least, pass_tolerance=pass_tolerance,
+                           symmetric_levels=symmetric_levels(len(factors), symmetric_choice(symmetric, mode)),
                            residual_sigma=smoothing, residual_weighting=weighting)
         was_training = self.training
         self.eval()
         try:
-            forward = chain(fixed, moving, tile=tile, halo=halo, progress=progress)
-            if not (DEFAULT_SYMMETRIC[mode] if symmetric is None else symmetric):
-                return forward
-            backward = chain(moving, fixed, tile=tile, halo=halo, progress=progress)
-            return 0.5 * (forward + invert_displacement(backward))
+            return chain(fixed, moving, tile=tile, halo=halo, progress=progress)
         finally:
             self.train(was_training)
 

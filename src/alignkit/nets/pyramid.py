@@ -499,7 +499,8 @@ class ScaleChain(nn.Module):
     ``passes`` (per level, or one for all): how many times each level's block runs, each pass reading the level's
     moving image through the map so far and composing one more residual; with ``pass_tolerance`` > 0 (voxels of
     the level), a level stops after ``min_passes`` (default ``passes``) as soon as a pass's residual has a mean
-    length under the tolerance.
+    length under the tolerance. ``symmetric_levels`` (per level, or one for all): run that level also with the two
+    images swapped, from the inverse of the incoming map, and average the map with the inverse of that answer.
 
     ``residual_sigma`` (voxels of each level, default 0) smooths every level's whole residual by a Gaussian
     before it is composed (:func:`smooth_field`, after the tiles, so tiling changes nothing): a block's answer
@@ -529,6 +530,7 @@ class ScaleChain(nn.Module):
         residual_weighting: ResidualWeighting = "uniform",
         min_passes: int | Sequence[int] | None = None,
         pass_tolerance: float = 0.0,
+        symmetric_levels: bool | Sequence[bool] = False,
     ) -> None:
         super().__init__()
         if not float(pass_tolerance) >= 0:
@@ -568,6 +570,12 @@ class ScaleChain(nn.Module):
         self.factors = factor_list
         self.passes = pass_list
         self.min_passes = min_list
+        symmetric_list = ([bool(symmetric_levels)] * len(factor_list) if isinstance(symmetric_levels, bool)
+                          else [bool(x) for x in symmetric_levels])
+        if len(symmetric_list) != len(factor_list):
+            raise ConfigError(f"ScaleChain: symmetric_levels needs one flag per factor ({len(factor_list)}), "
+                              f"got {symmetric_levels}")
+        self.symmetric_levels = symmetric_list
         self.combine = combine
         self.mode = mode
         self.fast_index = fast_index
@@ -585,6 +593,7 @@ class ScaleChain(nn.Module):
                 "passes": pass_list,
                 "min_passes": min_list,
                 "pass_tolerance": float(pass_tolerance),
+                "symmetric_levels": symmetric_list,
                 "residual_sigma": float(residual_sigma),
                 "residual_weighting": residual_weighting,
             }
@@ -597,6 +606,48 @@ class ScaleChain(nn.Module):
 
     def _residual(self, net: nn.Module, fixed: Tensor, warped: Tensor, mode: ChainMode) -> Tensor:
         return predict_residual(net, fixed, warped, symmetries=self.symmetries if mode == "accurate" else None)
+
+    def _level(self, net: nn.Module, fixed_l: Tensor, moving_l: Tensor, u: Tensor, plan: list[Tile], index: int,
+               mode: ChainMode, bar: Any) -> Tensor:
+        """One level's passes from the map ``u`` (voxels of the level): the updated map."""
+        all_channels = (slice(None), slice(None))
+        # each pass reads the level's own moving image through the map so far (never a resample
+        # of a resample) and composes one more residual: a block whose level holds displacements
+        # beyond its task (the coarsest level) catches up with a second look
+        for done in range(1, self.passes[index] + 1):
+            # the level's residual, tile by tile (each tile's core, read with its halo of context)
+            residual = torch.empty_like(u)
+            for core, ext in plan:
+                identity = _box_voxels(ext, u)
+                warped = sample_voxels(moving_l, identity + u[(*all_channels, *ext)], padding=self.padding)
+                r = self._residual(net, fixed_l[(*all_channels, *ext)], warped, mode)
+                inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
+                residual[(*all_channels, *core)] = r[(*all_channels, *inner)]
+                if bar is not None:
+                    bar.update(1)
+            # a block's answer varies pixel to pixel; the field does not
+            if self.residual_sigma > 0 and self.residual_weighting == "structure":
+                residual = weighted_smooth_field(residual, structure_confidence(fixed_l, moving_l, u),
+                                                 self.residual_sigma)
+            elif self.residual_sigma > 0:
+                residual = smooth_field(residual, self.residual_sigma)
+            if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
+                updated = torch.empty_like(u)
+                for core, _ in plan:
+                    r = residual[(*all_channels, *core)]
+                    updated[(*all_channels, *core)] = r + sample_voxels(u, _box_voxels(core, u) + r,
+                                                                        padding="border")
+                u = updated
+            else:
+                u = u + residual
+            # past its minimum a level stops once a pass moves it little: each look at a level a block
+            # has caught up with adds its small bias on the pair, which the later passes would pile up
+            if (done >= self.min_passes[index] and self.pass_tolerance > 0
+                    and float(residual.norm(dim=1).mean()) < self.pass_tolerance):
+                if bar is not None:  # the passes not run: the bar still ends full
+                    bar.update(len(plan) * (self.passes[index] - done))
+                break
+        return u
 
     def levels(
         self,
@@ -626,11 +677,11 @@ class ScaleChain(nn.Module):
         grid = Grid.from_spacing(tuple(fixed.shape[2:]))
         shapes = [grid.downsampled(f).shape if f > 1 else grid.shape for f in self.factors]
         plans = [tile_slices(shape, tile, halo) for shape in shapes]
-        bar = (progress(total=sum(len(p) * n for p, n in zip(plans, self.passes)), desc="scale chain", unit="tile")
-               if progress else None)
+        runs = [2 if symmetric else 1 for symmetric in self.symmetric_levels]
+        bar = (progress(total=sum(len(p) * n * k for p, n, k in zip(plans, self.passes, runs)), desc="scale chain",
+                        unit="tile") if progress else None)
         u: Tensor | None = None
         out = []
-        all_channels = (slice(None), slice(None))
         try:
             for index, (factor, plan) in enumerate(zip(self.factors, plans)):
                 fixed_l, level_grid = downsample(fixed, grid, factor)
@@ -640,42 +691,15 @@ class ScaleChain(nn.Module):
                 else:
                     u = rescale_voxel_displacement(u, level_grid.shape)
                 net = self.network_for(index, mode)
-                # each pass reads the level's own moving image through the map so far (never a resample
-                # of a resample) and composes one more residual: a block whose level holds displacements
-                # beyond its task (the coarsest level) catches up with a second look
-                for done in range(1, self.passes[index] + 1):
-                    # the level's residual, tile by tile (each tile's core, read with its halo of context)
-                    residual = torch.empty_like(u)
-                    for core, ext in plan:
-                        identity = _box_voxels(ext, u)
-                        warped = sample_voxels(moving_l, identity + u[(*all_channels, *ext)], padding=self.padding)
-                        r = self._residual(net, fixed_l[(*all_channels, *ext)], warped, mode)  # type: ignore[arg-type]
-                        inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
-                        residual[(*all_channels, *core)] = r[(*all_channels, *inner)]
-                        if bar is not None:
-                            bar.update(1)
-                    # a block's answer varies pixel to pixel; the field does not
-                    if self.residual_sigma > 0 and self.residual_weighting == "structure":
-                        residual = weighted_smooth_field(residual, structure_confidence(fixed_l, moving_l, u),
-                                                         self.residual_sigma)
-                    elif self.residual_sigma > 0:
-                        residual = smooth_field(residual, self.residual_sigma)
-                    if self.combine == "compose":  # u <- r + u∘(id + r), read from the whole level's map
-                        updated = torch.empty_like(u)
-                        for core, _ in plan:
-                            r = residual[(*all_channels, *core)]
-                            updated[(*all_channels, *core)] = r + sample_voxels(u, _box_voxels(core, u) + r,
-                                                                                padding="border")
-                        u = updated
-                    else:
-                        u = u + residual
-                    # past its minimum a level stops once a pass moves it little: each look at a level a block
-                    # has caught up with adds its small bias on the pair, which the later passes would pile up
-                    if (done >= self.min_passes[index] and self.pass_tolerance > 0
-                            and float(residual.norm(dim=1).mean()) < self.pass_tolerance):
-                        if bar is not None:  # the passes not run: the bar still ends full
-                            bar.update(len(plan) * (self.passes[index] - done))
-                        break
+                incoming = u
+                u = self._level(net, fixed_l, moving_l, incoming, plan, index, mode, bar)  # type: ignore[arg-type]
+                if self.symmetric_levels[index]:
+                    # the same level the other way round, from the inverse of the incoming map; the two answers
+                    # averaged (the backward one inverted): a block's bias that depends on which image it reads as
+                    # fixed cancels
+                    backward = self._level(net, moving_l, fixed_l, invert_displacement(incoming), plan, index,
+                                           mode, bar)  # type: ignore[arg-type]
+                    u = 0.5 * (u + invert_displacement(backward))
                 out.append(u)
         finally:
             if bar is not None:
