@@ -42,7 +42,13 @@ from alignkit.nets.unet import check_input
 from alignkit.spatial.filters import gaussian_blur
 from alignkit.spatial.frames import voxel_identity
 from alignkit.spatial.grid import Grid
-from alignkit.spatial.points import PaddingMode, rescale_voxel_displacement, resize_field, sample_voxels
+from alignkit.spatial.points import (
+    PaddingMode,
+    rescale_voxel_displacement,
+    resize_field,
+    sample_voxels,
+    sample_voxels_with_inside,
+)
 from alignkit.spatial.pyramid import downsample
 
 ChainMode = Literal["standard", "fast", "accurate"]
@@ -364,23 +370,31 @@ def _box_voxels(box: Sequence[slice], like: Tensor) -> Tensor:
 ANTI_ALIAS_SIGMA_PER_FACTOR = 0.55
 
 
+def _shrink_for(sigma: float) -> int:
+    """The shrink factor of :func:`smooth_field`'s grid for a Gaussian of ``sigma`` voxels (1: the level's own)."""
+    return max(1, int(sigma // 2))
+
+
+def _smooth_on_shrunk_grid(field: Tensor, sigma: float, shrink: int) -> Tensor:
+    """``field`` blurred by ``sigma`` voxels on its grid shrunk by ``shrink`` (left there): the anti-alias blur of
+    :func:`~alignkit.spatial.pyramid.downsample` counts towards ``sigma`` (Gaussians add in quadrature; the halving
+    blur is ~0.55 x shrink input voxels), the rest is blurred on the small grid."""
+    small, _ = downsample(field, Grid.from_spacing(tuple(field.shape[2:])), shrink)
+    remaining = math.sqrt(max(sigma**2 - (ANTI_ALIAS_SIGMA_PER_FACTOR * shrink) ** 2, 0.0)) / shrink
+    return gaussian_blur(small, remaining) if remaining > 0 else small
+
+
 def smooth_field(field: Tensor, sigma: float) -> Tensor:
     """``field (B, C, *S)`` smoothed by a Gaussian of ``sigma`` voxels. A wide Gaussian runs on a grid shrunk so
-    that it spans ~2 of its voxels (:func:`~alignkit.spatial.pyramid.downsample`, whose anti-alias blur counts
-    towards ``sigma``, the rest of the blur there, then a corner-aligned :func:`resize_field` back): the cost stays
-    that of a short kernel whatever ``sigma``, so a level of 5000 x 5000 pixels smooths at the price of a small one."""
+    that it spans ~2 of its voxels (:func:`_smooth_on_shrunk_grid`, then a corner-aligned :func:`resize_field`
+    back): the cost stays that of a short kernel whatever ``sigma``, so a level of 5000 x 5000 pixels smooths at the
+    price of a small one."""
     if sigma <= 0:
         return field
-    shrink = max(1, int(sigma // 2))
+    shrink = _shrink_for(sigma)
     if shrink == 1:
         return gaussian_blur(field, sigma)
-    shape = tuple(field.shape[2:])
-    small, _ = downsample(field, Grid.from_spacing(shape), shrink)
-    # Gaussians add in quadrature; the halving blur of ``downsample`` is ~0.55 x shrink input voxels
-    remaining = math.sqrt(max(sigma**2 - (ANTI_ALIAS_SIGMA_PER_FACTOR * shrink) ** 2, 0.0)) / shrink
-    if remaining > 0:
-        small = gaussian_blur(small, remaining)
-    return resize_field(small, shape)
+    return resize_field(_smooth_on_shrunk_grid(field, sigma, shrink), tuple(field.shape[2:]))
 
 
 #: :func:`structure_confidence`: σ (voxels of the level) of the blur of the gradient magnitude, and the weight left to
@@ -427,14 +441,10 @@ def structure_confidence(fixed: Tensor, moving: Tensor, displacement: Tensor) ->
         core = slice(start - low, stop - low)
         rows = (slice(None), slice(None), slice(low, high))
         points = _box_voxels((slice(low, high), *(slice(0, n) for n in shape[1:])), displacement) + displacement[rows]
-        warped = sample_voxels(moving, points, padding="border")
+        warped, within = sample_voxels_with_inside(moving, points, compiled=False)
         magnitudes[0][:, :, start:stop] = _blurred_gradient_magnitude(fixed[rows])[:, :, core]
         magnitudes[1][:, :, start:stop] = _blurred_gradient_magnitude(warped)[:, :, core]
-        within = torch.ones_like(points[:, :1, core], dtype=torch.bool)
-        for axis, size in enumerate(shape):
-            coordinate = points[:, axis : axis + 1, core]
-            within &= (coordinate >= 0) & (coordinate <= size - 1)
-        inside[:, :, start:stop] = within
+        inside[:, :, start:stop] = within[:, :, core] > 0
     # against the mean, not the median: where most of the image is flat background (a brain slice, CT) the
     # median is 0 and every voxel with any gradient at all would count as fully structured
     weight = None
@@ -453,17 +463,12 @@ def weighted_smooth_field(field: Tensor, weight: Tensor, sigma: float) -> Tensor
     smooth there; the level-sized temporaries are the product ``w f`` and the result)."""
     if sigma <= 0:
         return field
-    shrink = max(1, int(sigma // 2))
+    shrink = _shrink_for(sigma)
     if shrink == 1:
         return gaussian_blur(field * weight, sigma).div_(gaussian_blur(weight, sigma).clamp_min(1e-12))
-    shape = tuple(field.shape[2:])
-    grid = Grid.from_spacing(shape)
-    remaining = math.sqrt(max(sigma**2 - (ANTI_ALIAS_SIGMA_PER_FACTOR * shrink) ** 2, 0.0)) / shrink
-    smoothed = []
-    for term in (field * weight, weight):
-        small, _ = downsample(term, grid, shrink)
-        smoothed.append(gaussian_blur(small, remaining) if remaining > 0 else small)
-    return resize_field(smoothed[0] / smoothed[1].clamp_min(1e-12), shape)
+    numerator = _smooth_on_shrunk_grid(field * weight, sigma, shrink)
+    denominator = _smooth_on_shrunk_grid(weight, sigma, shrink)
+    return resize_field(numerator / denominator.clamp_min(1e-12), tuple(field.shape[2:]))
 
 
 @register_network("scale_chain")
