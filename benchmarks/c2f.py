@@ -123,12 +123,13 @@ def scores(predicted_voxels: Any, truth: Any, mask: Any) -> dict[str, Any]:
 def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | None = None,
             coarsest_passes: int = 1, smoothing: float | None = None, passes: int | None = None,
             finest_passes: int | None = None, weighting: str | None = None, max_passes: int | None = None,
-            pass_tolerance: float | None = None, symmetric: str | None = None) -> tuple[Any, float]:
+            pass_tolerance: float | None = None, symmetric: str | None = None,
+            translation_from: int | None = None) -> tuple[Any, float]:
     import alignkit
 
     options: dict[str, Any] = {"mode": mode, "tile": tile, "coarsest_passes": coarsest_passes}
     # the settings not given keep the method's defaults
-    given = {"symmetric": symmetric, "max_passes": max_passes, "pass_tolerance": pass_tolerance, "weighting": weighting,
+    given = {"symmetric": symmetric, "translation_from": translation_from, "max_passes": max_passes, "pass_tolerance": pass_tolerance, "weighting": weighting,
              "passes": passes, "finest_passes": finest_passes, "smoothing": smoothing,
              "min_level": min_level or None, "checkpoint": checkpoint if checkpoint else None}
     options.update({k: v for k, v in given.items() if v is not None})
@@ -184,7 +185,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                     world, seconds = run_c2f(case, mode, args.checkpoint, args.tile, args.min_level,
                                              args.coarsest_passes, float(sigma) if sigma else None,
                                              args.passes, args.finest_passes, args.weighting, args.max_passes,
-                                             args.pass_tolerance, args.symmetric)
+                                             args.pass_tolerance, args.symmetric, args.translation_from)
                     voxels = world  # world = voxels on these grids (Grid.from_spacing, unit spacing)
                 else:
                     world, seconds = run_peer(case, name, args.seed, args.threads)
@@ -291,6 +292,9 @@ def main() -> None:
                         help="c2f's mean residual (level px) under which a level stops after --passes (0: never)")
     parser.add_argument("--symmetric", choices=("none", "coarse", "all"),
                         help="c2f's levels that also run with the images swapped (default: the mode's)")
+    parser.add_argument("--translation-from", type=int,
+                        help="c2f's levels shrunk by at least this factor move the whole image only (0: none; "
+                        "default: the method's)")
     parser.add_argument("--weighting", choices=("structure", "uniform"),
                         help="how c2f's smoothing weighs the blocks' answers (default: the method's)")
     parser.add_argument("--smoothing", default="",

@@ -169,7 +169,8 @@ def main() -> None:
                                                              "passes": c2f.DEFAULT_PASSES,
                                                              "finest_passes": c2f.DEFAULT_FINEST_PASSES,
                                                              "pass_tolerance": c2f.DEFAULT_PASS_TOLERANCE,
-                                                             "symmetric": c2f.DEFAULT_SYMMETRIC}}
+                                                             "symmetric": c2f.DEFAULT_SYMMETRIC,
+                                                             "translation_from": c2f.DEFAULT_TRANSLATION_FROM}}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(card, indent=2) + "\n")
         os.replace(tmp, path)

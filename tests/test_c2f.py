@@ -23,7 +23,15 @@ from alignkit.data.aligned import (
 from alignkit.data.synthetic import random_mixture_field
 from alignkit.errors import ConfigError
 from alignkit.methods import build_model
-from alignkit.methods.c2f import C2F, C2FMethod, block_spec, chain_factors, level_passes, symmetric_levels
+from alignkit.methods.c2f import (
+    C2F,
+    C2FMethod,
+    block_spec,
+    chain_factors,
+    level_passes,
+    symmetric_levels,
+    translation_levels,
+)
 from alignkit.nets import pyramid, register_network
 from alignkit.nets.pyramid import (
     STRUCTURE_FLOOR,
@@ -38,13 +46,15 @@ from alignkit.nets.pyramid import (
     symmetry_push_field,
     tile_slices,
     weighted_smooth_field,
+    weighted_translation,
 )
 from alignkit.spatial import Grid, gaussian_blur, sample_voxels
 from tests.conftest import data_path
 
 BLOCKS = ("block1", "block2", "block4")
 #: the chain's raw mechanism: no residual smoothing, one pass per level (and no further ones), one direction
-RAW = {"smoothing": 0.0, "passes": 1, "finest_passes": 1, "pass_tolerance": 0.0, "symmetric": "none"}
+RAW = {"smoothing": 0.0, "passes": 1, "finest_passes": 1, "pass_tolerance": 0.0, "symmetric": "none",
+       "translation_from": 0}
 
 
 def small_blocks(width: float = 0.25, **extra) -> dict[str, dict]:
@@ -737,3 +747,44 @@ def test_measured_misalignment_option_decides_which_blocks_a_pair_teaches():
     assert [p.name for p in measured.pool(1)] == ["mri<-ct_true"]
     with pytest.raises(ConfigError, match="misalignment"):
         C2F.training_data(TrainConfig.from_dict({**base, "method_options": {"misalignment": {"ct-mr": -1}}}))
+
+
+def test_translation_levels_move_the_whole_image_only():
+    """``translation_from``: a level shrunk by at least that factor has each pass's residual replaced by its mean --
+    weighted by structure, so a flat region's answers do not count -- while finer levels keep their local answers;
+    the rule's levels and the option's checks."""
+    gen = torch.Generator().manual_seed(0)
+    field = torch.randn(1, 2, 20, 30, generator=gen)
+    assert torch.allclose(weighted_translation(field), field.mean(dim=(2, 3), keepdim=True).expand_as(field))
+    weight = torch.full((1, 1, 20, 30), 1e-6)
+    weight[..., :10, :] = 1.0  # only the top half counts
+    assert torch.allclose(weighted_translation(field, weight)[:, :, 0, 0], field[..., :10, :].mean(dim=(2, 3)),
+                          atol=1e-4)
+    # a coarse block answering a scaling about the level's centre plus a shift: as a translation only the shift is
+    # left (the scaling's mean is 0 on a symmetric grid); the fine level's own answer is local
+    coarse, fine = AffineField(scale=0.05, shift=(0.5, -0.25)), AffineField(scale=0.02)
+    model = stub_model(coarse, fine)
+    fixed, moving = torch.rand(1, 1, 65, 65, generator=gen), torch.rand(1, 1, 65, 65, generator=gen)
+    options = {"mode": "per-scale", "tile": None, "min_level": 32, **RAW, "weighting": "uniform"}
+    local = model.align(fixed, moving, **options)
+    shifted = model.align(fixed, moving, **(options | {"translation_from": 2}))
+    x = Grid.from_spacing((65, 65)).voxel_points()
+    centre = torch.full((1, 2, 1, 1), 32.0)
+    expected = 0.02 * (x - centre) + torch.tensor([1.0, -0.5]).view(1, 2, 1, 1)  # coarse shift x2, then fine
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    assert torch.allclose(shifted[inner], expected[inner], atol=1e-3)
+    assert float((local - shifted)[inner].abs().max()) > 0.5  # the coarse scaling was kept without the option
+    # structure weighting: the mean counts where both images show structure
+    flat_left = torch.rand(1, 1, 65, 65, generator=gen)
+    flat_left[..., :, :32] = 0.5
+    weights = pyramid.structure_confidence(flat_left, flat_left, torch.zeros(1, 2, 65, 65))
+    assert float(weights[..., :, :20].max()) < 0.05 < float(weights[..., :, 45:].mean())
+    assert translation_levels([8, 4, 2, 1], 4) == [True, True, False, False]
+    assert translation_levels([4, 2, 1], 0) == [False, False, False]
+    assert translation_levels([2, 1], 2) == [True, False]
+    assert C2FMethod().translation_from == 4 and C2FMethod(translation_from="0").translation_from == 0
+    for bad in (1, -2, 2.5, "x", True):
+        with pytest.raises(ConfigError, match="translation_from"):
+            C2FMethod(translation_from=bad)
+    with pytest.raises(ConfigError, match="translation_levels"):
+        ScaleChain(networks=[AffineField()], factors=(2, 1), translation_levels=[True])

@@ -37,7 +37,8 @@ scale-specific neural networks for multimodal image alignment with application t
   current map, the block predicts the residual ``r`` and the map is composed, ``u <- r + u∘(id + r)``
   (:func:`~alignkit.nets.pyramid.compose_displacements`' rule), never added. Ours: each level's residual is
   smoothed by a Gaussian of ``smoothing`` pixels of the level (weighted by how much structure both images show
-  there, ``weighting``) before it is composed, and each level but the
+  there, ``weighting``) before it is composed -- or, at the levels shrunk by ``translation_from`` (4) or more, reduced
+  to its weighted mean, a shift of the whole image -- and each level but the
   finest runs its block ``passes`` times -- optionally again, up to ``max_passes``, while a pass still moves it by
   ``pass_tolerance`` level pixels on average (:data:`DEFAULT_SMOOTHING`, :data:`DEFAULT_PASSES`,
   :data:`DEFAULT_PASS_TOLERANCE`).
@@ -80,11 +81,10 @@ from alignkit.transforms import ComposedTransform, Transform
 
 C2FMode = Literal["per-scale", "fast", "accurate"]
 #: the mode users get: ``fast`` (the scale-1 block at every level). With the shipped model and the default smoothing,
-#: weighting and passes, on the tuning pairs of ``benchmarks/c2f.py --tuning`` (OASIS subject10, VIS-NIR field
-#: 0008/0011/0015/0019, the T1/PD head's slices): mean EPE 1.38 px / PCK@1 0.603, against ``per-scale``'s coarse
-#: blocks (less trained) and ``accurate`` 1.10 / 0.711 at ~10 times the time (session 14's tuning pairs, field 0001/0002, uniform
-#: smoothing: 1.88 / PCK@5 0.947 against 1.57 / 0.971): ``fast`` is the mode that keeps a 5000 x 5000 pair under two
-#: minutes on two CPU cores
+#: weighting, passes and translation levels, on the tuning pairs of ``benchmarks/c2f.py --tuning`` (OASIS subject10,
+#: VIS-NIR field 0008/0011/0015/0019, the T1/PD head's slices): mean EPE 0.92 px / PCK@1 0.623, against ``per-scale``'s
+#: coarse blocks (less trained; 2.11 / 0.600) and ``accurate`` 0.63 / 0.852 at ~10 times the time: ``fast`` is the
+#: mode that keeps a 5000 x 5000 pair under two minutes on two CPU cores
 DEFAULT_MODE: C2FMode = "fast"
 #: which blocks ``accurate`` averages over the 8 symmetries (§3.7's two options are independent: "fast" picks
 #: the blocks, "accurate" averages each block's answers): ``shared`` (the scale-1 block at every level) or
@@ -118,15 +118,15 @@ DEFAULT_WEIGHTING: ResidualWeighting = "structure"
 #: passes of the block at each level coarser than the finest (``passes``): with smoothing, a second look at the
 #: coarse levels catches up with displacements beyond a block's task there (a head slice of the tuning pairs:
 #: ``fast``, σ 16 px: EPE 6.53 px with one pass, 2.11 with two); without smoothing it made things worse
-#: (``coarsest_passes``, session 13). A third pass looked better on session 15's tuning pairs (structure weighting;
-#: mean EPE px / PCK@1, ``fast``: 1 pass 2.085 / 0.472, **2 passes 0.982 / 0.616**, 3 passes 0.843 / 0.662, 4 0.840 /
-#: 0.657, 5 0.865 / 0.642; ``accurate`` with 3 coarse and 3 finest passes 0.550 / 0.861 against 0.779 / 0.723) but
-#: the gain was the brain slices' while the VIS-NIR field scenes already lost a little, and on the held-out pairs of
-#: ``benchmarks/c2f.py`` it was worse (mean EPE / PCK@5: ``fast`` 1.69 / 0.934 -> 1.89 / 0.902, ``accurate``
-#: 1.40 / 0.958 -> 1.44 / 0.939 with 3 finest passes; VIS-NIR mountain in ``fast`` 1.97 -> 2.97 px): a block's
-#: small bias on a modality it barely learnt adds up pass after pass. Kept at 2, so the held-out pairs have
-#: informed this one choice.
-DEFAULT_PASSES = 2
+#: (``coarsest_passes``, session 13). Session 15 kept 2: a third pass was better on its tuning pairs but worse on the
+#: held-out pairs of ``benchmarks/c2f.py`` (mean EPE / PCK@5, ``fast`` 1.69 / 0.934 -> 1.89 / 0.902; VIS-NIR mountain
+#: 1.97 -> 2.97 px) -- a block's small local bias on a modality it barely learnt (clouds, sky) added up pass after
+#: pass at the coarse levels. Since session 16 those levels (:data:`DEFAULT_TRANSLATION_FROM`) move the whole image
+#: only, so their passes converge on one shift instead of piling up local errors, and the third pass is the default:
+#: on the 8 tuning pairs (``fast``, EPE px / PCK@1 / PCK@5) 2 passes 1.194 / 0.603 / 0.972, **3 passes 0.921 / 0.623 /
+#: 0.998**, 4 passes 0.919 / 0.643 / 0.997; the head slice z110 (a mean true displacement of 11 px, 2.8 px at the
+#: coarsest level, beyond the block's 2-px task) needs it: 3.42 px with 2 passes, 1.43 with 3.
+DEFAULT_PASSES = 3
 #: passes at the finest level (``finest_passes``) per mode: it holds most of the pixels, so each pass there costs
 #: about the time of the whole chain's first; ``accurate``, the mode that pays for accuracy, takes a second (session
 #: 14's tuning pairs, σ 24, uniform smoothing, 2 coarse passes, EPE / PCK@5: ``accurate`` 1.71 / 0.965 -> 1.57 /
@@ -160,6 +160,29 @@ Symmetric = Literal["none", "coarse", "all"]
 #: --no-accuracy --sizes 5000``), at the issue's two-minute bound with no margin, against ~76 s; ask for it with
 #: ``--option symmetric=coarse``.
 DEFAULT_SYMMETRIC: dict[str, Symmetric] = {"fast": "none", "per-scale": "none", "accurate": "coarse"}
+
+
+#: ``translation_from``: the levels shrunk by at least this factor move the whole image only -- each pass's residual is
+#: reduced to its mean weighted by structure (:func:`~alignkit.nets.pyramid.weighted_translation`) instead of being
+#: smoothed; 0 = every level local. Every mode here uses the scale-1 block at levels 4 and more times coarser than its
+#: training scale (``fast``, ``accurate``; ``per-scale`` has the coarse blocks, less trained): its local answers there
+#: are the least reliable part of the chain -- on VIS-NIR skies and clouds they wander by several pixels -- while
+#: their weighted mean is a sound shift. Chosen on the 8 tuning pairs of ``benchmarks/c2f.py --tuning`` (shipped model;
+#: EPE px / PCK@1 / PCK@5; ``fast``, 3 passes unless said): session 15's defaults (every level local, σ 24, 2 passes)
+#: 1.383 / 0.603 / 0.943, with 3 passes 1.140 / 0.604 / 0.978; translation from x8 1.036 / 0.616 / 0.996, **from x4
+#: 0.921 / 0.623 / 0.998**, from x2 (every level but the finest; a /tmp probe with σ 1000 in place of the mean) 1.062 /
+#: 0.626 / 0.986 -- the brain slices lose detail; an affine fit instead of a shift at x4 and coarser 1.123 / 0.557 /
+#: 0.999; wider σ at the coarse levels instead (σ 24·√f) 1.273 / 0.635 / 0.953 with 2 passes. ``accurate`` (symmetric
+#: ``coarse``): 1.016 / 0.720 / 0.971 -> 0.634 / 0.852 / 0.996; ``per-scale`` 2.241 / 0.601 / 0.845 -> 2.107 / 0.600 /
+#: 0.851. The rule is a shrink factor, not a level size: the levels it makes global hold displacements of at most
+#: a quarter of the full-resolution ones, and the x2 and x1 levels keep local detail at any image size.
+DEFAULT_TRANSLATION_FROM = 4
+
+
+def translation_levels(factors: Sequence[int], translation_from: int) -> list[bool]:
+    """Per level, coarse to fine, whether it estimates a translation only (shrink factor >= ``translation_from`` > 0;
+    never the finest level)."""
+    return [translation_from > 0 and f >= translation_from and f > 1 for f in factors]
 
 
 def symmetric_choice(value: Any, mode: str) -> Symmetric:
@@ -230,7 +253,9 @@ class C2FMethod(LearnedMethod):
     residual; :data:`DEFAULT_PASSES`); ``max_passes`` / ``pass_tolerance``: further passes there, up to ``max_passes``
     in all, while the last one's mean residual is at least ``pass_tolerance`` level pixels (:data:`DEFAULT_MAX_PASSES`,
     :data:`DEFAULT_PASS_TOLERANCE`: 0, which runs exactly ``passes``); ``symmetric``: the levels that also run
-    the other way round, ``none``, ``coarse`` or ``all`` (default :data:`DEFAULT_SYMMETRIC` of the mode); ``coarsest_passes``: at least this
+    the other way round, ``none``, ``coarse`` or ``all`` (default :data:`DEFAULT_SYMMETRIC` of the mode);
+    ``translation_from``: levels shrunk by at least this factor estimate a translation only (:data:`DEFAULT_TRANSLATION_FROM`;
+    0: none); ``coarsest_passes``: at least this
     many at the coarsest level (default 1);
     ``finest_passes``: at the finest level (default :data:`DEFAULT_FINEST_PASSES` of the mode); ``smoothing``: σ, in pixels of each level, of the
     Gaussian applied to every block's whole residual before it is composed (:data:`DEFAULT_SMOOTHING`); ``transform``: a
@@ -257,9 +282,18 @@ class C2FMethod(LearnedMethod):
         max_passes: int = DEFAULT_MAX_PASSES,
         pass_tolerance: float = DEFAULT_PASS_TOLERANCE,
         symmetric: Symmetric | bool | None = None,
+        translation_from: int = DEFAULT_TRANSLATION_FROM,
     ) -> None:
         super().__init__(checkpoint=checkpoint, transform=transform, similarity=similarity)
         self.symmetric = symmetric_choice(symmetric, str(mode))
+        try:
+            factor = int(translation_from)
+            whole = not isinstance(translation_from, bool) and float(translation_from) == factor
+        except (TypeError, ValueError):
+            whole = False
+        if not whole or not (factor == 0 or factor >= 2):
+            raise ConfigError(f"c2f translation_from must be 0 (off) or a shrink factor >= 2, got {translation_from!r}")
+        self.translation_from = factor
         if not float(pass_tolerance) >= 0:
             raise ConfigError(f"c2f pass_tolerance must be >= 0 pixels, got {pass_tolerance}")
         self.max_passes, self.pass_tolerance = int(max_passes), float(pass_tolerance)
@@ -307,7 +341,7 @@ class C2FMethod(LearnedMethod):
                                      accurate_blocks=self.accurate_blocks, smoothing=self.smoothing,
                                      weighting=self.weighting, max_passes=self.max_passes,
                                      pass_tolerance=self.pass_tolerance, symmetric=self.symmetric,
-                                     progress=progress)
+                                     translation_from=self.translation_from, progress=progress)
         predicted = LearnedDisplacement(inputs.fixed.grid, displacement.cpu())
         predicted.kind = "c2f"
         stage_seconds["c2f"] = round(time.perf_counter() - tic, 3)
@@ -317,7 +351,7 @@ class C2FMethod(LearnedMethod):
                     "coarsest_passes": self.coarsest_passes, "passes": self.passes,
                     "finest_passes": self.finest_passes, "max_passes": self.max_passes,
                     "pass_tolerance": self.pass_tolerance, "symmetric": self.symmetric,
-                    "accurate_blocks": self.accurate_blocks,
+                    "translation_from": self.translation_from, "accurate_blocks": self.accurate_blocks,
                     "smoothing": self.smoothing, "weighting": self.weighting, "levels": chain_factors(inputs.fixed.grid.shape, min_level)}
         description = {"method": "c2f", "prealign": models, "model": learned.config, "networks": learned.network_specs(),
                        "checkpoint": source, **settings}
@@ -552,6 +586,7 @@ class C2F(LearnedModel):
         max_passes: int = DEFAULT_MAX_PASSES,
         pass_tolerance: float = DEFAULT_PASS_TOLERANCE,
         symmetric: Symmetric | bool | None = None,
+        translation_from: int = DEFAULT_TRANSLATION_FROM,
         progress: ProgressFactory = None,
     ) -> Tensor:
         """The chain on ``fixed``, ``moving`` ``(1, 1, H, W)`` (one grid, normalised): the displacement
@@ -571,6 +606,7 @@ class C2F(LearnedModel):
                            mode="accurate" if mode == "accurate" else "standard", symmetries="full",
                            passes=most, min_passes=least, pass_tolerance=pass_tolerance,
                            symmetric_levels=symmetric_levels(len(factors), symmetric_choice(symmetric, mode)),
+                           translation_levels=translation_levels(factors, int(translation_from)),
                            residual_sigma=smoothing, residual_weighting=weighting)
         was_training = self.training
         self.eval()

@@ -471,6 +471,17 @@ def weighted_smooth_field(field: Tensor, weight: Tensor, sigma: float) -> Tensor
     return resize_field(numerator / denominator.clamp_min(1e-12), tuple(field.shape[2:]))
 
 
+def weighted_translation(field: Tensor, weight: Tensor | None = None) -> Tensor:
+    """``field (B, C, *S)`` replaced by its mean over the grid, weighted by ``weight (B, 1, *S)`` (> 0; ``None``:
+    uniform): the translation that best explains the field in the weighted least-squares sense, as a field."""
+    if weight is None:
+        mean = field.flatten(2).mean(dim=2)
+    else:
+        w = weight.flatten(2)
+        mean = (field.flatten(2) * w).sum(dim=2) / w.sum(dim=2).clamp_min(1e-12)
+    return mean.view(*mean.shape, *([1] * (field.dim() - 2))).expand_as(field).clone()
+
+
 @register_network("scale_chain")
 class ScaleChain(nn.Module):
     """Chain of scale-specific networks, coarse to fine (Zampieri et al. 2018 §3.6, Fig. 4).
@@ -506,6 +517,9 @@ class ScaleChain(nn.Module):
     the level), a level stops after ``min_passes`` (default ``passes``) as soon as a pass's residual has a mean
     length under the tolerance. ``symmetric_levels`` (per level, or one for all): run that level also with the two
     images swapped, from the inverse of the incoming map, and average the map with the inverse of that answer.
+    ``translation_levels`` (per level, or one for all): that level's residual is reduced to its mean over the level
+    (:func:`weighted_translation`, weighted by :func:`structure_confidence` with ``residual_weighting="structure"``)
+    instead of being smoothed: a level that only moves the whole image.
 
     ``residual_sigma`` (voxels of each level, default 0) smooths every level's whole residual by a Gaussian
     before it is composed (:func:`smooth_field`, after the tiles, so tiling changes nothing): a block's answer
@@ -536,6 +550,7 @@ class ScaleChain(nn.Module):
         min_passes: int | Sequence[int] | None = None,
         pass_tolerance: float = 0.0,
         symmetric_levels: bool | Sequence[bool] = False,
+        translation_levels: bool | Sequence[bool] = False,
     ) -> None:
         super().__init__()
         if not float(pass_tolerance) >= 0:
@@ -581,6 +596,12 @@ class ScaleChain(nn.Module):
             raise ConfigError(f"ScaleChain: symmetric_levels needs one flag per factor ({len(factor_list)}), "
                               f"got {symmetric_levels}")
         self.symmetric_levels = symmetric_list
+        translation_list = ([bool(translation_levels)] * len(factor_list) if isinstance(translation_levels, bool)
+                            else [bool(x) for x in translation_levels])
+        if len(translation_list) != len(factor_list):
+            raise ConfigError(f"ScaleChain: translation_levels needs one flag per factor ({len(factor_list)}), "
+                              f"got {translation_levels}")
+        self.translation_levels = translation_list
         self.combine = combine
         self.mode = mode
         self.fast_index = fast_index
@@ -599,6 +620,7 @@ class ScaleChain(nn.Module):
                 "min_passes": min_list,
                 "pass_tolerance": float(pass_tolerance),
                 "symmetric_levels": symmetric_list,
+                "translation_levels": translation_list,
                 "residual_sigma": float(residual_sigma),
                 "residual_weighting": residual_weighting,
             }
@@ -631,7 +653,10 @@ class ScaleChain(nn.Module):
                 if bar is not None:
                     bar.update(1)
             # a block's answer varies pixel to pixel; the field does not
-            if self.residual_sigma > 0 and self.residual_weighting == "structure":
+            if self.translation_levels[index]:  # a level trusted for the whole image's shift only
+                residual = weighted_translation(residual, structure_confidence(fixed_l, moving_l, u)
+                                                if self.residual_weighting == "structure" else None)
+            elif self.residual_sigma > 0 and self.residual_weighting == "structure":
                 residual = weighted_smooth_field(residual, structure_confidence(fixed_l, moving_l, u),
                                                  self.residual_sigma)
             elif self.residual_sigma > 0:
