@@ -788,3 +788,25 @@ def test_translation_levels_move_the_whole_image_only():
             C2FMethod(translation_from=bad)
     with pytest.raises(ConfigError, match="translation_levels"):
         ScaleChain(networks=[AffineField()], factors=(2, 1), translation_levels=[True])
+
+
+def test_linear_prealignment_is_multimodal():
+    """``transform="affine"``: c2f pre-aligns with the ``multimodal`` preset's mutual information, not the default
+    preset's NCC: the ITK PD slice shifted by (13, 17) px lands on the unshifted one (aligned with the T1 slice) with
+    a mean intensity error under 0.3 of the shifted slice's; with the NCC affine it was 0.47 (22.2 against 46.9 of
+    255), with MI 0.20 (9.6)."""
+    import alignkit
+    from alignkit.io import read_image
+    from alignkit.methods.c2f import PREALIGN_PRESET
+    from alignkit.solve.presets import learned_prealign_config
+
+    assert [s.similarity for s in learned_prealign_config(2, "affine", PREALIGN_PRESET).stages] == ["mi"]
+    folder = data_path("multimodal", "itk-t1-pd-slices")
+    moving = folder / "BrainProtonDensitySliceShifted13x17y.png"
+    result = alignkit.register(folder / "BrainT1SliceBorder20.png", moving, method="c2f", transform="affine", seed=0)
+    assert result.stages == ["affine", "c2f"]
+    truth = read_image(folder / "BrainProtonDensitySliceBorder20.png").data.float()
+    inner = (slice(None), slice(30, -30), slice(30, -30))
+    error = (result.warped.data.float() - truth)[inner].abs().mean()
+    before = (read_image(moving).data.float() - truth)[inner].abs().mean()
+    assert float(error) < 0.3 * float(before), (float(error), float(before))

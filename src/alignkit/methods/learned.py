@@ -377,17 +377,17 @@ class LearnedMethod(Method):
 
     def prealign(
         self, inputs: Inputs, default: str | None, *, device: torch.device, seed: int | None,
-        progress: ProgressFactory,
+        progress: ProgressFactory, preset: str | None = None,
     ) -> tuple[list[str], list[Transform], list[str], dict[str, float]]:
         """The linear pre-alignment (``transform``, else ``default``, e.g. the model's recorded
-        ``prealign``) by the classical engine: (models, stages, stage names, stage seconds); no
-        stages when there is none."""
+        ``prealign``) by the classical engine, with ``preset``'s linear stages (default: the dimension's
+        default preset): (models, stages, stage names, stage seconds); no stages when there is none."""
         models = _linear_models(inputs.ndim, self.transform, default)
         stages: list[Transform] = []
         names: list[str] = []
         stage_seconds: dict[str, float] = {}
         if models:
-            linear = learned_prealign_config(inputs.ndim, models)
+            linear = learned_prealign_config(inputs.ndim, models, preset)
             engine = Engine(linear, device=device, seed=seed, progress=progress)
             stages = flatten_stages(engine.run(inputs.fixed, inputs.moving))
             names += [s.transform for s in linear.stages]

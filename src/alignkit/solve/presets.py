@@ -447,16 +447,17 @@ def override(
     return config
 
 
-def learned_prealign_config(ndim: int, transform: str | list[str]) -> RegistrationConfig:
-    """The linear pre-alignment of the learned methods, in training and at inference: the default
-    preset's linear stages for ``transform``, with the metric evaluated on every voxel.
+def learned_prealign_config(ndim: int, transform: str | list[str], preset: str | None = None) -> RegistrationConfig:
+    """The linear pre-alignment of the learned methods, in training and at inference: the linear stages
+    for ``transform`` of ``preset`` (default: the dimension's default preset), with the metric evaluated
+    on every voxel. A multimodal method names the ``multimodal`` preset (mutual information).
 
     The brain preset's affine stage samples its NCC on 20k voxels since issue 17 (same Dice, a
     fraction of the time), which lands within a fraction of a voxel of the full metric's answer; the
     shipped models were trained on full-metric pre-alignments, and that shift alone moved the shipped
     voxelmorph's held-out Dice from its card's 0.4462 to 0.4419. A model must see the inputs it was
     trained on, so the learned methods keep the full metric whatever the preset's speed settings."""
-    config = resolve_config(ndim, transform=transform)
+    config = resolve_config(ndim, preset=preset, transform=transform)
     for stage in config.stages:
         stage.sample_points = 0
     return config
