@@ -82,9 +82,9 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="3D VoxelMorph, OASIS-TRT-20 skull-stripped T1 brains, 64x64x40 network grid, affine pre-alignment",
     ),
     # Ships as a fast start for native-space pairs, not as a rival of the classical affine: trained by its
-    # recipe on one CPU thread (6/1/1 epochs, 9 min), it scores a held-out mean Dice of 0.349 on OASIS
-    # 11 <-> 12 against 0.320 for the centre-of-mass shift it starts from, 0.426 for the classical affine
-    # and 0.444 for the shipped voxelmorph (its card; benchmarks/README.md, avsm.py section).
+    # recipe on two CPU threads (30/3/2 epochs, 10 min; session 16), it scores a held-out mean Dice of 0.363 on
+    # OASIS 11 <-> 12 against 0.427 for the classical affine (its card; the 6/1/1-epoch model before it: 0.349;
+    # the shipped voxelmorph's card: 0.444; benchmarks/README.md, avsm.py section).
     ShippedModel(
         name="avsm_oasis3d",
         method="avsm",
