@@ -82,9 +82,11 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="3D VoxelMorph, OASIS-TRT-20 skull-stripped T1 brains, 64x64x40 network grid, affine pre-alignment",
     ),
     # Ships as a fast start for native-space pairs, not as a rival of the classical affine: trained by its
-    # recipe on two CPU threads (30/3/2 epochs, 10 min; session 16), it scores a held-out mean Dice of 0.363 on
-    # OASIS 11 <-> 12 against 0.427 for the classical affine (its card; the 6/1/1-epoch model before it: 0.349;
-    # the shipped voxelmorph's card: 0.444; benchmarks/README.md, avsm.py section).
+    # recipe on two CPU threads (15/10/2 epochs, 10 min; session 16, chosen over 30/3/2 epochs by validation Dice,
+    # 0.327 against 0.307), it scores a held-out mean Dice of 0.360 on OASIS 11 <-> 12 against 0.427 for the
+    # classical affine (its card; 30/3/2 epochs: 0.363; the 6/1/1-epoch model before: 0.349; the shipped
+    # voxelmorph's card: 0.444; benchmarks/README.md, avsm.py section). Its vSVF steps add nothing yet (the affine
+    # network alone: 0.361).
     ShippedModel(
         name="avsm_oasis3d",
         method="avsm",
