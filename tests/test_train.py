@@ -104,6 +104,37 @@ def test_inter_subject_pairs_hold_out_subjects_for_validation():
     assert subset.pairs == InterSubjectPairs(subjects, max_pairs=7, seed=3).pairs
 
 
+def test_pose_augment_moves_the_moving_subject_anew_every_epoch():
+    """``pose_augment``: a training pair's moving image (and labels, alike) is resampled through a random affine
+    that is a pure function of (seed, epoch, index); validation pairs are never augmented; bad bounds are refused."""
+    subjects = [_subject(k) for k in range(5)]
+    plain, _ = build_pairs("inter", subjects, val_fraction=0.2, seed=0)
+    bounds = {"rotation": 15.0, "translation": 3.0}
+    train_set, val_set = build_pairs("inter", subjects, val_fraction=0.2, seed=0, pose_augment=bounds)
+    assert isinstance(val_set, InterSubjectPairs) and val_set.pose_augment is None
+    item, reference = train_set[2], plain[2]
+    assert torch.equal(item["fixed"], reference["fixed"])  # only the moving subject moves
+    assert not torch.allclose(item["moving"], reference["moving"], atol=1e-3)
+    assert torch.equal(train_set[2]["moving"], item["moving"])  # the same draw for the same (epoch, index)
+    train_set.set_epoch(1)
+    assert not torch.allclose(train_set[2]["moving"], item["moving"], atol=1e-3)
+    # the same affine for both: resampling the original through it reproduces the augmented image
+    from alignkit.spatial import apply_matrix, sample_voxels
+    from alignkit.train.pairs import item_generator, random_voxel_affine
+
+    matrix = random_voxel_affine((SIZE, SIZE), item_generator(0, 0x905E, 1, 2), **train_set.pose_augment)
+    points = apply_matrix(matrix, Grid.from_spacing((SIZE, SIZE), 1.0).voxel_points(dtype=torch.float64)).float()
+    expected = sample_voxels(reference["moving"][None], points, padding="zeros")[0]
+    torch.testing.assert_close(train_set[2]["moving"], expected)
+    assert TrainConfig(pose_augment={"rotation": 5}).pose_augment == {"rotation": 5.0, "scaling": 0.0, "shear": 0.0,
+                                                                       "translation": 0.0}
+    for bad in ({"spin": 1.0}, {"rotation": -1.0}, {"rotation": "x"}, 3):
+        with pytest.raises(ConfigError, match="pose_augment"):
+            TrainConfig(pose_augment=bad)
+    with pytest.raises(ConfigError, match="pose_augment"):
+        build_pairs("synthetic", subjects, pose_augment=bounds)
+
+
 def test_named_validation_subjects_are_never_trained_on():
     subjects = [_subject(k) for k in range(5)]
     train_set, val_set = build_pairs("inter", subjects, val_subjects=["phantom[34]"], seed=0)

@@ -38,7 +38,9 @@ class TrainConfig:
     None = on when the device is CUDA. ``schedule`` steps per optimisation step: ``cosine`` decays
     to 0 over the run, ``step`` multiplies by ``gamma`` every ``step_epochs`` epochs.
     ``intensity_percentiles`` (low, high) map to 0 and 1 on the network grid; None = the method's own
-    (:attr:`alignkit.methods.LearnedModel.intensity_percentiles`).
+    (:attr:`alignkit.methods.LearnedModel.intensity_percentiles`). ``pose_augment`` (``{"rotation": degrees,
+    "scaling": fraction, "shear": fraction, "translation": voxels}``, inter-subject pairs only): every epoch the
+    training pairs' moving subject is resampled through a new random affine within those bounds.
     """
 
     method: str = "voxelmorph"
@@ -59,6 +61,7 @@ class TrainConfig:
     max_pairs: int | None = None
     synthetic_length: int | None = None
     magnitude: float = 3.0
+    pose_augment: dict[str, float] | None = None
     val_fraction: float = 0.2
     epochs: int = 10
     batch_size: int = 1
@@ -104,6 +107,9 @@ class TrainConfig:
             if not 0.0 <= low < high <= 100.0:
                 raise ConfigError(f"intensity_percentiles must be 0 <= low < high <= 100, got {self.intensity_percentiles}")
             self.intensity_percentiles = [low, high]
+        from alignkit.train.pairs import check_pose_augment
+
+        self.pose_augment = check_pose_augment(self.pose_augment)
         if self.pairs not in get_args(PairChoice):
             raise ConfigError(f"pairs must be one of {', '.join(get_args(PairChoice))}, got {self.pairs!r}")
         if self.schedule not in get_args(ScheduleName):

@@ -109,7 +109,7 @@ def build_datasets(
     return build_pairs(
         kind, subjects, val_fraction=config.val_fraction, max_pairs=config.max_pairs,
         synthetic_length=config.synthetic_length, magnitude=config.magnitude, seed=config.seed,
-        val_subjects=config.val_subjects,
+        val_subjects=config.val_subjects, pose_augment=config.pose_augment,
     )
 
 

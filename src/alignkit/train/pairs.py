@@ -159,9 +159,13 @@ class InterSubjectPairs(PairDataset):
         max_pairs: int | None = None,
         label_ids: Sequence[int] | None = None,
         truth: Sequence[dict[str, Tensor]] | None = None,
+        pose_augment: dict[str, float] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(subjects, label_ids=label_ids, seed=seed)
+        self.pose_augment = check_pose_augment(pose_augment)
+        if self.pose_augment and (self.n_points or truth is not None):
+            raise ConfigError("pose_augment moves the moving image only: not with landmarks or pair ground truth")
         n = len(self.subjects)
         if truth is not None and (pairs is None or len(truth) != len(pairs)):
             raise ConfigError("pair ground truth needs one record per given pair")
@@ -190,6 +194,17 @@ class InterSubjectPairs(PairDataset):
         item = self._pair(index, self.subjects[i], self.subjects[j])
         if self.truth is not None:
             item.update(self.truth[index])
+        if self.pose_augment:
+            # a new pose of the moving subject every epoch (a pure function of seed, epoch and index): a method
+            # that learns the pose (a learned affine) sees more than the few poses of its training subjects
+            matrix = random_voxel_affine(self.size, item_generator(self.seed, 0x905E, self.epoch, index),
+                                         **self.pose_augment)
+            identity = Grid.from_spacing(self.size, 1.0).voxel_points(dtype=torch.float64)
+            points = apply_matrix(matrix, identity).float()
+            item["moving"] = sample_voxels(item["moving"][None], points, padding="zeros")[0]
+            if "moving_labels" in item:
+                item["moving_labels"] = sample_voxels(item["moving_labels"][None].float(), points, mode="nearest",
+                                                      padding="zeros")[0].round().long()
         return item
 
 
@@ -297,6 +312,31 @@ class SyntheticPairs(_RandomCopies):
         flow = random_displacement(self.size, generator, magnitude=self.magnitude, control=self.control)
         points = Grid.from_spacing(self.size, 1.0).voxel_points() + flow
         return self._copy(index, subject, points, {"flow": flow[0]})
+
+
+#: the bounds ``pose_augment`` may set (:func:`random_voxel_affine`'s keywords); an unnamed one is 0
+POSE_AUGMENT_KEYS = ("rotation", "scaling", "shear", "translation")
+
+
+def check_pose_augment(value: Any) -> dict[str, float] | None:
+    """``pose_augment`` as ``{bound: value}`` over :data:`POSE_AUGMENT_KEYS` (missing bounds 0), or None when
+    not given or empty."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"pose_augment must be a mapping of {', '.join(POSE_AUGMENT_KEYS)} to bounds, got {value!r}")
+    unknown = sorted(set(value) - set(POSE_AUGMENT_KEYS))
+    if unknown:
+        raise ConfigError(f"pose_augment: unknown bound(s) {', '.join(unknown)}; use {', '.join(POSE_AUGMENT_KEYS)}")
+    out = {key: 0.0 for key in POSE_AUGMENT_KEYS}
+    for key, bound in value.items():
+        try:
+            out[key] = float(bound)
+        except (TypeError, ValueError):
+            raise ConfigError(f"pose_augment {key} must be a number, got {bound!r}") from None
+        if not out[key] >= 0:
+            raise ConfigError(f"pose_augment {key} must be >= 0, got {bound!r}")
+    return out
 
 
 def random_voxel_affine(
@@ -420,6 +460,7 @@ def build_pairs(
     magnitude: float = 3.0,
     seed: int = 0,
     val_subjects: Sequence[str] | None = None,
+    pose_augment: dict[str, float] | None = None,
 ) -> tuple[PairDataset, PairDataset | None]:
     """(training pairs, validation pairs or None) of ``kind`` from subjects.
 
@@ -434,9 +475,14 @@ def build_pairs(
     subjects instead of the seeded split (``val_fraction`` is then unused): every kind of training
     pair is made of the other subjects only, and validation is every inter-subject pair that involves
     a held-out one -- e.g. train on unlabelled brain slices, validate on the two labelled ones.
+
+    ``pose_augment`` (``inter`` only; :func:`check_pose_augment`): the training pairs' moving subject is resampled
+    through a new random affine (:func:`random_voxel_affine` with these bounds) every epoch; validation pairs never.
     """
     if kind not in PAIR_KINDS:
         raise ConfigError(f"unknown pair kind {kind!r}; choose one of {', '.join(PAIR_KINDS)}")
+    if check_pose_augment(pose_augment) and kind != "inter":
+        raise ConfigError(f"pose_augment applies to inter-subject pairs, not {kind!r}")
     if isinstance(data, SubjectSet):
         subjects, label_ids, case_pairs, truth = data.subjects, data.label_ids, data.case_pairs, data.case_truth
     else:
@@ -513,7 +559,8 @@ def build_pairs(
     if len(train_subjects) < 2:
         names = [s.name for s in train_subjects]
         raise ConfigError(f"inter-subject pairs need two training subjects, got {names}")
-    train_set = InterSubjectPairs(train_subjects, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
+    train_set = InterSubjectPairs(train_subjects, max_pairs=max_pairs, label_ids=label_ids, seed=seed,
+                                  pose_augment=pose_augment)
     if held_subjects:
         val_set = _involving(train_subjects, held_subjects, max_pairs=max_pairs, label_ids=label_ids, seed=seed)
         return train_set, val_set
