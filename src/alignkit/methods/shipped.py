@@ -82,11 +82,11 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="3D VoxelMorph, OASIS-TRT-20 skull-stripped T1 brains, 64x64x40 network grid, affine pre-alignment",
     ),
     # Ships as a fast start for native-space pairs, not as a rival of the classical affine: trained by its
-    # recipe on two CPU threads (15/10/2 epochs, 10 min; session 16, chosen over 30/3/2 epochs by validation Dice,
-    # 0.327 against 0.307), it scores a held-out mean Dice of 0.360 on OASIS 11 <-> 12 against 0.427 for the
-    # classical affine (its card; 30/3/2 epochs: 0.363; the 6/1/1-epoch model before: 0.349; the shipped
-    # voxelmorph's card: 0.444; benchmarks/README.md, avsm.py section). Its vSVF steps add nothing yet (the affine
-    # network alone: 0.361).
+    # recipe on two CPU threads (30/10/2 epochs with pose_augment, 12 min; session 16, chosen by validation Dice,
+    # 0.333 against 0.327 and 0.307 for 15/10/2 and 30/3/2 epochs without augmentation), it scores a held-out mean
+    # Dice of 0.364 on OASIS 11 <-> 12 against 0.427 for the classical affine (its card; the two others: 0.360,
+    # 0.363; the 6/1/1-epoch model before: 0.349; the shipped voxelmorph's card: 0.444; benchmarks/README.md, avsm.py
+    # section). Its vSVF steps add nothing yet (the affine network alone: 0.364).
     ShippedModel(
         name="avsm_oasis3d",
         method="avsm",
