@@ -482,6 +482,14 @@ def weighted_translation(field: Tensor, weight: Tensor | None = None) -> Tensor:
     return mean.view(*mean.shape, *([1] * (field.dim() - 2))).expand_as(field).clone()
 
 
+def _level_flags(value: bool | Sequence[bool], levels: int, name: str) -> list[bool]:
+    """One flag for every level, or one per level: a list of ``levels`` booleans."""
+    flags = [bool(value)] * levels if isinstance(value, bool) else [bool(x) for x in value]
+    if len(flags) != levels:
+        raise ConfigError(f"ScaleChain: {name} needs one flag per factor ({levels}), got {value}")
+    return flags
+
+
 @register_network("scale_chain")
 class ScaleChain(nn.Module):
     """Chain of scale-specific networks, coarse to fine (Zampieri et al. 2018 §3.6, Fig. 4).
@@ -590,17 +598,9 @@ class ScaleChain(nn.Module):
         self.factors = factor_list
         self.passes = pass_list
         self.min_passes = min_list
-        symmetric_list = ([bool(symmetric_levels)] * len(factor_list) if isinstance(symmetric_levels, bool)
-                          else [bool(x) for x in symmetric_levels])
-        if len(symmetric_list) != len(factor_list):
-            raise ConfigError(f"ScaleChain: symmetric_levels needs one flag per factor ({len(factor_list)}), "
-                              f"got {symmetric_levels}")
+        symmetric_list = _level_flags(symmetric_levels, len(factor_list), "symmetric_levels")
         self.symmetric_levels = symmetric_list
-        translation_list = ([bool(translation_levels)] * len(factor_list) if isinstance(translation_levels, bool)
-                            else [bool(x) for x in translation_levels])
-        if len(translation_list) != len(factor_list):
-            raise ConfigError(f"ScaleChain: translation_levels needs one flag per factor ({len(factor_list)}), "
-                              f"got {translation_levels}")
+        translation_list = _level_flags(translation_levels, len(factor_list), "translation_levels")
         self.translation_levels = translation_list
         self.combine = combine
         self.mode = mode
