@@ -82,11 +82,11 @@ SHIPPED: tuple[ShippedModel, ...] = (
         summary="3D VoxelMorph, OASIS-TRT-20 skull-stripped T1 brains, 64x64x40 network grid, affine pre-alignment",
     ),
     # Ships as a fast start for native-space pairs, not as a rival of the classical affine: trained by its
-    # recipe on two CPU threads (30/10/2 epochs with pose_augment, 12 min; session 16, chosen by validation Dice,
-    # 0.333 against 0.327 and 0.307 for 15/10/2 and 30/3/2 epochs without augmentation), it scores a held-out mean
-    # Dice of 0.364 on OASIS 11 <-> 12 against 0.427 for the classical affine (its card; the two others: 0.360,
-    # 0.363; the 6/1/1-epoch model before: 0.349; the shipped voxelmorph's card: 0.444; benchmarks/README.md, avsm.py
-    # section). Its vSVF steps add nothing yet (the affine network alone: 0.364).
+    # recipe on two CPU threads (60/20/2 epochs with pose_augment, 23 min; session 16, chosen by validation Dice
+    # among four recipes: 0.338 against 0.333, 0.327 and 0.307), it scores a held-out mean Dice of 0.363 on OASIS
+    # 11 <-> 12 against 0.427 for the classical affine (its card; the three others: 0.364, 0.360, 0.363; the
+    # 6/1/1-epoch model before: 0.349; the shipped voxelmorph's card: 0.444; benchmarks/README.md, avsm.py section).
+    # Its vSVF steps add nothing yet.
     ShippedModel(
         name="avsm_oasis3d",
         method="avsm",
