@@ -129,8 +129,8 @@ def run_c2f(case: Any, mode: str, checkpoint: Any, tile: int, min_level: int | N
 
     options: dict[str, Any] = {"mode": mode, "tile": tile, "coarsest_passes": coarsest_passes}
     # the settings not given keep the method's defaults
-    given = {"symmetric": symmetric, "translation_from": translation_from, "max_passes": max_passes, "pass_tolerance": pass_tolerance, "weighting": weighting,
-             "passes": passes, "finest_passes": finest_passes, "smoothing": smoothing,
+    given = {"symmetric": symmetric, "translation_from": translation_from, "max_passes": max_passes,
+             "pass_tolerance": pass_tolerance, "weighting": weighting, "passes": passes, "finest_passes": finest_passes, "smoothing": smoothing,
              "min_level": min_level or None, "checkpoint": checkpoint if checkpoint else None}
     options.update({k: v for k, v in given.items() if v is not None})
     started, cpu = time.perf_counter(), time.process_time()

@@ -199,8 +199,7 @@ class InterSubjectPairs(PairDataset):
             # that learns the pose (a learned affine) sees more than the few poses of its training subjects
             matrix = random_voxel_affine(self.size, item_generator(self.seed, 0x905E, self.epoch, index),
                                          **self.pose_augment)
-            identity = Grid.from_spacing(self.size, 1.0).voxel_points(dtype=torch.float64)
-            points = apply_matrix(matrix, identity).float()
+            points = _voxel_points_through(matrix, self.size)
             item["moving"] = sample_voxels(item["moving"][None], points, padding="zeros")[0]
             if "moving_labels" in item:
                 item["moving_labels"] = sample_voxels(item["moving_labels"][None].float(), points, mode="nearest",
@@ -314,6 +313,13 @@ class SyntheticPairs(_RandomCopies):
         return self._copy(index, subject, points, {"flow": flow[0]})
 
 
+def _voxel_points_through(matrix: Tensor, size: Sequence[int]) -> Tensor:
+    """``(1, ndim, *size)`` float32: the voxel points of the grid of ``size`` mapped by the voxel affine ``matrix``
+    (computed in float64)."""
+    identity = Grid.from_spacing(tuple(size), 1.0).voxel_points(dtype=torch.float64)
+    return apply_matrix(matrix, identity).float()
+
+
 #: the bounds ``pose_augment`` may set (:func:`random_voxel_affine`'s keywords); an unnamed one is 0
 POSE_AUGMENT_KEYS = ("rotation", "scaling", "shear", "translation")
 
@@ -400,9 +406,9 @@ class SyntheticAffinePairs(_RandomCopies):
         subject, generator = self._draw(index, 0xAFF)
         matrix = random_voxel_affine(self.size, generator, rotation=self.rotation, scaling=self.scaling,
                                      translation=self.magnitude)
-        identity = Grid.from_spacing(self.size, 1.0).voxel_points(dtype=torch.float64)
-        points = apply_matrix(matrix, identity).float()
-        return self._copy(index, subject, points, {"matrix": matrix.float(), "flow": (points - identity.float())[0]})
+        points = _voxel_points_through(matrix, self.size)
+        identity = Grid.from_spacing(self.size, 1.0).voxel_points()
+        return self._copy(index, subject, points, {"matrix": matrix.float(), "flow": (points - identity)[0]})
 
 
 def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
